@@ -1,0 +1,209 @@
+// ChatApp's entry point: parse the command line, build the server or the peer, run the loop.
+#include <signal.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/program_options.hpp>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "offline/store.hpp"
+#include "peer/client.hpp"
+#include "protocol/codec.hpp"
+#include "registry/server.hpp"
+
+namespace po = boost::program_options;
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: ChatApp -s <port> [options]\n"
+    "       ChatApp -c <name> <server-ip> <server-port> <client-port> [options]\n"
+    "       ChatApp --help | --version";
+
+// A bad command line: one line naming what is wrong, then the usage, exit 2.
+struct UsageError {
+  std::string what;
+};
+
+struct Config {
+  bool server = false;
+  std::uint16_t port = 0;  // server: its port; client: its own port
+  std::string name;
+  std::string server_ip;
+  std::uint16_t server_port = 0;
+  std::string bind = "0.0.0.0";
+  std::string data_dir = "data";
+  chat::transport::RetryPolicy policy;
+  bool verbose = false;
+};
+
+std::uint16_t parse_port(const std::string& s, const char* what) {
+  bool digits = !s.empty() && s.size() <= 5 && s.find_first_not_of("0123456789") == std::string::npos;
+  long v = digits ? std::stol(s) : -1;
+  if (v < 1024 || v > 65535)
+    throw UsageError{std::string("invalid ") + what + " '" + s + "': must be an integer in 1024-65535"};
+  return static_cast<std::uint16_t>(v);
+}
+
+po::options_description visible_options(Config& c, long& timeout_ms) {
+  po::options_description o("options");
+  o.add_options()
+      ("help,h", "show this help and exit")
+      ("version", "show the version and exit")
+      ("server,s", po::value<std::string>()->value_name("port"), "run the registry server on <port>")
+      ("client,c", po::bool_switch(), "run a peer: -c <name> <server-ip> <server-port> <client-port>")
+      ("ack-timeout", po::value<long>(&timeout_ms)->default_value(500)->value_name("ms"),
+       "wait this long for an ACK before resending")
+      ("retries", po::value<int>(&c.policy.retries)->default_value(5)->value_name("n"),
+       "resend this many times before giving up")
+      ("data-dir", po::value<std::string>(&c.data_dir)->default_value("data")->value_name("dir"),
+       "server: where saved messages and the client table live")
+      ("bind", po::value<std::string>(&c.bind)->default_value("0.0.0.0")->value_name("ipv4"),
+       "local address to bind")
+      ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr");
+  return o;
+}
+
+std::optional<Config> parse(int argc, char** argv, int& exit_code) {
+  Config c;
+  long timeout_ms = 500;
+  po::options_description visible = visible_options(c, timeout_ms);
+  po::options_description all;
+  all.add(visible).add_options()("args", po::value<std::vector<std::string>>());
+  po::positional_options_description pos;
+  pos.add("args", -1);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError{e.what()};
+  }
+  if (vm.count("help")) {
+    std::cout << kUsage << "\n\n" << visible << std::flush;
+    exit_code = 0;
+    return std::nullopt;
+  }
+  if (vm.count("version")) {
+    std::cout << "ChatApp " << CHATAPP_VERSION << '\n';
+    exit_code = 0;
+    return std::nullopt;
+  }
+  std::vector<std::string> args;
+  if (vm.count("args")) args = vm["args"].as<std::vector<std::string>>();
+  bool server = vm.count("server") > 0;
+  bool client = vm["client"].as<bool>();
+  if (server == client) throw UsageError{"choose exactly one mode: -s or -c"};
+  if (timeout_ms < 1 || timeout_ms > 60'000)
+    throw UsageError{"invalid --ack-timeout '" + std::to_string(timeout_ms) + "': must be 1-60000 ms"};
+  c.policy.timeout = std::chrono::milliseconds(timeout_ms);
+  if (c.policy.retries < 0 || c.policy.retries > 100)
+    throw UsageError{"invalid --retries '" + std::to_string(c.policy.retries) + "': must be 0-100"};
+  if (!chat::protocol::valid_ipv4(c.bind))
+    throw UsageError{"invalid --bind '" + c.bind + "': must be a dotted-decimal IPv4 address"};
+  if (server) {
+    if (!args.empty()) throw UsageError{"unexpected argument '" + args.front() + "' after -s <port>"};
+    c.server = true;
+    c.port = parse_port(vm["server"].as<std::string>(), "port");
+    return c;
+  }
+  if (args.size() != 4)
+    throw UsageError{"-c takes 4 arguments (<name> <server-ip> <server-port> <client-port>), got " +
+                     std::to_string(args.size())};
+  c.name = args[0];
+  if (!chat::protocol::valid_name(c.name))
+    throw UsageError{"invalid name '" + c.name +
+                     "': 1-32 letters, digits, '_', '-' or '.', not starting with '.'"};
+  c.server_ip = args[1];
+  if (!chat::protocol::valid_ipv4(c.server_ip))
+    throw UsageError{"invalid server-ip '" + c.server_ip + "': must be dotted-decimal IPv4, e.g. 198.123.75.45"};
+  c.server_port = parse_port(args[2], "server-port");
+  c.port = parse_port(args[3], "client-port");
+  return c;
+}
+
+chat::udp::endpoint make_endpoint(const std::string& ip, std::uint16_t port) {
+  return {chat::net::ip::make_address_v4(ip), port};
+}
+
+int run_server(const Config& c) {
+  chat::net::io_context io(1);
+  std::unique_ptr<chat::offline::Store> store;
+  try {
+    store = chat::offline::open_sqlite_store(c.data_dir);
+  } catch (const std::exception& e) {
+    std::cerr << "ChatApp: cannot open the store in " << c.data_dir << ": " << e.what() << '\n';
+    return 1;
+  }
+  chat::registry::ServerOptions opts;
+  opts.bind = make_endpoint(c.bind, c.port);
+  opts.policy = c.policy;
+  std::optional<chat::registry::Server> server;
+  try {
+    server.emplace(io, opts, std::move(store));
+  } catch (const boost::system::system_error& e) {
+    std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
+    return 1;
+  }
+  chat::net::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
+  signals.async_wait([&](chat::error_code ec, int) {
+    if (ec) return;
+    server->stop();
+    io.stop();
+  });
+  server->start();
+  io.run();
+  return 0;
+}
+
+int run_client(const Config& c) {
+  chat::net::io_context io(1);
+  chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port),
+                                 make_endpoint(c.bind, c.port), c.policy};
+  std::optional<chat::peer::Client> client;
+  try {
+    client.emplace(io, opts);
+  } catch (const boost::system::system_error& e) {
+    std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
+    return 1;
+  }
+  chat::net::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
+  signals.async_wait([&](chat::error_code ec, int) {
+    if (!ec) client->leave();  // silent leave: the server is not told
+  });
+  client->start();
+  io.run();
+  return client->exit_code();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_IGN);
+  int exit_code = 0;
+  std::optional<Config> config;
+  try {
+    config = parse(argc, argv, exit_code);
+  } catch (const UsageError& e) {
+    std::cerr << "ChatApp: " << e.what << '\n' << kUsage << '\n';
+    return 2;
+  }
+  if (!config) return exit_code;
+  // Logs go to stderr so that stdout carries only what the user is meant to read.
+  auto logger = spdlog::stderr_logger_st("chatapp");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
+  spdlog::set_level(config->verbose ? spdlog::level::debug
+                                    : (config->server ? spdlog::level::info : spdlog::level::warn));
+  try {
+    return config->server ? run_server(*config) : run_client(*config);
+  } catch (const std::exception& e) {
+    std::cerr << "ChatApp: " << e.what() << '\n';
+    return 1;
+  }
+}

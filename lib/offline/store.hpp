@@ -1,0 +1,76 @@
+// The durable store behind the server: offline messages per recipient and the client table.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace chat::offline {
+
+/// Whether a saved message was sent to one peer or to the channel.
+enum class Kind : std::uint8_t { direct = 0, channel = 1 };
+
+/// A message handed to the store; `mid` is the sender's message id (for de-duplication at the reader).
+struct NewMessage {
+  std::string to;
+  std::string from;
+  Kind kind = Kind::direct;
+  std::int64_t ts_us = 0;  // server arrival time, microseconds since the Unix epoch
+  std::uint64_t mid = 0;
+  std::string text;
+};
+
+/// A message read back; `seq` is the store's own, strictly increasing in arrival order.
+struct StoredMessage {
+  std::int64_t seq = 0;
+  std::string from;
+  Kind kind = Kind::direct;
+  std::int64_t ts_us = 0;
+  std::uint64_t mid = 0;
+  std::string text;
+};
+
+/// One row of the persisted client table.
+struct ClientRow {
+  std::string name;
+  std::string ip;  // dotted-decimal IPv4
+  std::uint16_t port = 0;
+  bool online = false;
+};
+
+/// Raised when the store cannot be opened or written (bad schema version, I/O error, full disk).
+class StoreError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The store's interface: the registry and server never see SQL.
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  /// Saves every message in one transaction; returns only after it committed (durable).
+  virtual void save(std::span<const NewMessage> batch) = 0;
+  /// Up to `limit` messages for `to` with seq > `after_seq`, oldest first.
+  virtual std::vector<StoredMessage> pending_for(const std::string& to, std::int64_t after_seq,
+                                                 std::size_t limit) = 0;
+  /// Number of messages waiting for `to`.
+  virtual std::size_t count_for(const std::string& to) = 0;
+  /// Deletes the given messages of `to` (delivered and acknowledged), in one transaction.
+  virtual void remove_delivered(const std::string& to, std::span<const std::int64_t> seqs) = 0;
+
+  /// Inserts or replaces the rows, in one transaction.
+  virtual void store_clients(std::span<const ClientRow> rows) = 0;
+  /// Every persisted client row, in name order.
+  virtual std::vector<ClientRow> load_clients() = 0;
+};
+
+/// Opens (creating if needed) the SQLite store `chat.db` in `dir` (created if missing).
+/// Throws StoreError on an unknown schema version or any failure to open.
+std::unique_ptr<Store> open_sqlite_store(const std::string& dir);
+
+}  // namespace chat::offline

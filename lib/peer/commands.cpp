@@ -1,0 +1,99 @@
+// Parsing of prompt lines into commands, with one-line usage errors.
+#include "peer/commands.hpp"
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "protocol/codec.hpp"
+
+namespace chat::peer {
+namespace {
+
+// Splits off the first word (separated by one or more spaces/tabs before it, exactly one after).
+std::string_view take_word(std::string_view& rest) {
+  std::size_t start = rest.find_first_not_of(" \t");
+  if (start == std::string_view::npos) {
+    rest = {};
+    return {};
+  }
+  rest.remove_prefix(start);
+  std::size_t end = rest.find_first_of(" \t");
+  std::string_view word = rest.substr(0, end);
+  rest = end == std::string_view::npos ? std::string_view{} : rest.substr(end + 1);
+  return word;
+}
+
+constexpr std::array<const char*, 8> kCommands = {"send", "send_all", "dereg", "reg",
+                                                  "list", "help",     "quit",  "exit"};
+
+// Levenshtein distance, for "did you mean".
+std::size_t distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+cmd::Error usage(const char* u) { return {std::string("usage: ") + u}; }
+
+Command need_name(std::string_view rest, bool reg) {
+  std::string_view name = take_word(rest);
+  const char* u = reg ? "reg <your name>" : "dereg <your name>";
+  if (name.empty() || rest.find_first_not_of(" \t") != std::string_view::npos) return usage(u);
+  if (reg) return cmd::Reg{std::string(name)};
+  return cmd::Dereg{std::string(name)};
+}
+
+}  // namespace
+
+Command parse_command(std::string_view line) {
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  std::string_view rest = line;
+  std::string_view word = take_word(rest);
+  if (word.empty()) return cmd::Empty{};
+  if (word == "send") {
+    std::string_view to = take_word(rest);
+    if (to.empty() || rest.empty()) return usage("send <name> <message>");
+    return cmd::Send{std::string(to), std::string(rest)};
+  }
+  if (word == "send_all") {
+    if (rest.empty()) return usage("send_all <message>");
+    return cmd::SendAll{std::string(rest)};
+  }
+  if (word == "dereg") return need_name(rest, false);
+  if (word == "reg") return need_name(rest, true);
+  if (word == "list") return cmd::List{};
+  if (word == "help") return cmd::Help{};
+  if (word == "quit" || word == "exit") return cmd::Quit{};
+  std::string msg = "unknown command '" + std::string(word) + "'";
+  const char* best = nullptr;
+  std::size_t best_d = 3;  // suggest only close matches
+  for (const char* c : kCommands) {
+    std::size_t d = distance(word, c);
+    if (d < best_d) best_d = d, best = c;
+  }
+  if (best != nullptr) msg += ", did you mean '" + std::string(best) + "'?";
+  else msg += " (type help)";
+  return cmd::Error{msg};
+}
+
+const char* help_text() {
+  return "send <name> <message>   send a message directly to a client\n"
+         "send_all <message>      send a message to everyone on the channel\n"
+         "list                    show the client table\n"
+         "dereg <your name>       go offline (messages to you are saved)\n"
+         "reg <your name>         come back online and get saved messages\n"
+         "help                    show this help\n"
+         "quit                    leave at once (as Ctrl+C)";
+}
+
+}  // namespace chat::peer

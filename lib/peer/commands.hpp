@@ -1,0 +1,33 @@
+// The prompt's commands, parsed from one typed line: plain code, no I/O.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <variant>
+
+namespace chat::peer {
+
+namespace cmd {
+struct Send { std::string to; std::string text; };
+struct SendAll { std::string text; };
+struct Dereg { std::string name; };
+struct Reg { std::string name; };
+struct List {};
+struct Help {};
+struct Quit {};
+struct Empty {};
+/// A line that is not a valid command; `message` is the one line to show.
+struct Error { std::string message; };
+}  // namespace cmd
+
+using Command = std::variant<cmd::Send, cmd::SendAll, cmd::Dereg, cmd::Reg, cmd::List, cmd::Help,
+                             cmd::Quit, cmd::Empty, cmd::Error>;
+
+/// Parses one line. A message is the rest of the line after exactly one separating space,
+/// kept byte for byte (runs of spaces, punctuation, UTF-8).
+Command parse_command(std::string_view line);
+
+/// The help text: one line per command.
+const char* help_text();
+
+}  // namespace chat::peer

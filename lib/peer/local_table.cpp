@@ -1,0 +1,59 @@
+// Applying table updates in order, and formatting the table and timestamps for the user.
+#include "peer/local_table.hpp"
+
+#include <ctime>
+
+namespace chat::peer {
+
+Applied LocalTable::apply(const protocol::Table& t) {
+  if (t.epoch != epoch_) {
+    // A new server generation (first registration, or the server restarted): only a
+    // snapshot from version 0 can be taken in.
+    if (t.from != 0) return {false, false, epoch_, 0};
+    rows_.clear();
+    epoch_ = t.epoch;
+    version_ = 0;
+  }
+  if (t.from > version_) return {false, false, epoch_, version_};  // a gap: ask from ours
+  if (t.to <= version_) return {false, false, epoch_, version_};   // already have it
+  for (const auto& e : t.entries) rows_[e.name] = e;
+  version_ = t.to;
+  return {true, !t.more, epoch_, version_};
+}
+
+void LocalTable::reset() {
+  rows_.clear();
+  epoch_ = 0;
+  version_ = 0;
+}
+
+const protocol::Entry* LocalTable::find(const std::string& name) const {
+  auto it = rows_.find(name);
+  return it == rows_.end() ? nullptr : &it->second;
+}
+
+std::string format_table(const LocalTable& t, const std::string& self) {
+  std::size_t w = 4;
+  for (const auto& [name, e] : t.rows()) w = std::max(w, name.size());
+  auto pad = [](std::string s, std::size_t n) {
+    if (s.size() < n) s.append(n - s.size(), ' ');
+    return s;
+  };
+  std::string out = pad("NAME", w) + "  " + pad("ADDRESS", 21) + "  STATUS";
+  for (const auto& [name, e] : t.rows()) {
+    out += "\n" + pad(name, w) + "  " + pad(e.ip + ":" + std::to_string(e.port), 21) + "  " +
+           (e.online ? "online" : "offline") + (name == self ? " (you)" : "");
+  }
+  return out;
+}
+
+std::string format_timestamp(std::int64_t ts_us) {
+  std::time_t secs = static_cast<std::time_t>(ts_us / 1'000'000);
+  std::tm tm{};
+  localtime_r(&secs, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", &tm);
+  return buf;
+}
+
+}  // namespace chat::peer

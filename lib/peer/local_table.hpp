@@ -1,0 +1,43 @@
+// The client's copy of the server's table, and how it applies Table datagrams: plain code.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "protocol/messages.hpp"
+
+namespace chat::peer {
+
+/// The outcome of applying one Table datagram.
+struct Applied {
+  bool changed = false;   // new rows or new state taken in
+  bool announce = false;  // caught up with the server: show "[Client table updated.]"
+  std::uint64_t epoch = 0;
+  std::uint64_t have = 0;  // the version to acknowledge
+};
+
+class LocalTable {
+ public:
+  /// Applies `t` if it continues what we hold (or starts a new epoch from 0); else keeps ours.
+  Applied apply(const protocol::Table& t);
+  /// Forgets everything (a new registration takes a new snapshot).
+  void reset();
+
+  const protocol::Entry* find(const std::string& name) const;
+  const std::map<std::string, protocol::Entry>& rows() const { return rows_; }
+  std::uint64_t epoch() const { return epoch_; }
+  std::uint64_t version() const { return version_; }
+
+ private:
+  std::map<std::string, protocol::Entry> rows_;  // name order, for `list`
+  std::uint64_t epoch_ = 0;
+  std::uint64_t version_ = 0;
+};
+
+/// `list` output: one line per row, aligned in columns.
+std::string format_table(const LocalTable& t, const std::string& self);
+/// A server timestamp (microseconds since the epoch) in local time, "YYYY-MM-DD HH:MM:SS".
+std::string format_timestamp(std::int64_t ts_us);
+
+}  // namespace chat::peer

@@ -1,0 +1,368 @@
+// Encoding and strict decoding of every datagram type (JSON over UDP).
+#include "protocol/codec.hpp"
+
+#include <arpa/inet.h>
+
+#include <nlohmann/json.hpp>
+
+namespace chat::protocol {
+namespace {
+
+using json = nlohmann::json;
+
+template <class... Ts>
+struct overloaded : Ts... {
+  using Ts::operator()...;
+};
+
+// ---------------------------------------------------------------- encode
+
+json entry_json(const Entry& e) { return json::array({e.name, e.ip, e.port, e.online ? 1 : 0}); }
+
+json item_json(const StoredItem& i) {
+  return json::array({i.from, i.channel ? 1 : 0, i.ts_us, i.mid, i.text});
+}
+
+json to_json_value(const Message& m) {
+  return std::visit(
+      overloaded{
+          [](const Register& r) { return json{{"t", "register"}, {"id", r.id}, {"name", r.name}}; },
+          [](const Dereg& r) { return json{{"t", "dereg"}, {"id", r.id}, {"name", r.name}}; },
+          [](const Direct& r) {
+            return json{{"t", "direct"}, {"id", r.id}, {"from", r.from}, {"text", r.text}};
+          },
+          [](const Save& r) {
+            return json{{"t", "save"}, {"id", r.id},   {"from", r.from},   {"to", r.to},
+                        {"mid", r.mid}, {"force", r.force}, {"text", r.text}};
+          },
+          [](const Channel& r) {
+            return json{{"t", "channel"}, {"id", r.id}, {"from", r.from}, {"text", r.text}};
+          },
+          [](const Relay& r) {
+            return json{
+                {"t", "relay"}, {"id", r.id}, {"from", r.from}, {"mid", r.mid}, {"text", r.text}};
+          },
+          [](const Probe& r) { return json{{"t", "probe"}, {"id", r.id}}; },
+          [](const Table& r) {
+            json entries = json::array();
+            for (const auto& e : r.entries) entries.push_back(entry_json(e));
+            return json{{"t", "table"}, {"id", r.id},     {"epoch", r.epoch},
+                        {"from", r.from}, {"to", r.to},   {"more", r.more},
+                        {"e", std::move(entries)}};
+          },
+          [](const Stored& r) {
+            json items = json::array();
+            for (const auto& i : r.items) items.push_back(item_json(i));
+            return json{{"t", "stored"}, {"id", r.id}, {"items", std::move(items)}};
+          },
+          [](const Ack& r) {
+            json j{{"t", "ack"}, {"re", r.re}};
+            if (r.epoch != 0 || r.have != 0) {
+              j["epoch"] = r.epoch;
+              j["have"] = r.have;
+            }
+            return j;
+          },
+          [](const RegOk& r) {
+            return json{{"t", "reg_ok"}, {"re", r.re}, {"epoch", r.epoch}, {"pending", r.pending}};
+          },
+          [](const RegErr& r) { return json{{"t", "reg_err"}, {"re", r.re}, {"reason", r.reason}}; },
+          [](const Exists& r) { return json{{"t", "exists"}, {"re", r.re}, {"name", r.name}}; },
+          [](const Refused& r) { return json{{"t", "refused"}, {"re", r.re}, {"reason", r.reason}}; },
+      },
+      m);
+}
+
+// ---------------------------------------------------------------- decode
+
+// Thrown only inside decode() to unwind a field check; never escapes it.
+struct Refuse {
+  DecodeError why;
+};
+
+const json& field(const json& j, const char* key) {
+  auto it = j.find(key);
+  if (it == j.end()) throw Refuse{DecodeError::missing_field};
+  return *it;
+}
+
+std::uint64_t get_u64(const json& j, const char* key) {
+  const json& v = field(j, key);
+  if (!v.is_number_unsigned()) throw Refuse{DecodeError::wrong_type};
+  return v.get<std::uint64_t>();
+}
+
+std::uint64_t get_id(const json& j, const char* key) {
+  std::uint64_t id = get_u64(j, key);
+  if (id == 0) throw Refuse{DecodeError::bad_value};  // 0 means "no id" internally
+  return id;
+}
+
+bool get_bool(const json& j, const char* key) {
+  const json& v = field(j, key);
+  if (!v.is_boolean()) throw Refuse{DecodeError::wrong_type};
+  return v.get<bool>();
+}
+
+const std::string& as_string(const json& v) {
+  if (!v.is_string()) throw Refuse{DecodeError::wrong_type};
+  return v.get_ref<const std::string&>();
+}
+
+std::string get_name(const json& v) {
+  const std::string& s = as_string(v);
+  if (!valid_name(s)) throw Refuse{DecodeError::bad_name};
+  return s;
+}
+
+std::string get_text(const json& v) {
+  const std::string& s = as_string(v);
+  if (s.size() > kMaxText) throw Refuse{DecodeError::text_too_long};
+  return s;
+}
+
+std::string get_reason(const json& v) {
+  const std::string& s = as_string(v);
+  if (s.size() > kMaxReason) throw Refuse{DecodeError::text_too_long};
+  return s;
+}
+
+std::uint64_t element_u64(const json& v) {
+  if (!v.is_number_unsigned()) throw Refuse{DecodeError::wrong_type};
+  return v.get<std::uint64_t>();
+}
+
+Entry get_entry(const json& v) {
+  if (!v.is_array() || v.size() != 4) throw Refuse{DecodeError::wrong_type};
+  Entry e;
+  e.name = get_name(v[0]);
+  e.ip = as_string(v[1]);
+  if (!valid_ipv4(e.ip)) throw Refuse{DecodeError::bad_value};
+  std::uint64_t port = element_u64(v[2]);
+  if (port == 0 || port > 65535) throw Refuse{DecodeError::bad_value};
+  e.port = static_cast<std::uint16_t>(port);
+  std::uint64_t online = element_u64(v[3]);
+  if (online > 1) throw Refuse{DecodeError::bad_value};
+  e.online = online == 1;
+  return e;
+}
+
+StoredItem get_item(const json& v) {
+  if (!v.is_array() || v.size() != 5) throw Refuse{DecodeError::wrong_type};
+  StoredItem i;
+  i.from = get_name(v[0]);
+  std::uint64_t kind = element_u64(v[1]);
+  if (kind > 1) throw Refuse{DecodeError::bad_value};
+  i.channel = kind == 1;
+  std::uint64_t ts = element_u64(v[2]);
+  if (ts > static_cast<std::uint64_t>(INT64_MAX)) throw Refuse{DecodeError::bad_value};
+  i.ts_us = static_cast<std::int64_t>(ts);
+  i.mid = element_u64(v[3]);
+  i.text = get_text(v[4]);
+  return i;
+}
+
+const json& get_array(const json& j, const char* key) {
+  const json& v = field(j, key);
+  if (!v.is_array()) throw Refuse{DecodeError::wrong_type};
+  return v;
+}
+
+Message decode_body(const std::string& t, const json& j) {
+  if (t == "register") return Register{get_id(j, "id"), get_name(field(j, "name"))};
+  if (t == "dereg") return Dereg{get_id(j, "id"), get_name(field(j, "name"))};
+  if (t == "direct") return Direct{get_id(j, "id"), get_name(field(j, "from")), get_text(field(j, "text"))};
+  if (t == "save")
+    return Save{get_id(j, "id"),  get_name(field(j, "from")), get_name(field(j, "to")),
+                get_u64(j, "mid"), get_bool(j, "force"),        get_text(field(j, "text"))};
+  if (t == "channel") return Channel{get_id(j, "id"), get_name(field(j, "from")), get_text(field(j, "text"))};
+  if (t == "relay")
+    return Relay{get_id(j, "id"), get_name(field(j, "from")), get_u64(j, "mid"), get_text(field(j, "text"))};
+  if (t == "probe") return Probe{get_id(j, "id")};
+  if (t == "table") {
+    Table r{get_id(j, "id"), get_u64(j, "epoch"), get_u64(j, "from"), get_u64(j, "to"),
+            get_bool(j, "more"), {}};
+    if (r.to < r.from) throw Refuse{DecodeError::bad_value};
+    for (const auto& e : get_array(j, "e")) r.entries.push_back(get_entry(e));
+    return r;
+  }
+  if (t == "stored") {
+    Stored r{get_id(j, "id"), {}};
+    for (const auto& i : get_array(j, "items")) r.items.push_back(get_item(i));
+    return r;
+  }
+  if (t == "ack") {
+    Ack r{get_id(j, "re"), 0, 0};
+    if (j.contains("epoch") || j.contains("have")) {
+      r.epoch = get_u64(j, "epoch");
+      r.have = get_u64(j, "have");
+    }
+    return r;
+  }
+  if (t == "reg_ok") return RegOk{get_id(j, "re"), get_u64(j, "epoch"), get_u64(j, "pending")};
+  if (t == "reg_err") return RegErr{get_id(j, "re"), get_reason(field(j, "reason"))};
+  if (t == "exists") return Exists{get_id(j, "re"), get_name(field(j, "name"))};
+  if (t == "refused") return Refused{get_id(j, "re"), get_reason(field(j, "reason"))};
+  throw Refuse{DecodeError::unknown_type};
+}
+
+// Nesting depth of brackets outside strings; stops counting once past the limit.
+bool nesting_within(std::string_view s, int limit) {
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    char c = s[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      if (++depth > limit) return false;
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string encode(const Message& m) {
+  json j = to_json_value(m);
+  j["v"] = kVersion;
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+Decoded decode(std::string_view bytes) {
+  if (bytes.empty()) return {std::nullopt, DecodeError::empty};
+  if (bytes.size() > kMaxDatagram) return {std::nullopt, DecodeError::too_large};
+  if (!valid_utf8(bytes)) return {std::nullopt, DecodeError::invalid_utf8};
+  if (!nesting_within(bytes, kMaxDepth)) return {std::nullopt, DecodeError::too_deep};
+  json j = json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return {std::nullopt, DecodeError::not_json};
+  if (!j.is_object()) return {std::nullopt, DecodeError::not_object};
+  auto v = j.find("v");
+  if (v == j.end() || !v->is_number_unsigned() || v->get<std::uint64_t>() != kVersion)
+    return {std::nullopt, DecodeError::bad_version};
+  auto t = j.find("t");
+  if (t == j.end() || !t->is_string()) return {std::nullopt, DecodeError::unknown_type};
+  try {
+    return {decode_body(t->get_ref<const std::string&>(), j), DecodeError::none};
+  } catch (const Refuse& r) {
+    return {std::nullopt, r.why};
+  } catch (const std::exception&) {  // defensive: nlohmann type errors
+    return {std::nullopt, DecodeError::wrong_type};
+  }
+}
+
+const char* to_string(DecodeError e) {
+  switch (e) {
+    case DecodeError::none: return "none";
+    case DecodeError::empty: return "empty";
+    case DecodeError::too_large: return "too_large";
+    case DecodeError::invalid_utf8: return "invalid_utf8";
+    case DecodeError::too_deep: return "too_deep";
+    case DecodeError::not_json: return "not_json";
+    case DecodeError::not_object: return "not_object";
+    case DecodeError::bad_version: return "bad_version";
+    case DecodeError::unknown_type: return "unknown_type";
+    case DecodeError::missing_field: return "missing_field";
+    case DecodeError::wrong_type: return "wrong_type";
+    case DecodeError::bad_name: return "bad_name";
+    case DecodeError::text_too_long: return "text_too_long";
+    case DecodeError::bad_value: return "bad_value";
+    case DecodeError::count_: break;
+  }
+  return "unknown";
+}
+
+bool valid_name(std::string_view name) {
+  if (name.empty() || name.size() > kMaxName || name.front() == '.') return false;
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+bool valid_utf8(std::string_view s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const auto* end = p + s.size();
+  while (p < end) {
+    unsigned c = *p;
+    if (c < 0x80) { ++p; continue; }
+    int n;
+    unsigned min;
+    if ((c & 0xE0) == 0xC0) { n = 1; min = 0x80; c &= 0x1F; }
+    else if ((c & 0xF0) == 0xE0) { n = 2; min = 0x800; c &= 0x0F; }
+    else if ((c & 0xF8) == 0xF0) { n = 3; min = 0x10000; c &= 0x07; }
+    else return false;
+    if (end - p <= n) return false;
+    for (int k = 1; k <= n; ++k) {
+      if ((p[k] & 0xC0) != 0x80) return false;
+      c = (c << 6) | (p[k] & 0x3F);
+    }
+    if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return false;
+    p += n + 1;
+  }
+  return true;
+}
+
+bool valid_ipv4(std::string_view s) {
+  if (s.size() < 7 || s.size() > 15) return false;
+  char buf[16];
+  s.copy(buf, s.size());
+  buf[s.size()] = '\0';
+  in_addr a{};
+  return inet_pton(AF_INET, buf, &a) == 1;
+}
+
+std::size_t escaped_size(std::string_view text) {
+  std::size_t n = 0;
+  for (unsigned char c : text) {
+    if (c == '"' || c == '\\' || c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t') n += 2;
+    else if (c < 0x20) n += 6;
+    else ++n;
+  }
+  return n;
+}
+
+std::string check_text(std::string_view text) {
+  if (text.size() > kMaxText)
+    return "message too long: " + std::to_string(text.size()) + " bytes, the limit is " +
+           std::to_string(kMaxText) + " bytes";
+  if (escaped_size(text) > kMaxTextEncoded)
+    return "message too long once encoded: control characters take up to 6 bytes each, the limit is " +
+           std::to_string(kMaxTextEncoded) + " encoded bytes";
+  return {};
+}
+
+std::uint64_t request_id(const Message& m) {
+  return std::visit(
+      [](const auto& x) -> std::uint64_t {
+        if constexpr (requires { x.id; }) return x.id;
+        else return 0;
+      },
+      m);
+}
+
+std::uint64_t reply_to(const Message& m) {
+  return std::visit(
+      [](const auto& x) -> std::uint64_t {
+        if constexpr (requires { x.re; }) return x.re;
+        else return 0;
+      },
+      m);
+}
+
+const char* type_name(const Message& m) {
+  static constexpr const char* names[] = {"register", "dereg", "direct", "save",   "channel",
+                                          "relay",    "probe", "table",  "stored", "ack",
+                                          "reg_ok",   "reg_err", "exists", "refused"};
+  static_assert(std::size(names) == std::variant_size_v<Message>);
+  return names[m.index()];
+}
+
+}  // namespace chat::protocol

@@ -1,0 +1,163 @@
+// The datagram types of ChatApp's wire protocol, one plain struct each, and their limits.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace chat::protocol {
+
+/// Protocol version carried in every datagram ("v"); anything else is refused.
+inline constexpr std::uint64_t kVersion = 1;
+/// Largest datagram sent or accepted: one Ethernet frame of UDP over IPv4 (1500 - 20 - 8),
+/// so no datagram needs IP fragmentation on a common path, where one lost fragment loses all.
+inline constexpr std::size_t kMaxDatagram = 1472;
+/// Longest message text, in UTF-8 bytes as typed.
+inline constexpr std::size_t kMaxText = 1000;
+/// Longest message text once JSON-escaped (control characters grow to 6 bytes); with the
+/// largest envelope (a stored-message delivery, ~150 bytes) it still fits kMaxDatagram.
+inline constexpr std::size_t kMaxTextEncoded = 1200;
+/// Longest client name (SPEC §1).
+inline constexpr std::size_t kMaxName = 32;
+/// Longest free-text reason in a refusal.
+inline constexpr std::size_t kMaxReason = 200;
+/// Deepest JSON nesting any datagram needs (object > array > array); deeper is refused unparsed.
+inline constexpr int kMaxDepth = 4;
+
+/// One row of the client table as carried on the wire.
+struct Entry {
+  std::string name;
+  std::string ip;  // dotted-decimal IPv4
+  std::uint16_t port = 0;
+  bool online = false;
+  bool operator==(const Entry&) const = default;
+};
+
+// ---- Requests: carry an `id`, are sent reliably and answered by one reply carrying `re`. ----
+
+/// Client -> server: register (or come back online) under `name`; answered by RegOk or RegErr.
+struct Register {
+  std::uint64_t id = 0;
+  std::string name;
+  bool operator==(const Register&) const = default;
+};
+/// Client -> server: notified leave of `name`; answered by Ack.
+struct Dereg {
+  std::uint64_t id = 0;
+  std::string name;
+  bool operator==(const Dereg&) const = default;
+};
+/// Peer -> peer: a direct chat message; answered by Ack. `id` doubles as the message id.
+struct Direct {
+  std::uint64_t id = 0;
+  std::string from;
+  std::string text;
+  bool operator==(const Direct&) const = default;
+};
+/// Client -> server: store `text` for offline `to`; answered by Ack (saved), Exists or Refused.
+/// `mid` is the id of the direct message it stands for; `force` skips the liveness probe.
+struct Save {
+  std::uint64_t id = 0;
+  std::string from;
+  std::string to;
+  std::uint64_t mid = 0;
+  bool force = false;
+  std::string text;
+  bool operator==(const Save&) const = default;
+};
+/// Client -> server: a channel message; answered by Ack once the server holds it.
+struct Channel {
+  std::uint64_t id = 0;
+  std::string from;
+  std::string text;
+  bool operator==(const Channel&) const = default;
+};
+/// Server -> client: a channel message relayed; answered by Ack. `mid` is the sender's id.
+struct Relay {
+  std::uint64_t id = 0;
+  std::string from;
+  std::uint64_t mid = 0;
+  std::string text;
+  bool operator==(const Relay&) const = default;
+};
+/// Server -> client: are you there? Answered by Ack.
+struct Probe {
+  std::uint64_t id = 0;
+  bool operator==(const Probe&) const = default;
+};
+/// Server -> client: every table entry whose last change has a version in (`from`, `to`] of
+/// table generation `epoch`. `more` says the sender knew of versions past `to`. Answered by
+/// Ack carrying the client's (epoch, have) after applying it.
+struct Table {
+  std::uint64_t id = 0;
+  std::uint64_t epoch = 0;
+  std::uint64_t from = 0;
+  std::uint64_t to = 0;
+  bool more = false;
+  std::vector<Entry> entries;
+  bool operator==(const Table&) const = default;
+};
+/// One saved message in a delivery.
+struct StoredItem {
+  std::string from;
+  bool channel = false;
+  std::int64_t ts_us = 0;  // server arrival time, microseconds since the Unix epoch
+  std::uint64_t mid = 0;
+  std::string text;
+  bool operator==(const StoredItem&) const = default;
+};
+/// Server -> client: saved messages, oldest first; answered by Ack, after which they are deleted.
+struct Stored {
+  std::uint64_t id = 0;
+  std::vector<StoredItem> items;
+  bool operator==(const Stored&) const = default;
+};
+
+// ---- Replies: carry `re`, the id of the request they answer. ----
+
+/// Generic acknowledgement. For a Table, `epoch`/`have` say where the client's table now is.
+struct Ack {
+  std::uint64_t re = 0;
+  std::uint64_t epoch = 0;
+  std::uint64_t have = 0;
+  bool operator==(const Ack&) const = default;
+};
+/// Registration accepted; `pending` messages wait and will follow as Stored datagrams.
+struct RegOk {
+  std::uint64_t re = 0;
+  std::uint64_t epoch = 0;
+  std::uint64_t pending = 0;
+  bool operator==(const RegOk&) const = default;
+};
+/// Registration refused, with a reason to show the user.
+struct RegErr {
+  std::uint64_t re = 0;
+  std::string reason;
+  bool operator==(const RegErr&) const = default;
+};
+/// Answer to Save: `name` answered the server's probe, so deliver directly after all.
+struct Exists {
+  std::uint64_t re = 0;
+  std::string name;
+  bool operator==(const Exists&) const = default;
+};
+/// A request the server will not carry out, with a reason to show the user.
+struct Refused {
+  std::uint64_t re = 0;
+  std::string reason;
+  bool operator==(const Refused&) const = default;
+};
+
+using Message = std::variant<Register, Dereg, Direct, Save, Channel, Relay, Probe, Table, Stored,
+                             Ack, RegOk, RegErr, Exists, Refused>;
+
+/// The request id of a request, or 0 for a reply.
+std::uint64_t request_id(const Message& m);
+/// The id a reply answers, or 0 for a request.
+std::uint64_t reply_to(const Message& m);
+/// The wire tag of a message ("register", "ack", ...).
+const char* type_name(const Message& m);
+
+}  // namespace chat::protocol

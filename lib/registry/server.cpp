@@ -1,0 +1,373 @@
+// The registry server's handlers: each datagram type, table distribution, group commit, delivery.
+#include "registry/server.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <random>
+#include <unordered_set>
+
+namespace chat::registry {
+namespace {
+
+namespace proto = chat::protocol;
+
+// Saved messages read per delivery step; the datagram takes as many as fit.
+constexpr std::size_t kDeliveryRead = 64;
+// Room a Stored datagram needs beyond its items (type, id, version).
+constexpr std::size_t kStoredEnvelope = 64;
+
+std::uint64_t random_epoch() {
+  std::random_device rd;
+  return ((static_cast<std::uint64_t>(rd()) << 32) ^ rd()) >> 12 | 1;
+}
+
+std::string where(const udp::endpoint& e) {
+  return e.address().to_string() + ":" + std::to_string(e.port());
+}
+
+}  // namespace
+
+std::int64_t now_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+Server::Server(net::io_context& io, ServerOptions options, std::unique_ptr<offline::Store> store)
+    : io_(io),
+      options_(std::move(options)),
+      store_(std::move(store)),
+      endpoint_(io, options_.bind, options_.policy),
+      table_(random_epoch()) {
+  // A restart keeps every name, address and online flag; clients that were online stay
+  // active, and the new epoch tells them to take a fresh snapshot on the next update.
+  for (const auto& row : store_->load_clients()) {
+    table_.upsert(row.name, row.ip, row.port, row.online);
+    if (row.online) sessions_[row.name].active = true;
+  }
+}
+
+void Server::start() {
+  endpoint_.start([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
+  spdlog::info("server listening on {}, {} clients known", where(endpoint_.local_endpoint()),
+               table_.size());
+}
+
+void Server::stop() {
+  flush();
+  endpoint_.close();
+  const auto& c = endpoint_.counters();
+  spdlog::info("server stopped: {} datagrams received, {} refused, {} duplicates", c.received,
+               c.refused_total(), c.duplicates);
+}
+
+void Server::on_message(const proto::Message& m, const udp::endpoint& from) {
+  if (!from.address().is_v4()) return;
+  try {
+    if (auto* r = std::get_if<proto::Register>(&m)) on_register(*r, from);
+    else if (auto* d = std::get_if<proto::Dereg>(&m)) on_dereg(*d, from);
+    else if (auto* s = std::get_if<proto::Save>(&m)) on_save(*s, from);
+    else if (auto* c = std::get_if<proto::Channel>(&m)) on_channel(*c, from);
+    else spdlog::debug("ignored {} from {}", proto::type_name(m), where(from));
+  } catch (const std::exception& e) {
+    // The store failing must not take the server down; the request stays unanswered.
+    spdlog::error("{} from {} failed: {}", proto::type_name(m), where(from), e.what());
+    endpoint_.forget(from, proto::request_id(m));
+  }
+}
+
+// ---------------------------------------------------------------- registration
+
+void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
+  std::string ip = from.address().to_string();
+  if (table_.admit(r.name, ip, from.port()) == Admit::accept) {
+    admit(r, from);
+    return;
+  }
+  // The name is online elsewhere: refuse only if that holder still answers.
+  const Client* holder = table_.find(r.name);
+  udp::endpoint old = endpoint_of(*holder);
+  probe(old, [this, r, from, old](bool alive) {
+    const Client* c = table_.find(r.name);
+    if (alive && c != nullptr && c->online && endpoint_of(*c) == old) {
+      spdlog::info("refused {} from {}: name in use at {}", r.name, where(from), where(old));
+      endpoint_.reply(from, proto::RegErr{r.id, "the name " + r.name + " is in use by an online client"});
+      return;
+    }
+    admit(r, from);
+  });
+}
+
+void Server::admit(const proto::Register& r, const udp::endpoint& from) {
+  std::size_t pending = store_->count_for(r.name);
+  Session& s = sessions_[r.name];
+  ++s.gen;
+  s = Session{true, false, false, 0, s.gen};
+  // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
+  if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0))
+    table_changed(r.name);
+  spdlog::info("registered {} at {}, {} saved messages", r.name, where(from), pending);
+  endpoint_.reply(from, proto::RegOk{r.id, table_.epoch(), pending});
+  sync(r.name);
+  if (pending > 0) deliver(r.name);
+}
+
+void Server::on_dereg(const proto::Dereg& r, const udp::endpoint& from) {
+  const Client* c = table_.find(r.name);
+  if (c == nullptr || endpoint_of(*c) != from) {
+    endpoint_.reply(from, proto::Refused{r.id, "not registered from this address"});
+    return;
+  }
+  Session& s = sessions_[r.name];
+  s = Session{false, false, false, 0, s.gen + 1};
+  set_online(r.name, false);
+  spdlog::info("{} left (dereg)", r.name);
+  endpoint_.reply(from, proto::Ack{r.id});
+}
+
+bool Server::is_at(const std::string& name, const udp::endpoint& from) const {
+  const Client* c = table_.find(name);
+  if (c == nullptr || endpoint_of(*c) != from) return false;
+  auto it = sessions_.find(name);
+  return it != sessions_.end() && it->second.active;
+}
+
+udp::endpoint Server::endpoint_of(const Client& c) {
+  error_code ec;
+  auto addr = net::ip::make_address_v4(c.ip, ec);
+  return udp::endpoint(addr, c.port);
+}
+
+void Server::probe(const udp::endpoint& to, std::function<void(bool alive)> then) {
+  transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
+  endpoint_.request(proto::Probe{endpoint_.next_id()}, to,
+                    [then = std::move(then)](const proto::Message* reply) { then(reply != nullptr); }, p);
+}
+
+// ---------------------------------------------------------------- offline messages
+
+void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
+  if (!is_at(r.from, from)) {
+    endpoint_.reply(from, proto::Refused{r.id, "you are not registered from this address"});
+    return;
+  }
+  const Client* target = table_.find(r.to);
+  if (target == nullptr) {
+    endpoint_.reply(from, proto::Refused{r.id, "unknown client " + r.to});
+    return;
+  }
+  auto store_it = [this, r, from] {
+    save({r.to, r.from, offline::Kind::direct, now_us(), r.mid, r.text}, [this, r, from](bool ok) {
+      if (ok) endpoint_.reply(from, proto::Ack{r.id});
+      else endpoint_.reply(from, proto::Refused{r.id, "the server could not save the message"});
+    });
+  };
+  if (!target->online || r.force) {
+    store_it();
+    return;
+  }
+  // The table says online: believe it only if the recipient answers (SPEC §5).
+  probe(endpoint_of(*target), [this, r, from, store_it](bool alive) {
+    if (alive) {
+      endpoint_.reply(from, proto::Exists{r.id, r.to});
+      sync(r.from);  // "plus the current table"
+      return;
+    }
+    mark_gone(r.to);
+    store_it();
+  });
+}
+
+void Server::save(offline::NewMessage m, AfterCommit after) {
+  unsaved_.push_back(std::move(m));
+  if (after) after_commit_.push_back(std::move(after));
+  schedule_flush();
+}
+
+void Server::schedule_flush() {
+  if (flush_scheduled_) return;
+  flush_scheduled_ = true;
+  // Runs after the datagrams already queued: saves arriving together share one commit.
+  net::post(io_, [this] { flush(); });
+}
+
+void Server::flush() {
+  flush_scheduled_ = false;
+  std::vector<offline::NewMessage> batch;
+  batch.swap(unsaved_);
+  std::vector<AfterCommit> callbacks;
+  callbacks.swap(after_commit_);
+  std::vector<std::string> names;
+  names.swap(dirty_rows_);
+
+  bool ok = true;
+  if (!batch.empty()) {
+    try {
+      store_->save(batch);
+    } catch (const std::exception& e) {
+      ok = false;
+      spdlog::error("saving {} messages failed: {}", batch.size(), e.what());
+    }
+  }
+  if (!names.empty()) {
+    std::vector<offline::ClientRow> rows;
+    std::unordered_set<std::string> seen;
+    for (const auto& n : names) {
+      const Client* c = table_.find(n);
+      if (c != nullptr && seen.insert(n).second) rows.push_back({c->name, c->ip, c->port, c->online});
+    }
+    try {
+      store_->store_clients(rows);
+    } catch (const std::exception& e) {
+      spdlog::error("saving the client table failed: {}", e.what());
+    }
+  }
+  for (auto& cb : callbacks) cb(ok);
+  if (!ok) return;
+  for (const auto& m : batch) {
+    spdlog::info("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
+                 m.from, m.to);
+    // A recipient that came back while this was being committed still gets it now.
+    auto it = sessions_.find(m.to);
+    if (it != sessions_.end() && it->second.active && !it->second.delivering) deliver(m.to);
+  }
+}
+
+void Server::deliver(const std::string& name) {
+  auto it = sessions_.find(name);
+  if (it == sessions_.end() || !it->second.active || it->second.delivering) return;
+  Session& s = it->second;
+  std::uint64_t gen = s.gen;
+  std::vector<offline::StoredMessage> rows = store_->pending_for(name, 0, kDeliveryRead);
+  const Client* c = table_.find(name);
+  if (rows.empty() || c == nullptr) {
+    set_online(name, true);
+    return;
+  }
+  s.delivering = true;
+  proto::Stored msg{endpoint_.next_id(), {}};
+  std::vector<std::int64_t> seqs;
+  std::size_t size = kStoredEnvelope;
+  for (auto& row : rows) {
+    std::size_t n = proto::escaped_size(row.text) + row.from.size() + 70;
+    if (size + n > proto::kMaxDatagram && !msg.items.empty()) break;
+    size += n;
+    seqs.push_back(row.seq);
+    msg.items.push_back({std::move(row.from), row.kind == offline::Kind::channel, row.ts_us, row.mid,
+                         std::move(row.text)});
+  }
+  endpoint_.request(msg, endpoint_of(*c), [this, name, gen, seqs](const proto::Message* reply) {
+    auto it2 = sessions_.find(name);
+    if (it2 == sessions_.end() || it2->second.gen != gen) return;
+    it2->second.delivering = false;
+    if (reply == nullptr) {
+      mark_gone(name);
+      return;
+    }
+    // Deleted only now that the client has them: a lost datagram loses nothing.
+    store_->remove_delivered(name, seqs);
+    spdlog::info("delivered {} saved messages to {}", seqs.size(), name);
+    deliver(name);
+  });
+}
+
+// ---------------------------------------------------------------- channel
+
+void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
+  if (!is_at(r.from, from)) {
+    endpoint_.reply(from, proto::Refused{r.id, "you are not registered from this address"});
+    return;
+  }
+  std::int64_t ts = now_us();
+  std::vector<std::string> absent;
+  table_.for_each([&](const Client& c) {
+    if (c.name == r.from) return;
+    if (c.online) relay(c.name, r, ts);
+    else absent.push_back(c.name);
+  });
+  if (absent.empty()) {
+    endpoint_.reply(from, proto::Ack{r.id});
+    return;
+  }
+  // The sender hears "received" once the copies for offline members are durable.
+  for (std::size_t i = 0; i < absent.size(); ++i) {
+    AfterCommit after;
+    if (i + 1 == absent.size())
+      after = [this, r, from](bool ok) {
+        if (ok) endpoint_.reply(from, proto::Ack{r.id});
+        else endpoint_.reply(from, proto::Refused{r.id, "the server could not save the message"});
+      };
+    save({absent[i], r.from, offline::Kind::channel, ts, r.id, r.text}, std::move(after));
+  }
+}
+
+void Server::relay(const std::string& to, const proto::Channel& c, std::int64_t ts_us) {
+  const Client* target = table_.find(to);
+  transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
+  endpoint_.request(proto::Relay{endpoint_.next_id(), c.from, c.id, c.text}, endpoint_of(*target),
+                    [this, to, c, ts_us](const proto::Message* reply) {
+                      if (reply != nullptr) return;
+                      mark_gone(to);
+                      save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
+                    },
+                    p);
+}
+
+// ---------------------------------------------------------------- table distribution
+
+void Server::set_online(const std::string& name, bool online) {
+  if (table_.set_online(name, online)) table_changed(name);
+}
+
+void Server::mark_gone(const std::string& name) {
+  auto it = sessions_.find(name);
+  if (it != sessions_.end()) it->second = Session{false, false, false, 0, it->second.gen + 1};
+  if (table_.set_online(name, false)) {
+    spdlog::info("{} is offline (no answer)", name);
+    table_changed(name);
+  }
+}
+
+void Server::table_changed(const std::string& name) {
+  dirty_rows_.push_back(name);
+  schedule_flush();
+  if (sync_scheduled_) return;
+  sync_scheduled_ = true;
+  // One pass per burst of changes: each client gets every change since its last ACK at once.
+  net::post(io_, [this] {
+    sync_scheduled_ = false;
+    sync_all();
+  });
+}
+
+void Server::sync_all() {
+  for (auto& [name, s] : sessions_)
+    if (s.active && !s.syncing && s.have < table_.version()) sync(name);
+}
+
+void Server::sync(const std::string& name) {
+  auto it = sessions_.find(name);
+  const Client* c = table_.find(name);
+  if (it == sessions_.end() || c == nullptr) return;
+  Session& s = it->second;
+  if (!s.active || s.syncing || s.have >= table_.version()) return;
+  Chunk chunk = table_.changes_since(s.have, kTableBudget);
+  s.syncing = true;
+  std::uint64_t gen = s.gen;
+  proto::Table msg{endpoint_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more,
+                   std::move(chunk.entries)};
+  endpoint_.request(msg, endpoint_of(*c), [this, name, gen](const proto::Message* reply) {
+    auto it2 = sessions_.find(name);
+    if (it2 == sessions_.end() || it2->second.gen != gen) return;
+    Session& s2 = it2->second;
+    s2.syncing = false;
+    if (reply == nullptr) {
+      mark_gone(name);
+      return;
+    }
+    if (const auto* a = std::get_if<proto::Ack>(reply))
+      s2.have = a->epoch == table_.epoch() ? std::min(a->have, table_.version()) : 0;
+    sync(name);
+  });
+}
+
+}  // namespace chat::registry

@@ -1,0 +1,87 @@
+// The registry server: client table, table distribution, store-and-forward and the channel.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "offline/store.hpp"
+#include "registry/table.hpp"
+#include "transport/endpoint.hpp"
+
+namespace chat::registry {
+
+struct ServerOptions {
+  udp::endpoint bind;
+  transport::RetryPolicy policy;  // for table updates and deliveries (SPEC: 500 ms x 6)
+  /// For probes and channel relays: the whole wait is `policy.timeout` (SPEC §6), resent inside it.
+  int relay_retries = 2;
+};
+
+/// Single-threaded: every handler runs on the one io_context thread, so no locks.
+class Server {
+ public:
+  Server(net::io_context& io, ServerOptions options, std::unique_ptr<offline::Store> store);
+  void start();
+  void stop();
+  const transport::Counters& counters() const { return endpoint_.counters(); }
+  const Table& table() const { return table_; }
+  udp::endpoint local_endpoint() const { return endpoint_.local_endpoint(); }
+
+ private:
+  // What the server tracks for a client beyond its table row.
+  struct Session {
+    bool active = false;       // registered and reachable: gets table updates
+    bool syncing = false;      // a Table datagram is in flight
+    bool delivering = false;   // saved messages are being delivered
+    std::uint64_t have = 0;    // table version the client confirmed (in our epoch)
+    std::uint64_t gen = 0;     // bumped on every (re)registration or leave: stale callbacks see it
+  };
+  using AfterCommit = std::function<void(bool ok)>;
+
+  void on_message(const protocol::Message& m, const udp::endpoint& from);
+  void on_register(const protocol::Register& r, const udp::endpoint& from);
+  void admit(const protocol::Register& r, const udp::endpoint& from);
+  void on_dereg(const protocol::Dereg& r, const udp::endpoint& from);
+  void on_save(const protocol::Save& r, const udp::endpoint& from);
+  void on_channel(const protocol::Channel& r, const udp::endpoint& from);
+
+  /// True if `name` is registered online at exactly `from` (a sender must be who it claims).
+  bool is_at(const std::string& name, const udp::endpoint& from) const;
+  static udp::endpoint endpoint_of(const Client& c);
+  /// Asks `to` whether it is alive, within one ACK timeout.
+  void probe(const udp::endpoint& to, std::function<void(bool alive)> then);
+  void relay(const std::string& to, const protocol::Channel& c, std::int64_t ts_us);
+
+  void set_online(const std::string& name, bool online);
+  void mark_gone(const std::string& name);
+  void table_changed(const std::string& name);
+  void sync(const std::string& name);
+  void sync_all();
+
+  void save(offline::NewMessage m, AfterCommit after);
+  void schedule_flush();
+  void flush();
+
+  void deliver(const std::string& name);
+
+  net::io_context& io_;
+  ServerOptions options_;
+  std::unique_ptr<offline::Store> store_;
+  transport::Endpoint endpoint_;
+  Table table_;
+  std::unordered_map<std::string, Session> sessions_;
+  std::vector<offline::NewMessage> unsaved_;
+  std::vector<AfterCommit> after_commit_;
+  std::vector<std::string> dirty_rows_;
+  bool flush_scheduled_ = false;
+  bool sync_scheduled_ = false;
+};
+
+/// Microseconds since the Unix epoch, as gettimeofday() gives.
+std::int64_t now_us();
+
+}  // namespace chat::registry

@@ -1,0 +1,109 @@
+// One UDP socket on one io_context: the receive loop, reliable requests, replies and duplicates.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+
+#include "protocol/codec.hpp"
+#include "transport/dedup.hpp"
+#include "transport/net.hpp"
+
+namespace chat::transport {
+
+/// How a reliable request is retried: wait `timeout` for the reply, resend, `retries` times.
+struct RetryPolicy {
+  std::chrono::milliseconds timeout{500};
+  int retries = 5;
+};
+
+/// What the endpoint counted; dropped datagrams by reason.
+struct Counters {
+  std::uint64_t received = 0;
+  std::uint64_t sent = 0;
+  std::uint64_t send_failed = 0;
+  std::uint64_t retransmits = 0;
+  std::uint64_t gave_up = 0;
+  std::uint64_t duplicates = 0;
+  std::uint64_t unmatched_replies = 0;
+  std::array<std::uint64_t, static_cast<std::size_t>(protocol::DecodeError::count_)> refused{};
+  std::uint64_t refused_total() const;
+};
+
+/// The single UDP socket of a process. Single-threaded: every call runs on the io_context's thread.
+class Endpoint {
+ public:
+  /// Called with each fresh request (never a repeat) and with nothing else.
+  using Handler = std::function<void(const protocol::Message&, const udp::endpoint& from)>;
+  /// Called once per request: with the matching reply, or nullptr after the last retry.
+  using Done = std::function<void(const protocol::Message* reply)>;
+
+  /// Binds the socket; throws boost::system::system_error if it cannot (port in use...).
+  Endpoint(net::io_context& io, const udp::endpoint& bind, RetryPolicy policy);
+  Endpoint(const Endpoint&) = delete;
+  Endpoint& operator=(const Endpoint&) = delete;
+  ~Endpoint();
+
+  /// Starts the receive loop.
+  void start(Handler handler);
+  /// Stops receiving and abandons every pending request (their Done is not called).
+  void close();
+
+  /// A fresh request id, unique in this process and unlikely to repeat across restarts.
+  std::uint64_t next_id() { return next_id_++; }
+  /// Sends `request` (whose id must be set) reliably to `to`; `done` gets the reply.
+  void request(const protocol::Message& request, const udp::endpoint& to, Done done);
+  void request(const protocol::Message& request, const udp::endpoint& to, Done done,
+               RetryPolicy policy);
+  /// Sends a reply, remembered so that a repeat of the request gets it again.
+  void reply(const udp::endpoint& to, const protocol::Message& reply);
+  /// Leaves the request (from, id) unanswered, so a repeat of it is handed up again.
+  void forget(const udp::endpoint& from, std::uint64_t id);
+  /// Sends once, no reply expected.
+  void send(const protocol::Message& m, const udp::endpoint& to);
+  /// Sends already-encoded bytes once.
+  void send_bytes(const std::string& bytes, const udp::endpoint& to);
+
+  udp::endpoint local_endpoint() const { return socket_.local_endpoint(); }
+  const Counters& counters() const { return counters_; }
+  const RetryPolicy& policy() const { return policy_; }
+  std::size_t in_flight() const { return pending_.size(); }
+  net::io_context& io() { return io_; }
+
+ private:
+  struct Pending {
+    Pending(net::io_context& io, const udp::endpoint& t, std::string b, Done d, RetryPolicy p)
+        : to(t), bytes(std::move(b)), done(std::move(d)), policy(p), timer(io) {}
+    udp::endpoint to;
+    std::string bytes;
+    Done done;
+    RetryPolicy policy;
+    int tries = 0;
+    net::steady_timer timer;
+  };
+
+  void receive();
+  void on_datagram(std::size_t n, const udp::endpoint& from);
+  void transmit(std::uint64_t id, Pending& p);
+  void on_timeout(std::uint64_t id);
+  static RequestKey key_of(const udp::endpoint& from, std::uint64_t id);
+
+  net::io_context& io_;
+  udp::socket socket_;
+  RetryPolicy policy_;
+  Handler handler_;
+  std::uint64_t next_id_;
+  std::unordered_map<std::uint64_t, Pending> pending_;
+  DuplicateFilter dedup_;
+  Counters counters_;
+  udp::endpoint sender_;
+  std::array<char, 2048> buffer_{};  // larger than kMaxDatagram, so an oversized datagram shows
+  bool closed_ = false;
+};
+
+}  // namespace chat::transport
