@@ -26,7 +26,8 @@ Client::Client(net::io_context& io, ClientOptions options)
     : io_(io),
       options_(std::move(options)),
       endpoint_(io, options_.bind, options_.policy),
-      input_(io) {
+      input_(io),
+      ready_timer_(io) {
   interactive_ = ::isatty(STDIN_FILENO) == 1;
 }
 
@@ -42,6 +43,7 @@ void Client::quit(int code) {
   endpoint_.close();
   error_code ec;
   input_.close(ec);
+  ready_timer_.cancel();
   io_.stop();
 }
 
@@ -59,6 +61,13 @@ void Client::fail_and_exit(const char* line) {
 }
 
 // ---------------------------------------------------------------- the prompt
+
+void Client::begin_input() {
+  if (reading_) return;
+  reading_ = true;
+  ready_timer_.cancel();
+  read_line();
+}
 
 void Client::read_line() {
   if (!input_.is_open()) {
@@ -164,9 +173,8 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
 
 void Client::send_register() {
   state_ = State::registering;
-  bool first = !input_.is_open();
   endpoint_.request(proto::Register{endpoint_.next_id(), options_.name}, options_.server,
-                    [this, first](const proto::Message* reply) {
+                    [this](const proto::Message* reply) {
                       if (reply == nullptr) return fail_and_exit("[Server not responding]");
                       if (auto* no = std::get_if<proto::RegErr>(reply)) {
                         say("[Registration refused: " + no->reason + "]");
@@ -178,7 +186,12 @@ void Client::send_register() {
                       table_.reset();
                       say("[Welcome, You are registered.]");
                       if (ok->pending > 0) say("[You have messages]");
-                      if (first) read_line();
+                      if (reading_) return;
+                      // Commands wait for the table (so `send` knows the names), but not forever.
+                      ready_timer_.expires_after(options_.policy.timeout * (options_.policy.retries + 1));
+                      ready_timer_.async_wait([this](error_code ec) {
+                        if (!ec) begin_input();
+                      });
                     });
 }
 
@@ -213,7 +226,10 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
   if (from != options_.server || state_ != State::online) return endpoint_.forget(from, t.id);
   Applied a = table_.apply(t);
   endpoint_.reply(from, proto::Ack{t.id, a.epoch, a.have});
-  if (a.changed && a.announce) say("[Client table updated.]");
+  if (a.changed && a.announce) {
+    say("[Client table updated.]");
+    begin_input();
+  }
 }
 
 void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {

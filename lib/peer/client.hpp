@@ -32,6 +32,8 @@ class Client {
  private:
   enum class State { registering, online, offline };
 
+  /// Starts reading commands (once): after the first table arrived, or when it is overdue.
+  void begin_input();
   void read_line();
   void on_line(const std::string& line);
   void run(const Command& c);
@@ -52,6 +54,8 @@ class Client {
   transport::Endpoint endpoint_;
   net::posix::stream_descriptor input_;
   net::streambuf input_buf_;
+  net::steady_timer ready_timer_;
+  bool reading_ = false;
   LocalTable table_;
   State state_ = State::registering;
   bool interactive_ = false;

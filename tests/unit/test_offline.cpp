@@ -1,0 +1,462 @@
+// Unit tests of the SQLite offline store: round trips, durability across a killed writer, hostile input.
+#include <doctest/doctest.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "offline/store.hpp"
+
+namespace fs = std::filesystem;
+using namespace chat::offline;
+
+namespace {
+
+constexpr auto everything = std::numeric_limits<std::size_t>::max();
+
+/// A fresh directory under /tmp, removed with everything in it when the test ends.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = "/tmp/chat-store-test-XXXXXX";
+    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+    path_ = tmpl;
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+  std::string str() const { return path_.string(); }
+
+ private:
+  fs::path path_;
+};
+
+/// A raw connection for what the Store interface deliberately hides (pragmas, integrity checks).
+class RawDb {
+ public:
+  explicit RawDb(const fs::path& file) { REQUIRE(sqlite3_open(file.c_str(), &db_) == SQLITE_OK); }
+  RawDb(const RawDb&) = delete;
+  RawDb& operator=(const RawDb&) = delete;
+  ~RawDb() { sqlite3_close(db_); }
+
+  void exec(const std::string& sql) {
+    char* err = nullptr;
+    const int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err);
+    INFO(sql << ": " << (err ? err : ""));
+    sqlite3_free(err);
+    REQUIRE(rc == SQLITE_OK);
+  }
+  std::string query_text(const std::string& sql) {
+    sqlite3_stmt* stmt = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db_, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK);
+    std::string out;
+    if (sqlite3_step(stmt) == SQLITE_ROW) {
+      const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+      out = p ? p : "";
+    }
+    sqlite3_finalize(stmt);
+    return out;
+  }
+
+ private:
+  sqlite3* db_ = nullptr;
+};
+
+NewMessage msg(std::string to, std::string from, std::string text, Kind kind = Kind::direct,
+               std::int64_t ts_us = 1'700'000'000'000'000, std::uint64_t mid = 1) {
+  return NewMessage{.to = std::move(to),
+                    .from = std::move(from),
+                    .kind = kind,
+                    .ts_us = ts_us,
+                    .mid = mid,
+                    .text = std::move(text)};
+}
+
+std::vector<std::string> texts_of(const std::vector<StoredMessage>& ms) {
+  std::vector<std::string> out;
+  out.reserve(ms.size());
+  for (const auto& m : ms) out.push_back(m.text);
+  return out;
+}
+
+std::set<std::string> entries_of(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
+  return out;
+}
+
+bool read_exact(int fd, void* buf, std::size_t n) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    const ssize_t got = read(fd, p, n);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;
+    p += got;
+    n -= static_cast<std::size_t>(got);
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq and limit") {
+  TempDir tmp;
+  auto store = open_sqlite_store(tmp.str());
+
+  const std::vector<NewMessage> first{msg("bob", "alice", "b1"), msg("carol", "alice", "c1"),
+                                      msg("bob", "dave", "b2")};
+  store->save(first);
+  const std::vector<NewMessage> second{msg("bob", "alice", "b3"), msg("carol", "dave", "c2")};
+  store->save(second);
+
+  CHECK(store->count_for("bob") == 3);
+  CHECK(store->count_for("carol") == 2);
+  CHECK(store->count_for("nobody") == 0);
+
+  const auto bob = store->pending_for("bob", 0, everything);
+  CHECK(texts_of(bob) == std::vector<std::string>{"b1", "b2", "b3"});
+  CHECK(texts_of(store->pending_for("carol", 0, everything)) == std::vector<std::string>{"c1", "c2"});
+  CHECK(store->pending_for("nobody", 0, everything).empty());
+  REQUIRE(bob.size() == 3);
+  CHECK(bob[0].seq < bob[1].seq);
+  CHECK(bob[1].seq < bob[2].seq);
+
+  // The reader pages through with the last seq it saw.
+  CHECK(texts_of(store->pending_for("bob", 0, 2)) == std::vector<std::string>{"b1", "b2"});
+  CHECK(texts_of(store->pending_for("bob", bob[1].seq, 2)) == std::vector<std::string>{"b3"});
+  CHECK(store->pending_for("bob", bob[2].seq, 10).empty());
+  CHECK(store->pending_for("bob", 0, 0).empty());
+
+  SUBCASE("remove_delivered deletes only the given messages of that recipient") {
+    const std::vector<std::int64_t> seqs{bob[0].seq, bob[2].seq};
+    store->remove_delivered("bob", seqs);
+    CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"b2"});
+    CHECK(store->count_for("bob") == 1);
+
+    // Bob's seqs under Carol's name remove nothing of Carol's.
+    const auto carol = store->pending_for("carol", 0, everything);
+    const std::vector<std::int64_t> bobs_seq{bob[1].seq};
+    store->remove_delivered("carol", bobs_seq);
+    CHECK(store->count_for("bob") == 1);
+    CHECK(store->count_for("carol") == 2);
+
+    // Unknown seqs and an empty list are harmless.
+    const std::vector<std::int64_t> unknown{999'999, -1};
+    store->remove_delivered("bob", unknown);
+    store->remove_delivered("bob", {});
+    CHECK(store->count_for("bob") == 1);
+  }
+
+  SUBCASE("a seq is never reused after its message is deleted") {
+    const auto last = store->pending_for("carol", 0, everything).back().seq;
+    const std::vector<std::int64_t> all_carol{store->pending_for("carol", 0, everything)[0].seq, last};
+    const std::vector<std::int64_t> all_bob{bob[0].seq, bob[1].seq, bob[2].seq};
+    store->remove_delivered("carol", all_carol);
+    store->remove_delivered("bob", all_bob);
+    CHECK(store->count_for("bob") == 0);
+    const std::vector<NewMessage> again{msg("bob", "alice", "b4")};
+    store->save(again);
+    const auto after = store->pending_for("bob", 0, everything);
+    REQUIRE(after.size() == 1);
+    CHECK(after[0].seq > last);
+  }
+
+  SUBCASE("an empty batch is a no-op") {
+    store->save({});
+    CHECK(store->count_for("bob") == 3);
+  }
+}
+
+TEST_CASE("a save that fails part-way keeps none of its batch") {
+  TempDir tmp;
+  auto store = open_sqlite_store(tmp.str());
+  const std::vector<NewMessage> before{msg("bob", "alice", "kept")};
+  store->save(before);
+
+  // A kind outside the enum breaks the table's CHECK on the second row, after the first was inserted.
+  const std::vector<NewMessage> bad{msg("bob", "alice", "lost 1"), msg("bob", "alice", "lost 2", static_cast<Kind>(7)),
+                                    msg("bob", "alice", "lost 3")};
+  CHECK_THROWS_AS(store->save(bad), StoreError);
+  CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"kept"});
+
+  // The store is usable again: the failed transaction was rolled back, not left open.
+  const std::vector<NewMessage> after{msg("bob", "alice", "next")};
+  store->save(after);
+  CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"kept", "next"});
+}
+
+TEST_CASE("every field round-trips exactly") {
+  TempDir tmp;
+  auto store = open_sqlite_store(tmp.str());
+
+  const std::string with_nul("before\0after", 12);
+  const std::string utf8 = "h\xC3\xA9llo \xE4\xB8\x96\xE7\x95\x8C \xF0\x9F\x92\xAC";  // héllo 世界 💬
+  const std::string not_utf8 = "\xFF\xFE\x80 raw bytes";
+  const std::vector<NewMessage> batch{
+      msg("r", "s1", with_nul, Kind::direct, 0, 0),
+      msg("r", "s2", utf8, Kind::channel, -1, std::numeric_limits<std::uint64_t>::max()),
+      msg("r", "s3", "", Kind::direct, std::numeric_limits<std::int64_t>::max(), std::uint64_t{1} << 63),
+      msg("r", utf8, not_utf8, Kind::channel, std::numeric_limits<std::int64_t>::min(), 42),
+      msg("r", "s5", std::string(std::size_t{64} * 1024, 'x'), Kind::direct, 1'700'000'000'123'456, 0x0123456789abcdefULL),
+  };
+  store->save(batch);
+
+  const auto got = store->pending_for("r", 0, everything);
+  REQUIRE(got.size() == batch.size());
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    CAPTURE(i);
+    CHECK(got[i].from == batch[i].from);
+    CHECK(got[i].kind == batch[i].kind);
+    CHECK(got[i].ts_us == batch[i].ts_us);
+    CHECK(got[i].mid == batch[i].mid);
+    CHECK(got[i].text == batch[i].text);
+  }
+  CHECK(got[0].text.size() == 12);
+}
+
+TEST_CASE("reopening after close keeps messages and client rows") {
+  TempDir tmp;
+  const std::string dir = (tmp.path() / "nested" / "data").string();  // created on open
+  std::vector<std::int64_t> seqs;
+  {
+    auto store = open_sqlite_store(dir);
+    const std::vector<NewMessage> batch{msg("bob", "alice", "one", Kind::direct, 10, 7),
+                                        msg("bob", "carol", "two", Kind::channel, 20, 8)};
+    store->save(batch);
+    const std::vector<ClientRow> rows{{"alice", "10.0.0.1", 5000, true}, {"bob", "10.0.0.2", 5001, false}};
+    store->store_clients(rows);
+    for (const auto& m : store->pending_for("bob", 0, everything)) seqs.push_back(m.seq);
+  }
+  auto store = open_sqlite_store(dir);
+  const auto got = store->pending_for("bob", 0, everything);
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].seq == seqs[0]);
+  CHECK(got[0].from == "alice");
+  CHECK(got[0].text == "one");
+  CHECK(got[0].mid == 7);
+  CHECK(got[1].kind == Kind::channel);
+  CHECK(got[1].ts_us == 20);
+  const auto clients = store->load_clients();
+  REQUIRE(clients.size() == 2);
+  CHECK(clients[0].name == "alice");
+  CHECK(clients[0].ip == "10.0.0.1");
+  CHECK(clients[0].port == 5000);
+  CHECK(clients[0].online);
+  CHECK(clients[1].name == "bob");
+  CHECK_FALSE(clients[1].online);
+
+  // New saves continue after the old seqs.
+  const std::vector<NewMessage> more{msg("bob", "alice", "three")};
+  store->save(more);
+  CHECK(store->pending_for("bob", seqs[1], everything).size() == 1);
+}
+
+TEST_CASE("a writer killed mid-stream loses no save it reported") {
+  TempDir tmp;
+  int fds[2];
+  REQUIRE(pipe(fds) == 0);
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // The child: report index i only after save() returned, i.e. after its commit.
+    close(fds[0]);
+    try {
+      auto store = open_sqlite_store(tmp.str());
+      for (std::uint32_t i = 0;; ++i) {
+        const std::vector<NewMessage> one{
+            msg("bob", "alice", std::to_string(i) + std::string(100, '.'), Kind::direct, i, i)};
+        store->save(one);
+        if (write(fds[1], &i, sizeof i) != static_cast<ssize_t>(sizeof i)) _exit(3);
+      }
+    } catch (...) {
+      _exit(2);
+    }
+  }
+  close(fds[1]);
+
+  constexpr std::size_t read_before_kill = 200;
+  std::vector<std::uint32_t> reported;
+  std::uint32_t idx = 0;
+  while (reported.size() < read_before_kill && read_exact(fds[0], &idx, sizeof idx)) reported.push_back(idx);
+  REQUIRE(kill(pid, SIGKILL) == 0);
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  INFO("child exit status " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+  CHECK(WIFSIGNALED(status));
+  REQUIRE(reported.size() == read_before_kill);
+  // What the child reported between our last read and the kill counts too.
+  while (read_exact(fds[0], &idx, sizeof idx)) reported.push_back(idx);
+  close(fds[0]);
+
+  {
+    auto store = open_sqlite_store(tmp.str());
+    std::map<std::uint32_t, int> times_present;
+    for (const auto& m : store->pending_for("bob", 0, everything)) {
+      const auto i = static_cast<std::uint32_t>(std::stoul(m.text));
+      CHECK(m.mid == i);
+      ++times_present[i];
+    }
+    for (const auto i : reported) {
+      CAPTURE(i);
+      CHECK(times_present[i] == 1);
+    }
+    // Commits are sequential: what survived is a prefix 0..k with no gap or duplicate.
+    std::uint32_t expect = 0;
+    for (const auto& [i, n] : times_present) {
+      CHECK(i == expect++);
+      CHECK(n == 1);
+    }
+    CHECK(times_present.size() >= reported.size());
+    CHECK(times_present.size() <= reported.size() + 1);  // at most one commit the child did not report
+  }
+  RawDb raw(tmp.path() / "chat.db");
+  CHECK(raw.query_text("PRAGMA integrity_check") == "ok");
+}
+
+TEST_CASE("an unknown schema version is refused and left as found") {
+  TempDir tmp;
+  { auto store = open_sqlite_store(tmp.str()); }
+  {
+    RawDb raw(tmp.path() / "chat.db");
+    CHECK(raw.query_text("PRAGMA user_version") == "1");
+    raw.exec("PRAGMA user_version=99");
+  }
+  std::string what;
+  try {
+    auto store = open_sqlite_store(tmp.str());
+    FAIL("opened a store with schema version 99");
+  } catch (const StoreError& e) {
+    what = e.what();
+  }
+  INFO(what);
+  CHECK(what.find("99") != std::string::npos);
+  CHECK(what.find("expects 1") != std::string::npos);
+  RawDb raw(tmp.path() / "chat.db");
+  CHECK(raw.query_text("PRAGMA user_version") == "99");
+}
+
+TEST_CASE("a database that is not a ChatApp store is refused") {
+  TempDir tmp;
+  SUBCASE("foreign tables and no version") {
+    RawDb raw(tmp.path() / "chat.db");
+    raw.exec("CREATE TABLE other (x INTEGER)");
+  }
+  SUBCASE("not an SQLite file at all") {
+    std::ofstream(tmp.path() / "chat.db") << std::string(4096, 'g');
+  }
+  CHECK_THROWS_AS(open_sqlite_store(tmp.str()), StoreError);
+}
+
+TEST_CASE("a directory that cannot be created is a StoreError") {
+  TempDir tmp;
+  std::ofstream(tmp.path() / "file") << "x";
+  CHECK_THROWS_AS(open_sqlite_store((tmp.path() / "file" / "sub").string()), StoreError);
+}
+
+TEST_CASE("hostile names are stored and read back as data") {
+  TempDir tmp;
+  const fs::path dir = tmp.path() / "store";
+  const std::vector<std::string> names{
+      "../x", "/", std::string("a\0b", 3), "a", std::string(std::size_t{10} * 1024, 'n'), "'; DROP TABLE messages; --",
+      "\"; DROP TABLE clients; --", "%s%n", ""};
+  {
+    auto store = open_sqlite_store(dir.string());
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      const std::vector<NewMessage> one{msg(names[i], names[i], "for " + std::to_string(i))};
+      store->save(one);
+    }
+    std::vector<ClientRow> rows;
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      rows.push_back({names[i], "10.0.0." + std::to_string(i), static_cast<std::uint16_t>(6000 + i), true});
+    }
+    store->store_clients(rows);
+
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      CAPTURE(i);
+      CHECK(store->count_for(names[i]) == 1);
+      const auto got = store->pending_for(names[i], 0, everything);
+      REQUIRE(got.size() == 1);
+      CHECK(got[0].from == names[i]);
+      CHECK(got[0].text == "for " + std::to_string(i));
+    }
+    auto sorted = names;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<std::string> loaded;
+    for (const auto& r : store->load_clients()) loaded.push_back(r.name);
+    CHECK(loaded == sorted);
+
+    const std::set<std::string> allowed{"chat.db", "chat.db-wal", "chat.db-shm"};
+    for (const auto& e : entries_of(dir)) {
+      CAPTURE(e);
+      CHECK(allowed.count(e) == 1);
+    }
+
+    const auto victim = store->pending_for(std::string("a\0b", 3), 0, everything);
+    const std::vector<std::int64_t> seqs{victim.at(0).seq};
+    store->remove_delivered(std::string("a\0b", 3), seqs);
+    CHECK(store->count_for(std::string("a\0b", 3)) == 0);
+    CHECK(store->count_for("a") == 1);
+  }
+  const std::set<std::string> allowed{"chat.db", "chat.db-wal", "chat.db-shm"};
+  for (const auto& e : entries_of(dir)) {
+    CAPTURE(e);
+    CHECK(allowed.count(e) == 1);
+  }
+  CHECK(entries_of(tmp.path()) == std::set<std::string>{"store"});
+  RawDb raw(dir / "chat.db");
+  CHECK(raw.query_text("PRAGMA integrity_check") == "ok");
+  CHECK(raw.query_text("SELECT count(*) FROM messages") == std::to_string(names.size() - 1));
+}
+
+TEST_CASE("store_clients and load_clients round-trip and replace") {
+  TempDir tmp;
+  auto store = open_sqlite_store(tmp.str());
+  CHECK(store->load_clients().empty());
+
+  const std::vector<ClientRow> rows{{"carol", "192.168.1.3", 65535, false},
+                                    {"alice", "127.0.0.1", 1024, true},
+                                    {"bob", "10.1.2.3", 0, true}};
+  store->store_clients(rows);
+  auto got = store->load_clients();
+  REQUIRE(got.size() == 3);
+  CHECK(got[0].name == "alice");
+  CHECK(got[0].ip == "127.0.0.1");
+  CHECK(got[0].port == 1024);
+  CHECK(got[0].online);
+  CHECK(got[1].name == "bob");
+  CHECK(got[1].port == 0);
+  CHECK(got[2].name == "carol");
+  CHECK(got[2].ip == "192.168.1.3");
+  CHECK(got[2].port == 65535);
+  CHECK_FALSE(got[2].online);
+
+  const std::vector<ClientRow> update{{"alice", "127.0.0.2", 2048, false}, {"dave", "10.0.0.4", 7000, true}};
+  store->store_clients(update);
+  store->store_clients({});
+  got = store->load_clients();
+  REQUIRE(got.size() == 4);
+  CHECK(got[0].name == "alice");
+  CHECK(got[0].ip == "127.0.0.2");
+  CHECK(got[0].port == 2048);
+  CHECK_FALSE(got[0].online);
+  CHECK(got[1].name == "bob");
+  CHECK(got[1].ip == "10.1.2.3");
+  CHECK(got[3].name == "dave");
+  CHECK(got[3].online);
+}
