@@ -40,11 +40,13 @@ std::string format_table(const LocalTable& t, const std::string& self) {
     return s;
   };
   std::string out = pad("NAME", w) + "  " + pad("ADDRESS", 21) + "  STATUS";
+  std::size_t online = 0;
   for (const auto& [name, e] : t.rows()) {
+    online += e.online ? 1 : 0;
     out += "\n" + pad(name, w) + "  " + pad(e.ip + ":" + std::to_string(e.port), 21) + "  " +
            (e.online ? "online" : "offline") + (name == self ? " (you)" : "");
   }
-  return out;
+  return out + "\n(" + std::to_string(t.rows().size()) + " clients, " + std::to_string(online) + " online)";
 }
 
 std::string format_timestamp(std::int64_t ts_us) {

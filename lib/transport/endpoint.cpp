@@ -95,6 +95,7 @@ RequestKey Endpoint::key_of(const udp::endpoint& from, std::uint64_t id) {
 
 void Endpoint::on_datagram(std::size_t n, const udp::endpoint& from) {
   ++counters_.received;
+  counters_.bytes_received += n;
   protocol::Decoded d = n > protocol::kMaxDatagram
                             ? protocol::Decoded{std::nullopt, protocol::DecodeError::too_large}
                             : protocol::decode(std::string_view(buffer_.data(), n));
@@ -196,6 +197,7 @@ void Endpoint::send_bytes(const std::string& bytes, const udp::endpoint& to) {
     return;
   }
   ++counters_.sent;
+  counters_.bytes_sent += bytes.size();
 }
 
 }  // namespace chat::transport

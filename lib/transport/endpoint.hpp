@@ -26,6 +26,8 @@ struct RetryPolicy {
 struct Counters {
   std::uint64_t received = 0;
   std::uint64_t sent = 0;
+  std::uint64_t bytes_sent = 0;
+  std::uint64_t bytes_received = 0;
   std::uint64_t send_failed = 0;
   std::uint64_t retransmits = 0;
   std::uint64_t gave_up = 0;
