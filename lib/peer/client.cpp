@@ -20,6 +20,23 @@ udp::endpoint endpoint_of(const proto::Entry& e) {
   return udp::endpoint(net::ip::make_address_v4(e.ip, ec), e.port);
 }
 
+// A peer's text as shown: control characters (but tab) in caret notation, so that no peer
+// can move the cursor, recolour or clear the reader's terminal.
+std::string printable(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char ch : text) {
+    auto c = static_cast<unsigned char>(ch);
+    if ((c < 0x20 && c != '\t') || c == 0x7F) {
+      out += '^';
+      out += static_cast<char>(c ^ 0x40);
+    } else {
+      out += ch;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 Client::Client(net::io_context& io, ClientOptions options)
@@ -121,6 +138,7 @@ void Client::run(const Command& c) {
       if (reply == nullptr) return fail_and_exit("[Server not responding]");
       if (auto* no = std::get_if<proto::Refused>(reply)) return say("[Server refused: " + no->reason + "]");
       state_ = State::offline;
+      was_online_ = false;
       say("[You are Offline. Bye.]");
     });
   } else if (auto* s = std::get_if<cmd::Send>(&c)) {
@@ -173,7 +191,11 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
 
 void Client::send_register() {
   state_ = State::registering;
-  endpoint_.request(proto::Register{endpoint_.next_id(), options_.name}, options_.server,
+  was_online_ = false;
+  proto::Register reg{endpoint_.next_id(), options_.name, 0};
+  // Padded, so the server may answer with a full table datagram at once (see kRegisterPadTo).
+  if (std::size_t n = proto::encode(reg).size() + 16; n < proto::kRegisterPadTo) reg.pad = proto::kRegisterPadTo - n;
+  endpoint_.request(reg, options_.server,
                     [this](const proto::Message* reply) {
                       if (reply == nullptr) return fail_and_exit("[Server not responding]");
                       if (auto* no = std::get_if<proto::RegErr>(reply)) {
@@ -202,11 +224,19 @@ void Client::on_message(const proto::Message& m, const udp::endpoint& from) {
   bool online = state_ == State::online;
   if (auto* d = std::get_if<proto::Direct>(&m)) {
     if (!online) return endpoint_.forget(from, d->id);  // offline: the sender falls back to the server
-    if (first_showing(d->from, d->id)) say(d->from + ": " + d->text);
+    const proto::Entry* sender = table_.find(d->from);
+    if (sender == nullptr || endpoint_of(*sender) != from) {
+      // Not from the address the table gives that name: maybe forged, maybe our table is
+      // behind. Unanswered, the sender retries (our table catches up) or goes via the server.
+      spdlog::debug("unverified direct message claiming to be from {}", d->from);
+      ++unverified_;
+      return endpoint_.forget(from, d->id);
+    }
+    if (first_showing(d->from, d->id)) say(d->from + ": " + printable(d->text));
     endpoint_.reply(from, proto::Ack{d->id});
   } else if (auto* r = std::get_if<proto::Relay>(&m)) {
     if (!online || !from_server) return endpoint_.forget(from, r->id);
-    if (first_showing(r->from, r->mid)) say("[Channel_Message " + r->from + ": " + r->text + "]");
+    if (first_showing(r->from, r->mid)) say("[Channel_Message " + r->from + ": " + printable(r->text) + "]");
     endpoint_.reply(from, proto::Ack{r->id});
   } else if (auto* t = std::get_if<proto::Table>(&m)) {
     on_table(*t, from);
@@ -230,6 +260,16 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
     say("[Client table updated.]");
     begin_input();
   }
+  // Marked offline while running (a lost relay or probe under loss): come back by ourselves,
+  // which also brings what was saved for us meanwhile.
+  if (const proto::Entry* self = table_.find(options_.name)) {
+    if (self->online) {
+      was_online_ = true;
+    } else if (was_online_ && state_ == State::online && a.changed) {
+      spdlog::info("the server marked us offline; registering again");
+      send_register();
+    }
+  }
 }
 
 void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {
@@ -237,8 +277,8 @@ void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {
   for (const auto& i : s.items) {
     if (!first_showing(i.from, i.mid)) continue;
     std::string ts = format_timestamp(i.ts_us);
-    if (i.channel) say("Channel_Message " + i.from + ": " + ts + " " + i.text);
-    else say(i.from + ": " + ts + " " + i.text);
+    if (i.channel) say("Channel_Message " + i.from + ": " + ts + " " + printable(i.text));
+    else say(i.from + ": " + ts + " " + printable(i.text));
   }
   endpoint_.reply(from, proto::Ack{s.id});
 }

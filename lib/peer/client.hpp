@@ -56,6 +56,8 @@ class Client {
   net::streambuf input_buf_;
   net::steady_timer ready_timer_;
   bool reading_ = false;
+  bool was_online_ = false;     // our own row was seen online since we registered
+  std::uint64_t unverified_ = 0;  // direct messages dropped: source not the sender's address
   LocalTable table_;
   State state_ = State::registering;
   bool interactive_ = false;

@@ -3,6 +3,8 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 namespace chat::protocol {
@@ -26,7 +28,11 @@ json item_json(const StoredItem& i) {
 json to_json_value(const Message& m) {
   return std::visit(
       overloaded{
-          [](const Register& r) { return json{{"t", "register"}, {"id", r.id}, {"name", r.name}}; },
+          [](const Register& r) {
+            json j{{"t", "register"}, {"id", r.id}, {"name", r.name}};
+            if (r.pad > 0) j["pad"] = std::string(std::min(r.pad, kMaxDatagram), ' ');
+            return j;
+          },
           [](const Dereg& r) { return json{{"t", "dereg"}, {"id", r.id}, {"name", r.name}}; },
           [](const Direct& r) {
             return json{{"t", "direct"}, {"id", r.id}, {"from", r.from}, {"text", r.text}};
@@ -169,7 +175,11 @@ const json& get_array(const json& j, const char* key) {
 }
 
 Message decode_body(const std::string& t, const json& j) {
-  if (t == "register") return Register{get_id(j, "id"), get_name(field(j, "name"))};
+  if (t == "register") {
+    Register r{get_id(j, "id"), get_name(field(j, "name")), 0};
+    if (auto p = j.find("pad"); p != j.end()) r.pad = as_string(*p).size();
+    return r;
+  }
   if (t == "dereg") return Dereg{get_id(j, "id"), get_name(field(j, "name"))};
   if (t == "direct") return Direct{get_id(j, "id"), get_name(field(j, "from")), get_text(field(j, "text"))};
   if (t == "save")
@@ -333,9 +343,10 @@ std::string check_text(std::string_view text) {
   if (text.size() > kMaxText)
     return "message too long: " + std::to_string(text.size()) + " bytes, the limit is " +
            std::to_string(kMaxText) + " bytes";
-  if (escaped_size(text) > kMaxTextEncoded)
-    return "message too long once encoded: control characters take up to 6 bytes each, the limit is " +
-           std::to_string(kMaxTextEncoded) + " encoded bytes";
+  // Only control characters can get here (each takes 6 bytes on the wire).
+  if (std::size_t n = escaped_size(text); n > kMaxTextEncoded)
+    return "message too long: its control characters take " + std::to_string(n) +
+           " bytes on the wire, the limit is " + std::to_string(kMaxTextEncoded);
   return {};
 }
 

@@ -14,11 +14,15 @@ inline constexpr std::uint64_t kVersion = 1;
 /// Largest datagram sent or accepted: one Ethernet frame of UDP over IPv4 (1500 - 20 - 8),
 /// so no datagram needs IP fragmentation on a common path, where one lost fragment loses all.
 inline constexpr std::size_t kMaxDatagram = 1472;
-/// Longest message text, in UTF-8 bytes as typed.
-inline constexpr std::size_t kMaxText = 1000;
-/// Longest message text once JSON-escaped (control characters grow to 6 bytes); with the
-/// largest envelope (a stored-message delivery, ~150 bytes) it still fits kMaxDatagram.
+/// Longest message text, in UTF-8 bytes as typed. JSON doubles a quote or a backslash, so
+/// any printable text of this size stays within kMaxTextEncoded.
+inline constexpr std::size_t kMaxText = 600;
+/// Longest message text once JSON-escaped (a control character grows to 6 bytes); with the
+/// largest envelope (a stored-message delivery, ~200 bytes) it still fits kMaxDatagram.
 inline constexpr std::size_t kMaxTextEncoded = 1200;
+/// Size a registration is padded to, so that the server may answer it with a full table
+/// datagram before the address has proven it receives (as QUIC pads its Initial packets).
+inline constexpr std::size_t kRegisterPadTo = 1200;
 /// Longest client name (SPEC §1).
 inline constexpr std::size_t kMaxName = 32;
 /// Longest free-text reason in a refusal.
@@ -41,6 +45,7 @@ struct Entry {
 struct Register {
   std::uint64_t id = 0;
   std::string name;
+  std::size_t pad = 0;  // bytes of padding on the wire ("pad" field); content ignored
   bool operator==(const Register&) const = default;
 };
 /// Client -> server: notified leave of `name`; answered by Ack.

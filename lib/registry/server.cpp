@@ -36,8 +36,9 @@ Server::Server(net::io_context& io, ServerOptions options, std::unique_ptr<offli
     : io_(io),
       options_(std::move(options)),
       store_(std::move(store)),
-      endpoint_(io, options_.bind, options_.policy),
-      table_(random_epoch()) {
+      endpoint_(io, options_.bind, options_.policy, options_.guard),
+      table_(random_epoch()),
+      stats_timer_(io) {
   // A restart keeps every name, address and online flag; clients that were online stay
   // active, and the new epoch tells them to take a fresh snapshot on the next update.
   for (const auto& row : store_->load_clients()) {
@@ -50,10 +51,33 @@ void Server::start() {
   endpoint_.start([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
   spdlog::info("server listening on {}, {} clients known", where(endpoint_.local_endpoint()),
                table_.size());
+  log_stats();
+}
+
+void Server::log_stats() {
+  const transport::Counters& c = endpoint_.counters();
+  std::uint64_t dropped = c.refused_total() + c.rate_limited + c.amplification + c.in_flight_refused;
+  std::uint64_t before = last_logged_.refused_total() + last_logged_.rate_limited +
+                         last_logged_.amplification + last_logged_.in_flight_refused;
+  if (dropped != before) {
+    std::string why;
+    for (std::size_t i = 0; i < c.refused.size(); ++i)
+      if (c.refused[i] != 0)
+        why += fmt::format(" {}={}", proto::to_string(static_cast<proto::DecodeError>(i)), c.refused[i]);
+    spdlog::info("dropped so far: {} datagrams (rate_limited={} not_sent_unproven={} in_flight_refused={}{}); "
+                 "{} received, {} duplicates",
+                 dropped, c.rate_limited, c.amplification, c.in_flight_refused, why, c.received, c.duplicates);
+    last_logged_ = c;
+  }
+  stats_timer_.expires_after(options_.stats_interval);
+  stats_timer_.async_wait([this](error_code ec) {
+    if (!ec) log_stats();
+  });
 }
 
 void Server::stop() {
   flush();
+  stats_timer_.cancel();
   endpoint_.close();
   const auto& c = endpoint_.counters();
   spdlog::info("server stopped: {} datagrams received, {} refused, {} duplicates", c.received,
@@ -79,6 +103,11 @@ void Server::on_message(const proto::Message& m, const udp::endpoint& from) {
 
 void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
   std::string ip = from.address().to_string();
+  if (table_.find(r.name) == nullptr && table_.size() >= options_.max_clients) {
+    spdlog::info("refused {} from {}: the server is full", r.name, where(from));
+    endpoint_.reply(from, proto::RegErr{r.id, "the server is full (" + std::to_string(options_.max_clients) + " clients)"});
+    return;
+  }
   if (table_.admit(r.name, ip, from.port()) == Admit::accept) {
     admit(r, from);
     return;
@@ -98,7 +127,7 @@ void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
 }
 
 void Server::admit(const proto::Register& r, const udp::endpoint& from) {
-  std::size_t pending = store_->count_for(r.name);
+  std::size_t pending = mailbox(r.name);
   Session& s = sessions_[r.name];
   ++s.gen;
   s = Session{true, false, false, 0, s.gen};
@@ -155,6 +184,11 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
     endpoint_.reply(from, proto::Refused{r.id, "unknown client " + r.to});
     return;
   }
+  if (mailbox(r.to) >= options_.max_stored) {
+    endpoint_.reply(from, proto::Refused{r.id, r.to + "'s mailbox is full (" + std::to_string(options_.max_stored) +
+                                                   " saved messages)"});
+    return;
+  }
   auto store_it = [this, r, from] {
     save({r.to, r.from, offline::Kind::direct, now_us(), r.mid, r.text}, [this, r, from](bool ok) {
       if (ok) endpoint_.reply(from, proto::Ack{r.id});
@@ -177,7 +211,14 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
   });
 }
 
+std::size_t& Server::mailbox(const std::string& name) {
+  auto it = mailbox_.find(name);
+  if (it == mailbox_.end()) it = mailbox_.emplace(name, store_->count_for(name)).first;
+  return it->second;
+}
+
 void Server::save(offline::NewMessage m, AfterCommit after) {
+  ++mailbox(m.to);
   unsaved_.push_back(std::move(m));
   if (after) after_commit_.push_back(std::move(after));
   schedule_flush();
@@ -222,7 +263,10 @@ void Server::flush() {
     }
   }
   for (auto& cb : callbacks) cb(ok);
-  if (!ok) return;
+  if (!ok) {
+    for (const auto& m : batch) --mailbox(m.to);
+    return;
+  }
   for (const auto& m : batch) {
     spdlog::info("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
                  m.from, m.to);
@@ -232,18 +276,45 @@ void Server::flush() {
   }
 }
 
+void Server::reach(const udp::endpoint& to, std::function<void(bool)> then) {
+  if (endpoint_.allowance(to) >= proto::kMaxDatagram) return then(true);
+  // Not yet proven to receive (a spoofed registration?): a small probe first, so the server
+  // never sends an address much more than it received from it.
+  probe(to, std::move(then));
+}
+
 void Server::deliver(const std::string& name) {
   auto it = sessions_.find(name);
-  if (it == sessions_.end() || !it->second.active || it->second.delivering) return;
-  Session& s = it->second;
-  std::uint64_t gen = s.gen;
-  std::vector<offline::StoredMessage> rows = store_->pending_for(name, 0, kDeliveryRead);
   const Client* c = table_.find(name);
-  if (rows.empty() || c == nullptr) {
+  if (it == sessions_.end() || c == nullptr || !it->second.active || it->second.delivering) return;
+  if (mailbox(name) == 0) {
     set_online(name, true);
     return;
   }
-  s.delivering = true;
+  it->second.delivering = true;
+  std::uint64_t gen = it->second.gen;
+  reach(endpoint_of(*c), [this, name, gen](bool ok) {
+    auto it2 = sessions_.find(name);
+    if (it2 == sessions_.end() || it2->second.gen != gen) return;
+    if (!ok) {
+      mark_gone(name);
+      return;
+    }
+    deliver_batch(name);
+  });
+}
+
+void Server::deliver_batch(const std::string& name) {
+  Session& s = sessions_[name];
+  const Client* c = table_.find(name);
+  std::vector<offline::StoredMessage> rows = store_->pending_for(name, 0, kDeliveryRead);
+  if (rows.empty() || c == nullptr) {
+    s.delivering = false;
+    mailbox(name) = 0;
+    set_online(name, true);
+    return;
+  }
+  std::uint64_t gen = s.gen;
   proto::Stored msg{endpoint_.next_id(), {}};
   std::vector<std::int64_t> seqs;
   std::size_t size = kStoredEnvelope;
@@ -256,17 +327,18 @@ void Server::deliver(const std::string& name) {
                          std::move(row.text)});
   }
   endpoint_.request(msg, endpoint_of(*c), [this, name, gen, seqs](const proto::Message* reply) {
-    auto it2 = sessions_.find(name);
-    if (it2 == sessions_.end() || it2->second.gen != gen) return;
-    it2->second.delivering = false;
+    auto it = sessions_.find(name);
+    if (it == sessions_.end() || it->second.gen != gen) return;
     if (reply == nullptr) {
       mark_gone(name);
       return;
     }
     // Deleted only now that the client has them: a lost datagram loses nothing.
     store_->remove_delivered(name, seqs);
+    std::size_t& box = mailbox(name);
+    box -= std::min(box, seqs.size());
     spdlog::info("delivered {} saved messages to {}", seqs.size(), name);
-    deliver(name);
+    deliver_batch(name);
   });
 }
 
@@ -302,14 +374,20 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
 
 void Server::relay(const std::string& to, const proto::Channel& c, std::int64_t ts_us) {
   const Client* target = table_.find(to);
-  transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
-  endpoint_.request(proto::Relay{endpoint_.next_id(), c.from, c.id, c.text}, endpoint_of(*target),
-                    [this, to, c, ts_us](const proto::Message* reply) {
-                      if (reply != nullptr) return;
-                      mark_gone(to);
-                      save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
-                    },
-                    p);
+  udp::endpoint ep = endpoint_of(*target);
+  auto missed = [this, to, c, ts_us] {
+    mark_gone(to);
+    save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
+  };
+  reach(ep, [this, ep, c, missed](bool ok) {
+    if (!ok) return missed();
+    transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
+    endpoint_.request(proto::Relay{endpoint_.next_id(), c.from, c.id, c.text}, ep,
+                      [missed](const proto::Message* reply) {
+                        if (reply == nullptr) missed();
+                      },
+                      p);
+  });
 }
 
 // ---------------------------------------------------------------- table distribution
@@ -350,15 +428,31 @@ void Server::sync(const std::string& name) {
   if (it == sessions_.end() || c == nullptr) return;
   Session& s = it->second;
   if (!s.active || s.syncing || s.have >= table_.version()) return;
-  Chunk chunk = table_.changes_since(s.have, kTableBudget);
   s.syncing = true;
+  std::uint64_t gen = s.gen;
+  reach(endpoint_of(*c), [this, name, gen](bool ok) {
+    auto it2 = sessions_.find(name);
+    if (it2 == sessions_.end() || it2->second.gen != gen) return;
+    if (!ok) {
+      mark_gone(name);
+      return;
+    }
+    send_table(name);
+  });
+}
+
+void Server::send_table(const std::string& name) {
+  Session& s = sessions_[name];
+  const Client* c = table_.find(name);
+  // Built now, not when the sync was asked for: it carries every change up to this moment.
+  Chunk chunk = table_.changes_since(s.have, kTableBudget);
   std::uint64_t gen = s.gen;
   proto::Table msg{endpoint_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more,
                    std::move(chunk.entries)};
   endpoint_.request(msg, endpoint_of(*c), [this, name, gen](const proto::Message* reply) {
-    auto it2 = sessions_.find(name);
-    if (it2 == sessions_.end() || it2->second.gen != gen) return;
-    Session& s2 = it2->second;
+    auto it = sessions_.find(name);
+    if (it == sessions_.end() || it->second.gen != gen) return;
+    Session& s2 = it->second;
     s2.syncing = false;
     if (reply == nullptr) {
       mark_gone(name);

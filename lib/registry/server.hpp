@@ -19,6 +19,14 @@ struct ServerOptions {
   transport::RetryPolicy policy;  // for table updates and deliveries (SPEC: 500 ms x 6)
   /// For probes and channel relays: the whole wait is `policy.timeout` (SPEC §6), resent inside it.
   int relay_retries = 2;
+  /// Flood and spoofing protections (rate per source, amplification limit, in-flight bound).
+  transport::Guard guard{2000, 3, 4096};
+  /// Saved messages kept per recipient at most; further saves are refused with a reason.
+  std::size_t max_stored = 100'000;
+  /// Registered names at most; a new name past it is refused.
+  std::size_t max_clients = 100'000;
+  /// How often dropped-datagram counters are logged (when they changed).
+  std::chrono::seconds stats_interval{10};
 };
 
 /// Single-threaded: every handler runs on the one io_context thread, so no locks.
@@ -60,6 +68,7 @@ class Server {
   void mark_gone(const std::string& name);
   void table_changed(const std::string& name);
   void sync(const std::string& name);
+  void send_table(const std::string& name);
   void sync_all();
 
   void save(offline::NewMessage m, AfterCommit after);
@@ -67,6 +76,13 @@ class Server {
   void flush();
 
   void deliver(const std::string& name);
+  void deliver_batch(const std::string& name);
+  /// Calls `then(true)` once `to` may be sent a full datagram: at once if it has proven it
+  /// receives (or has budget), else after it answered a probe; `then(false)` if it did not.
+  void reach(const udp::endpoint& to, std::function<void(bool)> then);
+  /// Saved messages for `name`, counted once from the store and then kept up to date.
+  std::size_t& mailbox(const std::string& name);
+  void log_stats();
 
   net::io_context& io_;
   ServerOptions options_;
@@ -77,6 +93,9 @@ class Server {
   std::vector<offline::NewMessage> unsaved_;
   std::vector<AfterCommit> after_commit_;
   std::vector<std::string> dirty_rows_;
+  std::unordered_map<std::string, std::size_t> mailbox_;
+  net::steady_timer stats_timer_;
+  transport::Counters last_logged_;
   bool flush_scheduled_ = false;
   bool sync_scheduled_ = false;
 };

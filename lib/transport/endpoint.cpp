@@ -17,10 +17,22 @@ constexpr int kReadBurst = 64;
 // Socket buffer asked for, so bursts (fan-out, table snapshots) are not dropped by the kernel.
 constexpr int kSocketBuffer = 4 << 20;
 
-std::uint64_t random_start() {
+// Addresses tracked for the rate and amplification limits before stale ones are dropped.
+constexpr std::size_t kMaxRoutes = 100'000;
+// Bytes an address that never sent anything may still get (a few probes).
+constexpr std::uint64_t kGraceBytes = 256;
+
+std::uint64_t random_u64() {
   std::random_device rd;
-  std::uint64_t v = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
-  return (v >> 2) | 1;  // far from wrap-around, never 0
+  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+}
+
+// A bijection on 64-bit integers (SplitMix64's finaliser): distinct inputs give distinct ids,
+// and a peer that saw some ids cannot guess the next one to forge an ACK.
+std::uint64_t mix(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
 }
 
 void grow_buffers(udp::socket& s) {
@@ -41,11 +53,12 @@ std::uint64_t Counters::refused_total() const {
   return n;
 }
 
-Endpoint::Endpoint(net::io_context& io, const udp::endpoint& bind, RetryPolicy policy)
+Endpoint::Endpoint(net::io_context& io, const udp::endpoint& bind, RetryPolicy policy, Guard guard)
     : io_(io),
       socket_(io),
       policy_(policy),
-      next_id_(random_start()),
+      guard_(guard),
+      id_secret_(random_u64()),
       dedup_(kDedupCapacity, kDedupWindow) {
   socket_.open(bind.protocol());
   socket_.bind(bind);
@@ -54,6 +67,48 @@ Endpoint::Endpoint(net::io_context& io, const udp::endpoint& bind, RetryPolicy p
 }
 
 Endpoint::~Endpoint() { close(); }
+
+std::uint64_t Endpoint::next_id() {
+  for (;;) {
+    std::uint64_t id = mix(++id_counter_ ^ id_secret_);
+    if (id != 0) return id;  // 0 means "no id" on the wire
+  }
+}
+
+std::uint64_t Endpoint::addr_key(const udp::endpoint& e) {
+  std::uint64_t a = e.address().is_v4() ? e.address().to_v4().to_uint() : 0;
+  return a << 16 | e.port();
+}
+
+Endpoint::Route* Endpoint::route(const udp::endpoint& e) {
+  if (guard_.rate_limit <= 0 && guard_.amplification <= 0) return nullptr;
+  if (routes_.size() >= kMaxRoutes) {
+    // Bounded memory under a spoofed-source flood: forget the unproven; keep the proven.
+    std::erase_if(routes_, [](const auto& kv) { return !kv.second.validated; });
+  }
+  return &routes_[addr_key(e)];
+}
+
+bool Endpoint::admit_rate(const udp::endpoint& from, Clock::time_point now) {
+  if (guard_.rate_limit <= 0) return true;
+  Route* r = route(from);
+  double burst = guard_.rate_limit;  // one second's worth
+  if (r->refill == Clock::time_point{}) r->tokens = burst;
+  else r->tokens = std::min(burst, r->tokens + std::chrono::duration<double>(now - r->refill).count() * guard_.rate_limit);
+  r->refill = now;
+  if (r->tokens < 1) return false;
+  r->tokens -= 1;
+  return true;
+}
+
+std::size_t Endpoint::allowance(const udp::endpoint& to) const {
+  if (guard_.amplification <= 0) return SIZE_MAX;
+  auto it = routes_.find(addr_key(to));
+  if (it == routes_.end()) return kGraceBytes;
+  if (it->second.validated) return SIZE_MAX;
+  auto budget = static_cast<std::uint64_t>(guard_.amplification * static_cast<double>(it->second.in)) + kGraceBytes;
+  return budget > it->second.out ? static_cast<std::size_t>(budget - it->second.out) : 0;
+}
 
 void Endpoint::start(Handler handler) {
   handler_ = std::move(handler);
@@ -66,6 +121,7 @@ void Endpoint::close() {
   error_code ec;
   socket_.close(ec);
   pending_.clear();  // destroys the timers; their handlers see operation_aborted
+  in_flight_to_.clear();
 }
 
 void Endpoint::receive() {
@@ -96,6 +152,11 @@ RequestKey Endpoint::key_of(const udp::endpoint& from, std::uint64_t id) {
 void Endpoint::on_datagram(std::size_t n, const udp::endpoint& from) {
   ++counters_.received;
   counters_.bytes_received += n;
+  if (!admit_rate(from, Clock::now())) {
+    ++counters_.rate_limited;
+    return;
+  }
+  if (guard_.amplification > 0) route(from)->in += n;
   protocol::Decoded d = n > protocol::kMaxDatagram
                             ? protocol::Decoded{std::nullopt, protocol::DecodeError::too_large}
                             : protocol::decode(std::string_view(buffer_.data(), n));
@@ -114,7 +175,9 @@ void Endpoint::on_datagram(std::size_t n, const udp::endpoint& from) {
       return;
     }
     Done done = std::move(it->second.done);
-    pending_.erase(it);
+    release(it);
+    // Only a receiver of our request could know its id: the address is proven.
+    if (guard_.amplification > 0) route(from)->validated = true;
     if (done) done(&m);
     return;
   }
@@ -140,13 +203,18 @@ void Endpoint::request(const protocol::Message& request, const udp::endpoint& to
 void Endpoint::request(const protocol::Message& request, const udp::endpoint& to, Done done,
                        RetryPolicy policy) {
   std::uint64_t id = protocol::request_id(request);
-  auto [it, inserted] =
-      pending_.try_emplace(id, io_, to, protocol::encode(request), std::move(done), policy);
-  if (!inserted) {
-    // The caller reused an id still in flight: keep the first, fail this one at once.
-    spdlog::warn("request id {} already in flight", id);
+  std::size_t& to_count = in_flight_to_[addr_key(to)];
+  if (to_count >= guard_.max_in_flight || pending_.contains(id)) {
+    // Too many outstanding to one address (or a reused id): fail at once, bounded memory.
+    ++counters_.in_flight_refused;
+    if (to_count == 0) in_flight_to_.erase(addr_key(to));
+    net::post(io_, [done = std::move(done)] {
+      if (done) done(nullptr);
+    });
     return;
   }
+  ++to_count;
+  auto it = pending_.try_emplace(id, io_, to, protocol::encode(request), std::move(done), policy).first;
   transmit(id, it->second);
 }
 
@@ -170,8 +238,14 @@ void Endpoint::on_timeout(std::uint64_t id) {
   }
   ++counters_.gave_up;
   Done done = std::move(p.done);
-  pending_.erase(it);
+  release(it);
   if (done) done(nullptr);
+}
+
+void Endpoint::release(std::unordered_map<std::uint64_t, Pending>::iterator it) {
+  auto c = in_flight_to_.find(addr_key(it->second.to));
+  if (c != in_flight_to_.end() && --c->second == 0) in_flight_to_.erase(c);
+  pending_.erase(it);
 }
 
 void Endpoint::reply(const udp::endpoint& to, const protocol::Message& reply) {
@@ -186,18 +260,27 @@ void Endpoint::send(const protocol::Message& m, const udp::endpoint& to) {
   send_bytes(protocol::encode(m), to);
 }
 
-void Endpoint::send_bytes(const std::string& bytes, const udp::endpoint& to) {
-  if (closed_) return;
+bool Endpoint::send_bytes(const std::string& bytes, const udp::endpoint& to) {
+  if (closed_) return false;
+  if (guard_.amplification > 0) {
+    if (allowance(to) < bytes.size()) {
+      ++counters_.amplification;
+      return false;
+    }
+    Route* r = route(to);
+    if (!r->validated) r->out += bytes.size();
+  }
   error_code ec;
   socket_.send_to(net::buffer(bytes), to, 0, ec);
   if (ec) {
     // Non-blocking: a full buffer drops the datagram, as the network could; retries recover.
     ++counters_.send_failed;
     spdlog::debug("send to {}:{} failed: {}", to.address().to_string(), to.port(), ec.message());
-    return;
+    return false;
   }
   ++counters_.sent;
   counters_.bytes_sent += bytes.size();
+  return true;
 }
 
 }  // namespace chat::transport

@@ -22,6 +22,17 @@ struct RetryPolicy {
   int retries = 5;
 };
 
+/// Protections a server turns on against floods and spoofed sources.
+struct Guard {
+  /// Datagrams per second accepted from one address (ip:port); 0 = unlimited.
+  double rate_limit = 0;
+  /// Never send an address more than this many times the bytes received from it until it
+  /// has proven it receives (answered one of our requests); 0 = off.
+  double amplification = 0;
+  /// Reliable requests in flight to one address at most; more fail at once.
+  std::size_t max_in_flight = 4096;
+};
+
 /// What the endpoint counted; dropped datagrams by reason.
 struct Counters {
   std::uint64_t received = 0;
@@ -33,6 +44,9 @@ struct Counters {
   std::uint64_t gave_up = 0;
   std::uint64_t duplicates = 0;
   std::uint64_t unmatched_replies = 0;
+  std::uint64_t rate_limited = 0;      // dropped: the source sent too fast
+  std::uint64_t amplification = 0;     // not sent: the address has not proven it receives
+  std::uint64_t in_flight_refused = 0; // requests failed at once: too many to one address
   std::array<std::uint64_t, static_cast<std::size_t>(protocol::DecodeError::count_)> refused{};
   std::uint64_t refused_total() const;
 };
@@ -46,7 +60,7 @@ class Endpoint {
   using Done = std::function<void(const protocol::Message* reply)>;
 
   /// Binds the socket; throws boost::system::system_error if it cannot (port in use...).
-  Endpoint(net::io_context& io, const udp::endpoint& bind, RetryPolicy policy);
+  Endpoint(net::io_context& io, const udp::endpoint& bind, RetryPolicy policy, Guard guard = {});
   Endpoint(const Endpoint&) = delete;
   Endpoint& operator=(const Endpoint&) = delete;
   ~Endpoint();
@@ -57,7 +71,7 @@ class Endpoint {
   void close();
 
   /// A fresh request id, unique in this process and unlikely to repeat across restarts.
-  std::uint64_t next_id() { return next_id_++; }
+  std::uint64_t next_id();
   /// Sends `request` (whose id must be set) reliably to `to`; `done` gets the reply.
   void request(const protocol::Message& request, const udp::endpoint& to, Done done);
   void request(const protocol::Message& request, const udp::endpoint& to, Done done,
@@ -68,8 +82,10 @@ class Endpoint {
   void forget(const udp::endpoint& from, std::uint64_t id);
   /// Sends once, no reply expected.
   void send(const protocol::Message& m, const udp::endpoint& to);
-  /// Sends already-encoded bytes once.
-  void send_bytes(const std::string& bytes, const udp::endpoint& to);
+  /// Sends already-encoded bytes once; false if not sent.
+  bool send_bytes(const std::string& bytes, const udp::endpoint& to);
+  /// Bytes that may still be sent to `to` before it proves it receives (SIZE_MAX if it has).
+  std::size_t allowance(const udp::endpoint& to) const;
 
   udp::endpoint local_endpoint() const { return socket_.local_endpoint(); }
   const Counters& counters() const { return counters_; }
@@ -93,13 +109,30 @@ class Endpoint {
   void on_datagram(std::size_t n, const udp::endpoint& from);
   void transmit(std::uint64_t id, Pending& p);
   void on_timeout(std::uint64_t id);
+  void release(std::unordered_map<std::uint64_t, Pending>::iterator it);
   static RequestKey key_of(const udp::endpoint& from, std::uint64_t id);
+  static std::uint64_t addr_key(const udp::endpoint& e);
+  bool admit_rate(const udp::endpoint& from, Clock::time_point now);
+
+  // Per-address accounting for the amplification limit and the rate limit.
+  struct Route {
+    std::uint64_t in = 0;
+    std::uint64_t out = 0;
+    bool validated = false;
+    double tokens = 0;
+    Clock::time_point refill{};
+  };
+  Route* route(const udp::endpoint& e);
 
   net::io_context& io_;
   udp::socket socket_;
   RetryPolicy policy_;
+  Guard guard_;
   Handler handler_;
-  std::uint64_t next_id_;
+  std::uint64_t id_counter_ = 0;
+  std::uint64_t id_secret_;
+  std::unordered_map<std::uint64_t, Route> routes_;
+  std::unordered_map<std::uint64_t, std::size_t> in_flight_to_;
   std::unordered_map<std::uint64_t, Pending> pending_;
   DuplicateFilter dedup_;
   Counters counters_;
