@@ -40,6 +40,9 @@ struct Config {
   std::string data_dir = "data";
   chat::transport::RetryPolicy policy;
   bool verbose = false;
+  double rate_limit = 2000;
+  std::size_t max_stored = 100'000;
+  std::size_t max_clients = 100'000;
 };
 
 std::uint16_t parse_port(const std::string& s, const char* what) {
@@ -65,6 +68,12 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: where saved messages and the client table live")
       ("bind", po::value<std::string>(&c.bind)->default_value("0.0.0.0")->value_name("ipv4"),
        "local address to bind")
+      ("rate-limit", po::value<double>(&c.rate_limit)->default_value(2000)->value_name("n"),
+       "server: datagrams per second accepted from one address (0: no limit)")
+      ("max-stored", po::value<std::size_t>(&c.max_stored)->default_value(100'000)->value_name("n"),
+       "server: saved messages kept per recipient at most")
+      ("max-clients", po::value<std::size_t>(&c.max_clients)->default_value(100'000)->value_name("n"),
+       "server: registered names at most")
       ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr");
   return o;
 }
@@ -104,6 +113,8 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
   c.policy.timeout = std::chrono::milliseconds(timeout_ms);
   if (c.policy.retries < 0 || c.policy.retries > 100)
     throw UsageError{"invalid --retries '" + std::to_string(c.policy.retries) + "': must be 0-100"};
+  if (c.rate_limit < 0) throw UsageError{"invalid --rate-limit: must be 0 or more"};
+  if (c.max_stored < 1 || c.max_clients < 1) throw UsageError{"invalid --max-stored/--max-clients: must be 1 or more"};
   if (!chat::protocol::valid_ipv4(c.bind))
     throw UsageError{"invalid --bind '" + c.bind + "': must be a dotted-decimal IPv4 address"};
   if (server) {
@@ -143,6 +154,9 @@ int run_server(const Config& c) {
   chat::registry::ServerOptions opts;
   opts.bind = make_endpoint(c.bind, c.port);
   opts.policy = c.policy;
+  opts.guard.rate_limit = c.rate_limit;
+  opts.max_stored = c.max_stored;
+  opts.max_clients = c.max_clients;
   std::optional<chat::registry::Server> server;
   try {
     server.emplace(io, opts, std::move(store));
