@@ -19,6 +19,8 @@ constexpr int kSocketBuffer = 4 << 20;
 
 // Addresses tracked for the rate and amplification limits before stale ones are dropped.
 constexpr std::size_t kMaxRoutes = 100'000;
+// Per-datagram debug lines logged per second at most.
+constexpr int kLogPerSecond = 20;
 // Bytes an address that never sent anything may still get (a few probes).
 constexpr std::uint64_t kGraceBytes = 256;
 
@@ -73,6 +75,16 @@ std::uint64_t Endpoint::next_id() {
     std::uint64_t id = mix(++id_counter_ ^ id_secret_);
     if (id != 0) return id;  // 0 means "no id" on the wire
   }
+}
+
+bool Endpoint::log_allowed() {
+  // At most kLogPerSecond lines a second: a flood is summarised by the counters instead.
+  auto now = Clock::now();
+  if (now - log_window_ > std::chrono::seconds(1)) {
+    log_window_ = now;
+    logged_ = 0;
+  }
+  return logged_++ < kLogPerSecond;
 }
 
 std::uint64_t Endpoint::addr_key(const udp::endpoint& e) {
@@ -162,8 +174,9 @@ void Endpoint::on_datagram(std::size_t n, const udp::endpoint& from) {
                             : protocol::decode(std::string_view(buffer_.data(), n));
   if (!d) {
     ++counters_.refused[static_cast<std::size_t>(d.error)];
-    spdlog::debug("dropped {} bytes from {}:{}: {}", n, from.address().to_string(), from.port(),
-                  protocol::to_string(d.error));
+    if (spdlog::should_log(spdlog::level::debug) && log_allowed())
+      spdlog::debug("dropped {} bytes from {}:{}: {}", n, from.address().to_string(), from.port(),
+                    protocol::to_string(d.error));
     return;
   }
   const protocol::Message& m = *d.message;

@@ -113,6 +113,7 @@ class Endpoint {
   static RequestKey key_of(const udp::endpoint& from, std::uint64_t id);
   static std::uint64_t addr_key(const udp::endpoint& e);
   bool admit_rate(const udp::endpoint& from, Clock::time_point now);
+  bool log_allowed();
 
   // Per-address accounting for the amplification limit and the rate limit.
   struct Route {
@@ -139,6 +140,8 @@ class Endpoint {
   udp::endpoint sender_;
   std::array<char, 2048> buffer_{};  // larger than kMaxDatagram, so an oversized datagram shows
   bool closed_ = false;
+  Clock::time_point log_window_{};
+  int logged_ = 0;
 };
 
 }  // namespace chat::transport
