@@ -28,6 +28,8 @@ class Client {
   /// Leaves at once without telling the server (SIGINT, SIGHUP, SIGTERM, end of input).
   void leave();
   int exit_code() const { return exit_code_; }
+  /// The client's endpoint (tests and fuzzing inject datagrams and hook sends through it).
+  transport::Endpoint& endpoint() { return endpoint_; }
 
  private:
   enum class State { registering, online, offline };

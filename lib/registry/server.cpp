@@ -206,7 +206,7 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
       sync(r.from);  // "plus the current table"
       return;
     }
-    mark_gone(r.to);
+    mark_silent(r.to);
     store_it();
   });
 }
@@ -376,7 +376,7 @@ void Server::relay(const std::string& to, const proto::Channel& c, std::int64_t 
   const Client* target = table_.find(to);
   udp::endpoint ep = endpoint_of(*target);
   auto missed = [this, to, c, ts_us] {
-    mark_gone(to);
+    mark_silent(to);
     save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
   };
   reach(ep, [this, ep, c, missed](bool ok) {
@@ -401,6 +401,16 @@ void Server::mark_gone(const std::string& name) {
   if (it != sessions_.end()) it->second = Session{false, false, false, 0, it->second.gen + 1};
   if (table_.set_online(name, false)) {
     spdlog::info("{} is offline (no answer)", name);
+    table_changed(name);
+  }
+}
+
+void Server::mark_silent(const std::string& name) {
+  // Offline for everyone, but its session goes on: if it is alive after all (the probe or
+  // relay was lost), the table update tells it and it registers again; if it is gone, that
+  // update fails and mark_gone() ends the session.
+  if (table_.set_online(name, false)) {
+    spdlog::info("{} is offline (did not answer)", name);
     table_changed(name);
   }
 }

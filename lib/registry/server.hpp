@@ -38,6 +38,8 @@ class Server {
   const transport::Counters& counters() const { return endpoint_.counters(); }
   const Table& table() const { return table_; }
   udp::endpoint local_endpoint() const { return endpoint_.local_endpoint(); }
+  /// The server's endpoint (tests and fuzzing inject datagrams and hook sends through it).
+  transport::Endpoint& endpoint() { return endpoint_; }
 
  private:
   // What the server tracks for a client beyond its table row.
@@ -65,7 +67,10 @@ class Server {
   void relay(const std::string& to, const protocol::Channel& c, std::int64_t ts_us);
 
   void set_online(const std::string& name, bool online);
+  /// Ends `name`'s session and marks it offline (a table update or delivery went unanswered).
   void mark_gone(const std::string& name);
+  /// Marks `name` offline after an unanswered probe or relay, still sending it table updates.
+  void mark_silent(const std::string& name);
   void table_changed(const std::string& name);
   void sync(const std::string& name);
   void send_table(const std::string& name);

@@ -143,13 +143,13 @@ void Endpoint::receive() {
       // An ICMP error or a transient failure must not end the loop.
       spdlog::debug("receive error: {}", ec.message());
     } else {
-      on_datagram(n, sender_);
+      on_datagram(std::string_view(buffer_.data(), n), sender_);
       // Drain what is already queued without another trip through the reactor.
       for (int i = 0; i < kReadBurst && !closed_; ++i) {
         error_code rec;
         std::size_t m = socket_.receive_from(net::buffer(buffer_), sender_, 0, rec);
         if (rec) break;
-        on_datagram(m, sender_);
+        on_datagram(std::string_view(buffer_.data(), m), sender_);
       }
     }
     if (!closed_) receive();
@@ -161,7 +161,10 @@ RequestKey Endpoint::key_of(const udp::endpoint& from, std::uint64_t id) {
   return RequestKey{addr, from.port(), id};
 }
 
-void Endpoint::on_datagram(std::size_t n, const udp::endpoint& from) {
+void Endpoint::inject(std::string_view bytes, const udp::endpoint& from) { on_datagram(bytes, from); }
+
+void Endpoint::on_datagram(std::string_view bytes, const udp::endpoint& from) {
+  std::size_t n = bytes.size();
   ++counters_.received;
   counters_.bytes_received += n;
   if (!admit_rate(from, Clock::now())) {
@@ -171,7 +174,7 @@ void Endpoint::on_datagram(std::size_t n, const udp::endpoint& from) {
   if (guard_.amplification > 0) route(from)->in += n;
   protocol::Decoded d = n > protocol::kMaxDatagram
                             ? protocol::Decoded{std::nullopt, protocol::DecodeError::too_large}
-                            : protocol::decode(std::string_view(buffer_.data(), n));
+                            : protocol::decode(bytes);
   if (!d) {
     ++counters_.refused[static_cast<std::size_t>(d.error)];
     if (spdlog::should_log(spdlog::level::debug) && log_allowed())
@@ -284,7 +287,8 @@ bool Endpoint::send_bytes(const std::string& bytes, const udp::endpoint& to) {
     if (!r->validated) r->out += bytes.size();
   }
   error_code ec;
-  socket_.send_to(net::buffer(bytes), to, 0, ec);
+  if (send_hook_) send_hook_(bytes, to);
+  else socket_.send_to(net::buffer(bytes), to, 0, ec);
   if (ec) {
     // Non-blocking: a full buffer drops the datagram, as the network could; retries recover.
     ++counters_.send_failed;

@@ -87,6 +87,12 @@ class Endpoint {
   /// Bytes that may still be sent to `to` before it proves it receives (SIZE_MAX if it has).
   std::size_t allowance(const udp::endpoint& to) const;
 
+  /// Test seam: handles `bytes` as if they had arrived from `from` (fuzzing, replays).
+  void inject(std::string_view bytes, const udp::endpoint& from);
+  /// Test seam: when set, every datagram goes to the hook instead of the socket.
+  using SendHook = std::function<void(const std::string& bytes, const udp::endpoint& to)>;
+  void set_send_hook(SendHook hook) { send_hook_ = std::move(hook); }
+
   udp::endpoint local_endpoint() const { return socket_.local_endpoint(); }
   const Counters& counters() const { return counters_; }
   const RetryPolicy& policy() const { return policy_; }
@@ -106,7 +112,7 @@ class Endpoint {
   };
 
   void receive();
-  void on_datagram(std::size_t n, const udp::endpoint& from);
+  void on_datagram(std::string_view bytes, const udp::endpoint& from);
   void transmit(std::uint64_t id, Pending& p);
   void on_timeout(std::uint64_t id);
   void release(std::unordered_map<std::uint64_t, Pending>::iterator it);
@@ -130,6 +136,7 @@ class Endpoint {
   RetryPolicy policy_;
   Guard guard_;
   Handler handler_;
+  SendHook send_hook_;
   std::uint64_t id_counter_ = 0;
   std::uint64_t id_secret_;
   std::unordered_map<std::uint64_t, Route> routes_;
