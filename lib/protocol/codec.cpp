@@ -321,7 +321,7 @@ bool valid_utf8(std::string_view s) {
 }
 
 bool valid_ipv4(std::string_view s) {
-  if (s.size() < 7 || s.size() > 15) return false;
+  if (s.size() < 7 || s.size() > 15 || s.find('\0') != std::string_view::npos) return false;
   char buf[16];
   s.copy(buf, s.size());
   buf[s.size()] = '\0';
@@ -340,6 +340,8 @@ std::size_t escaped_size(std::string_view text) {
 }
 
 std::string check_text(std::string_view text) {
+  // encode() would replace each bad byte with a 3-byte U+FFFD: refuse instead of changing it.
+  if (!valid_utf8(text)) return "message is not valid UTF-8 (is the terminal set to UTF-8?)";
   if (text.size() > kMaxText)
     return "message too long: " + std::to_string(text.size()) + " bytes, the limit is " +
            std::to_string(kMaxText) + " bytes";

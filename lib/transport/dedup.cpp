@@ -13,6 +13,8 @@ DuplicateFilter::Seen DuplicateFilter::check(const RequestKey& key,
     *reply = &it->second.reply;
     return Seen::answered;
   }
+  // Room for this one within capacity: the oldest goes first.
+  if (order_.size() >= capacity_) expire_oldest();
   entries_.emplace(key, Entry{now, false, {}});
   order_.emplace_back(now, key);
   return Seen::fresh;
@@ -28,13 +30,16 @@ void DuplicateFilter::answer(const RequestKey& key, std::string reply) {
 void DuplicateFilter::forget(const RequestKey& key) { entries_.erase(key); }
 
 void DuplicateFilter::expire(std::chrono::steady_clock::time_point now) {
-  while (!order_.empty() && (order_.size() > capacity_ || now - order_.front().first > window_)) {
-    auto it = entries_.find(order_.front().second);
-    // The same key may have been forgotten and seen again later: only erase the entry this
-    // order slot stands for.
-    if (it != entries_.end() && it->second.seen == order_.front().first) entries_.erase(it);
-    order_.pop_front();
-  }
+  while (!order_.empty() && (order_.size() > capacity_ || now - order_.front().first > window_))
+    expire_oldest();
+}
+
+void DuplicateFilter::expire_oldest() {
+  auto it = entries_.find(order_.front().second);
+  // The same key may have been forgotten and seen again later: only erase the entry this
+  // order slot stands for.
+  if (it != entries_.end() && it->second.seen == order_.front().first) entries_.erase(it);
+  order_.pop_front();
 }
 
 }  // namespace chat::transport

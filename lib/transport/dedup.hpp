@@ -49,6 +49,7 @@ class DuplicateFilter {
     std::string reply;
   };
   void expire(std::chrono::steady_clock::time_point now);
+  void expire_oldest();
 
   std::size_t capacity_;
   std::chrono::steady_clock::duration window_;

@@ -1,0 +1,601 @@
+// Loopback tests of the UDP endpoint (real sockets on 127.0.0.1) and of the duplicate filter alone.
+#include <doctest/doctest.h>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <random>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "protocol/codec.hpp"
+#include "transport/dedup.hpp"
+#include "transport/endpoint.hpp"
+#include "transport/net.hpp"
+
+namespace {
+
+namespace proto = chat::protocol;
+namespace net = chat::net;
+using chat::Clock;
+using chat::error_code;
+using chat::udp;
+using chat::transport::DuplicateFilter;
+using chat::transport::Endpoint;
+using chat::transport::RequestKey;
+using chat::transport::RetryPolicy;
+using namespace std::chrono_literals;
+
+const net::ip::address_v4 kLoopback = net::ip::make_address_v4("127.0.0.1");
+const udp::endpoint kAnyLoopbackPort{kLoopback, 0};
+// Upper bound for anything a test waits for; generous so a loaded machine does not fail a test.
+constexpr auto kDeadline = 10s;
+// Short retry policy: tests finish quickly and still tell "answered" from "retried".
+const RetryPolicy kFast{30ms, 3};
+
+// Runs handlers until `pred` holds or `limit` passes; false on timeout. Never sleeps.
+template <class Pred>
+bool run_until(net::io_context& io, Pred pred, Clock::duration limit = kDeadline) {
+  const auto deadline = Clock::now() + limit;
+  while (!pred()) {
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    if (io.stopped()) io.restart();
+    if (io.run_one_for(deadline - now) == 0 && io.stopped()) return pred();  // no work left
+  }
+  return true;
+}
+
+// Runs handlers for `d`, to see that nothing more happens (no late retransmission...).
+void settle(net::io_context& io, Clock::duration d) {
+  if (io.stopped()) io.restart();
+  io.run_for(d);
+}
+
+proto::Message decode_ok(const std::string& bytes) {
+  auto d = proto::decode(bytes);
+  INFO("bytes: ", bytes, " reason: ", std::string(proto::to_string(d.error)));
+  REQUIRE(d);
+  return *d.message;
+}
+
+// A plain socket the test controls: records every datagram, and answers only when told to.
+class RawPeer {
+ public:
+  using OnDatagram = std::function<void(RawPeer&, const std::string& bytes, const udp::endpoint& sender)>;
+
+  explicit RawPeer(net::io_context& io, const udp::endpoint& bind = kAnyLoopbackPort) : socket_(io, bind) {
+    receive();
+  }
+
+  udp::endpoint endpoint() const { return socket_.local_endpoint(); }
+  void on_datagram(OnDatagram f) { on_datagram_ = std::move(f); }
+  void send(const proto::Message& m, const udp::endpoint& to) { send_bytes(proto::encode(m), to); }
+  void send_bytes(const std::string& bytes, const udp::endpoint& to) { socket_.send_to(net::buffer(bytes), to); }
+
+  std::size_t count() const { return received_.size(); }
+  const std::string& bytes(std::size_t i) const { return received_.at(i); }
+  const udp::endpoint& sender(std::size_t i) const { return senders_.at(i); }
+
+ private:
+  void receive() {
+    socket_.async_receive_from(net::buffer(buffer_), from_, [this](error_code ec, std::size_t n) {
+      if (ec) return;  // closed
+      received_.emplace_back(buffer_.data(), n);
+      senders_.push_back(from_);
+      if (on_datagram_) on_datagram_(*this, received_.back(), from_);
+      receive();
+    });
+  }
+
+  udp::socket socket_;
+  udp::endpoint from_;
+  std::array<char, 65536> buffer_{};
+  std::vector<std::string> received_;
+  std::vector<udp::endpoint> senders_;
+  OnDatagram on_datagram_;
+};
+
+// What a Done callback saw.
+struct Outcome {
+  int calls = 0;
+  bool got_nullptr = false;
+  std::optional<proto::Message> reply;
+  Endpoint::Done done() {
+    return [this](const proto::Message* r) {
+      ++calls;
+      if (r) reply = *r;
+      else got_nullptr = true;
+    };
+  }
+};
+
+std::size_t refused(const Endpoint& e, proto::DecodeError why) {
+  return e.counters().refused[static_cast<std::size_t>(why)];
+}
+
+}  // namespace
+
+TEST_SUITE("transport") {
+
+TEST_CASE("a request ACKed on the first try is sent once and completes with the ACK") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, kFast);
+  client.start(nullptr);
+  RawPeer peer(io);
+  peer.on_datagram([&](RawPeer& self, const std::string& bytes, const udp::endpoint& sender) {
+    self.send(proto::Ack{proto::request_id(decode_ok(bytes)), 0, 0}, sender);
+  });
+
+  const std::uint64_t id = client.next_id();
+  Outcome out;
+  client.request(proto::Probe{id}, peer.endpoint(), out.done());
+  CHECK(client.in_flight() == 1);
+  REQUIRE(run_until(io, [&] { return out.calls > 0; }));
+  settle(io, kFast.timeout * 4);  // long enough for a retransmission to show, were one due
+
+  CHECK(out.calls == 1);
+  REQUIRE(out.reply);
+  CHECK(*out.reply == proto::Message{proto::Ack{id, 0, 0}});
+  CHECK(peer.count() == 1);
+  CHECK(decode_ok(peer.bytes(0)) == proto::Message{proto::Probe{id}});
+  CHECK(peer.sender(0) == client.local_endpoint());
+  CHECK(client.in_flight() == 0);
+  CHECK(client.counters().retransmits == 0);
+  CHECK(client.counters().sent == 1);
+  CHECK(client.counters().unmatched_replies == 0);
+}
+
+TEST_CASE("a request whose first two copies are lost completes on the third") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, kFast);
+  client.start(nullptr);
+  RawPeer peer(io);
+  peer.on_datagram([&](RawPeer& self, const std::string& bytes, const udp::endpoint& sender) {
+    if (self.count() < 3) return;  // "lost"
+    self.send(proto::RegOk{proto::request_id(decode_ok(bytes)), 7, 2}, sender);
+  });
+
+  const std::uint64_t id = client.next_id();
+  Outcome out;
+  client.request(proto::Register{id, "alice"}, peer.endpoint(), out.done());
+  REQUIRE(run_until(io, [&] { return out.calls > 0; }));
+  settle(io, kFast.timeout * 4);
+
+  CHECK(out.calls == 1);
+  REQUIRE(out.reply);
+  CHECK(*out.reply == proto::Message{proto::RegOk{id, 7, 2}});
+  REQUIRE(peer.count() == 3);
+  CHECK(peer.bytes(0) == peer.bytes(1));  // retransmissions are the same datagram
+  CHECK(peer.bytes(1) == peer.bytes(2));
+  CHECK(client.counters().retransmits == 2);
+  CHECK(client.counters().gave_up == 0);
+  CHECK(client.in_flight() == 0);
+}
+
+TEST_CASE("a request never ACKed gives up with nullptr after retries+1 sends") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, kFast);
+  client.start(nullptr);
+  RawPeer peer(io);  // receives, never answers
+
+  Outcome out;
+  const auto started = Clock::now();
+  client.request(proto::Direct{client.next_id(), "bob", "anyone there?"}, peer.endpoint(), out.done());
+  REQUIRE(run_until(io, [&] { return out.calls > 0; }));
+  const auto elapsed = Clock::now() - started;
+  settle(io, kFast.timeout * 4);
+
+  CHECK(out.calls == 1);
+  CHECK(out.got_nullptr);
+  CHECK_FALSE(out.reply);
+  CHECK(peer.count() == static_cast<std::size_t>(kFast.retries + 1));  // 4
+  CHECK(elapsed >= kFast.timeout * (kFast.retries + 1));  // waited the full last timeout
+  CHECK(client.counters().retransmits == static_cast<std::uint64_t>(kFast.retries));
+  CHECK(client.counters().gave_up == 1);
+  CHECK(client.in_flight() == 0);
+}
+
+TEST_CASE("a per-request retry policy overrides the endpoint's") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, RetryPolicy{10s, 9});
+  client.start(nullptr);
+  RawPeer peer(io);
+
+  Outcome out;
+  client.request(proto::Probe{client.next_id()}, peer.endpoint(), out.done(), RetryPolicy{20ms, 1});
+  REQUIRE(run_until(io, [&] { return out.calls > 0; }, 5s));
+  CHECK(out.got_nullptr);
+  CHECK(peer.count() == 2);
+  CHECK(client.policy().retries == 9);
+}
+
+TEST_CASE("an ACK from the wrong address is ignored; the right one still completes the request") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, RetryPolicy{200ms, 20});
+  client.start(nullptr);
+  RawPeer target(io);
+  RawPeer other_port(io);                                                  // same IP, other port
+  RawPeer other_ip(io, udp::endpoint(net::ip::make_address_v4("127.0.0.2"),  // same port, other IP
+                                     target.endpoint().port()));
+
+  const std::uint64_t id = client.next_id();
+  Outcome out;
+  client.request(proto::Save{id, "alice", "bob", 9, false, "hi"}, target.endpoint(), out.done());
+  REQUIRE(run_until(io, [&] { return target.count() >= 1; }));
+
+  other_port.send(proto::Ack{id, 0, 0}, client.local_endpoint());
+  REQUIRE(run_until(io, [&] { return client.counters().unmatched_replies == 1; }));
+  other_ip.send(proto::Ack{id, 0, 0}, client.local_endpoint());
+  REQUIRE(run_until(io, [&] { return client.counters().unmatched_replies == 2; }));
+  target.send(proto::Ack{id + 1, 0, 0}, client.local_endpoint());  // right address, wrong id
+  REQUIRE(run_until(io, [&] { return client.counters().unmatched_replies == 3; }));
+  CHECK(out.calls == 0);
+  CHECK(client.in_flight() == 1);
+
+  target.send(proto::Refused{id, "store full"}, client.local_endpoint());
+  REQUIRE(run_until(io, [&] { return out.calls > 0; }));
+  REQUIRE(out.reply);
+  CHECK(*out.reply == proto::Message{proto::Refused{id, "store full"}});
+
+  // A late repeat of the reply is counted and does not call Done again.
+  target.send(proto::Refused{id, "store full"}, client.local_endpoint());
+  REQUIRE(run_until(io, [&] { return client.counters().unmatched_replies == 4; }));
+  CHECK(out.calls == 1);
+  CHECK(client.in_flight() == 0);
+}
+
+TEST_CASE("a repeated request is handed up once and the cached reply is sent for each copy") {
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  int handled = 0;
+  server.start([&](const proto::Message& m, const udp::endpoint& sender) {
+    ++handled;
+    server.reply(sender, proto::Ack{proto::request_id(m), 3, 4});
+  });
+  RawPeer client(io);
+  const std::string request = proto::encode(proto::Direct{777, "carol", "only once, please"});
+
+  client.send_bytes(request, server.local_endpoint());
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return client.count() == 2; }));
+  CHECK(handled == 1);
+  CHECK(client.bytes(0) == client.bytes(1));
+  CHECK(decode_ok(client.bytes(0)) == proto::Message{proto::Ack{777, 3, 4}});
+  CHECK(server.counters().duplicates == 1);
+
+  // Much later (still inside the window), once more.
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return client.count() == 3; }));
+  CHECK(handled == 1);
+  CHECK(client.bytes(2) == client.bytes(0));
+  CHECK(server.counters().duplicates == 2);
+
+  // The same id from another sender is another request.
+  RawPeer someone_else(io);
+  someone_else.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return someone_else.count() == 1; }));
+  CHECK(handled == 2);
+}
+
+TEST_CASE("a repeat of a request still being worked on is dropped; the reply later answers repeats") {
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  int handled = 0;
+  std::optional<udp::endpoint> asker;
+  server.start([&](const proto::Message&, const udp::endpoint& sender) {
+    ++handled;
+    asker = sender;  // answered later, not here
+  });
+  RawPeer client(io);
+  const std::string request = proto::encode(proto::Save{55, "a", "b", 1, true, "x"});
+
+  client.send_bytes(request, server.local_endpoint());
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return server.counters().duplicates == 1; }));
+  CHECK(handled == 1);
+  CHECK(client.count() == 0);
+
+  REQUIRE(asker);
+  server.reply(*asker, proto::Exists{55, "b"});
+  REQUIRE(run_until(io, [&] { return client.count() == 1; }));
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return client.count() == 2; }));
+  CHECK(client.bytes(0) == client.bytes(1));
+  CHECK(decode_ok(client.bytes(1)) == proto::Message{proto::Exists{55, "b"}});
+  CHECK(handled == 1);
+}
+
+TEST_CASE("forget(): a request left unanswered and forgotten is handed up again on repeat") {
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  int handled = 0;
+  server.start([&](const proto::Message& m, const udp::endpoint& sender) {
+    ++handled;
+    server.forget(sender, proto::request_id(m));
+  });
+  RawPeer client(io);
+  const std::string request = proto::encode(proto::Register{99, "dave"});
+
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return handled == 1; }));
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return handled == 2; }));
+  client.send_bytes(request, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return handled == 3; }));
+  CHECK(server.counters().duplicates == 0);
+  CHECK(client.count() == 0);  // nothing was answered
+}
+
+TEST_CASE("1000 requests in flight at once all complete with their own reply") {
+  constexpr int kRequests = 1000;
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  Endpoint client(io, kAnyLoopbackPort, RetryPolicy{200ms, 10});
+  int handled = 0;
+  server.start([&](const proto::Message& m, const udp::endpoint& sender) {
+    ++handled;
+    const auto& d = std::get<proto::Direct>(m);
+    server.reply(sender, proto::Refused{d.id, "re:" + d.text});
+  });
+  client.start(nullptr);
+
+  std::vector<int> calls(kRequests, 0);
+  std::vector<bool> right(kRequests, false);
+  int completed = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    const std::uint64_t id = client.next_id();
+    client.request(proto::Direct{id, "load", std::to_string(i)}, server.local_endpoint(),
+                   [&, i, id](const proto::Message* r) {
+                     ++calls[i];
+                     ++completed;
+                     right[i] = r && *r == proto::Message{proto::Refused{id, "re:" + std::to_string(i)}};
+                   });
+  }
+  CHECK(client.in_flight() == kRequests);
+  REQUIRE(run_until(io, [&] { return completed == kRequests; }, 30s));
+
+  int wrong = 0;
+  int not_once = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    if (!right[i]) ++wrong;
+    if (calls[i] != 1) ++not_once;
+  }
+  CHECK(wrong == 0);
+  CHECK(not_once == 0);
+  CHECK(client.in_flight() == 0);
+  CHECK(client.counters().gave_up == 0);
+  CHECK(handled == kRequests);  // retransmissions, if any, were not handed up twice
+}
+
+TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps serving") {
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  std::vector<proto::Message> handed_up;
+  server.start([&](const proto::Message& m, const udp::endpoint& sender) {
+    handed_up.push_back(m);
+    server.reply(sender, proto::Ack{proto::request_id(m), 0, 0});
+  });
+  RawPeer client(io);
+  const udp::endpoint to = server.local_endpoint();
+
+  client.send_bytes("this is not JSON", to);
+  client.send_bytes(std::string(2000, 'x'), to);
+  {
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::string big(60000, '\0');
+    for (char& c : big) c = static_cast<char>(byte(rng));
+    client.send_bytes(big, to);  // larger than the receive buffer: truncated, still too large
+  }
+  client.send_bytes("", to);
+  client.send_bytes("{\"v\":1,\"t\":\"direct\",\"id\":1,\"from\":\"a\",\"text\":\"\xFF\"}", to);
+  client.send_bytes(R"({"v":2,"t":"probe","id":1})", to);
+  client.send_bytes(R"({"v":1,"t":"probe","id":0})", to);
+  client.send_bytes(R"([1,2,3])", to);
+  client.send(proto::Ack{12345, 0, 0}, to);  // a reply nobody asked for
+  client.send(proto::Probe{4242}, to);       // and finally a valid request
+
+  REQUIRE(run_until(io, [&] { return client.count() == 1; }));
+  CHECK(decode_ok(client.bytes(0)) == proto::Message{proto::Ack{4242, 0, 0}});
+  REQUIRE(handed_up.size() == 1);
+  CHECK(handed_up[0] == proto::Message{proto::Probe{4242}});
+
+  using proto::DecodeError;
+  CHECK(refused(server, DecodeError::not_json) == 1);
+  CHECK(refused(server, DecodeError::too_large) == 2);
+  CHECK(refused(server, DecodeError::empty) == 1);
+  CHECK(refused(server, DecodeError::invalid_utf8) == 1);
+  CHECK(refused(server, DecodeError::bad_version) == 1);
+  CHECK(refused(server, DecodeError::bad_value) == 1);
+  CHECK(refused(server, DecodeError::not_object) == 1);
+  CHECK(server.counters().refused_total() == 8);
+  CHECK(server.counters().unmatched_replies == 1);
+  CHECK(server.counters().received == 10);
+
+  // Still serving after all that.
+  client.send(proto::Probe{4243}, to);
+  REQUIRE(run_until(io, [&] { return client.count() == 2; }));
+  CHECK(decode_ok(client.bytes(1)) == proto::Message{proto::Ack{4243, 0, 0}});
+}
+
+TEST_CASE("close() abandons pending requests without calling Done") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, kFast);
+  client.start(nullptr);
+  RawPeer peer(io);
+
+  Outcome out;
+  client.request(proto::Probe{client.next_id()}, peer.endpoint(), out.done());
+  REQUIRE(run_until(io, [&] { return peer.count() == 1; }));
+  client.close();
+  CHECK(client.in_flight() == 0);
+  settle(io, kFast.timeout * (kFast.retries + 2));
+  CHECK(out.calls == 0);
+  CHECK(peer.count() == 1);
+  client.close();  // twice is harmless
+}
+
+TEST_CASE("next_id is never 0 and does not repeat") {
+  net::io_context io;
+  Endpoint e(io, kAnyLoopbackPort, kFast);
+  std::unordered_set<std::uint64_t> seen;
+  int zeros = 0;
+  for (int i = 0; i < 100000; ++i) {
+    std::uint64_t id = e.next_id();
+    if (id == 0) ++zeros;
+    seen.insert(id);
+  }
+  CHECK(zeros == 0);
+  CHECK(seen.size() == 100000);
+}
+
+TEST_CASE("a request reusing an id still in flight fails at once; the first is unaffected") {
+  net::io_context io;
+  Endpoint client(io, kAnyLoopbackPort, RetryPolicy{10s, 0});
+  client.start(nullptr);
+  RawPeer peer(io);
+  Outcome first;
+  Outcome second;
+  client.request(proto::Probe{42}, peer.endpoint(), first.done());
+  client.request(proto::Probe{42}, peer.endpoint(), second.done());
+  REQUIRE(run_until(io, [&] { return second.calls > 0; }, 2s));
+  CHECK(second.got_nullptr);
+  CHECK(first.calls == 0);
+  CHECK(client.in_flight() == 1);
+
+  peer.send(proto::Ack{42, 0, 0}, client.local_endpoint());
+  REQUIRE(run_until(io, [&] { return first.calls > 0; }));
+  REQUIRE(first.reply);
+  CHECK(*first.reply == proto::Message{proto::Ack{42, 0, 0}});
+  CHECK(second.calls == 1);
+  CHECK(peer.count() == 1);  // the refused one was never sent
+}
+
+TEST_CASE("requests past Guard::max_in_flight to one address fail at once") {
+  net::io_context io;
+  chat::transport::Guard guard;
+  guard.max_in_flight = 2;
+  Endpoint client(io, kAnyLoopbackPort, RetryPolicy{10s, 0}, guard);
+  client.start(nullptr);
+  RawPeer peer(io);
+  RawPeer other(io);
+
+  std::vector<Outcome> out(4);
+  for (std::size_t i = 0; i < 3; ++i) client.request(proto::Probe{100 + i}, peer.endpoint(), out[i].done());
+  client.request(proto::Probe{200}, other.endpoint(), out[3].done());  // another address: its own bound
+  REQUIRE(run_until(io, [&] { return out[2].calls > 0 && other.count() == 1; }));
+  CHECK(out[2].got_nullptr);
+  CHECK(out[0].calls == 0);
+  CHECK(out[1].calls == 0);
+  CHECK(out[3].calls == 0);
+  CHECK(client.in_flight() == 3);
+
+  // Once one completes, there is room again.
+  peer.send(proto::Ack{100, 0, 0}, client.local_endpoint());
+  REQUIRE(run_until(io, [&] { return out[0].calls > 0; }));
+  Outcome again;
+  client.request(proto::Probe{103}, peer.endpoint(), again.done());
+  REQUIRE(run_until(io, [&] { return peer.count() == 3; }));
+  CHECK(again.calls == 0);
+}
+
+// ---------------------------------------------------------------- DuplicateFilter alone
+
+TEST_CASE("DuplicateFilter: fresh, pending, answered") {
+  DuplicateFilter f(100, 30s);
+  const auto t0 = Clock::now();
+  const RequestKey k{0x7F000001, 4000, 1};
+  const std::string* reply = nullptr;
+
+  CHECK(f.check(k, t0, &reply) == DuplicateFilter::Seen::fresh);
+  CHECK(f.check(k, t0, &reply) == DuplicateFilter::Seen::pending);
+  CHECK(reply == nullptr);
+  f.answer(k, "the reply");
+  CHECK(f.check(k, t0 + 1s, &reply) == DuplicateFilter::Seen::answered);
+  REQUIRE(reply != nullptr);
+  CHECK(*reply == "the reply");
+
+  // Sender address, port and id each make a different key.
+  CHECK(f.check(RequestKey{0x7F000002, 4000, 1}, t0, &reply) == DuplicateFilter::Seen::fresh);
+  CHECK(f.check(RequestKey{0x7F000001, 4001, 1}, t0, &reply) == DuplicateFilter::Seen::fresh);
+  CHECK(f.check(RequestKey{0x7F000001, 4000, 2}, t0, &reply) == DuplicateFilter::Seen::fresh);
+  CHECK(f.size() == 4);
+
+  // Answering a key never seen (or already expired) records nothing.
+  f.answer(RequestKey{1, 1, 1}, "nobody asked");
+  CHECK(f.size() == 4);
+  CHECK(f.check(RequestKey{1, 1, 1}, t0, &reply) == DuplicateFilter::Seen::fresh);
+}
+
+TEST_CASE("DuplicateFilter: the capacity bound evicts the oldest first") {
+  DuplicateFilter f(3, 1h);
+  const auto t0 = Clock::now();
+  const std::string* reply = nullptr;
+  auto key = [](std::uint64_t id) { return RequestKey{0x7F000001, 5000, id}; };
+
+  for (std::uint64_t id = 1; id <= 3; ++id) CHECK(f.check(key(id), t0 + id * 1ms, &reply) == DuplicateFilter::Seen::fresh);
+  f.answer(key(1), "one");
+  CHECK(f.check(key(4), t0 + 4ms, &reply) == DuplicateFilter::Seen::fresh);
+  // The next lookup trims back to capacity: key 1 (the oldest, although answered) is gone.
+  CHECK(f.check(key(2), t0 + 5ms, &reply) == DuplicateFilter::Seen::pending);
+  CHECK(f.check(key(3), t0 + 5ms, &reply) == DuplicateFilter::Seen::pending);
+  CHECK(f.check(key(4), t0 + 5ms, &reply) == DuplicateFilter::Seen::pending);
+  CHECK(f.check(key(1), t0 + 6ms, &reply) == DuplicateFilter::Seen::fresh);  // re-recorded
+  // That pushed out key 2, now the oldest.
+  CHECK(f.check(key(3), t0 + 7ms, &reply) == DuplicateFilter::Seen::pending);
+  CHECK(f.check(key(2), t0 + 8ms, &reply) == DuplicateFilter::Seen::fresh);
+
+  // Under a flood the size stays bounded.
+  for (std::uint64_t id = 100; id < 10100; ++id) f.check(key(id), t0 + 10ms, &reply);
+  CHECK(f.size() <= 4);
+}
+
+// Regression test for a bug found by this suite (fixed).
+TEST_CASE("DuplicateFilter: never holds more than capacity entries") {
+  DuplicateFilter f(3, 1h);
+  const std::string* reply = nullptr;
+  for (std::uint64_t id = 1; id <= 4; ++id) f.check(RequestKey{1, 1, id}, Clock::now(), &reply);
+  CHECK(f.size() <= 3);  // actual: 4
+}
+
+TEST_CASE("DuplicateFilter: entries expire after the window") {
+  DuplicateFilter f(100, 10s);
+  const auto t0 = Clock::now();
+  const RequestKey k{0x7F000001, 6000, 7};
+  const std::string* reply = nullptr;
+
+  CHECK(f.check(k, t0, &reply) == DuplicateFilter::Seen::fresh);
+  f.answer(k, "r");
+  CHECK(f.check(k, t0 + 10s, &reply) == DuplicateFilter::Seen::answered);  // the window is inclusive
+  CHECK(f.check(k, t0 + 10s + 1ns, &reply) == DuplicateFilter::Seen::fresh);
+  CHECK(f.size() == 1);  // the expired one went, the fresh one is recorded
+
+  // Expiry happens on lookup of any key.
+  DuplicateFilter g(100, 10s);
+  for (std::uint64_t id = 1; id <= 50; ++id) g.check(RequestKey{1, 1, id}, t0, &reply);
+  CHECK(g.size() == 50);
+  g.check(RequestKey{2, 2, 2}, t0 + 11s, &reply);
+  CHECK(g.size() == 1);
+}
+
+TEST_CASE("DuplicateFilter: forget, and a forgotten key seen again keeps its own expiry") {
+  DuplicateFilter f(100, 10s);
+  const auto t0 = Clock::now();
+  const RequestKey k{0x7F000001, 7000, 9};
+  const std::string* reply = nullptr;
+
+  CHECK(f.check(k, t0, &reply) == DuplicateFilter::Seen::fresh);
+  f.forget(k);
+  CHECK(f.size() == 0);
+  CHECK(f.check(k, t0 + 5s, &reply) == DuplicateFilter::Seen::fresh);
+  // The first sighting's slot expires now; it must not take the second sighting's entry along.
+  CHECK(f.check(k, t0 + 12s, &reply) == DuplicateFilter::Seen::pending);
+  CHECK(f.check(k, t0 + 15s + 1ns, &reply) == DuplicateFilter::Seen::fresh);
+  f.forget(RequestKey{3, 3, 3});  // forgetting an unknown key is harmless
+}
+
+}  // TEST_SUITE
