@@ -43,10 +43,8 @@ Client::Client(net::io_context& io, ClientOptions options)
     : io_(io),
       options_(std::move(options)),
       endpoint_(io, options_.bind, options_.policy),
-      input_(io),
-      ready_timer_(io) {
-  interactive_ = ::isatty(STDIN_FILENO) == 1;
-}
+      terminal_(io),
+      ready_timer_(io) {}
 
 void Client::start() {
   endpoint_.start([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
@@ -58,17 +56,21 @@ void Client::leave() { quit(0); }
 void Client::quit(int code) {
   exit_code_ = code;
   endpoint_.close();
-  error_code ec;
-  input_.close(ec);
+  terminal_.stop();
   ready_timer_.cancel();
   io_.stop();
 }
 
-void Client::say(const std::string& line) {
-  if (interactive_) std::cout << '\r';
-  std::cout << ">>> " << line << '\n';
-  if (interactive_) std::cout << ">>> ";
-  std::cout.flush();
+void Client::say(const std::string& line) { terminal_.print(">>> " + line); }
+
+void Client::show(const std::string& text) {
+  std::size_t start = 0;
+  for (;;) {
+    std::size_t nl = text.find('\n', start);
+    terminal_.print(text.substr(start, nl - start));
+    if (nl == std::string::npos) break;
+    start = nl + 1;
+  }
 }
 
 void Client::fail_and_exit(const char* line) {
@@ -83,30 +85,13 @@ void Client::begin_input() {
   if (reading_) return;
   reading_ = true;
   ready_timer_.cancel();
-  read_line();
-}
-
-void Client::read_line() {
-  if (!input_.is_open()) {
-    error_code ec;
-    input_.assign(::dup(STDIN_FILENO), ec);
-    if (ec) {
-      spdlog::error("cannot read standard input: {}", ec.message());
-      return;
-    }
-  }
-  net::async_read_until(input_, input_buf_, '\n', [this](error_code ec, std::size_t n) {
-    if (ec == net::error::operation_aborted) return;
-    if (ec) {
-      // End of input is a silent leave (SPEC §4).
-      leave();
-      return;
-    }
-    std::string line(net::buffers_begin(input_buf_.data()), net::buffers_begin(input_buf_.data()) + n - 1);
-    input_buf_.consume(n);
-    on_line(line);
-    if (input_.is_open()) read_line();
-  });
+  terminal_.start([this](const std::string& line) { on_line(line); },
+                  [this] { leave(); },  // end of input is a silent leave (SPEC §4)
+                  [this] {
+                    std::vector<std::string> names;
+                    for (const auto& [name, e] : table_.rows()) names.push_back(name);
+                    return names;
+                  });
 }
 
 void Client::on_line(const std::string& line) { run(parse_command(line)); }
@@ -116,11 +101,11 @@ void Client::run(const Command& c) {
   if (auto* err = std::get_if<cmd::Error>(&c)) {
     say("[" + err->message + "]");
   } else if (std::get_if<cmd::Empty>(&c)) {
-    if (interactive_) std::cout << ">>> " << std::flush;
+    // nothing to do; the prompt is already there
   } else if (std::get_if<cmd::Help>(&c)) {
-    std::cout << help_text() << '\n' << std::flush;
+    show(help_text());
   } else if (std::get_if<cmd::List>(&c)) {
-    std::cout << format_table(table_, me) << '\n' << std::flush;
+    show(format_table(table_, me));
   } else if (std::get_if<cmd::Quit>(&c)) {
     leave();
   } else if (auto* r = std::get_if<cmd::Reg>(&c)) {

@@ -8,6 +8,7 @@
 
 #include "peer/commands.hpp"
 #include "peer/local_table.hpp"
+#include "peer/terminal.hpp"
 #include "transport/endpoint.hpp"
 
 namespace chat::peer {
@@ -36,7 +37,6 @@ class Client {
 
   /// Starts reading commands (once): after the first table arrived, or when it is overdue.
   void begin_input();
-  void read_line();
   void on_line(const std::string& line);
   void run(const Command& c);
   void send_direct(const std::string& to, const std::string& text, std::uint64_t mid, int round);
@@ -48,21 +48,21 @@ class Client {
   /// True (and remembered) the first time (sender, message id) is shown.
   bool first_showing(const std::string& from, std::uint64_t mid);
   void say(const std::string& line);
+  /// Prints a block of lines (help, list) above the prompt.
+  void show(const std::string& text);
   void fail_and_exit(const char* line);
   void quit(int code);
 
   net::io_context& io_;
   ClientOptions options_;
   transport::Endpoint endpoint_;
-  net::posix::stream_descriptor input_;
-  net::streambuf input_buf_;
+  Terminal terminal_;
   net::steady_timer ready_timer_;
   bool reading_ = false;
   bool was_online_ = false;     // our own row was seen online since we registered
   std::uint64_t unverified_ = 0;  // direct messages dropped: source not the sender's address
   LocalTable table_;
   State state_ = State::registering;
-  bool interactive_ = false;
   int exit_code_ = 0;
   // Messages already shown, by (sender, id): a saved copy of one is not shown again.
   std::unordered_set<std::string> shown_;
