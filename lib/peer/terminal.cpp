@@ -28,22 +28,6 @@ Terminal::NameSource g_names;
 
 net::io_context* g_io = nullptr;
 
-// Runs inside libedit: the handlers may stop the terminal, so they run after it returns.
-void on_edited_line(char* line) {
-  if (line == nullptr) {
-    net::post(*g_io, [] {
-      if (g_on_end) (*g_on_end)();
-    });
-    return;
-  }
-  std::string text(line);
-  std::free(line);
-  if (!text.empty()) add_history(text.c_str());
-  net::post(*g_io, [text = std::move(text)] {
-    if (g_on_line) (*g_on_line)(text);
-  });
-}
-
 // The words completed: commands first on the line, names after send/dereg/reg.
 std::vector<std::string> g_candidates;
 std::size_t g_next = 0;
@@ -56,6 +40,19 @@ char* next_candidate(const char* text, int state) {
     if (c.compare(0, len, text) == 0) return strdup(c.c_str());
   }
   return nullptr;
+}
+
+// Ctrl+D: end of input on an empty line (libedit's callback mode never reports it), else
+// delete the character under the cursor as usual.
+int on_ctrl_d(int, int) {
+  if (rl_end == 0) {
+    net::post(*g_io, [] {
+      if (g_on_end) (*g_on_end)();
+    });
+    return 0;
+  }
+  if (rl_point < rl_end) rl_delete_text(rl_point, rl_point + 1);
+  return 0;
 }
 
 char** complete(const char* text, int start, int /*end*/) {
@@ -79,6 +76,30 @@ char** complete(const char* text, int start, int /*end*/) {
 }
 
 }  // namespace
+
+// Runs inside libedit: the handlers may stop the terminal, so they run after it returns.
+void on_edited_line(char* line) {
+  if (line == nullptr) {
+    net::post(*g_io, [] {
+      if (g_on_end) (*g_on_end)();
+    });
+    return;
+  }
+  std::string text(line);
+  std::free(line);
+  if (!text.empty()) add_history(text.c_str());
+  // libedit has left editing mode for this line: output goes plainly until the next prompt.
+  if (g_terminal != nullptr) g_terminal->between_lines_ = true;
+  net::post(*g_io, [text = std::move(text)] {
+    if (g_on_line) (*g_on_line)(text);
+    // A fresh prompt, back in editing mode, below whatever the line printed.
+    if (g_terminal != nullptr && g_terminal->editing_) {
+      g_terminal->between_lines_ = false;
+      rl_callback_handler_install(kPrompt, on_edited_line);
+    }
+  });
+}
+
 
 std::string history_file() {
   namespace fs = std::filesystem;
@@ -127,6 +148,7 @@ void Terminal::start(LineHandler on_line, EndHandler on_end, NameSource names) {
     read_history(history_path_.c_str());
   }
   rl_callback_handler_install(kPrompt, on_edited_line);
+  rl_bind_key(4, on_ctrl_d);
   editing_ = true;
   wait_tty();
 }
@@ -178,7 +200,7 @@ std::string Terminal::colour(const std::string& line) const {
 }
 
 void Terminal::print(const std::string& line) {
-  if (!editing_) {
+  if (!editing_ || between_lines_) {
     std::cout << line << '\n' << std::flush;
     return;
   }

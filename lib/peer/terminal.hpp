@@ -9,6 +9,8 @@
 
 namespace chat::peer {
 
+void on_edited_line(char* line);
+
 /// Reads command lines and prints output lines without ever scrambling a half-typed line.
 /// On a terminal it uses libedit's callback interface driven by the io_context (no thread);
 /// on a pipe, a file or /dev/null it reads plain lines and writes no escape codes.
@@ -46,6 +48,8 @@ class Terminal {
   bool interactive_ = false;
   bool colour_ = false;
   bool editing_ = false;  // libedit's handler is installed
+  bool between_lines_ = false;  // a line was accepted; its command runs before the next prompt
+  friend void on_edited_line(char* line);
   std::string history_path_;
 };
 

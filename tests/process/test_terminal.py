@@ -1,0 +1,129 @@
+"""The client on a real terminal (tmux): editing, history, completion, messages above the prompt."""
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import unittest
+
+from harness import BIN, FAST, ChatTest, DEADLINE, free_port
+
+
+def ensure_tmux():
+    if shutil.which("tmux"):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "tmux"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return shutil.which("tmux") is not None
+
+
+class TerminalTest(ChatTest):
+    def setUp(self):
+        if not ensure_tmux():
+            self.skipTest("tmux is not installed and could not be installed")
+        super().setUp()
+        self.session = f"chatapp-{os.getpid()}-{self._testMethodName}"
+        self.state = tempfile.mkdtemp(prefix="chatapp-state-")
+
+    def tearDown(self):
+        subprocess.run(["tmux", "kill-session", "-t", self.session], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.state, ignore_errors=True)
+        super().tearDown()
+
+    def start_tty_client(self, name):
+        port = free_port()
+        cmd = " ".join([BIN, "-c", name, "127.0.0.1", str(self.server_port), str(port)] + FAST)
+        env = f"XDG_STATE_HOME={self.state} TERM=xterm"
+        # The shell stays after the client exits, to show its exit status on the screen.
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", "120", "-y", "30",
+                        f"env {env} {cmd}; echo EXIT=$?; sleep 60"], check=True)
+        self.screen_until(r">>> \[Client table updated\.\]")
+        return port
+
+    def keys(self, *keys):
+        subprocess.run(["tmux", "send-keys", "-t", self.session] + list(keys), check=True)
+
+    def screen(self):
+        out = subprocess.run(["tmux", "capture-pane", "-t", self.session, "-p"], capture_output=True,
+                             text=True, check=True).stdout
+        return [l.rstrip() for l in out.split("\n")]
+
+    def screen_until(self, pattern, timeout=DEADLINE):
+        """Polls the screen until a line matches (the terminal has no event to wait on)."""
+        import re
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            lines = self.screen()
+            if any(rx.search(l) for l in lines):
+                return lines
+            time.sleep(0.05)
+        self.fail(f"screen never showed /{pattern}/:\n" + "\n".join(self.screen()))
+
+    def last_line(self, lines):
+        return [l for l in lines if l][-1]
+
+    def test_message_arrives_above_half_typed_line(self):
+        self.start_tty_client("alice")
+        bob = self.start_client("bob")
+        self.wait_table(bob, ["alice", "bob"])
+        self.keys("send bob half a li")
+        self.screen_until(r"^>>> send bob half a li$")
+        bob.send("send alice hello while you type")
+        lines = self.screen_until(r"^>>> bob: hello while you type$")
+        # The message sits above a prompt whose half-typed text is intact, cursor still there.
+        self.assertEqual(self.last_line(lines), ">>> send bob half a li", "\n".join(lines))
+        msg = lines.index(">>> bob: hello while you type")
+        self.assertLess(msg, lines.index(">>> send bob half a li"))
+        self.keys("ne", "Enter")
+        bob.expect_exact(">>> alice: half a line")
+        print("\n--- tmux screen: a message arriving mid-typing ---\n" +
+              "\n".join(l for l in lines if l) + "\n---")
+
+    def test_tab_completes_a_name_and_up_recalls_history(self):
+        self.start_tty_client("alice")
+        bob = self.start_client("bobby_tables")
+        self.screen_until(r"^>>> \[Client table updated\.\]$")
+        self.wait_table(bob, ["alice", "bobby_tables"])
+        # alice's table has the name once her screen showed the second update.
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and sum(l == ">>> [Client table updated.]" for l in self.screen()) < 2:
+            time.sleep(0.05)
+        self.keys("send bob", "Tab")
+        self.screen_until(r"^>>> send bobby_tables$")
+        self.keys("hi there", "Enter")
+        bob.expect_exact(">>> alice: hi there")
+        self.screen_until(r"^>>> \[Message received by bobby_tables\.\]$")
+        self.keys("Up")
+        lines = self.screen_until(r"^>>> send bobby_tables hi there$")
+        self.assertEqual(self.last_line(lines), ">>> send bobby_tables hi there")
+        self.keys("C-u", "C-d")  # clear the line, then end of input: a silent leave
+        self.screen_until(r"^EXIT=0$")
+
+    def test_history_is_kept_across_runs(self):
+        self.start_tty_client("alice")
+        self.keys("list", "Enter")
+        self.screen_until(r"^\(1 clients, 1 online\)$")
+        self.keys("C-d")
+        self.screen_until(r"^EXIT=0$")
+        hist = os.path.join(self.state, "chatapp", "history")
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and not (os.path.exists(hist) and "list" in open(hist).read()):
+            time.sleep(0.05)
+        self.assertIn("list", open(hist).read())
+
+    def test_no_escape_codes_when_stdin_is_a_pipe(self):
+        a = self.start_client("alice")
+        b = self.start_client("bob")
+        self.wait_table(a, ["alice", "bob"])
+        a.send("send bob plain")
+        b.expect_exact(">>> alice: plain")
+        a.expect_exact(">>> [Message received by bob.]")
+        for p in (a, b):
+            for line in p.lines:
+                self.assertNotIn("\x1b", line, p.name)
+
+
+if __name__ == "__main__":
+    unittest.main()
