@@ -1,6 +1,7 @@
 // ChatApp's entry point: parse the command line, build the server or the peer, run the loop.
 #include <signal.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <optional>
@@ -41,8 +42,8 @@ struct Config {
   chat::transport::RetryPolicy policy;
   bool verbose = false;
   double rate_limit = 2000;
-  std::size_t max_stored = 100'000;
-  std::size_t max_clients = 100'000;
+  long long max_stored = 100'000;
+  long long max_clients = 100'000;
 };
 
 std::uint16_t parse_port(const std::string& s, const char* what) {
@@ -70,9 +71,9 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "local address to bind")
       ("rate-limit", po::value<double>(&c.rate_limit)->default_value(2000)->value_name("n"),
        "server: datagrams per second accepted from one address (0: no limit)")
-      ("max-stored", po::value<std::size_t>(&c.max_stored)->default_value(100'000)->value_name("n"),
+      ("max-stored", po::value<long long>(&c.max_stored)->default_value(100'000)->value_name("n"),
        "server: saved messages kept per recipient at most")
-      ("max-clients", po::value<std::size_t>(&c.max_clients)->default_value(100'000)->value_name("n"),
+      ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
       ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr");
   return o;
@@ -113,8 +114,12 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
   c.policy.timeout = std::chrono::milliseconds(timeout_ms);
   if (c.policy.retries < 0 || c.policy.retries > 100)
     throw UsageError{"invalid --retries '" + std::to_string(c.policy.retries) + "': must be 0-100"};
-  if (c.rate_limit < 0) throw UsageError{"invalid --rate-limit: must be 0 or more"};
-  if (c.max_stored < 1 || c.max_clients < 1) throw UsageError{"invalid --max-stored/--max-clients: must be 1 or more"};
+  if (!std::isfinite(c.rate_limit) || c.rate_limit < 0 || c.rate_limit > 1e9)
+    throw UsageError{"invalid --rate-limit '" + std::to_string(c.rate_limit) + "': must be 0-1000000000 (0: no limit)"};
+  if (c.max_stored < 1 || c.max_stored > 1'000'000'000)
+    throw UsageError{"invalid --max-stored '" + std::to_string(c.max_stored) + "': must be 1-1000000000"};
+  if (c.max_clients < 1 || c.max_clients > 1'000'000'000)
+    throw UsageError{"invalid --max-clients '" + std::to_string(c.max_clients) + "': must be 1-1000000000"};
   if (!chat::protocol::valid_ipv4(c.bind))
     throw UsageError{"invalid --bind '" + c.bind + "': must be a dotted-decimal IPv4 address"};
   if (server) {
@@ -155,8 +160,8 @@ int run_server(const Config& c) {
   opts.bind = make_endpoint(c.bind, c.port);
   opts.policy = c.policy;
   opts.guard.rate_limit = c.rate_limit;
-  opts.max_stored = c.max_stored;
-  opts.max_clients = c.max_clients;
+  opts.max_stored = static_cast<std::size_t>(c.max_stored);
+  opts.max_clients = static_cast<std::size_t>(c.max_clients);
   std::optional<chat::registry::Server> server;
   try {
     server.emplace(io, opts, std::move(store));
@@ -171,8 +176,15 @@ int run_server(const Config& c) {
     io.stop();
   });
   server->start();
-  io.run();
-  return 0;
+  for (;;) {
+    try {
+      io.run();
+      return 0;
+    } catch (const std::exception& e) {
+      // A failure in one handler (the store, say) must not take the server down for everyone.
+      spdlog::error("handler failed: {}; serving on", e.what());
+    }
+  }
 }
 
 int run_client(const Config& c) {

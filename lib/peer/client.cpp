@@ -112,6 +112,7 @@ void Client::run(const Command& c) {
     if (r->name != me) say("[Error: reg takes your own name, " + me + "]");
     else if (state_ == State::online) say("[You are already registered.]");
     else if (state_ == State::offline) send_register();
+    else say("[Registration in progress.]");
   } else if (state_ != State::online) {
     say("[Error: you are offline; type reg " + me + " to come back online]");
   } else if (auto* d = std::get_if<cmd::Dereg>(&c)) {
@@ -179,7 +180,7 @@ void Client::send_register() {
   was_online_ = false;
   proto::Register reg{endpoint_.next_id(), options_.name, 0};
   // Padded, so the server may answer with a full table datagram at once (see kRegisterPadTo).
-  if (std::size_t n = proto::encode(reg).size() + 16; n < proto::kRegisterPadTo) reg.pad = proto::kRegisterPadTo - n;
+  if (std::size_t n = proto::encode(reg).size() + 9; n < proto::kRegisterPadTo)  // 9: ,"pad":"" reg.pad = proto::kRegisterPadTo - n;
   endpoint_.request(reg, options_.server,
                     [this](const proto::Message* reply) {
                       if (reply == nullptr) return fail_and_exit("[Server not responding]");
@@ -251,7 +252,7 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
     if (self->online) {
       was_online_ = true;
     } else if (was_online_ && state_ == State::online && a.changed) {
-      spdlog::info("the server marked us offline; registering again");
+      say("[The server lost track of you; registering again.]");
       send_register();
     }
   }

@@ -123,7 +123,8 @@ std::string get_name(const json& v) {
 
 std::string get_text(const json& v) {
   const std::string& s = as_string(v);
-  if (s.size() > kMaxText) throw Refuse{DecodeError::text_too_long};
+  // Both limits, as at the prompt: a text that passed could not be carried on (relay, delivery).
+  if (s.size() > kMaxText || escaped_size(s) > kMaxTextEncoded) throw Refuse{DecodeError::text_too_long};
   return s;
 }
 

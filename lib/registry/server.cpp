@@ -356,11 +356,17 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
     if (c.online) relay(c.name, r, ts);
     else absent.push_back(c.name);
   });
+  // The sender hears "received" once the copies for offline members are durable. A full
+  // mailbox gets no copy (bounded storage); that member misses this channel message.
+  std::erase_if(absent, [this](const std::string& n) {
+    bool full = mailbox(n) >= options_.max_stored;
+    if (full) spdlog::info("no channel copy for {}: mailbox full", n);
+    return full;
+  });
   if (absent.empty()) {
     endpoint_.reply(from, proto::Ack{r.id});
     return;
   }
-  // The sender hears "received" once the copies for offline members are durable.
   for (std::size_t i = 0; i < absent.size(); ++i) {
     AfterCommit after;
     if (i + 1 == absent.size())
@@ -377,7 +383,7 @@ void Server::relay(const std::string& to, const proto::Channel& c, std::int64_t 
   udp::endpoint ep = endpoint_of(*target);
   auto missed = [this, to, c, ts_us] {
     mark_silent(to);
-    save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
+    if (mailbox(to) < options_.max_stored) save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
   };
   reach(ep, [this, ep, c, missed](bool ok) {
     if (!ok) return missed();
