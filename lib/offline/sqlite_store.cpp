@@ -31,6 +31,9 @@ CREATE TABLE messages (
   text      TEXT    NOT NULL
 );
 CREATE INDEX messages_by_recipient ON messages (recipient, seq);
+-- A sender that retries a save whose ACK was lost (a crash between commit and ACK) must not
+-- store the message twice: (recipient, sender, mid) names one message.
+CREATE UNIQUE INDEX messages_once ON messages (recipient, sender, mid);
 CREATE TABLE clients (
   name   TEXT    PRIMARY KEY NOT NULL,
   ip     TEXT    NOT NULL,
@@ -256,7 +259,8 @@ class SqliteStore final : public Store {
         rollback_(db_.get(), "ROLLBACK"),
         insert_message_(db_.get(),
                         "INSERT INTO messages (recipient, sender, kind, ts_us, mid, text) "
-                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6) "
+                        "ON CONFLICT (recipient, sender, mid) DO NOTHING"),
         select_pending_(db_.get(),
                         "SELECT seq, sender, kind, ts_us, mid, text FROM messages "
                         "WHERE recipient = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),

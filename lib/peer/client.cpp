@@ -175,12 +175,14 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
   });
 }
 
-void Client::send_register() {
-  state_ = State::registering;
+void Client::send_register(bool rejoin) {
+  // A rejoin (the server marked us offline) keeps us usable meanwhile: commands go on.
+  if (!rejoin) state_ = State::registering;
   was_online_ = false;
   proto::Register reg{endpoint_.next_id(), options_.name, 0};
-  // Padded, so the server may answer with a full table datagram at once (see kRegisterPadTo).
-  if (std::size_t n = proto::encode(reg).size() + 9; n < proto::kRegisterPadTo)  // 9: ,"pad":"" reg.pad = proto::kRegisterPadTo - n;
+  // Padded, so the server may answer with a full table datagram at once (see kRegisterPadTo);
+  // 9 bytes are the field's own: ,"pad":""
+  if (std::size_t n = proto::encode(reg).size() + 9; n < proto::kRegisterPadTo) reg.pad = proto::kRegisterPadTo - n;
   endpoint_.request(reg, options_.server,
                     [this](const proto::Message* reply) {
                       if (reply == nullptr) return fail_and_exit("[Server not responding]");
@@ -191,7 +193,8 @@ void Client::send_register() {
                       const auto* ok = std::get_if<proto::RegOk>(reply);
                       if (ok == nullptr) return;
                       state_ = State::online;
-                      table_.reset();
+                      // The table is kept: the server's snapshot from version 0 overwrites it,
+                      // or (same epoch) our ACK tells it we already hold it.
                       say("[Welcome, You are registered.]");
                       if (ok->pending > 0) say("[You have messages]");
                       if (reading_) return;
@@ -253,7 +256,7 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
       was_online_ = true;
     } else if (was_online_ && state_ == State::online && a.changed) {
       say("[The server lost track of you; registering again.]");
-      send_register();
+      send_register(true);
     }
   }
 }

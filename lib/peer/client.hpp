@@ -41,7 +41,7 @@ class Client {
   void run(const Command& c);
   void send_direct(const std::string& to, const std::string& text, std::uint64_t mid, int round);
   void send_save(const std::string& to, const std::string& text, std::uint64_t mid, int round);
-  void send_register();
+  void send_register(bool rejoin = false);
   void on_message(const protocol::Message& m, const udp::endpoint& from);
   void on_table(const protocol::Table& t, const udp::endpoint& from);
   void on_stored(const protocol::Stored& s, const udp::endpoint& from);

@@ -218,7 +218,6 @@ std::size_t& Server::mailbox(const std::string& name) {
 }
 
 void Server::save(offline::NewMessage m, AfterCommit after) {
-  ++mailbox(m.to);
   unsaved_.push_back(std::move(m));
   if (after) after_commit_.push_back(std::move(after));
   schedule_flush();
@@ -262,11 +261,12 @@ void Server::flush() {
       spdlog::error("saving the client table failed: {}", e.what());
     }
   }
+  // The mailbox counts committed messages only, so a delivery that finds the store empty
+  // before this commit cannot hide them.
+  if (ok)
+    for (const auto& m : batch) ++mailbox(m.to);
   for (auto& cb : callbacks) cb(ok);
-  if (!ok) {
-    for (const auto& m : batch) --mailbox(m.to);
-    return;
-  }
+  if (!ok) return;
   for (const auto& m : batch) {
     spdlog::info("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
                  m.from, m.to);

@@ -78,8 +78,12 @@ class RawDb {
   sqlite3* db_ = nullptr;
 };
 
+// Each message gets its own sender message id unless one is given (the store keeps one copy
+// per (recipient, sender, mid)).
+std::uint64_t g_next_mid = 1;
+
 NewMessage msg(std::string to, std::string from, std::string text, Kind kind = Kind::direct,
-               std::int64_t ts_us = 1'700'000'000'000'000, std::uint64_t mid = 1) {
+               std::int64_t ts_us = 1'700'000'000'000'000, std::uint64_t mid = g_next_mid++) {
   return NewMessage{.to = std::move(to),
                     .from = std::move(from),
                     .kind = kind,
@@ -459,4 +463,18 @@ TEST_CASE("store_clients and load_clients round-trip and replace") {
   CHECK(got[1].ip == "10.1.2.3");
   CHECK(got[3].name == "dave");
   CHECK(got[3].online);
+}
+
+TEST_CASE("a save repeated by its sender (same recipient, sender and mid) is kept once") {
+  TempDir tmp;
+  auto store = open_sqlite_store(tmp.str());
+  const std::vector<NewMessage> once{msg("bob", "alice", "hi", Kind::direct, 1, 42)};
+  store->save(once);
+  store->save(once);  // the sender retried: its ACK was lost in a crash after the commit
+  const std::vector<NewMessage> other{msg("carol", "alice", "hi", Kind::direct, 1, 42),
+                                      msg("bob", "dave", "hi", Kind::direct, 1, 42),
+                                      msg("bob", "alice", "again", Kind::direct, 1, 43)};
+  store->save(other);
+  CHECK(store->count_for("bob") == 3);
+  CHECK(store->count_for("carol") == 1);
 }
