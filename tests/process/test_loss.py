@@ -371,14 +371,7 @@ class LossTest(NetnsTest):
             for kind, to, text, final, between in s.results:
                 if not (final.startswith(">>> [Error") or "refused" in final or final == ">>> [Server not responding]"):
                     continue
-                if (kind == "direct" and final == f">>> [Error: unknown client {to}]"
-                        and f">>> [Client {to} exists!!]" in between):
-                    # BUG (the table reset of SelfReregistrationTest): the server answered "exists"
-                    # while the sender's own re-registration had emptied its table, and the message
-                    # was dropped. Tolerated here (0 or 1 showing), counted in the summary.
-                    dropped.add(text)
-                else:
-                    anomalies.append(f"{s.proc.name}: {text}: {final}")
+                anomalies.append(f"{s.proc.name}: {text}: {final}")
         not_responding = {t for t, (_, _, f) in expected.items() if f == ">>> [Server not responding.]"}
         refused = [(s.proc.name, t, line) for s in scripts for t, line in s.refused]
         excused = not_responding | dropped | {a.split(": ")[1] for a in anomalies}
@@ -445,12 +438,9 @@ class LossTest(NetnsTest):
                     duplicates.append((r, text, forms[r][text]))
                 if n == 0 and text not in not_responding and text not in dropped:
                     if in_store(r, text):
-                        # BUG (StoreBurstTest): saved, never delivered, the server's count of r's
-                        # saved messages wrongly zero. Tolerated here, counted in the summary.
-                        stranded.append((r, text))
-                    else:
-                        lost += 1
-                        lost_list.append((r, text, final))
+                        stranded.append((r, text))  # saved but never delivered: a loss too
+                    lost += 1
+                    lost_list.append((r, text, final))
             m = re.match(r"^>>> \[Message received by ([\w.-]+)\.\]$", final)
             if m and m.group(1) != "Server" and forms[m.group(1)].get(text, [None])[0] != "live":
                 bad_ack.append((text, final, forms[m.group(1)].get(text)))
@@ -470,8 +460,7 @@ class LossTest(NetnsTest):
               f"direct sends that fell back to the server {fallbacks}, "
               f"self re-registrations {sum(rereg.values())} {rereg} ('lost track' notes {lost_track}), "
               f"commands refused at the prompt meanwhile and typed again {len(refused)}, "
-              f"known BUGs: stranded in the server's store {len(stranded)} {stranded}, "
-              f"dropped after 'exists' {len(dropped)} {sorted(dropped)}, "
+              f"of the lost, still in the server's store {len(stranded)} {stranded}, "
               f"load {load_secs:.1f}s", flush=True)
         for name, text, line in refused:
             print(f"  refused at {name}'s prompt: {text}: {line}", flush=True)
@@ -480,6 +469,7 @@ class LossTest(NetnsTest):
         self.assertEqual(crashed, [], "processes exited:\n" + "\n".join(p.name + ":\n" + p.dump() for p in self.procs))
         self.assertEqual(anomalies, [], "commands that ended in an error:\n" + "\n".join(anomalies))
         self.assertEqual(duplicates, [], "messages shown twice")
+        self.assertEqual(refused, [], "commands refused at the prompt although the user never left")
         self.assertEqual(wrong_sender, [], "messages shown under the wrong sender")
         self.assertEqual(unexpected, [], "messages shown to a client they were not for")
         self.assertEqual(bad_ack, [], "'Message received by X' although X did not show it live")
