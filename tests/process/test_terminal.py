@@ -64,6 +64,15 @@ class TerminalTest(ChatTest):
     def last_line(self, lines):
         return [l for l in lines if l][-1]
 
+    def prompt_shows(self, text, timeout=DEADLINE):
+        """Polls until the last non-empty screen line (the prompt) is exactly `text`."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.last_line(self.screen()) == text:
+                return
+            time.sleep(0.05)
+        self.fail(f"the prompt never showed {text!r}:\n" + "\n".join(self.screen()))
+
     def test_message_arrives_above_half_typed_line(self):
         self.start_tty_client("alice")
         bob = self.start_client("bob")
@@ -91,13 +100,12 @@ class TerminalTest(ChatTest):
         while time.monotonic() < end and sum(l == ">>> [Client table updated.]" for l in self.screen()) < 2:
             time.sleep(0.05)
         self.keys("send bob", "Tab")
-        self.screen_until(r"^>>> send bobby_tables$")
+        self.prompt_shows(">>> send bobby_tables")
         self.keys("hi there", "Enter")
         bob.expect_exact(">>> alice: hi there")
         self.screen_until(r"^>>> \[Message received by bobby_tables\.\]$")
         self.keys("Up")
-        lines = self.screen_until(r"^>>> send bobby_tables hi there$")
-        self.assertEqual(self.last_line(lines), ">>> send bobby_tables hi there")
+        self.prompt_shows(">>> send bobby_tables hi there")
         self.keys("C-u", "C-d")  # clear the line, then end of input: a silent leave
         self.screen_until(r"^EXIT=0$")
 
