@@ -16,6 +16,8 @@ template <class... Ts>
 struct overloaded : Ts... {
   using Ts::operator()...;
 };
+template <class... Ts>
+overloaded(Ts...) -> overloaded<Ts...>;  // clang 14 (the fuzz build) needs the guide
 
 // ---------------------------------------------------------------- encode
 

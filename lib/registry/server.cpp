@@ -307,7 +307,15 @@ void Server::deliver(const std::string& name) {
 void Server::deliver_batch(const std::string& name) {
   Session& s = sessions_[name];
   const Client* c = table_.find(name);
-  std::vector<offline::StoredMessage> rows = store_->pending_for(name, 0, kDeliveryRead);
+  std::vector<offline::StoredMessage> rows;
+  try {
+    rows = store_->pending_for(name, 0, kDeliveryRead);
+  } catch (const std::exception& e) {
+    // The messages stay stored; the next registration (or save) tries again.
+    spdlog::error("reading saved messages for {} failed: {}", name, e.what());
+    s.delivering = false;
+    return;
+  }
   if (rows.empty() || c == nullptr) {
     s.delivering = false;
     mailbox(name) = 0;
@@ -333,8 +341,15 @@ void Server::deliver_batch(const std::string& name) {
       mark_gone(name);
       return;
     }
-    // Deleted only now that the client has them: a lost datagram loses nothing.
-    store_->remove_delivered(name, seqs);
+    // Deleted only now that the client has them: a lost datagram loses nothing. If the delete
+    // fails they stay stored, and a later delivery shows them once (the client knows their ids).
+    try {
+      store_->remove_delivered(name, seqs);
+    } catch (const std::exception& e) {
+      spdlog::error("removing delivered messages for {} failed: {}", name, e.what());
+      it->second.delivering = false;
+      return;
+    }
     std::size_t& box = mailbox(name);
     box -= std::min(box, seqs.size());
     spdlog::info("delivered {} saved messages to {}", seqs.size(), name);

@@ -194,13 +194,17 @@ void Endpoint::on_datagram(std::string_view bytes, const udp::endpoint& from) {
     release(it);
     // Only a receiver of our request could know its id: the address is proven.
     if (guard_.amplification > 0) route(from)->validated = true;
-    if (done) done(&m);
+    guarded("reply handler", [&] {
+      if (done) done(&m);
+    });
     return;
   }
   const std::string* cached = nullptr;
   switch (dedup_.check(key_of(from, protocol::request_id(m)), Clock::now(), &cached)) {
     case DuplicateFilter::Seen::fresh:
-      if (handler_) handler_(m, from);
+      guarded("request handler", [&] {
+        if (handler_) handler_(m, from);
+      });
       break;
     case DuplicateFilter::Seen::pending:
       ++counters_.duplicates;  // still being worked on; the answer will come
@@ -224,8 +228,10 @@ void Endpoint::request(const protocol::Message& request, const udp::endpoint& to
     // Too many outstanding to one address (or a reused id): fail at once, bounded memory.
     ++counters_.in_flight_refused;
     if (to_count == 0) in_flight_to_.erase(addr_key(to));
-    net::post(io_, [done = std::move(done)] {
-      if (done) done(nullptr);
+    net::post(io_, [this, done = std::move(done)] {
+      guarded("refused request", [&] {
+        if (done) done(nullptr);
+      });
     });
     return;
   }
@@ -255,7 +261,19 @@ void Endpoint::on_timeout(std::uint64_t id) {
   ++counters_.gave_up;
   Done done = std::move(p.done);
   release(it);
-  if (done) done(nullptr);
+  guarded("timeout handler", [&] {
+    if (done) done(nullptr);
+  });
+}
+
+template <class F>
+void Endpoint::guarded(const char* what, F&& f) {
+  // A failing handler (the store, say) must cost its own request, never the receive loop.
+  try {
+    f();
+  } catch (const std::exception& e) {
+    spdlog::error("{} failed: {}", what, e.what());
+  }
 }
 
 void Endpoint::release(std::unordered_map<std::uint64_t, Pending>::iterator it) {

@@ -120,6 +120,8 @@ class Endpoint {
   static std::uint64_t addr_key(const udp::endpoint& e);
   bool admit_rate(const udp::endpoint& from, Clock::time_point now);
   bool log_allowed();
+  template <class F>
+  void guarded(const char* what, F&& f);
 
   // Per-address accounting for the amplification limit and the rate limit.
   struct Route {

@@ -1,0 +1,336 @@
+// Writes the fuzz targets' seed corpora: encode()d datagrams of every type, malformed ones,
+// and op scripts (harness.hpp) that walk the server and the client through the protocol.
+//   build-fuzz/gen_corpus tests/fuzz/corpus
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "harness.hpp"
+#include "protocol/codec.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace p = chat::protocol;
+using chat::fuzz::Op;
+using chat::fuzz::op_byte;
+
+using Seeds = std::vector<std::pair<std::string, std::string>>;
+
+// ---------------------------------------------------------------- op scripts
+
+/// Builds one input in the op format of harness.hpp.
+struct Script {
+  std::string s;
+
+  Script& flags(std::uint8_t f) {  // the client target's first byte
+    s += static_cast<char>(f);
+    return *this;
+  }
+  Script& send(int src, const p::Message& m) { return raw(src, p::encode(m)); }
+  Script& raw(int src, const std::string& bytes) {
+    s += static_cast<char>(op_byte(Op::datagram, src));
+    s += static_cast<char>(bytes.size() >> 8);
+    s += static_cast<char>(bytes.size() & 0xFF);
+    s += bytes;
+    return *this;
+  }
+  Script& answer(int src) { return op(Op::answer, src); }
+  Script& answer_all() { return op(Op::answer_all, 0); }
+  Script& answer_with(int src, std::uint8_t sel) {
+    op(Op::answer_with, src);
+    s += static_cast<char>(sel);
+    return *this;
+  }
+  Script& repeat(int src) { return op(Op::repeat, src); }
+  Script& fail_store(int n) {  // server: the next n (1-4) store calls throw
+    op(Op::extra, 0);
+    s += static_cast<char>(n - 1);
+    return *this;
+  }
+  Script& line(const std::string& text) {  // client: types a line
+    op(Op::extra, 0);
+    s += static_cast<char>(text.size());
+    s += text.substr(0, 255);
+    return *this;
+  }
+  Script& eof() { return op(Op::extra, 7); }  // client: closes stdin
+
+ private:
+  Script& op(Op o, int src) {
+    s += static_cast<char>(op_byte(o, src));
+    return *this;
+  }
+};
+
+/// A registration as the client means to send it: padded to kRegisterPadTo, or not.
+p::Register reg(std::uint64_t id, const std::string& name, bool padded = true) {
+  p::Register r{id, name, 0};
+  if (std::size_t n = p::encode(r).size() + 9; padded && n < p::kRegisterPadTo) r.pad = p::kRegisterPadTo - n;
+  return r;
+}
+
+// ---------------------------------------------------------------- fuzz_decode
+
+Seeds decode_seeds() {
+  Seeds out;
+  auto msg = [&](const std::string& name, const p::Message& m) { out.emplace_back(name, p::encode(m)); };
+  std::string text600(p::kMaxText, 'x');
+
+  msg("register", p::Register{1, "alice", 0});
+  msg("register_padded", reg(2, "alice"));
+  msg("dereg", p::Dereg{3, "bob.b-1_x"});
+  msg("direct", p::Direct{4, "alice", "hello, world"});
+  msg("direct_utf8", p::Direct{5, "alice", "h\xC3\xA9llo \xE2\x82\xAC \xF0\x9F\x98\x80 \"quoted\" back\\slash"});
+  msg("direct_controls", p::Direct{6, "alice", std::string("tab\tnl\ncr\r\x01\x1f\x7f nul:") + '\0' + "!"});
+  msg("direct_max_text", p::Direct{7, "alice", text600});
+  msg("save", p::Save{8, "alice", "bob", 77, false, "saved text"});
+  msg("save_force", p::Save{9, "alice", "bob", 78, true, "forced"});
+  msg("channel", p::Channel{10, "alice", "to everyone"});
+  msg("relay", p::Relay{11, "alice", 12, "relayed"});
+  msg("probe", p::Probe{13});
+  msg("table_empty", p::Table{14, 5, 0, 0, false, {}});
+  msg("table", p::Table{15, 5, 0, 3, false,
+                        {{"alice", "127.0.0.2", 4001, true}, {"bob", "127.0.0.3", 4002, false},
+                         {"c", "255.255.255.255", 65535, true}}});
+  msg("table_more", p::Table{16, 5, 3, 9, true, {{"dave", "10.1.2.3", 1024, true}}});
+  msg("stored", p::Stored{17, {{"alice", false, 1700000000000000, 5, "while you were out"},
+                               {"bob", true, 1700000001000000, 6, "channel one"}}});
+  msg("stored_empty", p::Stored{18, {}});
+  msg("ack", p::Ack{19, 0, 0});
+  msg("ack_table", p::Ack{20, 5, 9});
+  msg("reg_ok", p::RegOk{21, 5, 2});
+  msg("reg_err", p::RegErr{22, "the name alice is in use by an online client"});
+  msg("exists", p::Exists{23, "bob"});
+  msg("refused", p::Refused{24, "unknown client zed"});
+  msg("ids_max", p::Ack{UINT64_MAX, UINT64_MAX, UINT64_MAX});
+
+  auto raw = [&](const std::string& name, std::string bytes) { out.emplace_back(name, std::move(bytes)); };
+  raw("bad_empty", "");
+  raw("bad_not_json", "hello");
+  raw("bad_null", "null");
+  raw("bad_array", "[1,2,3]");
+  raw("bad_empty_object", "{}");
+  raw("bad_no_version", R"({"t":"probe","id":1})");
+  raw("bad_version_2", R"({"t":"probe","id":1,"v":2})");
+  raw("bad_version_string", R"({"t":"probe","id":1,"v":"1"})");
+  raw("bad_unknown_type", R"({"t":"nope","id":1,"v":1})");
+  raw("bad_type_number", R"({"t":7,"id":1,"v":1})");
+  raw("bad_id_zero", R"({"t":"probe","id":0,"v":1})");
+  raw("bad_id_negative", R"({"t":"probe","id":-1,"v":1})");
+  raw("bad_id_float", R"({"t":"probe","id":1.5,"v":1})");
+  raw("bad_id_huge", R"({"t":"probe","id":18446744073709551616,"v":1})");
+  raw("bad_id_string", R"({"t":"probe","id":"1","v":1})");
+  raw("bad_name_dotdot", R"({"t":"register","id":1,"name":"../x","v":1})");
+  raw("bad_name_leading_dot", R"({"t":"register","id":1,"name":".x","v":1})");
+  raw("bad_name_nul", R"({"t":"register","id":1,"name":"a\u0000b","v":1})");
+  raw("bad_name_long", R"({"t":"register","id":1,"name":")" + std::string(33, 'n') + R"(","v":1})");
+  raw("name_escaped", R"({"t":"register","id":1,"name":"\u0061lice","v":1})");
+  raw("bad_text_too_long", R"({"t":"direct","id":1,"from":"a","text":")" + std::string(601, 't') + R"(","v":1})");
+  std::string controls;
+  for (int i = 0; i < 300; ++i) controls += "\\u0001";
+  raw("bad_text_escaped_too_long", R"({"t":"channel","id":1,"from":"a","text":")" + controls + R"(","v":1})");
+  raw("bad_too_deep", R"({"t":"table","id":1,"v":1,"e":[[[["x"]]]]})");
+  raw("bad_utf8", "{\"t\":\"direct\",\"id\":1,\"from\":\"a\",\"text\":\"\xFF\",\"v\":1}");
+  raw("bad_utf8_overlong", "{\"t\":\"direct\",\"id\":1,\"from\":\"a\",\"text\":\"\xC0\x80\",\"v\":1}");
+  raw("bad_utf8_surrogate", "{\"t\":\"direct\",\"id\":1,\"from\":\"a\",\"text\":\"\xED\xA0\x80\",\"v\":1}");
+  raw("bad_lone_surrogate_escape", R"({"t":"direct","id":1,"from":"a","text":"\ud800","v":1})");
+  raw("bad_too_large", R"({"t":"probe","id":1,"v":1,"x":")" + std::string(p::kMaxDatagram, ' ') + "\"}");
+  std::string r = p::encode(reg(3, "alice"));
+  raw("bad_truncated", r.substr(0, r.size() / 2));
+  raw("bad_entry_port_0", R"({"t":"table","id":1,"epoch":1,"from":0,"to":1,"more":false,"e":[["a","1.2.3.4",0,1]],"v":1})");
+  raw("bad_entry_port_big", R"({"t":"table","id":1,"epoch":1,"from":0,"to":1,"more":false,"e":[["a","1.2.3.4",70000,1]],"v":1})");
+  raw("bad_entry_ip", R"({"t":"table","id":1,"epoch":1,"from":0,"to":1,"more":false,"e":[["a","1.2.3",5,1]],"v":1})");
+  raw("bad_entry_online_2", R"({"t":"table","id":1,"epoch":1,"from":0,"to":1,"more":false,"e":[["a","1.2.3.4",5,2]],"v":1})");
+  raw("bad_entry_short", R"({"t":"table","id":1,"epoch":1,"from":0,"to":1,"more":false,"e":[["a","1.2.3.4",5]],"v":1})");
+  raw("bad_table_to_before_from", R"({"t":"table","id":1,"epoch":1,"from":5,"to":1,"more":false,"e":[],"v":1})");
+  raw("bad_stored_ts", R"({"t":"stored","id":1,"items":[["a",0,9223372036854775808,1,"x"]],"v":1})");
+  raw("bad_stored_kind", R"({"t":"stored","id":1,"items":[["a",2,1,1,"x"]],"v":1})");
+  raw("bad_ack_half", R"({"t":"ack","re":1,"epoch":3,"v":1})");
+  raw("bad_save_force_int", R"({"t":"save","id":1,"from":"a","to":"b","mid":1,"force":1,"text":"x","v":1})");
+  raw("duplicate_keys", R"({"t":"probe","t":"probe","id":2,"id":1,"v":1})");
+  raw("whitespace", " { \"v\" : 1 ,\n\t\"t\" : \"ack\" , \"re\" : 42 , \"extra\" : [ null , true , { } ] } ");
+  return out;
+}
+
+// ---------------------------------------------------------------- fuzz_server
+
+// Fake clients: alice at source 1, bob at 2, carol at 3, dave at 4 (harness.hpp).
+Seeds server_seeds() {
+  Seeds out;
+  auto add = [&](const std::string& name, const Script& s) { out.emplace_back(name, s.s); };
+  auto three = [] {
+    Script s;
+    s.send(1, reg(101, "alice")).send(2, reg(102, "bob")).send(3, reg(103, "carol"));
+    s.answer_all().answer_all().answer_all();
+    return s;
+  };
+  auto two = [] {
+    Script s;
+    s.send(1, reg(101, "alice")).send(2, reg(102, "bob")).answer_all().answer_all();
+    return s;
+  };
+  std::string text600(p::kMaxText, 'y');
+
+  add("register_one", Script{}.send(1, reg(101, "alice")).answer(1));
+  add("register_unpadded", Script{}.send(1, reg(101, "alice", false)).answer(1).answer(1));
+  add("register_three", three());
+  add("register_again_same_address", Script{}.send(1, reg(101, "alice")).answer(1).send(1, reg(111, "alice")).answer_all());
+  add("register_ipv6", Script{}.send(7, reg(101, "alice")).send(7, p::Save{102, "alice", "bob", 1, false, "x"}));
+  add("register_full", Script{}
+                           .send(1, reg(101, "a1")).send(1, reg(102, "a2")).send(2, reg(103, "a3"))
+                           .send(2, reg(104, "a4")).send(3, reg(105, "a5")).send(3, reg(106, "a6"))
+                           .send(4, reg(107, "a7")).answer_all().answer_all());
+  add("name_conflict_alive", Script{}.send(1, reg(101, "alice")).answer(1).send(3, reg(102, "alice")).answer(1));
+  add("name_conflict_refused_reply",
+      Script{}.send(1, reg(101, "alice")).answer(1).send(3, reg(102, "alice")).answer_with(1, 4).answer_all());
+  add("dereg", two().send(2, p::Dereg{201, "bob"}).answer_all().send(2, reg(202, "bob")).answer_all());
+  add("dereg_wrong_address", two().send(3, p::Dereg{201, "bob"}).send(2, p::Dereg{202, "zed"}));
+  add("duplicates", Script{}.send(1, reg(101, "alice")).repeat(1).repeat(1).answer(1).repeat(1).repeat(1));
+  add("save_offline_then_deliver", two()
+                                       .send(2, p::Dereg{201, "bob"}).answer_all()
+                                       .send(1, p::Save{301, "alice", "bob", 9, false, "while you were out"})
+                                       .send(1, p::Save{302, "alice", "bob", 10, false, "second"})
+                                       .answer_all()
+                                       .send(2, reg(401, "bob")).answer_all().answer_all().answer_all());
+  add("save_probe_exists", two().send(1, p::Save{301, "alice", "bob", 9, false, "hi"}).answer(2).answer_all());
+  add("save_force", two().send(1, p::Save{301, "alice", "bob", 9, true, "forced"}).answer_all());
+  add("save_spoofed", two().send(3, p::Save{301, "alice", "bob", 9, false, "spoof"})
+                          .send(1, p::Save{302, "alice", "zed", 9, false, "unknown"}));
+  add("save_mailbox_full", [&] {
+    Script s = two();
+    s.send(2, p::Dereg{201, "bob"}).answer_all();
+    for (int i = 0; i < 5; ++i) s.send(1, p::Save{static_cast<std::uint64_t>(301 + i), "alice", "bob", 9, false, "m"});
+    return s.answer_all();
+  }());
+  add("delivery_in_two_datagrams", [&] {
+    Script s = two();
+    s.send(2, p::Dereg{201, "bob"}).answer_all();
+    for (int i = 0; i < 4; ++i) s.send(1, p::Save{static_cast<std::uint64_t>(301 + i), "alice", "bob", 9, false, text600});
+    s.send(2, reg(401, "bob"));
+    for (int i = 0; i < 5; ++i) s.answer_all();
+    return s;
+  }());
+  add("channel", three()
+                     .send(3, p::Dereg{201, "carol"}).answer_all()
+                     .send(1, p::Channel{301, "alice", "hello channel"}).answer(2).answer_all()
+                     .send(3, reg(401, "carol")).answer_all().answer_all().answer_all());
+  add("channel_unregistered", Script{}.send(1, p::Channel{301, "alice", "who am i"}));
+  add("table_ack_wrong_epoch", Script{}.send(1, reg(101, "alice")).answer_with(1, 2).answer(1).send(2, reg(102, "bob")).answer_all().answer_all());
+  add("table_ack_too_high", Script{}.send(1, reg(101, "alice")).answer_with(1, 3).send(2, reg(102, "bob")).answer_all().answer_all());
+  add("reply_from_wrong_address", Script{}.send(1, reg(101, "alice")).answer_with(1, chat::fuzz::kFromWrongAddress).answer_all());
+  add("store_fault_save", two().send(2, p::Dereg{201, "bob"}).answer_all().fail_store(1)
+                              .send(1, p::Save{301, "alice", "bob", 9, false, "x"}).answer_all());
+  add("store_fault_register", Script{}.fail_store(2).send(1, reg(101, "alice")).send(1, reg(101, "alice")).answer_all());
+  add("garbage", Script{}
+                     .raw(1, "hello")
+                     .raw(2, R"({"t":"register","id":0,"name":"x","v":1})")
+                     .raw(3, std::string(1500, '{'))
+                     .raw(4, "\xFF\xFE")
+                     .raw(5, p::encode(p::Ack{12345}))
+                     .raw(6, p::encode(p::Probe{5}))
+                     .raw(0, p::encode(p::Table{1, 1, 0, 1, false, {{"x", "1.2.3.4", 5, true}}})));
+  return out;
+}
+
+// ---------------------------------------------------------------- fuzz_client
+
+// The client "me"; its server is source 0; alice is at source 1 (online), bob at 2 (offline),
+// carol at 3 (online).
+p::Table table1() {
+  return p::Table{100, 7, 0, 4, false,
+                  {{"me", "127.0.0.1", 5000, true}, {"alice", "127.0.0.2", 4001, true},
+                   {"bob", "127.0.0.3", 4002, false}, {"carol", "127.0.0.4", 4003, true}}};
+}
+
+Seeds client_seeds() {
+  Seeds out;
+  auto add = [&](const std::string& name, const Script& s) { out.emplace_back(name, s.s); };
+  auto online = [] { return std::move(Script{}.flags(0).send(0, table1())); };
+
+  add("welcome", Script{}.flags(0));
+  add("registering_then_refused", Script{}.flags(1).send(0, table1()).answer_with(0, 5));
+  add("registering_then_other_reply", Script{}.flags(1).answer_with(0, 4).answer_with(0, 0));
+  add("table", online());
+  add("table_in_parts", Script{}.flags(0)
+                            .send(0, p::Table{101, 7, 0, 2, true, {{"me", "127.0.0.1", 5000, true}, {"alice", "127.0.0.2", 4001, true}}})
+                            .send(0, p::Table{102, 7, 2, 4, false, {{"bob", "127.0.0.3", 4002, false}, {"carol", "127.0.0.4", 4003, true}}})
+                            .send(0, p::Table{103, 7, 9, 10, false, {}})
+                            .send(0, p::Table{104, 7, 1, 2, false, {}})
+                            .send(0, p::Table{105, 8, 3, 4, false, {}})
+                            .send(0, p::Table{106, 8, 0, 1, false, {{"me", "127.0.0.1", 5000, true}}}));
+  add("table_not_from_server", Script{}.flags(0).send(1, table1()));
+  add("direct", online()
+                    .send(1, p::Direct{200, "alice", "hello"}).repeat(1)
+                    .send(2, p::Direct{201, "alice", "forged"})
+                    .send(1, p::Direct{202, "zed", "unknown"})
+                    .send(7, p::Direct{203, "alice", "v6"}));
+  add("relay_probe", online()
+                         .send(0, p::Relay{300, "alice", 9, "hi all"}).repeat(0)
+                         .send(0, p::Probe{301})
+                         .send(1, p::Probe{302})
+                         .send(1, p::Relay{303, "alice", 10, "not from server"}));
+  add("stored", Script{}.flags(2)
+                    .send(0, p::Stored{400, {{"alice", false, 1700000000000000, 5, "while you were out"},
+                                             {"carol", true, 1700000001000000, 6, "channel \x1b[2J"}}})
+                    .send(0, table1())
+                    .send(0, p::Stored{401, {{"alice", false, 1700000000000000, 5, "again"}}})
+                    .send(1, p::Stored{402, {}}));
+  add("send_direct", online().line("send alice hello there").answer(1));
+  add("send_offline", online().line("send bob hi").answer(0));
+  add("send_exists", online().line("send bob hi").answer_with(0, 7).answer(2));
+  add("send_refused", online().line("send bob hi").answer_with(0, 4));
+  add("send_all", online().line("send_all hello").answer(0).line("send_all x").answer_with(0, 4));
+  add("dereg_reg", online()
+                       .line("dereg me").answer(0)
+                       .line("send alice x")
+                       .line("reg me").answer(0)
+                       .send(0, p::Table{110, 9, 0, 1, false, {{"me", "127.0.0.1", 5000, true}}}));
+  add("dereg_refused", online().line("dereg me").answer_with(0, 4));
+  add("commands", online()
+                      .line("list").line("help").line("send").line("send nobody x").line("dereg bob")
+                      .line("reg me").line("frobnicate").line("").line("   ").line("sned alice x")
+                      .line("send_all " + std::string(240, '\x01')));
+  add("quit", online().line("quit").send(1, p::Direct{200, "alice", "after"}));
+  add("eof", online().eof().send(1, p::Direct{200, "alice", "after"}));
+  add("self_offline", online()
+                          .send(0, p::Table{105, 7, 4, 5, false, {{"me", "127.0.0.1", 5000, false}}})
+                          .answer(0)
+                          .send(0, p::Table{106, 7, 0, 5, false, {{"me", "127.0.0.1", 5000, true}}}));
+  add("reply_from_wrong_address", online().line("send alice hi").answer_with(1, chat::fuzz::kFromWrongAddress));
+  add("garbage", online()
+                     .raw(0, "hello")
+                     .raw(1, std::string(1473, ' '))
+                     .raw(7, "{}")
+                     .raw(2, p::encode(p::Ack{1}))
+                     .raw(0, p::encode(p::RegOk{1, 1, 1})));
+  return out;
+}
+
+void write(const fs::path& root, const std::string& target, const Seeds& seeds) {
+  fs::path dir = root / target;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const auto& [name, bytes] : seeds) {
+    std::ofstream f(dir / name, std::ios::binary);
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  std::printf("%s: %zu seeds\n", dir.c_str(), seeds.size());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: gen_corpus <corpus-dir>   (writes <dir>/fuzz_decode, fuzz_server, fuzz_client)\n");
+    return 2;
+  }
+  fs::path root = argv[1];
+  write(root, "fuzz_decode", decode_seeds());
+  write(root, "fuzz_server", server_seeds());
+  write(root, "fuzz_client", client_seeds());
+  return 0;
+}

@@ -1,0 +1,227 @@
+// What the endpoint-driving fuzz targets share: the input's op stream and the fake network.
+//
+// An input is a sequence of ops. Each op starts with one byte b: its source is b % 8 (one of
+// the fake addresses below) and its kind is (b / 8) % 6:
+//   datagram     [b][len hi][len lo][len bytes]  inject the bytes as if they came from the source
+//   answer       [b]        answer the latest unanswered request sent to the source, as a
+//                           well-behaved peer would (Ack; Table -> Ack{re, epoch, have=to};
+//                           Register -> RegOk)
+//   answer_all   [b]        answer every unanswered request, oldest first
+//   answer_with  [b][sel]   answer the latest request sent to the source with the reply `sel`
+//                           picks (see reply_for), from the right or a wrong address, or drop it
+//   repeat       [b]        inject again the last datagram that came from the source
+//   extra        [b]...     target-specific (server: store faults; client: a typed line, EOF)
+// Reads past the end give zeros, so every byte string is a valid input. After every op the
+// target runs io.poll(): only handlers that are ready run. Timers (retransmissions, reply
+// timeouts, the client's ready timer) are real Asio steady_timers and never expire within an
+// input, so "no answer" paths are reached only through the answers above, not by time.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <spdlog/sinks/null_sink.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "protocol/codec.hpp"
+#include "transport/endpoint.hpp"
+
+namespace chat::fuzz {
+
+/// FUZZ_TRACE=1 (when running one input by hand): every datagram and log line to stderr.
+inline bool tracing() {
+  static const bool on = [] {
+    const char* t = std::getenv("FUZZ_TRACE");
+    return t != nullptr && *t != '\0' && *t != '0';
+  }();
+  return on;
+}
+
+/// Every log line is formatted (that code runs too) and then dropped, or shown when tracing.
+inline void quiet_logs() {
+  spdlog::sink_ptr sink;
+  if (tracing()) sink = std::make_shared<spdlog::sinks::stderr_sink_mt>();
+  else sink = std::make_shared<spdlog::sinks::null_sink_mt>();
+  auto logger = std::make_shared<spdlog::logger>("fuzz", sink);
+  logger->set_level(spdlog::level::trace);
+  spdlog::set_default_logger(logger);
+}
+
+/// Number of fake addresses an op can name (the low 3 bits of its first byte).
+inline constexpr int kSources = 8;
+
+/// The fake addresses. Loopback, so that even a send that bypassed the hook stays on the
+/// machine; 0 is the server in the client target; 7 is IPv6 (the server ignores it).
+inline udp::endpoint source(int i) {
+  i &= kSources - 1;
+  if (i == kSources - 1) return {net::ip::make_address_v6("::1"), 4007};
+  auto a = net::ip::make_address_v4(static_cast<net::ip::address_v4::uint_type>(0x7F000001 + i));
+  return {a, static_cast<unsigned short>(4000 + i)};
+}
+
+enum class Op : std::uint8_t { datagram, answer, answer_all, answer_with, repeat, extra, count_ };
+
+/// The first byte of an op.
+constexpr std::uint8_t op_byte(Op op, int src) {
+  return static_cast<std::uint8_t>(static_cast<int>(op) * kSources + (src & (kSources - 1)));
+}
+
+/// Bits of answer_with's selector beyond the reply kind (its low 3 bits).
+inline constexpr std::uint8_t kFromWrongAddress = 0x08;  // reply from the next source instead
+inline constexpr std::uint8_t kDrop = 0x10;              // lose the request: never answer it
+
+/// Reads an input front to back; past the end every read gives zeros or nothing.
+class Reader {
+ public:
+  Reader(const std::uint8_t* data, std::size_t size) : p_(data), end_(data + size) {}
+  bool done() const { return p_ >= end_; }
+  std::uint8_t byte() { return done() ? 0 : *p_++; }
+  std::size_t u16() {
+    std::size_t hi = byte();
+    return hi << 8 | byte();
+  }
+  std::string_view bytes(std::size_t n) {
+    n = std::min(n, static_cast<std::size_t>(end_ - p_));
+    std::string_view s(reinterpret_cast<const char*>(p_), n);
+    p_ += n;
+    return s;
+  }
+
+ private:
+  const std::uint8_t* p_;
+  const std::uint8_t* end_;
+};
+
+/// The reply a well-behaved receiver gives to `req`.
+inline protocol::Message right_answer(const protocol::Message& req) {
+  namespace p = protocol;
+  std::uint64_t id = p::request_id(req);
+  if (const auto* t = std::get_if<p::Table>(&req)) return p::Ack{id, t->epoch, t->to};
+  if (std::get_if<p::Register>(&req)) return p::RegOk{id, 7, 0};
+  return p::Ack{id};
+}
+
+/// The reply answer_with's selector picks (low 3 bits) for `req`: right or wrong kinds.
+inline protocol::Message reply_for(const protocol::Message& req, std::uint8_t sel) {
+  namespace p = protocol;
+  std::uint64_t id = p::request_id(req);
+  std::uint64_t epoch = 0;
+  std::uint64_t to = 0;
+  if (const auto* t = std::get_if<p::Table>(&req)) {
+    epoch = t->epoch;
+    to = t->to;
+  }
+  std::string name = "bob";
+  if (const auto* s = std::get_if<p::Save>(&req)) name = s->to;
+  switch (sel & 7) {
+    case 0: return right_answer(req);
+    case 1: return p::Ack{id};
+    case 2: return p::Ack{id, epoch + 1, to};      // another epoch: the client needs a snapshot
+    case 3: return p::Ack{id, epoch, to + 1000};   // claims more than was sent
+    case 4: return p::Refused{id, "refused by the fuzzer"};
+    case 5: return p::RegErr{id, "the name is in use"};
+    case 6: return p::RegOk{id, 7, 1};
+    default: return p::Exists{id, name};
+  }
+}
+
+/// The fake network around one Endpoint: its send hook captures every datagram, remembers
+/// the requests among them, and answers or repeats on the input's demand.
+class FakeNetwork {
+ public:
+  explicit FakeNetwork(transport::Endpoint& ep) : ep_(ep) {
+    ep_.set_send_hook([this](const std::string& bytes, const udp::endpoint& to) { on_send(bytes, to); });
+  }
+  FakeNetwork(const FakeNetwork&) = delete;
+  FakeNetwork& operator=(const FakeNetwork&) = delete;
+  ~FakeNetwork() { ep_.set_send_hook({}); }
+
+  /// Handles `bytes` as a datagram from source `src`.
+  void inject(std::string_view bytes, int src) { inject_from(bytes, source(src), src); }
+
+  void answer(int src) {
+    if (auto r = take_latest(source(src))) inject_from(protocol::encode(right_answer(r->msg)), r->to, src);
+  }
+
+  void answer_all() {
+    // Answering may send new requests: only those pending now are answered, in order.
+    std::vector<Sent> now;
+    now.swap(pending_);
+    for (const auto& r : now) {
+      inject_from(protocol::encode(right_answer(r.msg)), r.to, -1);
+      ep_.io().poll();
+    }
+  }
+
+  void answer_with(int src, std::uint8_t sel) {
+    auto r = take_latest(source(src));
+    if (!r || (sel & kDrop) != 0) return;
+    int from = (sel & kFromWrongAddress) != 0 ? (src + 1) % kSources : src;
+    inject_from(protocol::encode(reply_for(r->msg, sel)), source(from), from);
+  }
+
+  void repeat(int src) {
+    std::string again = last_from_[src & (kSources - 1)];
+    if (!again.empty()) inject_from(again, source(src), src);
+  }
+
+ private:
+  struct Sent {
+    udp::endpoint to;
+    protocol::Message msg;
+  };
+
+  static std::string where(const udp::endpoint& e) {
+    return e.address().to_string() + ":" + std::to_string(e.port());
+  }
+
+  void on_send(const std::string& bytes, const udp::endpoint& to) {
+    if (tracing()) std::fprintf(stderr, "  sent to %s: %s\n", where(to).c_str(), bytes.c_str());
+    if (bytes.size() > protocol::kMaxDatagram) {
+      std::fprintf(stderr, "sent a datagram of %zu bytes (limit %zu): %s\n", bytes.size(),
+                   protocol::kMaxDatagram, bytes.c_str());
+      std::abort();
+    }
+    protocol::Decoded d = protocol::decode(bytes);
+    if (!d) {
+      // What one side sends, the other must accept: anything else is a bug in the sender.
+      std::fprintf(stderr, "sent a datagram its peer refuses (%s): %s\n",
+                   protocol::to_string(d.error), bytes.c_str());
+      std::abort();
+    }
+    if (protocol::request_id(*d.message) != 0) pending_.push_back({to, std::move(*d.message)});
+  }
+
+  std::optional<Sent> take_latest(const udp::endpoint& to) {
+    for (auto it = pending_.rbegin(); it != pending_.rend(); ++it) {
+      if (it->to == to) {
+        Sent s = std::move(*it);
+        pending_.erase(std::next(it).base());
+        return s;
+      }
+    }
+    return std::nullopt;
+  }
+
+  void inject_from(const std::string& bytes, const udp::endpoint& from, int src) {
+    if (src >= 0) last_from_[src & (kSources - 1)] = bytes;
+    if (tracing()) std::fprintf(stderr, "inject from %s: %s\n", where(from).c_str(), bytes.c_str());
+    ep_.inject(bytes, from);
+  }
+  void inject_from(std::string_view bytes, const udp::endpoint& from, int src) {
+    inject_from(std::string(bytes), from, src);
+  }
+
+  transport::Endpoint& ep_;
+  std::vector<Sent> pending_;  // requests sent and not yet answered by the input
+  std::string last_from_[kSources];
+};
+
+}  // namespace chat::fuzz
