@@ -1,0 +1,1226 @@
+// chatbench: drives a real `ChatApp -s` process with many simulated peers (one Endpoint each, one
+// io_context) and prints every figure beside a same-run baseline, one JSON line per figure.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_set>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "peer/local_table.hpp"
+#include "protocol/codec.hpp"
+#include "transport/endpoint.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace proto = chat::protocol;
+namespace net = chat::net;
+using chat::udp;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+/// A scenario that could not produce its figures (timeout, refused request, server failure).
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// ---------------------------------------------------------------- options and output
+
+struct Options {
+  std::string scenario;
+  bool quick = false;
+  std::string bin;                 // the ChatApp binary
+  std::string tmp = "/tmp";        // where the server's data directory is made
+  std::vector<std::size_t> sizes;  // --n overrides the scenario's sizes
+  std::vector<std::string> wrap;   // --wrap: a command the server runs under (valgrind ...)
+  std::vector<std::string> server_args;  // --server-arg: passed on to the server (--ack-timeout 2000)
+  std::chrono::seconds start_timeout{10};
+  std::size_t rounds = 0;  // --rounds: channel messages per fanout size (0: the default)
+};
+
+/// The retry policy of the simulated peers: the product's defaults (SPEC: 500 ms x 5 retries).
+const chat::transport::RetryPolicy kPeerPolicy{500ms, 5};
+/// Chat text used by every scenario: about one typed line.
+const std::string kText = "hello from a simulated peer, a line of about the usual size for chat text!";
+/// Peers that also keep a real peer::LocalTable, to check the compact view agrees with it.
+constexpr std::size_t kChecked = 16;
+/// Requests each sender keeps in flight in the store and drain fills (a busy client).
+constexpr std::size_t kSaveWindow = 8;
+
+void emit(std::string_view bench, std::size_t n, std::string_view metric, double value, std::string_view unit,
+          int precision = 1) {
+  std::printf("{\"bench\": \"%.*s\", \"n\": %zu, \"metric\": \"%.*s\", \"value\": %.*f, \"unit\": \"%.*s\"}\n",
+              static_cast<int>(bench.size()), bench.data(), n, static_cast<int>(metric.size()), metric.data(),
+              precision, value, static_cast<int>(unit.size()), unit.data());
+  std::fflush(stdout);
+}
+
+void emit_error(std::string_view bench, std::size_t n, const std::string& what) {
+  std::string clean = what;
+  for (char& c : clean)
+    if (c == '"' || c == '\\' || static_cast<unsigned char>(c) < 0x20) c = ' ';
+  std::printf("{\"bench\": \"%.*s\", \"n\": %zu, \"error\": \"%s\"}\n", static_cast<int>(bench.size()),
+              bench.data(), n, clean.c_str());
+  std::fflush(stdout);
+  std::fprintf(stderr, "chatbench %.*s n=%zu: %s\n", static_cast<int>(bench.size()), bench.data(), n, what.c_str());
+}
+
+void note(const std::string& what) {
+  std::fprintf(stderr, "chatbench: %s\n", what.c_str());
+}
+
+double us(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
+double ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+
+/// Nearest-rank percentile of `v` (sorted in place).
+double percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  auto rank = static_cast<std::size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
+  return v[std::clamp<std::size_t>(rank, 1, v.size()) - 1];
+}
+
+double median(std::vector<double> v) { return percentile(v, 50); }
+double maximum(const std::vector<double>& v) { return v.empty() ? 0 : *std::max_element(v.begin(), v.end()); }
+
+double self_cpu_seconds() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+void raise_fd_limit(rlim_t want) {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur >= want) return;
+  rl.rlim_cur = std::min(want, rl.rlim_max);
+  setrlimit(RLIMIT_NOFILE, &rl);
+  if (rl.rlim_cur < want)
+    note("RLIMIT_NOFILE is " + std::to_string(rl.rlim_cur) + ", below the " + std::to_string(want) + " wanted");
+}
+
+// ---------------------------------------------------------------- plain sockets (baselines)
+
+/// A blocking UDP socket on 127.0.0.1 with a receive timeout, for the baselines.
+class PlainSocket {
+ public:
+  PlainSocket() {
+    fd_ = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd_ < 0) throw Failure(std::string("socket: ") + std::strerror(errno));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
+      throw Failure(std::string("bind: ") + std::strerror(errno));
+    socklen_t len = sizeof addr_;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr_), &len);
+    timeval tv{1, 0};  // bounded: a lost datagram fails the baseline instead of hanging
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int size = 4 << 20;  // the same buffers the Endpoint asks for
+    if (::setsockopt(fd_, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0)
+      ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+  }
+  PlainSocket(const PlainSocket&) = delete;
+  PlainSocket& operator=(const PlainSocket&) = delete;
+  ~PlainSocket() { ::close(fd_); }
+
+  void send_to(const std::string& bytes, const PlainSocket& to) const {
+    if (::sendto(fd_, bytes.data(), bytes.size(), 0, reinterpret_cast<const sockaddr*>(&to.addr_), sizeof to.addr_) !=
+        static_cast<ssize_t>(bytes.size()))
+      throw Failure(std::string("sendto: ") + std::strerror(errno));
+  }
+  std::size_t receive() {
+    ssize_t n = ::recv(fd_, buf_.data(), buf_.size(), 0);
+    if (n < 0) throw Failure(std::string("baseline recv: ") + std::strerror(errno));
+    return static_cast<std::size_t>(n);
+  }
+
+ private:
+  int fd_ = -1;
+  sockaddr_in addr_{};
+  std::array<char, 2048> buf_{};
+};
+
+/// The kernel's UDP counters (system-wide, /proc/net/snmp): datagrams dropped on a full receive buffer.
+std::uint64_t udp_rcvbuf_errors() {
+  std::ifstream in("/proc/net/snmp");
+  std::string header, values;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.starts_with("Udp:")) continue;
+    if (header.empty()) header = line;
+    else values = line;
+  }
+  std::istringstream h(header), v(values);
+  for (std::string name, value; h >> name && v >> value;)
+    if (name == "RcvbufErrors") return std::stoull(value);
+  return 0;
+}
+
+/// A UDP port the kernel just gave out on 127.0.0.1 (free now; the server binds it next).
+std::uint16_t free_udp_port() {
+  sockaddr_in a{};
+  socklen_t len = sizeof a;
+  int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+/// Appends `n` records of `record` bytes to a file with one fdatasync per `every`: the floor
+/// under any durable store, on the filesystem of `dir` (as bench_store measures it).
+double fdatasync_rate(const fs::path& dir, std::size_t n, std::size_t every, std::size_t record) {
+  fs::path file = dir / ("fdatasync-" + std::to_string(every));
+  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) throw Failure("open " + file.string() + ": " + std::strerror(errno));
+  std::string line(record - 1, 'r');
+  line += '\n';
+  auto start = Clock::now();
+  for (std::size_t i = 0; i < n; ++i) {
+    bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+    if (ok && ((i + 1) % every == 0 || i + 1 == n)) ok = ::fdatasync(fd) == 0;
+    if (!ok) {
+      std::string why = std::strerror(errno);
+      ::close(fd);
+      throw Failure("baseline write/fdatasync: " + why);
+    }
+  }
+  double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  ::close(fd);
+  fs::remove(file);
+  return static_cast<double>(n) / secs;
+}
+
+// ---------------------------------------------------------------- the server process
+
+/// A `ChatApp -s` child process with a fresh data directory; SIGTERM and reaped on stop().
+class ServerProcess {
+ public:
+  explicit ServerProcess(const Options& o) {
+    std::string tmpl = (fs::path(o.tmp) / "chatbench-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) throw Failure("mkdtemp under " + o.tmp + ": " + std::strerror(errno));
+    dir_ = tmpl;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      port_ = free_udp_port();  // a race with another process is possible: retry on failure
+      if (spawn(o)) {
+        note("server pid " + std::to_string(pid_) + " on 127.0.0.1:" + std::to_string(port_) + ", data " +
+             dir_.string());
+        return;
+      }
+      reap(0s);
+    }
+    std::string why = tail();
+    fs::remove_all(dir_);
+    throw Failure("the server did not start: " + why);
+  }
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+  ~ServerProcess() {
+    if (pid_ > 0) stop();
+  }
+
+  udp::endpoint endpoint() const { return {net::ip::make_address_v4("127.0.0.1"), port_}; }
+  pid_t pid() const { return pid_; }
+  const fs::path& data_dir() const { return dir_; }
+
+  /// A field of /proc/<pid>/status in KiB ("VmRSS", "VmHWM"), or -1.
+  long status_kib(std::string_view field) const {
+    std::ifstream in("/proc/" + std::to_string(pid_) + "/status");
+    std::string line;
+    while (std::getline(in, line))
+      if (line.starts_with(field) && line.size() > field.size() && line[field.size()] == ':')
+        return std::strtol(line.c_str() + field.size() + 1, nullptr, 10);
+    return -1;
+  }
+
+  /// User + system CPU seconds the server used so far.
+  double cpu_seconds() const {
+    std::ifstream in("/proc/" + std::to_string(pid_) + "/stat");
+    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto close_paren = all.rfind(')');
+    if (close_paren == std::string::npos) return 0;
+    std::istringstream fields(all.substr(close_paren + 2));
+    std::vector<std::string> tok;
+    for (std::string t; fields >> t;) tok.push_back(t);
+    if (tok.size() < 13) return 0;
+    // Fields 14 and 15 of stat(5) (utime, stime); tok[0] is field 3.
+    double ticks = std::strtod(tok[11].c_str(), nullptr) + std::strtod(tok[12].c_str(), nullptr);
+    return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
+  }
+
+  /// The last lines the server wrote on stderr.
+  std::string tail() const {
+    std::lock_guard lock(mu_);
+    std::string out;
+    for (const auto& l : last_) out += (out.empty() ? "" : " | ") + l;
+    return out;
+  }
+
+  std::uint64_t log_lines() const {
+    std::lock_guard lock(mu_);
+    return lines_;
+  }
+  /// How many clients the server logged as found offline ("no answer") so far.
+  std::uint64_t marked_gone() const {
+    std::lock_guard lock(mu_);
+    return gone_;
+  }
+
+  /// SIGTERM, wait (10 s, then SIGKILL); removes the data directory. Throws if it did not exit cleanly.
+  void stop() {
+    if (pid_ <= 0) return;
+    ::kill(-pid_, SIGTERM);  // the group we made: the server and any wrapper, nothing else
+    int status = reap(10s);
+    fs::remove_all(dir_);
+    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0))
+      throw Failure("the server did not exit cleanly on SIGTERM (status " + std::to_string(status) + "): " + tail());
+  }
+
+ private:
+  bool spawn(const Options& o) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw Failure(std::string("pipe2: ") + std::strerror(errno));
+    std::vector<std::string> args = o.wrap;
+    for (std::string a : {o.bin, std::string("-s"), std::to_string(port_), std::string("--data-dir"), dir_.string(),
+                          std::string("--bind"), std::string("127.0.0.1")})
+      args.push_back(std::move(a));
+    for (const auto& a : o.server_args) args.push_back(a);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_t parent = ::getpid();
+    {
+      std::lock_guard lock(mu_);
+      listening_ = eof_ = stop_reading_ = false;
+    }
+    pid_ = ::fork();
+    if (pid_ < 0) throw Failure(std::string("fork: ") + std::strerror(errno));
+    if (pid_ > 0) ::setpgid(pid_, pid_);  // also here, so the group exists before any kill
+    if (pid_ == 0) {
+      ::setpgid(0, 0);  // its own group: a wrapper (strace, valgrind) and the server stop together
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive the bench
+      if (::getppid() != parent) ::_exit(127);
+      int null = ::open("/dev/null", O_RDWR);
+      ::dup2(null, 0);
+      ::dup2(null, 1);
+      ::dup2(fds[1], 2);
+      ::close_range(3, ~0U, 0);
+      ::execvp(argv[0], argv.data());
+      ::dprintf(2, "exec %s: %s\n", argv[0], std::strerror(errno));
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    fd_ = fds[0];
+    reader_ = std::thread([this] { read_log(); });
+    std::unique_lock lock(mu_);
+    cv_.wait_until(lock, Clock::now() + o.start_timeout, [this] { return listening_ || eof_; });
+    return listening_;
+  }
+
+  // Keeps the pipe drained (a full pipe would block the server) and the last lines for errors.
+  void read_log() {
+    std::array<char, 8192> buf{};
+    std::string partial;
+    for (;;) {
+      pollfd p{fd_, POLLIN, 0};
+      int ready = ::poll(&p, 1, 100);
+      if (ready == 0) {
+        std::lock_guard lock(mu_);
+        if (stop_reading_) break;  // bounded: never wait for an EOF that does not come
+        continue;
+      }
+      ssize_t n = ::read(fd_, buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      partial.append(buf.data(), static_cast<std::size_t>(n));
+      std::size_t start = 0;
+      for (std::size_t nl; (nl = partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+        std::string_view line(partial.data() + start, nl - start);
+        std::lock_guard lock(mu_);
+        ++lines_;
+        if (!listening_ && line.find("server listening") != std::string_view::npos) {
+          listening_ = true;
+          cv_.notify_all();
+        }
+        if (line.find("(no answer)") != std::string_view::npos) ++gone_;
+        last_.emplace_back(line);
+        if (last_.size() > 8) last_.pop_front();
+      }
+      partial.erase(0, start);
+    }
+    std::lock_guard lock(mu_);
+    eof_ = true;
+    cv_.notify_all();
+  }
+
+  int reap(std::chrono::seconds grace) {
+    int status = -1;
+    auto deadline = Clock::now() + grace;
+    for (;;) {
+      pid_t r = ::waitpid(pid_, &status, WNOHANG);
+      if (r == pid_ || (r < 0 && errno != EINTR)) break;
+      if (Clock::now() >= deadline) {
+        ::kill(-pid_, SIGKILL);
+        ::waitpid(pid_, &status, 0);
+        break;
+      }
+      std::this_thread::sleep_for(5ms);
+    }
+    // Anything left in the group (a wrapper's child) holds the pipe open: end it too.
+    if (::kill(-pid_, 0) == 0) {
+      std::this_thread::sleep_for(100ms);
+      ::kill(-pid_, SIGKILL);
+    }
+    pid_ = -1;
+    {
+      std::lock_guard lock(mu_);
+      stop_reading_ = true;
+    }
+    if (reader_.joinable()) reader_.join();
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    return status;
+  }
+
+  fs::path dir_;
+  std::uint16_t port_ = 0;
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  std::thread reader_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::string> last_;
+  std::uint64_t lines_ = 0;
+  std::uint64_t gone_ = 0;
+  bool listening_ = false;
+  bool eof_ = false;
+  bool stop_reading_ = false;
+};
+
+// ---------------------------------------------------------------- simulated peers
+
+class Sim;
+
+/// A peer's table, applied with exactly the rules of peer::LocalTable::apply but held as one
+/// byte per peer: N peers each holding N rows as std::map nodes would need ~14 GB at N=10,000.
+struct TableView {
+  std::uint64_t epoch = 0;
+  std::uint64_t version = 0;
+  std::vector<std::uint8_t> rows;  // by peer index: 0 absent, 1 offline, 2 online
+  std::size_t count = 0;
+  std::size_t online = 0;
+  std::size_t unknown = 0;  // rows whose name is no simulated peer's
+
+  chat::peer::Applied apply(const proto::Table& t) {
+    if (t.epoch != epoch) {
+      if (t.from != 0) return {false, false, epoch, 0};
+      std::fill(rows.begin(), rows.end(), 0);
+      count = online = unknown = 0;
+      epoch = t.epoch;
+      version = 0;
+    }
+    if (t.from > version) return {false, false, epoch, version};
+    if (t.to <= version) return {false, false, epoch, version};
+    for (const auto& e : t.entries) set(e);
+    version = t.to;
+    return {true, !t.more, epoch, version};
+  }
+
+  void set(const proto::Entry& e) {
+    // Simulated peers are named p<index>.
+    std::size_t i = 0;
+    bool ok = e.name.size() > 1 && e.name.size() < 9 && e.name[0] == 'p';
+    for (std::size_t k = 1; ok && k < e.name.size(); ++k) {
+      ok = e.name[k] >= '0' && e.name[k] <= '9';
+      i = i * 10 + static_cast<std::size_t>(e.name[k] - '0');
+    }
+    if (!ok) {
+      ++unknown;
+      return;
+    }
+    if (i >= rows.size()) rows.resize(i + 1, 0);
+    std::uint8_t now = e.online ? 2 : 1;
+    std::uint8_t& was = rows[i];
+    if (was == 0) ++count;
+    if (was == 2) --online;
+    if (now == 2) ++online;
+    was = now;
+  }
+};
+
+struct Peer {
+  Peer(net::io_context& io, std::size_t i)
+      : index(i),
+        name("p" + std::to_string(i)),
+        ep(io, udp::endpoint(net::ip::make_address_v4("127.0.0.1"), 0), kPeerPolicy) {}
+  std::size_t index;
+  std::string name;
+  chat::transport::Endpoint ep;
+  TableView view;
+  std::unique_ptr<chat::peer::LocalTable> check;  // the real LocalTable, on the first kChecked peers
+  bool registered = false;
+  bool converged = false;
+  std::uint64_t pending = 0;        // from the last RegOk
+  std::uint64_t relay_round = 0;    // the channel id of the last Relay taken
+  Clock::time_point registered_at;  // when the RegOk arrived
+};
+
+/// The simulated peers of one scenario, against one server, on one io_context (single thread).
+class Sim {
+ public:
+  Sim(net::io_context& io, udp::endpoint server) : io_(io), server_(server) {}
+
+  Peer& add() {
+    auto p = std::make_unique<Peer>(io_, peers_.size());
+    if (p->index < kChecked) p->check = std::make_unique<chat::peer::LocalTable>();
+    Peer& ref = *p;
+    ref.ep.start([this, &ref](const proto::Message& m, const udp::endpoint& from) { on_request(ref, m, from); });
+    peers_.push_back(std::move(p));
+    return ref;
+  }
+  Peer& peer(std::size_t i) { return *peers_[i]; }
+  const udp::endpoint& server() const { return server_; }
+  std::size_t size() const { return peers_.size(); }
+
+  /// Sends a padded Register (as the real client does); `then` gets the RegOk or nullptr.
+  void register_peer(Peer& p, std::function<void(const proto::RegOk*)> then = nullptr) {
+    proto::Register reg{p.ep.next_id(), p.name, 0};
+    if (std::size_t n = proto::encode(reg).size() + 16; n < proto::kRegisterPadTo) reg.pad = proto::kRegisterPadTo - n;
+    p.registered = false;
+    p.ep.request(reg, server_, [this, &p, then = std::move(then)](const proto::Message* r) {
+      const auto* ok = r != nullptr ? std::get_if<proto::RegOk>(r) : nullptr;
+      if (ok == nullptr) {
+        ++failed_;
+        last_failure_ = p.name + (r == nullptr ? ": register unanswered" : ": register refused");
+      } else {
+        p.registered = true;
+        p.pending = ok->pending;
+        p.registered_at = Clock::now();
+        ++registered_;
+        update(p);
+      }
+      if (then) then(ok);
+    });
+  }
+
+  /// Sends a Dereg for the peer's own name; `then(ok)` on the Ack.
+  void dereg_peer(Peer& p, std::function<void(bool)> then) {
+    p.ep.request(proto::Dereg{p.ep.next_id(), p.name}, server_, [this, &p, then = std::move(then)](const proto::Message* r) {
+      bool ok = r != nullptr && std::holds_alternative<proto::Ack>(*r);
+      if (!ok) {
+        ++failed_;
+        last_failure_ = p.name + ": dereg not acked";
+      } else {
+        if (p.registered) --registered_;
+        p.registered = false;
+        update(p);
+      }
+      then(ok);
+    });
+  }
+
+  /// Runs the loop until `done()` or the deadline; false on the deadline.
+  bool run_until(const std::function<bool()>& done, Clock::time_point deadline) {
+    while (!done()) {
+      if (Clock::now() >= deadline) return false;
+      run_for(5ms);
+    }
+    return true;
+  }
+  /// Runs the loop for `d` (peers keep answering the server meanwhile).
+  void run_for(Clock::duration d) {
+    if (io_.stopped()) io_.restart();  // run_for() stops the loop when it had nothing to do
+    if (peers_.empty()) std::this_thread::sleep_for(d);
+    else io_.run_for(d);
+  }
+
+  /// From now on a peer counts as converged when it is registered and its table holds exactly
+  /// `rows` rows, `online` of them online.
+  void expect(std::size_t rows, std::size_t online) {
+    want_rows_ = rows;
+    want_online_ = online;
+    converged_ = 0;
+    for (auto& p : peers_) {
+      p->converged = false;
+      update(*p);
+    }
+  }
+  std::size_t converged() const { return converged_; }
+  Clock::time_point last_converged_at() const { return last_converged_at_; }
+  std::size_t registered() const { return registered_; }
+  std::size_t failed() const { return failed_; }
+  const std::string& last_failure() const { return last_failure_; }
+  std::size_t mismatches() const { return mismatches_; }
+
+  /// Sum over the peers of an Endpoint counter.
+  std::uint64_t sum(std::uint64_t chat::transport::Counters::*field) const {
+    std::uint64_t n = 0;
+    for (const auto& p : peers_) n += p->ep.counters().*field;
+    return n;
+  }
+
+  // Channel rounds: the id the sender used; relays counted for it only.
+  std::uint64_t round = 0;
+  std::size_t relays = 0;
+  Clock::time_point last_relay_at, last_relay_acked_at;
+
+  // Deliveries of saved messages.
+  std::unordered_set<std::string> stored_seen;
+  std::size_t stored_dups = 0;
+  std::size_t stored_datagrams = 0;
+  std::uint64_t stored_bytes = 0;
+  Clock::time_point last_stored_acked_at;
+
+ private:
+  void update(Peer& p) {
+    bool now = p.registered && p.view.count == want_rows_ && p.view.online == want_online_;
+    if (now == p.converged) return;
+    p.converged = now;
+    if (now) {
+      ++converged_;
+      last_converged_at_ = Clock::now();
+    } else {
+      --converged_;
+    }
+  }
+
+  void on_request(Peer& p, const proto::Message& m, const udp::endpoint& from) {
+    if (const auto* t = std::get_if<proto::Table>(&m)) {
+      chat::peer::Applied a = p.view.apply(*t);
+      if (p.check) {
+        chat::peer::Applied b = p.check->apply(*t);
+        if (b.changed != a.changed || b.announce != a.announce || b.epoch != a.epoch || b.have != a.have ||
+            b.have != p.view.version || p.check->rows().size() != p.view.count + p.view.unknown)
+          ++mismatches_;
+      }
+      p.ep.reply(from, proto::Ack{t->id, a.epoch, a.have});
+      update(p);
+    } else if (const auto* r = std::get_if<proto::Relay>(&m)) {
+      Clock::time_point got = Clock::now();
+      p.ep.reply(from, proto::Ack{r->id});
+      if (r->mid == round && p.relay_round != round) {
+        p.relay_round = round;
+        ++relays;
+        last_relay_at = got;
+        last_relay_acked_at = Clock::now();
+      }
+    } else if (const auto* s = std::get_if<proto::Stored>(&m)) {
+      for (const auto& item : s->items)
+        if (!stored_seen.insert(item.from + '\n' + std::to_string(item.mid)).second) ++stored_dups;
+      ++stored_datagrams;
+      stored_bytes += proto::encode(m).size();
+      p.ep.reply(from, proto::Ack{s->id});
+      last_stored_acked_at = Clock::now();
+    } else {
+      // Probe, or anything else the server asks: a plain Ack, as SimPeer does.
+      p.ep.reply(from, proto::Ack{proto::request_id(m)});
+    }
+  }
+
+  net::io_context& io_;
+  udp::endpoint server_;
+  std::vector<std::unique_ptr<Peer>> peers_;
+  std::size_t want_rows_ = SIZE_MAX;
+  std::size_t want_online_ = SIZE_MAX;
+  std::size_t converged_ = 0;
+  std::size_t registered_ = 0;
+  std::size_t failed_ = 0;
+  std::size_t mismatches_ = 0;
+  std::string last_failure_;
+  Clock::time_point last_converged_at_;
+};
+
+/// Registers peers [first, sim.size()) at once and runs until all sim.size() peers hold the
+/// full table (every row online). Returns the time from the first Register to the last convergence.
+Clock::duration register_all(Sim& sim, std::size_t first, Clock::time_point deadline, const std::string& what) {
+  std::size_t n = sim.size();
+  sim.expect(n, n);
+  auto start = Clock::now();
+  for (std::size_t i = first; i < n; ++i) sim.register_peer(sim.peer(i));
+  const bool trace = std::getenv("CHATBENCH_TRACE") != nullptr;
+  auto next_trace = start;
+  bool ok = sim.run_until(
+      [&] {
+        if (trace && Clock::now() >= next_trace) {
+          next_trace += 100ms;
+          note(what + ": +" + std::to_string(static_cast<long>(ms(Clock::now() - start))) + " ms: " +
+               std::to_string(sim.registered()) + " registered, " + std::to_string(sim.converged()) + " converged, " +
+               std::to_string(sim.sum(&chat::transport::Counters::received)) + " datagrams in");
+        }
+        return sim.converged() == n || sim.failed() > 0;
+      },
+      deadline);
+  if (sim.failed() > 0) throw Failure(what + ": " + sim.last_failure());
+  if (!ok)
+    throw Failure(what + ": timed out; " + std::to_string(sim.registered()) + "/" + std::to_string(n) +
+                  " registered, " + std::to_string(sim.converged()) + "/" + std::to_string(n) + " hold the full table");
+  if (sim.mismatches() > 0)
+    throw Failure(what + ": the compact table view disagreed with peer::LocalTable " +
+                  std::to_string(sim.mismatches()) + " times");
+  return sim.last_converged_at() - start;
+}
+
+/// Saves `total` messages for the recipients `to` from the senders (each keeping kSaveWindow in
+/// flight); returns the latency of each save (send to Ack) and sets `elapsed` to first-send..last-Ack.
+std::vector<double> save_all(Sim& sim, const std::vector<Peer*>& senders, const std::vector<Peer*>& to,
+                             std::size_t total, Clock::time_point deadline, Clock::duration& elapsed) {
+  std::size_t issued = 0, acked = 0, failed = 0;
+  std::string why;
+  std::vector<double> latency;
+  latency.reserve(total);
+  Clock::time_point last_ack;
+  std::function<void(Peer&)> next = [&](Peer& s) {
+    if (issued >= total) return;
+    std::uint64_t mid = ++issued;
+    const std::string& dest = to[mid % to.size()]->name;
+    auto sent = Clock::now();
+    s.ep.request(proto::Save{s.ep.next_id(), s.name, dest, mid, false, kText}, sim.server(),
+                 [&, sent](const proto::Message* r) {
+                   if (r != nullptr && std::holds_alternative<proto::Ack>(*r)) {
+                     ++acked;
+                     last_ack = Clock::now();
+                     latency.push_back(ms(last_ack - sent));
+                   } else {
+                     ++failed;
+                     why = r == nullptr                                 ? "a save was never acked"
+                           : std::holds_alternative<proto::Refused>(*r) ? "a save was refused: " +
+                                                                              std::get<proto::Refused>(*r).reason
+                                                                        : std::string("a save got ") +
+                                                                              proto::type_name(*r);
+                   }
+                   next(s);
+                 });
+  };
+  auto start = Clock::now();
+  for (std::size_t w = 0; w < kSaveWindow; ++w)
+    for (Peer* s : senders) next(*s);
+  bool ok = sim.run_until([&] { return acked + failed == total; }, deadline);
+  elapsed = last_ack - start;
+  if (failed > 0) throw Failure(std::to_string(failed) + " of " + std::to_string(total) + " saves failed; " + why);
+  if (!ok)
+    throw Failure("timed out: " + std::to_string(acked) + "/" + std::to_string(total) + " saves acked");
+  return latency;
+}
+
+
+// ---------------------------------------------------------------- scenarios
+
+using Counters = chat::transport::Counters;
+
+std::vector<std::size_t> sizes_for(const Options& o, std::vector<std::size_t> full, std::vector<std::size_t> quick) {
+  if (!o.sizes.empty()) return o.sizes;
+  return o.quick ? quick : full;
+}
+
+udp::endpoint loopback0() { return {net::ip::make_address_v4("127.0.0.1"), 0}; }
+
+/// Wire bytes of one table row as the server encodes it (["name","ip",port,1] and a comma).
+std::size_t row_bytes(const Peer& p) {
+  return p.name.size() + 9 + std::to_string(p.ep.local_endpoint().port()).size() + 11;
+}
+
+/// What went wrong under load, if anything: kernel drops on full receive buffers (system-wide,
+/// since `udp0`) and clients the server gave up on ("no answer").
+void emit_health(std::string_view bench, std::size_t n, const ServerProcess* srv, std::uint64_t udp0) {
+  emit(bench, n, "udp_rcvbuf_drops", static_cast<double>(udp_rcvbuf_errors() - udp0), "count", 0);
+  if (srv != nullptr) emit(bench, n, "server_marked_gone", static_cast<double>(srv->marked_gone()), "count", 0);
+}
+
+/// Runs the peers until the server is idle (under 5 ms of CPU in 100 ms), at most `limit`.
+void settle(Sim& sim, const ServerProcess& srv, Clock::duration limit) {
+  auto deadline = Clock::now() + limit;
+  double before = srv.cpu_seconds();
+  while (Clock::now() < deadline) {
+    sim.run_for(100ms);
+    double now = srv.cpu_seconds();
+    if (now - before < 0.005) return;
+    before = now;
+  }
+}
+
+// direct: sequential ACKed Direct requests between two Endpoints; baseline: raw UDP ping-pong.
+bool bench_direct(const Options& o) {
+  const std::size_t n = sizes_for(o, {10000}, {1000}).front();
+  constexpr std::size_t warm = 200;  // not counted: first-touch costs (page faults, caches)
+  try {
+    auto deadline = Clock::now() + 60s;
+    net::io_context io(1);
+    chat::transport::Endpoint a(io, loopback0(), kPeerPolicy);
+    chat::transport::Endpoint b(io, loopback0(), kPeerPolicy);
+    b.start([&b](const proto::Message& m, const udp::endpoint& from) { b.reply(from, proto::Ack{proto::request_id(m)}); });
+    a.start([](const proto::Message&, const udp::endpoint&) {});
+    const udp::endpoint to = b.local_endpoint();
+    std::vector<double> rtt;
+    rtt.reserve(n);
+    std::size_t done = 0, lost = 0;
+    std::function<void()> next = [&] {
+      if (done >= warm + n) return;
+      auto sent = Clock::now();
+      a.request(proto::Direct{a.next_id(), "p0", kText}, to, [&, sent](const proto::Message* r) {
+        auto now = Clock::now();
+        if (r == nullptr || !std::holds_alternative<proto::Ack>(*r)) ++lost;
+        else if (done >= warm) rtt.push_back(us(now - sent));
+        ++done;
+        next();
+      });
+    };
+    next();
+    while (done < warm + n && Clock::now() < deadline) io.run_for(20ms);
+    if (done < warm + n) throw Failure("timed out after " + std::to_string(done) + " round trips");
+    if (lost > 0) throw Failure(std::to_string(lost) + " requests were never acked");
+    std::uint64_t retransmits = a.counters().retransmits;
+    emit("direct", n, "rtt_p50", percentile(rtt, 50), "us");
+    emit("direct", n, "rtt_p99", percentile(rtt, 99), "us");
+    emit("direct", n, "retransmits", static_cast<double>(retransmits), "count", 0);
+
+    // Baseline: the same datagrams, blocking sockets, no event loop, no codec.
+    PlainSocket s1, s2;
+    const std::string req = proto::encode(proto::Direct{0x1234567890abcdefull, "p0", kText});
+    const std::string ack = proto::encode(proto::Ack{0x1234567890abcdefull});
+    std::vector<double> base;
+    base.reserve(n);
+    for (std::size_t i = 0; i < warm + n; ++i) {
+      auto t = Clock::now();
+      s1.send_to(req, s2);
+      s2.receive();
+      s2.send_to(ack, s1);
+      s1.receive();
+      if (i >= warm) base.push_back(us(Clock::now() - t));
+    }
+    emit("direct", n, "baseline_rtt_p50", percentile(base, 50), "us");
+    emit("direct", n, "baseline_rtt_p99", percentile(base, 99), "us");
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("direct", n, e.what());
+    return false;
+  }
+}
+
+// register: N peers register at once; time until all hold the full table, and the bytes it took.
+bool bench_register(const Options& o) {
+  const auto sizes = sizes_for(o, {1000, 10000}, {200, 1000});
+  raise_fd_limit(*std::max_element(sizes.begin(), sizes.end()) + 512);
+  bool all_ok = true;
+  std::vector<std::pair<std::size_t, double>> per_reg;
+  for (std::size_t n : sizes) {
+    std::optional<ServerProcess> srv;
+    net::io_context io(1);
+    std::optional<Sim> sim;
+    std::uint64_t udp0 = 0;
+    try {
+      auto deadline = Clock::now() + std::chrono::seconds(30 + n / 50);
+      udp0 = udp_rcvbuf_errors();
+      srv.emplace(o);
+      sim.emplace(io, srv->endpoint());
+      for (std::size_t i = 0; i < n; ++i) sim->add();
+      double cpu0 = self_cpu_seconds();
+      double scpu0 = srv->cpu_seconds();
+      Clock::duration t = register_all(*sim, 0, deadline, "registering " + std::to_string(n));
+      double server_cpu = srv->cpu_seconds() - scpu0;
+      double bench_cpu = self_cpu_seconds() - cpu0;
+      std::uint64_t total = sim->sum(&Counters::bytes_received);
+      std::uint64_t datagrams = sim->sum(&Counters::received);
+      std::uint64_t resends_seen = sim->sum(&Counters::duplicates);
+      std::uint64_t peer_retransmits = sim->sum(&Counters::retransmits);
+      std::size_t one_table = 0;
+      for (std::size_t i = 0; i < n; ++i) one_table += row_bytes(sim->peer(i));
+      double per = static_cast<double>(total) / static_cast<double>(n);
+      per_reg.emplace_back(n, per);
+      emit("register", n, "converge_ms", ms(t), "ms");
+      emit("register", n, "bytes_total", static_cast<double>(total), "B", 0);
+      emit("register", n, "datagrams_total", static_cast<double>(datagrams), "count", 0);
+      emit("register", n, "bytes_per_registration", per, "B", 0);
+      emit("register", n, "server_cpu_s", server_cpu, "s", 2);
+      emit("register", n, "bench_cpu_s", bench_cpu, "s", 2);
+      emit("register", n, "server_resends_seen", static_cast<double>(resends_seen), "count", 0);
+      emit("register", n, "peer_retransmits", static_cast<double>(peer_retransmits), "count", 0);
+      emit_health("register", n, &*srv, udp0);
+      emit("register", n, "baseline_bytes_total", static_cast<double>(one_table) * static_cast<double>(n), "B", 0);
+      emit("register", n, "baseline_bytes_per_registration", static_cast<double>(one_table), "B", 0);
+
+      // One more registration once all hold the table: what does one newcomer cost?
+      std::uint64_t before = sim->sum(&Counters::bytes_received);
+      sim->add();
+      Clock::duration t1 = register_all(*sim, n, Clock::now() + std::chrono::seconds(30 + n / 200), "one more registration");
+      emit("register", n, "one_more_converge_ms", ms(t1), "ms");
+      emit("register", n, "one_more_bytes", static_cast<double>(sim->sum(&Counters::bytes_received) - before), "B", 0);
+      emit("register", n, "baseline_one_more_bytes", static_cast<double>(one_table + row_bytes(sim->peer(n)) * (n + 1)),
+           "B", 0);
+      sim.reset();
+      srv->stop();
+    } catch (const std::exception& e) {
+      if (sim) {
+        emit("register", n, "registered_peers", static_cast<double>(sim->registered()), "count", 0);
+        emit("register", n, "converged_peers", static_cast<double>(sim->converged()), "count", 0);
+        emit("register", n, "bytes_total", static_cast<double>(sim->sum(&Counters::bytes_received)), "B", 0);
+        emit("register", n, "server_resends_seen", static_cast<double>(sim->sum(&Counters::duplicates)), "count", 0);
+      }
+      if (srv) emit_health("register", n, &*srv, udp0);
+      emit_error("register", n, e.what());
+      all_ok = false;
+    }
+  }
+  if (per_reg.size() >= 2) {
+    auto [n0, b0] = per_reg.front();
+    auto [n1, b1] = per_reg.back();
+    emit("register", n1, "bytes_per_registration_ratio_" + std::to_string(n1) + "_vs_" + std::to_string(n0), b1 / b0,
+         "x", 2);
+    emit("register", n1, "baseline_bytes_per_registration_ratio_linear", static_cast<double>(n1) / static_cast<double>(n0),
+         "x", 2);
+  }
+  return all_ok;
+}
+
+// fanout: one Channel message to N online peers; baseline: N raw datagrams from one socket.
+bool bench_fanout(const Options& o) {
+  const auto sizes = sizes_for(o, {10, 100, 1000}, {10, 100});
+  raise_fd_limit(2 * *std::max_element(sizes.begin(), sizes.end()) + 512);
+  bool all_ok = true;
+  for (std::size_t n : sizes) {
+    std::optional<ServerProcess> srv;
+    net::io_context io(1);
+    std::optional<Sim> sim;
+    try {
+      auto deadline = Clock::now() + 60s;
+      srv.emplace(o);
+      sim.emplace(io, srv->endpoint());
+      for (std::size_t i = 0; i <= n; ++i) sim->add();  // p0 sends, p1..pN receive
+      register_all(*sim, 0, deadline, "registering " + std::to_string(n + 1));
+      const std::size_t rounds = o.rounds > 0 ? o.rounds : o.quick ? 10 : (n >= 1000 ? 20 : 50);
+      Peer& sender = sim->peer(0);
+      std::vector<double> last_relay, all_acked, sender_ack;
+      settle(*sim, *srv, 10s);
+      double scpu0 = srv->cpu_seconds(), bcpu0 = self_cpu_seconds();
+      for (std::size_t r = 0; r < rounds; ++r) {
+        sim->run_for(10ms);  // the previous round's ACKs reach the server first
+        std::uint64_t id = sender.ep.next_id();
+        sim->round = id;
+        sim->relays = 0;
+        bool answered = false, ok = false;
+        Clock::time_point ack_at;
+        auto start = Clock::now();
+        sender.ep.request(proto::Channel{id, sender.name, kText}, srv->endpoint(), [&](const proto::Message* rep) {
+          ack_at = Clock::now();
+          answered = true;
+          ok = rep != nullptr && std::holds_alternative<proto::Ack>(*rep);
+        });
+        if (!sim->run_until([&] { return answered && sim->relays == n; }, deadline))
+          throw Failure("round " + std::to_string(r) + " timed out: " + std::to_string(sim->relays) + "/" +
+                        std::to_string(n) + " relays, sender " + (answered ? "acked" : "not acked"));
+        if (!ok) throw Failure("the channel message was not acked");
+        last_relay.push_back(ms(sim->last_relay_at - start));
+        all_acked.push_back(ms(sim->last_relay_acked_at - start));
+        sender_ack.push_back(ms(ack_at - start));
+      }
+      settle(*sim, *srv, 10s);  // the server has taken every relay ACK
+      double server_cpu = (srv->cpu_seconds() - scpu0) / static_cast<double>(rounds);
+      double bench_cpu = (self_cpu_seconds() - bcpu0) / static_cast<double>(rounds);
+      if (sim->converged() != n + 1)
+        throw Failure("only " + std::to_string(sim->converged()) + " peers still see everyone online after the rounds");
+      emit("fanout", n, "last_relay_ms", median(last_relay), "ms", 3);
+      emit("fanout", n, "last_relay_max_ms", maximum(last_relay), "ms", 3);
+      emit("fanout", n, "all_relay_acks_sent_ms", median(all_acked), "ms", 3);
+      emit("fanout", n, "sender_ack_ms", median(sender_ack), "ms", 3);
+      emit("fanout", n, "server_cpu_per_message_ms", server_cpu * 1000, "ms", 3);
+      emit("fanout", n, "bench_cpu_per_message_ms", bench_cpu * 1000, "ms", 3);
+      emit("fanout", n, "server_resends_seen", static_cast<double>(sim->sum(&Counters::duplicates)), "count", 0);
+      sim.reset();
+      srv->stop();
+
+      // Baseline: the same N datagrams, one plain socket to N plain sockets, then N receives.
+      PlainSocket from;
+      std::vector<std::unique_ptr<PlainSocket>> to;
+      for (std::size_t i = 0; i < n; ++i) to.push_back(std::make_unique<PlainSocket>());
+      const std::string relay = proto::encode(proto::Relay{0x1234567890abcdefull, "p0", 0x1234567890abcdefull, kText});
+      std::vector<double> base;
+      for (std::size_t r = 0; r < rounds; ++r) {
+        auto start = Clock::now();
+        for (auto& s : to) from.send_to(relay, *s);
+        for (auto& s : to) s->receive();
+        base.push_back(ms(Clock::now() - start));
+      }
+      emit("fanout", n, "baseline_last_recv_ms", median(base), "ms", 3);
+      emit("fanout", n, "baseline_last_recv_max_ms", maximum(base), "ms", 3);
+    } catch (const std::exception& e) {
+      emit_error("fanout", n, e.what());
+      all_ok = false;
+    }
+  }
+  return all_ok;
+}
+
+/// Registers every peer, then has `leaving` Dereg; returns once the others see them offline.
+void register_then_leave(Sim& sim, const std::vector<Peer*>& leaving, Clock::time_point deadline) {
+  register_all(sim, 0, deadline, "registering " + std::to_string(sim.size()));
+  std::size_t left = 0;
+  for (Peer* p : leaving) sim.dereg_peer(*p, [&left](bool ok) { left += ok ? 1 : 0; });
+  std::size_t stay = sim.size() - leaving.size();
+  sim.expect(sim.size(), stay);
+  if (!sim.run_until([&] { return (left == leaving.size() && sim.converged() == stay) || sim.failed() > 0; }, deadline))
+    throw Failure("timed out waiting for " + std::to_string(leaving.size()) + " peers to leave");
+  if (sim.failed() > 0) throw Failure(sim.last_failure());
+}
+
+// store: Save requests from 100 registered senders to offline recipients, counted on their Ack.
+bool bench_store(const Options& o) {
+  const std::size_t total = sizes_for(o, {20000}, {2000}).front();
+  constexpr std::size_t senders = 100, recipients = 10;
+  try {
+    auto deadline = Clock::now() + 60s;
+    ServerProcess srv(o);
+    net::io_context io(1);
+    Sim sim(io, srv.endpoint());
+    std::vector<Peer*> from, to;
+    for (std::size_t i = 0; i < senders; ++i) from.push_back(&sim.add());
+    for (std::size_t i = 0; i < recipients; ++i) to.push_back(&sim.add());
+    register_then_leave(sim, to, deadline);
+    double scpu0 = srv.cpu_seconds();
+    Clock::duration elapsed{};
+    std::vector<double> latency = save_all(sim, from, to, total, deadline, elapsed);
+    double server_cpu = srv.cpu_seconds() - scpu0;
+    emit("store", total, "durable_saves_per_s", static_cast<double>(total) / std::chrono::duration<double>(elapsed).count(),
+         "1/s");
+    emit("store", total, "save_latency_p50_ms", percentile(latency, 50), "ms", 3);
+    emit("store", total, "save_latency_p99_ms", percentile(latency, 99), "ms", 3);
+    emit("store", total, "server_cpu_s", server_cpu, "s", 2);
+    emit("store", total, "in_flight", static_cast<double>(senders * kSaveWindow), "count", 0);
+    // Baselines on the same filesystem, in the same run (as bench_store measures them).
+    const std::size_t records = o.quick ? 300 : 2000;
+    fs::path dir = srv.data_dir();
+    emit("store", records, "baseline_fdatasync_each_per_s", fdatasync_rate(dir, records, 1, 100), "1/s");
+    emit("store", records, "baseline_fdatasync_per16_per_s", fdatasync_rate(dir, records, 16, 100), "1/s");
+    srv.stop();
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("store", total, e.what());
+    return false;
+  }
+}
+
+// drain: a recipient with M saved messages registers; time until all are delivered and ACKed.
+bool bench_drain(const Options& o) {
+  const std::size_t m = sizes_for(o, {10000}, {1000}).front();
+  constexpr std::size_t senders = 10;
+  try {
+    auto deadline = Clock::now() + 90s;
+    ServerProcess srv(o);
+    net::io_context io(1);
+    Sim sim(io, srv.endpoint());
+    Peer& r = sim.add();
+    std::vector<Peer*> from;
+    for (std::size_t i = 0; i < senders; ++i) from.push_back(&sim.add());
+    register_then_leave(sim, {&r}, deadline);
+    Clock::duration fill{};
+    save_all(sim, from, {&r}, m, deadline, fill);
+
+    sim.stored_seen.clear();
+    std::optional<std::uint64_t> pending;
+    Clock::time_point regok_at;
+    auto start = Clock::now();
+    sim.register_peer(r, [&](const proto::RegOk* ok) {
+      regok_at = Clock::now();
+      pending = ok != nullptr ? ok->pending : 0;
+    });
+    bool ok = sim.run_until([&] { return sim.stored_seen.size() >= m || sim.failed() > 0; }, deadline);
+    if (sim.failed() > 0) throw Failure(sim.last_failure());
+    if (!ok)
+      throw Failure("timed out: " + std::to_string(sim.stored_seen.size()) + "/" + std::to_string(m) + " delivered");
+    Clock::duration drained = sim.last_stored_acked_at - start;
+    if (pending != m) throw Failure("RegOk said " + std::to_string(pending.value_or(0)) + " pending, not " + std::to_string(m));
+    std::size_t datagrams = sim.stored_datagrams;
+    std::uint64_t bytes = sim.stored_bytes;
+    emit("drain", m, "drain_ms", ms(drained), "ms");
+    emit("drain", m, "regok_ms", ms(regok_at - start), "ms", 3);
+    emit("drain", m, "stored_datagrams", static_cast<double>(datagrams), "count", 0);
+    emit("drain", m, "items_per_datagram", static_cast<double>(m) / static_cast<double>(datagrams), "count", 2);
+    emit("drain", m, "duplicate_items", static_cast<double>(sim.stored_dups), "count", 0);
+
+    // Confirm the server holds nothing more: leave and come back, RegOk must say 0 pending.
+    bool left = false;
+    sim.dereg_peer(r, [&](bool) { left = true; });
+    if (!sim.run_until([&] { return left; }, deadline) || sim.failed() > 0) throw Failure("dereg after the drain failed");
+    std::optional<std::uint64_t> again;
+    sim.register_peer(r, [&](const proto::RegOk* k) { again = k != nullptr ? k->pending : ~0ull; });
+    if (!sim.run_until([&] { return again.has_value(); }, deadline) || sim.failed() > 0)
+      throw Failure("re-register after the drain failed");
+    if (*again != 0) throw Failure("after the drain the server still says " + std::to_string(*again) + " pending");
+    if (sim.stored_seen.size() != m) throw Failure("messages delivered again after the drain");
+    sim.run_for(20ms);
+
+    // Baseline: the same number of datagrams of the same size, stop-and-wait over plain sockets.
+    PlainSocket s1, s2;
+    const std::string dgram(static_cast<std::size_t>(bytes / std::max<std::size_t>(datagrams, 1)), 'x');
+    const std::string ack = proto::encode(proto::Ack{0x1234567890abcdefull});
+    auto t0 = Clock::now();
+    for (std::size_t i = 0; i < datagrams; ++i) {
+      s1.send_to(dgram, s2);
+      s2.receive();
+      s2.send_to(ack, s1);
+      s1.receive();
+    }
+    emit("drain", m, "baseline_stop_and_wait_ms", ms(Clock::now() - t0), "ms", 3);
+    srv.stop();
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("drain", m, e.what());
+    return false;
+  }
+}
+
+// memory: server RSS empty, then with N registered clients whose tables have converged.
+bool bench_memory(const Options& o) {
+  const auto sizes = sizes_for(o, {1000, 10000}, {1000});
+  raise_fd_limit(*std::max_element(sizes.begin(), sizes.end()) + 512);
+  std::size_t n = 0;
+  try {
+    ServerProcess srv(o);
+    net::io_context io(1);
+    Sim sim(io, srv.endpoint());
+    sim.run_for(200ms);
+    long rss0 = srv.status_kib("VmRSS");
+    emit("memory", 0, "rss_kib", static_cast<double>(rss0), "KiB", 0);
+    double row = 0;
+    for (std::size_t size : sizes) {
+      n = size;
+      std::size_t first = sim.size();
+      while (sim.size() < n) sim.add();
+      register_all(sim, first, Clock::now() + std::chrono::seconds(30 + n / 50), "registering " + std::to_string(n));
+      settle(sim, srv, 30s);  // steady state: the last ACKs have reached the server
+      if (std::getenv("CHATBENCH_TRACE") != nullptr) {
+        auto r0 = sim.sum(&Counters::received), d0 = sim.sum(&Counters::duplicates);
+        sim.run_for(3s);
+        note("after settling, 3 s more: " + std::to_string(sim.sum(&Counters::received) - r0) + " datagrams in, " +
+             std::to_string(sim.sum(&Counters::duplicates) - d0) + " repeats; RSS " +
+             std::to_string(srv.status_kib("VmRSS")) + " KiB");
+      }
+      long rss = srv.status_kib("VmRSS");
+      emit("memory", n, "rss_kib", static_cast<double>(rss), "KiB", 0);
+      emit("memory", n, "kib_per_client", static_cast<double>(rss - rss0) / static_cast<double>(n), "KiB", 3);
+      row = 0;
+      for (std::size_t i = 0; i < n; ++i) row += static_cast<double>(row_bytes(sim.peer(i)));
+      row /= static_cast<double>(n);
+    }
+    emit("memory", n, "rss_peak_kib", static_cast<double>(srv.status_kib("VmHWM")), "KiB", 0);
+    // What a client's row is on the wire: the information the server has to keep per client.
+    emit("memory", n, "baseline_wire_kib_per_client", row / 1024.0, "KiB", 3);
+    srv.stop();
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("memory", n, e.what());
+    return false;
+  }
+}
+
+struct Scenario {
+  const char* name;
+  bool (*run)(const Options&);
+};
+constexpr Scenario kScenarios[] = {{"direct", bench_direct}, {"register", bench_register}, {"fanout", bench_fanout},
+                                   {"store", bench_store},   {"drain", bench_drain},       {"memory", bench_memory}};
+
+void usage(FILE* out) {
+  std::fprintf(out,
+               "usage: chatbench <scenario|all> [--quick] [--bin path/to/ChatApp] [--tmp dir] [--n N[,N...]]\n"
+               "                 [--wrap 'cmd args'] [--server-arg arg]... [--start-timeout s] [--rounds n]\n"
+               "scenarios: direct register fanout store drain memory all\n");
+}
+
+std::vector<std::size_t> parse_sizes(const std::string& s) {
+  std::vector<std::size_t> out;
+  std::stringstream in(s);
+  for (std::string part; std::getline(in, part, ',');) out.push_back(std::stoul(part));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_IGN);
+  spdlog::set_level(spdlog::level::warn);
+  Options o;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      std::string_view a = argv[i];
+      auto value = [&]() -> std::string {
+        if (i + 1 >= argc) throw std::invalid_argument(std::string(a) + " needs a value");
+        return argv[++i];
+      };
+      if (a == "--quick") o.quick = true;
+      else if (a == "--bin") o.bin = value();
+      else if (a == "--tmp") o.tmp = value();
+      else if (a == "--n") o.sizes = parse_sizes(value());
+      else if (a == "--rounds") o.rounds = std::stoul(value());
+      else if (a == "--server-arg") o.server_args.push_back(value());
+      else if (a == "--start-timeout") o.start_timeout = std::chrono::seconds(std::stol(value()));
+      else if (a == "--wrap") {
+        std::stringstream in(value());
+        for (std::string w; in >> w;) o.wrap.push_back(w);
+      } else if (a == "-h" || a == "--help") {
+        usage(stdout);
+        return 0;
+      } else if (o.scenario.empty() && !a.starts_with("-")) o.scenario = a;
+      else throw std::invalid_argument("unknown argument " + std::string(a));
+    }
+    if (o.scenario.empty()) throw std::invalid_argument("no scenario given");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "chatbench: %s\n", e.what());
+    usage(stderr);
+    return 2;
+  }
+  if (o.bin.empty()) {
+    std::error_code ec;
+    o.bin = (fs::read_symlink("/proc/self/exe", ec).parent_path().parent_path() / "ChatApp").string();
+  }
+  if (o.wrap.empty() && ::access(o.bin.c_str(), X_OK) != 0) {
+    std::fprintf(stderr, "chatbench: no ChatApp binary at %s (use --bin)\n", o.bin.c_str());
+    return 2;
+  }
+  bool ok = true, found = false;
+  for (const Scenario& s : kScenarios) {
+    if (o.scenario != "all" && o.scenario != s.name) continue;
+    found = true;
+    auto start = Clock::now();
+    ok = s.run(o) && ok;
+    note(std::string(s.name) + " took " + std::to_string(ms(Clock::now() - start) / 1000) + " s");
+  }
+  if (!found) {
+    std::fprintf(stderr, "chatbench: unknown scenario %s\n", o.scenario.c_str());
+    usage(stderr);
+    return 2;
+  }
+  return ok ? 0 : 1;
+}
