@@ -127,6 +127,8 @@ void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
 }
 
 void Server::admit(const proto::Register& r, const udp::endpoint& from) {
+  // A delivery restarts from the oldest stored message: what was ACKed must be gone first.
+  if (undeleted_.contains(r.name)) remove_delivered();
   std::size_t pending = mailbox(r.name);
   Session& s = sessions_[r.name];
   ++s.gen;
@@ -266,6 +268,7 @@ void Server::flush() {
   if (ok)
     for (const auto& m : batch) ++mailbox(m.to);
   for (auto& cb : callbacks) cb(ok);
+  remove_delivered();
   if (!ok) return;
   for (const auto& m : batch) {
     spdlog::info("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
@@ -281,6 +284,20 @@ void Server::reach(const udp::endpoint& to, std::function<void(bool)> then) {
   // Not yet proven to receive (a spoofed registration?): a small probe first, so the server
   // never sends an address much more than it received from it.
   probe(to, std::move(then));
+}
+
+void Server::remove_delivered() {
+  std::unordered_map<std::string, std::vector<std::int64_t>> batch;
+  batch.swap(undeleted_);
+  for (const auto& [name, seqs] : batch) {
+    try {
+      store_->remove_delivered(name, seqs);
+    } catch (const std::exception& e) {
+      // They stay stored: a later delivery sends them again, and the client, knowing their
+      // (sender, id), does not show them twice.
+      spdlog::error("removing delivered messages for {} failed: {}", name, e.what());
+    }
+  }
 }
 
 void Server::deliver(const std::string& name) {
@@ -309,7 +326,7 @@ void Server::deliver_batch(const std::string& name) {
   const Client* c = table_.find(name);
   std::vector<offline::StoredMessage> rows;
   try {
-    rows = store_->pending_for(name, 0, kDeliveryRead);
+    rows = store_->pending_for(name, s.delivered_seq, kDeliveryRead);
   } catch (const std::exception& e) {
     // The messages stay stored; the next registration (or save) tries again.
     spdlog::error("reading saved messages for {} failed: {}", name, e.what());
@@ -319,6 +336,8 @@ void Server::deliver_batch(const std::string& name) {
   if (rows.empty() || c == nullptr) {
     s.delivering = false;
     mailbox(name) = 0;
+    if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);
+    s.delivered_count = 0;
     set_online(name, true);
     return;
   }
@@ -341,18 +360,15 @@ void Server::deliver_batch(const std::string& name) {
       mark_gone(name);
       return;
     }
-    // Deleted only now that the client has them: a lost datagram loses nothing. If the delete
-    // fails they stay stored, and a later delivery shows them once (the client knows their ids).
-    try {
-      store_->remove_delivered(name, seqs);
-    } catch (const std::exception& e) {
-      spdlog::error("removing delivered messages for {} failed: {}", name, e.what());
-      it->second.delivering = false;
-      return;
-    }
+    // Deleted only now that the client has them, so a lost datagram loses nothing; the delete
+    // joins the next group commit while the next batch is already on its way.
+    auto& undeleted = undeleted_[name];
+    undeleted.insert(undeleted.end(), seqs.begin(), seqs.end());
+    schedule_flush();
+    it->second.delivered_seq = seqs.back();
+    it->second.delivered_count += seqs.size();
     std::size_t& box = mailbox(name);
     box -= std::min(box, seqs.size());
-    spdlog::info("delivered {} saved messages to {}", seqs.size(), name);
     deliver_batch(name);
   });
 }

@@ -49,6 +49,8 @@ class Server {
     bool delivering = false;   // saved messages are being delivered
     std::uint64_t have = 0;    // table version the client confirmed (in our epoch)
     std::uint64_t gen = 0;     // bumped on every (re)registration or leave: stale callbacks see it
+    std::int64_t delivered_seq = 0;     // highest stored seq the client ACKed in this session
+    std::size_t delivered_count = 0;    // saved messages delivered in this session's drain
   };
   using AfterCommit = std::function<void(bool ok)>;
 
@@ -82,6 +84,8 @@ class Server {
 
   void deliver(const std::string& name);
   void deliver_batch(const std::string& name);
+  /// Deletes the saved messages clients ACKed since the last flush.
+  void remove_delivered();
   /// Calls `then(true)` once `to` may be sent a full datagram: at once if it has proven it
   /// receives (or has budget), else after it answered a probe; `then(false)` if it did not.
   void reach(const udp::endpoint& to, std::function<void(bool)> then);
@@ -98,6 +102,7 @@ class Server {
   std::vector<offline::NewMessage> unsaved_;
   std::vector<AfterCommit> after_commit_;
   std::vector<std::string> dirty_rows_;
+  std::unordered_map<std::string, std::vector<std::int64_t>> undeleted_;  // ACKed, not yet deleted
   std::unordered_map<std::string, std::size_t> mailbox_;
   net::steady_timer stats_timer_;
   transport::Counters last_logged_;
