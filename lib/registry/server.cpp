@@ -13,6 +13,9 @@ namespace proto = chat::protocol;
 
 // Saved messages read per delivery step; the datagram takes as many as fit.
 constexpr std::size_t kDeliveryRead = 64;
+// Stands for the id in a relay encoded once for a whole fan-out (the longest u64, so the
+// spliced-in id never makes the datagram longer).
+constexpr std::uint64_t kIdPlaceholder = UINT64_MAX;
 // Room a Stored datagram needs beyond its items (type, id, version).
 constexpr std::size_t kStoredEnvelope = 64;
 
@@ -381,10 +384,13 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
     return;
   }
   std::int64_t ts = now_us();
+  // One copy of the message for the whole fan-out, encoded once; each relay only splices in
+  // its own id.
+  auto fan = std::make_shared<const Fanout>(Fanout{r, ts, proto::encode(proto::Relay{kIdPlaceholder, r.from, r.id, r.text})});
   std::vector<std::string> absent;
   table_.for_each([&](const Client& c) {
     if (c.name == r.from) return;
-    if (c.online) relay(c.name, r, ts);
+    if (c.online) relay(c.name, fan);
     else absent.push_back(c.name);
   });
   // The sender hears "received" once the copies for offline members are durable. A full
@@ -409,21 +415,28 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
   }
 }
 
-void Server::relay(const std::string& to, const proto::Channel& c, std::int64_t ts_us) {
+void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
   const Client* target = table_.find(to);
   udp::endpoint ep = endpoint_of(*target);
-  auto missed = [this, to, c, ts_us] {
+  auto missed = [this, to, fan] {
     mark_silent(to);
-    if (mailbox(to) < options_.max_stored) save({to, c.from, offline::Kind::channel, ts_us, c.id, c.text}, nullptr);
+    const proto::Channel& c = fan->channel;
+    if (mailbox(to) < options_.max_stored) save({to, c.from, offline::Kind::channel, fan->ts_us, c.id, c.text}, nullptr);
   };
-  reach(ep, [this, ep, c, missed](bool ok) {
+  reach(ep, [this, ep, fan, missed](bool ok) {
     if (!ok) return missed();
     transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
-    endpoint_.request(proto::Relay{endpoint_.next_id(), c.from, c.id, c.text}, ep,
-                      [missed](const proto::Message* reply) {
-                        if (reply == nullptr) missed();
-                      },
-                      p);
+    std::uint64_t id = endpoint_.next_id();
+    std::string bytes = fan->relay;
+    static const std::string placeholder = "\"id\":" + std::to_string(kIdPlaceholder);
+    // Only the key can match: inside a JSON string every quote is escaped.
+    if (auto at = bytes.find(placeholder); at != std::string::npos)
+      bytes.replace(at, placeholder.size(), "\"id\":" + std::to_string(id));
+    endpoint_.request_encoded(id, std::move(bytes), ep,
+                              [missed](const proto::Message* reply) {
+                                if (reply == nullptr) missed();
+                              },
+                              p);
   });
 }
 

@@ -66,7 +66,13 @@ class Server {
   static udp::endpoint endpoint_of(const Client& c);
   /// Asks `to` whether it is alive, within one ACK timeout.
   void probe(const udp::endpoint& to, std::function<void(bool alive)> then);
-  void relay(const std::string& to, const protocol::Channel& c, std::int64_t ts_us);
+  /// One channel message on its way to every member: shared by all the relays.
+  struct Fanout {
+    protocol::Channel channel;
+    std::int64_t ts_us;
+    std::string relay;  // the Relay datagram, encoded with a placeholder id
+  };
+  void relay(const std::string& to, std::shared_ptr<const Fanout> fan);
 
   void set_online(const std::string& name, bool online);
   /// Ends `name`'s session and marks it offline (a table update or delivery went unanswered).

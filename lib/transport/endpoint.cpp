@@ -222,7 +222,11 @@ void Endpoint::request(const protocol::Message& request, const udp::endpoint& to
 
 void Endpoint::request(const protocol::Message& request, const udp::endpoint& to, Done done,
                        RetryPolicy policy) {
-  std::uint64_t id = protocol::request_id(request);
+  request_encoded(protocol::request_id(request), protocol::encode(request), to, std::move(done), policy);
+}
+
+void Endpoint::request_encoded(std::uint64_t id, std::string bytes, const udp::endpoint& to, Done done,
+                               RetryPolicy policy) {
   std::size_t& to_count = in_flight_to_[addr_key(to)];
   if (to_count >= guard_.max_in_flight || pending_.contains(id)) {
     // Too many outstanding to one address (or a reused id): fail at once, bounded memory.
@@ -236,7 +240,7 @@ void Endpoint::request(const protocol::Message& request, const udp::endpoint& to
     return;
   }
   ++to_count;
-  auto it = pending_.try_emplace(id, io_, to, protocol::encode(request), std::move(done), policy).first;
+  auto it = pending_.try_emplace(id, io_, to, std::move(bytes), std::move(done), policy).first;
   transmit(id, it->second);
 }
 

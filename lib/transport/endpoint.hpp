@@ -76,6 +76,9 @@ class Endpoint {
   void request(const protocol::Message& request, const udp::endpoint& to, Done done);
   void request(const protocol::Message& request, const udp::endpoint& to, Done done,
                RetryPolicy policy);
+  /// As request(), for a request already encoded (whose id is `id`): a fan-out encodes once.
+  void request_encoded(std::uint64_t id, std::string bytes, const udp::endpoint& to, Done done,
+                       RetryPolicy policy);
   /// Sends a reply, remembered so that a repeat of the request gets it again.
   void reply(const udp::endpoint& to, const protocol::Message& reply);
   /// Leaves the request (from, id) unanswered, so a repeat of it is handed up again.
