@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 
 #include <algorithm>
+#include <charconv>
 
 #include <nlohmann/json.hpp>
 
@@ -21,62 +22,198 @@ overloaded(Ts...) -> overloaded<Ts...>;  // clang 14 (the fuzz build) needs the 
 
 // ---------------------------------------------------------------- encode
 
-json entry_json(const Entry& e) { return json::array({e.name, e.ip, e.port, e.online ? 1 : 0}); }
+// Writes one datagram straight into a string: no JSON tree, one allocation. The output is the
+// JSON a tree would give (keys in another order), checked by the round-trip tests and fuzzer.
+class Writer {
+ public:
+  explicit Writer(const char* type) {
+    out_.reserve(192);
+    out_ += "{\"v\":";
+    number(kVersion);
+    out_ += ",\"t\":\"";
+    out_ += type;
+    out_ += '"';
+  }
+  Writer& u64(const char* key, std::uint64_t v) {
+    this->key(key);
+    number(v);
+    return *this;
+  }
+  Writer& boolean(const char* key, bool v) {
+    this->key(key);
+    out_ += v ? "true" : "false";
+    return *this;
+  }
+  Writer& str(const char* key, std::string_view v) {
+    this->key(key);
+    string(v);
+    return *this;
+  }
+  Writer& entries(const std::vector<Entry>& es) {
+    key("e");
+    out_ += '[';
+    for (std::size_t i = 0; i < es.size(); ++i) {
+      if (i > 0) out_ += ',';
+      out_ += '[';
+      string(es[i].name);
+      out_ += ',';
+      string(es[i].ip);
+      out_ += ',';
+      number(es[i].port);
+      out_ += es[i].online ? ",1]" : ",0]";
+    }
+    out_ += ']';
+    return *this;
+  }
+  Writer& items(const std::vector<StoredItem>& is) {
+    key("items");
+    out_ += '[';
+    for (std::size_t i = 0; i < is.size(); ++i) {
+      if (i > 0) out_ += ',';
+      out_ += '[';
+      string(is[i].from);
+      out_ += is[i].channel ? ",1," : ",0,";
+      number(is[i].ts_us);
+      out_ += ',';
+      number(is[i].mid);
+      out_ += ',';
+      string(is[i].text);
+      out_ += ']';
+    }
+    out_ += ']';
+    return *this;
+  }
+  std::string done() {
+    out_ += '}';
+    return std::move(out_);
+  }
 
-json item_json(const StoredItem& i) {
-  return json::array({i.from, i.channel ? 1 : 0, i.ts_us, i.mid, i.text});
-}
+ private:
+  void key(const char* k) {
+    out_ += ",\"";
+    out_ += k;
+    out_ += "\":";
+  }
+  template <class T>
+  void number(T v) {
+    char buf[24];
+    auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+    out_.append(buf, end);
+  }
+  // A JSON string; invalid UTF-8 becomes U+FFFD (one per bad byte), never an exception.
+  void string(std::string_view s) {
+    out_ += '"';
+    std::size_t i = 0;
+    while (i < s.size()) {
+      auto c = static_cast<unsigned char>(s[i]);
+      if (c >= 0x80) {
+        std::size_t n = utf8_length(s.substr(i));
+        if (n == 0) {
+          out_ += "\xEF\xBF\xBD";
+          ++i;
+        } else {
+          out_.append(s.data() + i, n);
+          i += n;
+        }
+        continue;
+      }
+      switch (c) {
+        case '"': out_ += "\\\""; break;
+        case '\\': out_ += "\\\\"; break;
+        case '\b': out_ += "\\b"; break;
+        case '\f': out_ += "\\f"; break;
+        case '\n': out_ += "\\n"; break;
+        case '\r': out_ += "\\r"; break;
+        case '\t': out_ += "\\t"; break;
+        default:
+          if (c < 0x20) {
+            static constexpr char hex[] = "0123456789abcdef";
+            out_ += "\\u00";
+            out_ += hex[c >> 4];
+            out_ += hex[c & 0xF];
+          } else {
+            out_ += static_cast<char>(c);
+          }
+      }
+      ++i;
+    }
+    out_ += '"';
+  }
+  // Length of the well-formed UTF-8 sequence starting `s` (first byte >= 0x80), or 0.
+  static std::size_t utf8_length(std::string_view s) {
+    auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
+    unsigned c = b(0);
+    std::size_t n;
+    unsigned min;
+    if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
+    else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, c &= 0x0F;
+    else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, c &= 0x07;
+    else return 0;
+    if (s.size() < n) return 0;
+    for (std::size_t k = 1; k < n; ++k) {
+      if ((b(k) & 0xC0) != 0x80) return 0;
+      c = (c << 6) | (b(k) & 0x3F);
+    }
+    if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
+    return n;
+  }
 
-json to_json_value(const Message& m) {
+  std::string out_;
+};
+
+std::string encode_message(const Message& m) {
   return std::visit(
       overloaded{
           [](const Register& r) {
-            json j{{"t", "register"}, {"id", r.id}, {"name", r.name}};
-            if (r.pad > 0) j["pad"] = std::string(std::min(r.pad, kMaxDatagram), ' ');
-            return j;
+            Writer w("register");
+            w.u64("id", r.id).str("name", r.name);
+            if (r.pad > 0) w.str("pad", std::string(std::min(r.pad, kMaxDatagram), ' '));
+            return w.done();
           },
-          [](const Dereg& r) { return json{{"t", "dereg"}, {"id", r.id}, {"name", r.name}}; },
+          [](const Dereg& r) { return Writer("dereg").u64("id", r.id).str("name", r.name).done(); },
           [](const Direct& r) {
-            return json{{"t", "direct"}, {"id", r.id}, {"from", r.from}, {"text", r.text}};
+            return Writer("direct").u64("id", r.id).str("from", r.from).str("text", r.text).done();
           },
           [](const Save& r) {
-            return json{{"t", "save"}, {"id", r.id},   {"from", r.from},   {"to", r.to},
-                        {"mid", r.mid}, {"force", r.force}, {"text", r.text}};
+            return Writer("save")
+                .u64("id", r.id)
+                .str("from", r.from)
+                .str("to", r.to)
+                .u64("mid", r.mid)
+                .boolean("force", r.force)
+                .str("text", r.text)
+                .done();
           },
           [](const Channel& r) {
-            return json{{"t", "channel"}, {"id", r.id}, {"from", r.from}, {"text", r.text}};
+            return Writer("channel").u64("id", r.id).str("from", r.from).str("text", r.text).done();
           },
           [](const Relay& r) {
-            return json{
-                {"t", "relay"}, {"id", r.id}, {"from", r.from}, {"mid", r.mid}, {"text", r.text}};
+            return Writer("relay").u64("id", r.id).str("from", r.from).u64("mid", r.mid).str("text", r.text).done();
           },
-          [](const Probe& r) { return json{{"t", "probe"}, {"id", r.id}}; },
+          [](const Probe& r) { return Writer("probe").u64("id", r.id).done(); },
           [](const Table& r) {
-            json entries = json::array();
-            for (const auto& e : r.entries) entries.push_back(entry_json(e));
-            return json{{"t", "table"}, {"id", r.id},     {"epoch", r.epoch},
-                        {"from", r.from}, {"to", r.to},   {"more", r.more},
-                        {"e", std::move(entries)}};
+            return Writer("table")
+                .u64("id", r.id)
+                .u64("epoch", r.epoch)
+                .u64("from", r.from)
+                .u64("to", r.to)
+                .boolean("more", r.more)
+                .entries(r.entries)
+                .done();
           },
-          [](const Stored& r) {
-            json items = json::array();
-            for (const auto& i : r.items) items.push_back(item_json(i));
-            return json{{"t", "stored"}, {"id", r.id}, {"items", std::move(items)}};
-          },
+          [](const Stored& r) { return Writer("stored").u64("id", r.id).items(r.items).done(); },
           [](const Ack& r) {
-            json j{{"t", "ack"}, {"re", r.re}};
-            if (r.epoch != 0 || r.have != 0) {
-              j["epoch"] = r.epoch;
-              j["have"] = r.have;
-            }
-            return j;
+            Writer w("ack");
+            w.u64("re", r.re);
+            if (r.epoch != 0 || r.have != 0) w.u64("epoch", r.epoch).u64("have", r.have);
+            return w.done();
           },
           [](const RegOk& r) {
-            return json{{"t", "reg_ok"}, {"re", r.re}, {"epoch", r.epoch}, {"pending", r.pending}};
+            return Writer("reg_ok").u64("re", r.re).u64("epoch", r.epoch).u64("pending", r.pending).done();
           },
-          [](const RegErr& r) { return json{{"t", "reg_err"}, {"re", r.re}, {"reason", r.reason}}; },
-          [](const Exists& r) { return json{{"t", "exists"}, {"re", r.re}, {"name", r.name}}; },
-          [](const Refused& r) { return json{{"t", "refused"}, {"re", r.re}, {"reason", r.reason}}; },
+          [](const RegErr& r) { return Writer("reg_err").u64("re", r.re).str("reason", r.reason).done(); },
+          [](const Exists& r) { return Writer("exists").u64("re", r.re).str("name", r.name).done(); },
+          [](const Refused& r) { return Writer("refused").u64("re", r.re).str("reason", r.reason).done(); },
       },
       m);
 }
@@ -241,11 +378,7 @@ bool nesting_within(std::string_view s, int limit) {
 
 }  // namespace
 
-std::string encode(const Message& m) {
-  json j = to_json_value(m);
-  j["v"] = kVersion;
-  return j.dump(-1, ' ', false, json::error_handler_t::replace);
-}
+std::string encode(const Message& m) { return encode_message(m); }
 
 Decoded decode(std::string_view bytes) {
   if (bytes.empty()) return {std::nullopt, DecodeError::empty};
