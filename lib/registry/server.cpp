@@ -312,16 +312,21 @@ void Server::deliver(const std::string& name) {
     return;
   }
   it->second.delivering = true;
-  std::uint64_t gen = it->second.gen;
-  reach(endpoint_of(*c), [this, name, gen](bool ok) {
-    auto it2 = sessions_.find(name);
-    if (it2 == sessions_.end() || it2->second.gen != gen) return;
-    if (!ok) {
-      mark_gone(name);
-      return;
-    }
-    deliver_batch(name);
+  reach_client(name, &Server::deliver_batch);
+}
+
+void Server::reach_client(const std::string& name, void (Server::*then)(const std::string&)) {
+  std::uint64_t gen = sessions_[name].gen;
+  reach(endpoint_of(*table_.find(name)), [this, name, gen, then](bool ok) {
+    if (current(name, gen) == nullptr) return;  // a new session or a leave since
+    if (!ok) return mark_gone(name);
+    (this->*then)(name);
   });
+}
+
+Server::Session* Server::current(const std::string& name, std::uint64_t gen) {
+  auto it = sessions_.find(name);
+  return it == sessions_.end() || it->second.gen != gen ? nullptr : &it->second;
 }
 
 void Server::deliver_batch(const std::string& name) {
@@ -357,19 +362,16 @@ void Server::deliver_batch(const std::string& name) {
                          std::move(row.text)});
   }
   endpoint_.request(msg, endpoint_of(*c), [this, name, gen, seqs](const proto::Message* reply) {
-    auto it = sessions_.find(name);
-    if (it == sessions_.end() || it->second.gen != gen) return;
-    if (reply == nullptr) {
-      mark_gone(name);
-      return;
-    }
+    Session* session = current(name, gen);
+    if (session == nullptr) return;
+    if (reply == nullptr) return mark_gone(name);
     // Deleted only now that the client has them, so a lost datagram loses nothing; the delete
     // joins the next group commit while the next batch is already on its way.
     auto& undeleted = undeleted_[name];
     undeleted.insert(undeleted.end(), seqs.begin(), seqs.end());
     schedule_flush();
-    it->second.delivered_seq = seqs.back();
-    it->second.delivered_count += seqs.size();
+    session->delivered_seq = seqs.back();
+    session->delivered_count += seqs.size();
     std::size_t& box = mailbox(name);
     box -= std::min(box, seqs.size());
     deliver_batch(name);
@@ -489,16 +491,7 @@ void Server::sync(const std::string& name) {
   Session& s = it->second;
   if (!s.active || s.syncing || s.have >= table_.version()) return;
   s.syncing = true;
-  std::uint64_t gen = s.gen;
-  reach(endpoint_of(*c), [this, name, gen](bool ok) {
-    auto it2 = sessions_.find(name);
-    if (it2 == sessions_.end() || it2->second.gen != gen) return;
-    if (!ok) {
-      mark_gone(name);
-      return;
-    }
-    send_table(name);
-  });
+  reach_client(name, &Server::send_table);
 }
 
 void Server::send_table(const std::string& name) {
@@ -510,16 +503,12 @@ void Server::send_table(const std::string& name) {
   proto::Table msg{endpoint_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more,
                    std::move(chunk.entries)};
   endpoint_.request(msg, endpoint_of(*c), [this, name, gen](const proto::Message* reply) {
-    auto it = sessions_.find(name);
-    if (it == sessions_.end() || it->second.gen != gen) return;
-    Session& s2 = it->second;
-    s2.syncing = false;
-    if (reply == nullptr) {
-      mark_gone(name);
-      return;
-    }
+    Session* session = current(name, gen);
+    if (session == nullptr) return;
+    session->syncing = false;
+    if (reply == nullptr) return mark_gone(name);
     if (const auto* a = std::get_if<proto::Ack>(reply))
-      s2.have = a->epoch == table_.epoch() ? std::min(a->have, table_.version()) : 0;
+      session->have = a->epoch == table_.epoch() ? std::min(a->have, table_.version()) : 0;
     sync(name);
   });
 }

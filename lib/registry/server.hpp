@@ -95,6 +95,11 @@ class Server {
   /// Calls `then(true)` once `to` may be sent a full datagram: at once if it has proven it
   /// receives (or has budget), else after it answered a probe; `then(false)` if it did not.
   void reach(const udp::endpoint& to, std::function<void(bool)> then);
+  /// reach() for a registered client: `then(name)` if it is reachable, else its session ends;
+  /// nothing if its session changed meanwhile.
+  void reach_client(const std::string& name, void (Server::*then)(const std::string&));
+  /// The session of `name` if it is still generation `gen`, else nullptr.
+  Session* current(const std::string& name, std::uint64_t gen);
   /// Saved messages for `name`, counted once from the store and then kept up to date.
   std::size_t& mailbox(const std::string& name);
   void log_stats();
