@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <boost/program_options.hpp>
+#include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -41,6 +42,7 @@ struct Config {
   std::string data_dir = "data";
   chat::transport::RetryPolicy policy;
   bool verbose = false;
+  std::string log_file;
   double rate_limit = 2000;
   long long max_stored = 100'000;
   long long max_clients = 100'000;
@@ -75,7 +77,9 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: saved messages kept per recipient at most")
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
-      ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr");
+      ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr")
+      ("log-file", po::value<std::string>(&c.log_file)->value_name("path"),
+       "also append the log to this file");
   return o;
 }
 
@@ -221,7 +225,16 @@ int main(int argc, char** argv) {
   }
   if (!config) return exit_code;
   // Logs go to stderr so that stdout carries only what the user is meant to read.
-  auto logger = spdlog::stderr_logger_st("chatapp");
+  std::vector<spdlog::sink_ptr> sinks{std::make_shared<spdlog::sinks::stderr_sink_st>()};
+  if (!config->log_file.empty()) {
+    try {
+      sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_st>(config->log_file));
+    } catch (const spdlog::spdlog_ex& e) {
+      std::cerr << "ChatApp: cannot open the log file " << config->log_file << ": " << e.what() << '\n';
+      return 1;
+    }
+  }
+  auto logger = std::make_shared<spdlog::logger>("chatapp", sinks.begin(), sinks.end());
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
   spdlog::set_level(config->verbose ? spdlog::level::debug
