@@ -4,6 +4,8 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -32,6 +34,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -326,8 +329,13 @@ class ServerProcess {
     for (std::string a : {o.bin, std::string("-s"), std::to_string(port_), std::string("--data-dir"), dir_.string(),
                           std::string("--bind"), std::string("127.0.0.1")})
       args.push_back(std::move(a));
-    for (const auto& a : extra_) args.push_back(a);
-    for (const auto& a : o.server_args) args.push_back(a);  // last: the command line wins
+    // Options as name-value pairs; one given with --server-arg replaces the scenario's own.
+    for (std::size_t i = 0; i + 1 < extra_.size(); i += 2)
+      if (std::find(o.server_args.begin(), o.server_args.end(), extra_[i]) == o.server_args.end()) {
+        args.push_back(extra_[i]);
+        args.push_back(extra_[i + 1]);
+      }
+    for (const auto& a : o.server_args) args.push_back(a);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -507,7 +515,21 @@ struct Peer {
   std::uint64_t pending = 0;        // from the last RegOk
   std::uint64_t relay_round = 0;    // the channel id of the last Relay taken
   Clock::time_point registered_at;  // when the RegOk arrived
+  int fd = -1;                      // the Endpoint's socket, once Sim::find_sockets() ran
 };
+
+/// Kernel receive time (CLOCK_REALTIME, ns) of the last datagram read from `fd`, or -1. The
+/// first call turns timestamping on for the socket (SIOCGSTAMPNS), so call it once beforehand.
+std::int64_t last_arrival_ns(int fd) {
+  timespec ts{};
+  if (fd < 0 || ::ioctl(fd, SIOCGSTAMPNS, &ts) != 0) return -1;
+  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+std::int64_t wall_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 
 /// The simulated peers of one scenario, against one server, on one io_context (single thread).
 class Sim {
@@ -523,6 +545,26 @@ class Sim {
     return ref;
   }
   Peer& peer(std::size_t i) { return *peers_[i]; }
+
+  /// Finds each peer's socket among the open descriptors (the Endpoint does not expose it) and
+  /// turns on kernel receive timestamps for it, so a handler can ask when its datagram arrived.
+  void find_sockets() {
+    std::unordered_map<std::uint16_t, Peer*> by_port;
+    for (auto& p : peers_) by_port[p->ep.local_endpoint().port()] = p.get();
+    for (const auto& entry : fs::directory_iterator("/proc/self/fd")) {
+      int fd = std::atoi(entry.path().filename().c_str());
+      sockaddr_in a{};
+      socklen_t len = sizeof a;
+      int type = 0;
+      socklen_t tlen = sizeof type;
+      if (::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0 || a.sin_family != AF_INET) continue;
+      if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 || type != SOCK_DGRAM) continue;
+      auto it = by_port.find(ntohs(a.sin_port));
+      if (it == by_port.end() || a.sin_addr.s_addr != htonl(INADDR_LOOPBACK)) continue;
+      it->second->fd = fd;
+      last_arrival_ns(fd);  // enables timestamping; nothing was read yet, so it fails
+    }
+  }
   const udp::endpoint& server() const { return server_; }
   std::size_t size() const { return peers_.size(); }
 
@@ -608,6 +650,8 @@ class Sim {
   std::uint64_t round = 0;
   std::size_t relays = 0;
   Clock::time_point last_relay_at, last_relay_acked_at;
+  std::int64_t last_relay_arrival_ns = -1;  // latest kernel arrival of a Relay this round
+  std::size_t relays_unstamped = 0;
 
   // Deliveries of saved messages.
   std::unordered_set<std::string> stored_seen;
@@ -643,10 +687,13 @@ class Sim {
       update(p);
     } else if (const auto* r = std::get_if<proto::Relay>(&m)) {
       Clock::time_point got = Clock::now();
+      std::int64_t arrived = last_arrival_ns(p.fd);  // before the Ack: a later read would replace it
       p.ep.reply(from, proto::Ack{r->id});
       if (r->mid == round && p.relay_round != round) {
         p.relay_round = round;
         ++relays;
+        if (arrived < 0) ++relays_unstamped;
+        last_relay_arrival_ns = std::max(last_relay_arrival_ns, arrived);
         last_relay_at = got;
         last_relay_acked_at = Clock::now();
       }
@@ -784,6 +831,14 @@ void settle(Sim& sim, const ServerProcess& srv, Clock::duration limit) {
   }
 }
 
+/// The --ack-timeout the server gets: from --server-arg if given there, else from `scenario`.
+long ack_timeout_ms(const Options& o, const std::vector<std::string>& scenario) {
+  for (const auto* args : {&o.server_args, &scenario})
+    for (std::size_t i = 0; i + 1 < args->size(); ++i)
+      if ((*args)[i] == "--ack-timeout") return std::stol((*args)[i + 1]);
+  return 500;  // the product's default
+}
+
 // direct: sequential ACKed Direct requests between two Endpoints; baseline: raw UDP ping-pong.
 bool bench_direct(const Options& o) {
   const std::size_t n = sizes_for(o, {10000}, {1000}).front();
@@ -858,7 +913,7 @@ bool bench_register(const Options& o) {
       auto deadline = Clock::now() + std::chrono::seconds(30 + n / 50);
       udp0 = udp_rcvbuf_errors();
       srv.emplace(o, kMassArgs);
-      emit("register", n, "server_ack_timeout_ms", std::stod(kMassArgs[1]), "ms", 0);
+      emit("register", n, "server_ack_timeout_ms", static_cast<double>(ack_timeout_ms(o, kMassArgs)), "ms", 0);
       sim.emplace(io, srv->endpoint());
       for (std::size_t i = 0; i < n; ++i) sim->add();
       cpu0 = self_cpu_seconds();
@@ -941,7 +996,8 @@ bool bench_fanout(const Options& o) {
       register_all(*sim, 0, deadline, "registering " + std::to_string(n + 1));
       const std::size_t rounds = o.rounds > 0 ? o.rounds : o.quick ? 10 : (n >= 1000 ? 20 : 50);
       Peer& sender = sim->peer(0);
-      std::vector<double> last_relay, all_acked, sender_ack;
+      std::vector<double> last_relay, last_arrival, all_acked, sender_ack;
+      sim->find_sockets();
       settle(*sim, *srv, 10s);
       double scpu0 = srv->cpu_seconds(), bcpu0 = self_cpu_seconds();
       for (std::size_t r = 0; r < rounds; ++r) {
@@ -949,8 +1005,10 @@ bool bench_fanout(const Options& o) {
         std::uint64_t id = sender.ep.next_id();
         sim->round = id;
         sim->relays = 0;
+        sim->last_relay_arrival_ns = -1;
         bool answered = false, ok = false;
         Clock::time_point ack_at;
+        std::int64_t start_wall = wall_ns();
         auto start = Clock::now();
         sender.ep.request(proto::Channel{id, sender.name, kText}, srv->endpoint(), [&](const proto::Message* rep) {
           ack_at = Clock::now();
@@ -962,6 +1020,7 @@ bool bench_fanout(const Options& o) {
                         std::to_string(n) + " relays, sender " + (answered ? "acked" : "not acked"));
         if (!ok) throw Failure("the channel message was not acked");
         last_relay.push_back(ms(sim->last_relay_at - start));
+        last_arrival.push_back(static_cast<double>(sim->last_relay_arrival_ns - start_wall) / 1e6);
         all_acked.push_back(ms(sim->last_relay_acked_at - start));
         sender_ack.push_back(ms(ack_at - start));
       }
@@ -970,6 +1029,12 @@ bool bench_fanout(const Options& o) {
       double bench_cpu = (self_cpu_seconds() - bcpu0) / static_cast<double>(rounds);
       if (sim->converged() != n + 1)
         throw Failure("only " + std::to_string(sim->converged()) + " peers still see everyone online after the rounds");
+      if (sim->relays_unstamped > 0)
+        throw Failure(std::to_string(sim->relays_unstamped) + " relays had no kernel receive timestamp");
+      // Arrival: in the last peer's socket (kernel timestamp), what a client on its own host sees.
+      // Handled: when the bench, one thread for all N peers, got to it (includes its queueing).
+      emit("fanout", n, "last_relay_arrival_ms", median(last_arrival), "ms", 3);
+      emit("fanout", n, "last_relay_arrival_max_ms", maximum(last_arrival), "ms", 3);
       emit("fanout", n, "last_relay_ms", median(last_relay), "ms", 3);
       emit("fanout", n, "last_relay_max_ms", maximum(last_relay), "ms", 3);
       emit("fanout", n, "all_relay_acks_sent_ms", median(all_acked), "ms", 3);
