@@ -29,9 +29,10 @@ def free_port():
 class Proc:
     """One ChatApp process; every output line is kept, `expect` consumes them in order."""
 
-    def __init__(self, args, name="proc", merge_stderr=False, env=None):
+    def __init__(self, args, name="proc", merge_stderr=False, env=None, prefix=()):
+        """`prefix` goes before the binary (e.g. `ip netns exec <ns>`)."""
         self.name = name
-        self.args = [BIN] + args
+        self.args = list(prefix) + [BIN] + args
         self.proc = subprocess.Popen(
             self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,

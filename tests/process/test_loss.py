@@ -78,21 +78,7 @@ class PrefixedProc(Proc):
     """A Proc whose command line starts with `prefix` (e.g. `ip netns exec <ns>`)."""
 
     def __init__(self, prefix, args, name="proc", merge_stderr=False):
-        # Proc.__init__ starts [BIN] + args; the same, with the prefix in front.
-        self.name = name
-        self.args = list(prefix) + [BIN] + args
-        self.proc = subprocess.Popen(
-            self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, bufsize=0)
-        self.lines = []
-        self.cursor = 0
-        self.cond = threading.Condition()
-        self.err_lines = []
-        self.eof = False
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines, True), daemon=True).start()
-        if not merge_stderr:
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.err_lines, False),
-                             daemon=True).start()
+        super().__init__(args, name=name, merge_stderr=merge_stderr, prefix=prefix)
 
 
 # A sender's lines between a command and its final line that show the message went on its way.
