@@ -117,6 +117,9 @@ bool read_exact(int fd, void* buf, std::size_t n) {
   return true;
 }
 
+/// The committed database written by the schema-1 code (see the golden test); never opened in place.
+fs::path golden_v1() { return fs::path(__FILE__).parent_path().parent_path() / "data" / "golden-v1" / "chat.db"; }
+
 }  // namespace
 
 TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq and limit") {
@@ -477,4 +480,77 @@ TEST_CASE("a save repeated by its sender (same recipient, sender and mid) is kep
   store->save(other);
   CHECK(store->count_for("bob") == 3);
   CHECK(store->count_for("carol") == 1);
+}
+
+TEST_CASE("the golden schema-1 database opens with every message and client row intact") {
+  // tests/data/golden-v1/chat.db was written by the code of schema version 1 (commit ebd2e90);
+  // every later schema must open it, migrating on open, and lose nothing.
+  const fs::path golden = golden_v1();
+  INFO("golden file " << golden);
+  REQUIRE(fs::exists(golden));
+  TempDir tmp;
+  fs::copy_file(golden, tmp.path() / "chat.db");
+  auto store = open_sqlite_store(tmp.str());
+
+  struct Expected {
+    std::int64_t seq;
+    std::string from;
+    Kind kind;
+    std::int64_t ts_us;
+    std::uint64_t mid;
+    std::string text;
+  };
+  const auto check_rows = [&](const std::string& to, const std::vector<Expected>& want) {
+    CAPTURE(to);
+    const auto got = store->pending_for(to, 0, everything);
+    REQUIRE(got.size() == want.size());
+    CHECK(store->count_for(to) == want.size());
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      CAPTURE(i);
+      CHECK(got[i].seq == want[i].seq);
+      CHECK(got[i].from == want[i].from);
+      CHECK(got[i].kind == want[i].kind);
+      CHECK(got[i].ts_us == want[i].ts_us);
+      CHECK(got[i].mid == want[i].mid);
+      CHECK(got[i].text == want[i].text);
+    }
+  };
+  check_rows("bob", {{1, "alice", Kind::direct, 1'700'000'000'000'100, 1, "hi bob"},
+                     {3, "carol", Kind::channel, 1'700'000'000'000'300, 7, "meeting at \"noon\", it's 'room 4'"},
+                     {6, "dave", Kind::direct, 1'700'000'000'000'050, 11, "late commit, early stamp"}});
+  check_rows("carol", {{2, "alice", Kind::direct, 1'700'000'000'000'200, 2,
+                        "h\xC3\xA9llo w\xC3\xB6rld \xE4\xB8\x96\xE7\x95\x8C \xF0\x9F\x92\xAC"},  // héllo wörld 世界 💬
+                       {4, "bob", Kind::channel, 1'700'000'000'000'300, 9'223'372'036'854'775'813ULL,
+                        "channel: \"quoted\" 'single' `back`"}});
+  // Seq 5 (dave's first) was delivered and removed before the file was committed.
+  check_rows("dave", {{7, "carol", Kind::channel, 1'700'000'000'000'500, 8, "still waiting"}});
+  CHECK(store->count_for("alice") == 0);
+
+  const auto clients = store->load_clients();
+  REQUIRE(clients.size() == 4);
+  const std::vector<ClientRow> want{{"alice", "10.0.0.1", 5000, true},
+                                    {"bob", "10.0.0.2", 5001, false},
+                                    {"carol", "192.168.1.3", 65535, true},
+                                    {"dave", "172.16.0.4", 6000, false}};
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    CAPTURE(i);
+    CHECK(clients[i].name == want[i].name);
+    CHECK(clients[i].ip == want[i].ip);
+    CHECK(clients[i].port == want[i].port);
+    CHECK(clients[i].online == want[i].online);
+  }
+
+  // The old file stays writable, a repeated (recipient, sender, mid) is still refused, and new
+  // seqs continue after the highest ever used (7), not after the highest still present.
+  const std::vector<NewMessage> more{msg("bob", "alice", "repeat", Kind::direct, 1, 1),
+                                     msg("dave", "alice", "new", Kind::direct, 1'700'000'000'000'600, 4)};
+  store->save(more);
+  CHECK(store->count_for("bob") == 3);
+  const auto dave = store->pending_for("dave", 0, everything);
+  REQUIRE(dave.size() == 2);
+  CHECK(dave[1].text == "new");
+  CHECK(dave[1].seq > 7);
+  store.reset();
+  RawDb raw(tmp.path() / "chat.db");
+  CHECK(raw.query_text("PRAGMA integrity_check") == "ok");
 }
