@@ -273,8 +273,10 @@ class SqliteStore final : public Store {
   SqliteStore(const SqliteStore&) = delete;
   SqliteStore& operator=(const SqliteStore&) = delete;
 
-  void save(std::span<const NewMessage> batch) override {
-    if (batch.empty()) return;
+  std::vector<bool> save(std::span<const NewMessage> batch) override {
+    std::vector<bool> inserted;
+    if (batch.empty()) return inserted;
+    inserted.reserve(batch.size());
     Transaction tx(begin_, commit_, rollback_);
     for (const auto& m : batch) {
       Use u(insert_message_);
@@ -285,8 +287,11 @@ class SqliteStore final : public Store {
           .integer(5, std::bit_cast<std::int64_t>(m.mid))
           .text(6, m.text)
           .run("save message");
+      // ON CONFLICT DO NOTHING completes with no change; the caller must not count a retry twice.
+      inserted.push_back(sqlite3_changes64(db_.get()) == 1);
     }
     tx.commit();
+    return inserted;
   }
 
   std::vector<StoredMessage> pending_for(const std::string& to, std::int64_t after_seq,

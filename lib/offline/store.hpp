@@ -53,8 +53,9 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  /// Saves every message in one transaction; returns only after it committed (durable).
-  virtual void save(std::span<const NewMessage> batch) = 0;
+  /// Saves the batch in one transaction and returns after the commit (durable); one flag per message, in order:
+  /// true if it was inserted, false if a message with its (to, from, mid) was already stored (also earlier in the batch).
+  [[nodiscard]] virtual std::vector<bool> save(std::span<const NewMessage> batch) = 0;
   /// Up to `limit` messages for `to` with seq > `after_seq`, oldest first.
   virtual std::vector<StoredMessage> pending_for(const std::string& to, std::int64_t after_seq,
                                                  std::size_t limit) = 0;

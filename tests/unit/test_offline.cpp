@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,11 @@ NewMessage msg(std::string to, std::string from, std::string text, Kind kind = K
                     .text = std::move(text)};
 }
 
+/// Saves a batch every message of which is new, so each must be reported inserted.
+void save_new(Store& store, std::span<const NewMessage> batch) {
+  CHECK(store.save(batch) == std::vector<bool>(batch.size(), true));
+}
+
 std::vector<std::string> texts_of(const std::vector<StoredMessage>& ms) {
   std::vector<std::string> out;
   out.reserve(ms.size());
@@ -128,9 +134,9 @@ TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq
 
   const std::vector<NewMessage> first{msg("bob", "alice", "b1"), msg("carol", "alice", "c1"),
                                       msg("bob", "dave", "b2")};
-  store->save(first);
+  save_new(*store, first);
   const std::vector<NewMessage> second{msg("bob", "alice", "b3"), msg("carol", "dave", "c2")};
-  store->save(second);
+  save_new(*store, second);
 
   CHECK(store->count_for("bob") == 3);
   CHECK(store->count_for("carol") == 2);
@@ -178,14 +184,14 @@ TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq
     store->remove_delivered("bob", all_bob);
     CHECK(store->count_for("bob") == 0);
     const std::vector<NewMessage> again{msg("bob", "alice", "b4")};
-    store->save(again);
+    save_new(*store, again);
     const auto after = store->pending_for("bob", 0, everything);
     REQUIRE(after.size() == 1);
     CHECK(after[0].seq > last);
   }
 
   SUBCASE("an empty batch is a no-op") {
-    store->save({});
+    CHECK(store->save({}).empty());
     CHECK(store->count_for("bob") == 3);
   }
 }
@@ -194,7 +200,7 @@ TEST_CASE("a save that fails part-way keeps none of its batch") {
   TempDir tmp;
   auto store = open_sqlite_store(tmp.str());
   const std::vector<NewMessage> before{msg("bob", "alice", "kept")};
-  store->save(before);
+  save_new(*store, before);
 
   // A kind outside the enum breaks the table's CHECK on the second row, after the first was inserted.
   const std::vector<NewMessage> bad{msg("bob", "alice", "lost 1"), msg("bob", "alice", "lost 2", static_cast<Kind>(7)),
@@ -204,7 +210,7 @@ TEST_CASE("a save that fails part-way keeps none of its batch") {
 
   // The store is usable again: the failed transaction was rolled back, not left open.
   const std::vector<NewMessage> after{msg("bob", "alice", "next")};
-  store->save(after);
+  save_new(*store, after);
   CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"kept", "next"});
 }
 
@@ -222,7 +228,7 @@ TEST_CASE("every field round-trips exactly") {
       msg("r", utf8, not_utf8, Kind::channel, std::numeric_limits<std::int64_t>::min(), 42),
       msg("r", "s5", std::string(std::size_t{64} * 1024, 'x'), Kind::direct, 1'700'000'000'123'456, 0x0123456789abcdefULL),
   };
-  store->save(batch);
+  save_new(*store, batch);
 
   const auto got = store->pending_for("r", 0, everything);
   REQUIRE(got.size() == batch.size());
@@ -245,7 +251,7 @@ TEST_CASE("reopening after close keeps messages and client rows") {
     auto store = open_sqlite_store(dir);
     const std::vector<NewMessage> batch{msg("bob", "alice", "one", Kind::direct, 10, 7),
                                         msg("bob", "carol", "two", Kind::channel, 20, 8)};
-    store->save(batch);
+    save_new(*store, batch);
     const std::vector<ClientRow> rows{{"alice", "10.0.0.1", 5000, true}, {"bob", "10.0.0.2", 5001, false}};
     store->store_clients(rows);
     for (const auto& m : store->pending_for("bob", 0, everything)) seqs.push_back(m.seq);
@@ -270,7 +276,7 @@ TEST_CASE("reopening after close keeps messages and client rows") {
 
   // New saves continue after the old seqs.
   const std::vector<NewMessage> more{msg("bob", "alice", "three")};
-  store->save(more);
+  save_new(*store, more);
   CHECK(store->pending_for("bob", seqs[1], everything).size() == 1);
 }
 
@@ -288,7 +294,7 @@ TEST_CASE("a writer killed mid-stream loses no save it reported") {
       for (std::uint32_t i = 0;; ++i) {
         const std::vector<NewMessage> one{
             msg("bob", "alice", std::to_string(i) + std::string(100, '.'), Kind::direct, i, i)};
-        store->save(one);
+        if (store->save(one) != std::vector<bool>{true}) _exit(4);
         if (write(fds[1], &i, sizeof i) != static_cast<ssize_t>(sizeof i)) _exit(3);
       }
     } catch (...) {
@@ -386,7 +392,7 @@ TEST_CASE("hostile names are stored and read back as data") {
     auto store = open_sqlite_store(dir.string());
     for (std::size_t i = 0; i < names.size(); ++i) {
       const std::vector<NewMessage> one{msg(names[i], names[i], "for " + std::to_string(i))};
-      store->save(one);
+      save_new(*store, one);
     }
     std::vector<ClientRow> rows;
     for (std::size_t i = 0; i < names.size(); ++i) {
@@ -468,18 +474,57 @@ TEST_CASE("store_clients and load_clients round-trip and replace") {
   CHECK(got[3].online);
 }
 
-TEST_CASE("a save repeated by its sender (same recipient, sender and mid) is kept once") {
+TEST_CASE("save reports per message whether it inserted it; a repeat (same recipient, sender and mid) is kept once") {
   TempDir tmp;
   auto store = open_sqlite_store(tmp.str());
   const std::vector<NewMessage> once{msg("bob", "alice", "hi", Kind::direct, 1, 42)};
-  store->save(once);
-  store->save(once);  // the sender retried: its ACK was lost in a crash after the commit
+  CHECK(store->save(once) == std::vector<bool>{true});
+  // The sender retried: its ACK was lost in a crash after the commit. Nothing is inserted, and
+  // save says so, so the caller does not count it in the mailbox again.
+  CHECK(store->save(once) == std::vector<bool>{false});
   const std::vector<NewMessage> other{msg("carol", "alice", "hi", Kind::direct, 1, 42),
                                       msg("bob", "dave", "hi", Kind::direct, 1, 42),
                                       msg("bob", "alice", "again", Kind::direct, 1, 43)};
-  store->save(other);
+  CHECK(store->save(other) == std::vector<bool>{true, true, true});
   CHECK(store->count_for("bob") == 3);
   CHECK(store->count_for("carol") == 1);
+
+  SUBCASE("the first copy is kept, whatever the repeat carries") {
+    const std::vector<NewMessage> changed{msg("bob", "alice", "edited", Kind::channel, 99, 42)};
+    CHECK(store->save(changed) == std::vector<bool>{false});
+    const auto got = store->pending_for("bob", 0, everything);
+    REQUIRE(got.size() == 3);
+    CHECK(got[0].text == "hi");
+    CHECK(got[0].kind == Kind::direct);
+    CHECK(got[0].ts_us == 1);
+  }
+
+  SUBCASE("a repeat within one batch is reported at its own position") {
+    const std::vector<NewMessage> batch{msg("dave", "alice", "first", Kind::direct, 5, 7),
+                                        msg("bob", "alice", "hi", Kind::direct, 1, 42),  // stored before
+                                        msg("dave", "alice", "first again", Kind::direct, 6, 7),
+                                        msg("dave", "bob", "other sender", Kind::direct, 7, 7),
+                                        msg("dave", "alice", "third copy", Kind::direct, 8, 7)};
+    CHECK(store->save(batch) == std::vector<bool>{true, false, false, true, false});
+    CHECK(texts_of(store->pending_for("dave", 0, everything)) == std::vector<std::string>{"first", "other sender"});
+    CHECK(store->count_for("bob") == 3);
+  }
+
+  SUBCASE("a batch of nothing but repeats commits nothing and reports all false") {
+    const std::vector<NewMessage> repeats{once[0], other[0], other[2]};
+    CHECK(store->save(repeats) == std::vector<bool>{false, false, false});
+    CHECK(store->count_for("bob") == 3);
+    CHECK(store->count_for("carol") == 1);
+  }
+
+  SUBCASE("a failed batch reports nothing and keeps nothing, so its messages are new on retry") {
+    const std::vector<NewMessage> bad{msg("erin", "alice", "x", Kind::direct, 1, 1),
+                                      msg("erin", "alice", "y", static_cast<Kind>(7), 1, 2)};
+    CHECK_THROWS_AS((void)store->save(bad), StoreError);
+    CHECK(store->count_for("erin") == 0);
+    const std::vector<NewMessage> good{bad[0]};
+    CHECK(store->save(good) == std::vector<bool>{true});
+  }
 }
 
 TEST_CASE("the golden schema-1 database opens with every message and client row intact") {
@@ -544,7 +589,7 @@ TEST_CASE("the golden schema-1 database opens with every message and client row 
   // seqs continue after the highest ever used (7), not after the highest still present.
   const std::vector<NewMessage> more{msg("bob", "alice", "repeat", Kind::direct, 1, 1),
                                      msg("dave", "alice", "new", Kind::direct, 1'700'000'000'000'600, 4)};
-  store->save(more);
+  CHECK(store->save(more) == std::vector<bool>{false, true});
   CHECK(store->count_for("bob") == 3);
   const auto dave = store->pending_for("dave", 0, everything);
   REQUIRE(dave.size() == 2);
