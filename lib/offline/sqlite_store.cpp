@@ -4,6 +4,7 @@
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <filesystem>
 #include <limits>
@@ -14,8 +15,8 @@
 namespace chat::offline {
 namespace {
 
-/// The only schema this code reads and writes; kept in `PRAGMA user_version`.
-constexpr int schema_version = 1;
+/// The schema this code writes; kept in `PRAGMA user_version`. Older ones are migrated on open.
+constexpr int schema_version = 2;
 
 /// How long a statement waits for another connection's lock before failing with SQLITE_BUSY.
 constexpr int busy_timeout_ms = 5000;
@@ -30,7 +31,9 @@ CREATE TABLE messages (
   mid       INTEGER NOT NULL,
   text      TEXT    NOT NULL
 );
-CREATE INDEX messages_by_recipient ON messages (recipient, seq);
+-- Delivery reads one recipient's messages in arrival-time order; seq breaks ties and keeps the
+-- order total, since two messages may carry the same ts_us.
+CREATE INDEX messages_by_arrival ON messages (recipient, ts_us, seq);
 -- A sender that retries a save whose ACK was lost (a crash between commit and ACK) must not
 -- store the message twice: (recipient, sender, mid) names one message.
 CREATE UNIQUE INDEX messages_once ON messages (recipient, sender, mid);
@@ -41,6 +44,16 @@ CREATE TABLE clients (
   online INTEGER NOT NULL
 );
 )sql";
+
+/// Version 1 read in seq order through (recipient, seq). Nothing else needs that index: count_for
+/// uses the new one's prefix, and a delete by (recipient, seq) finds the row by its rowid.
+constexpr std::string_view migrate_1_to_2 = R"sql(
+DROP INDEX IF EXISTS messages_by_recipient;
+CREATE INDEX messages_by_arrival ON messages (recipient, ts_us, seq);
+)sql";
+
+/// migrations[v - 1] takes a store from version v to v + 1; a fresh store gets schema_sql directly.
+constexpr std::array<std::string_view, schema_version - 1> migrations{migrate_1_to_2};
 
 struct DbCloser {
   void operator()(sqlite3* db) const noexcept {
@@ -165,16 +178,17 @@ std::string query_text(sqlite3* db, std::string_view sql) {
   return u.column_text(0);
 }
 
-/// Refuses any version but ours; a version-0 file that already holds tables is someone else's.
+/// Accepts our version, an older one (migrated next) and an empty file; a version-0 file that
+/// already holds tables is someone else's, and a newer version is a newer build's.
 void check_version(sqlite3* db, std::int64_t found, const std::string& path) {
-  if (found == schema_version) return;
+  if (found >= 1 && found <= schema_version) return;
   if (found == 0 && query_int(db, "SELECT count(*) FROM sqlite_master") != 0) {
     throw StoreError("offline store: " + path + " holds tables but no schema version (found 0, expected " +
                      std::to_string(schema_version) + "); not a ChatApp store");
   }
   if (found != 0) {
     throw StoreError("offline store: " + path + " has schema version " + std::to_string(found) +
-                     ", this build expects " + std::to_string(schema_version) + "; refusing to open it");
+                     ", this build expects " + std::to_string(schema_version) + " or older; refusing to open it");
   }
 }
 
@@ -222,8 +236,8 @@ DbHandle open_db(const std::string& dir) {
   sqlite3_extended_result_codes(db.get(), 1);
   sqlite3_busy_timeout(db.get(), busy_timeout_ms);
 
-  // Read the version before anything that could write the file: a store of another version
-  // (older or newer build) is left exactly as found.
+  // Read the version before anything that could write the file: a store this build cannot read
+  // (a newer build's, or not ours at all) is left exactly as found.
   check_version(db.get(), query_int(db.get(), "PRAGMA user_version"), path);
 
   if (query_text(db.get(), "PRAGMA journal_mode=WAL") != "wal") {
@@ -232,13 +246,22 @@ DbHandle open_db(const std::string& dir) {
   // FULL syncs the WAL on every commit: "saved" must survive power loss, not only a crash.
   exec(db.get(), "PRAGMA synchronous=FULL", "set synchronous");
 
-  // Another process may be creating the schema at the same moment: decide under the write lock.
+  // Another process may be creating or migrating the schema at the same moment: decide under the
+  // write lock. Creation and every migration step commit together with the new version, so a
+  // crash part-way leaves the file at its old version with all its rows.
   exec(db.get(), "BEGIN IMMEDIATE", "begin schema transaction");
   try {
     const auto found = query_int(db.get(), "PRAGMA user_version");
     check_version(db.get(), found, path);
     if (found == 0) {
       exec(db.get(), schema_sql, "create schema");
+    } else {
+      for (auto v = found; v < schema_version; ++v) {
+        exec(db.get(), migrations.at(static_cast<std::size_t>(v - 1)),
+             "migrate schema from version " + std::to_string(v) + " to " + std::to_string(v + 1));
+      }
+    }
+    if (found != schema_version) {
       exec(db.get(), "PRAGMA user_version=" + std::to_string(schema_version), "set schema version");
     }
     exec(db.get(), "COMMIT", "commit schema");
@@ -263,7 +286,7 @@ class SqliteStore final : public Store {
                         "ON CONFLICT (recipient, sender, mid) DO NOTHING"),
         select_pending_(db_.get(),
                         "SELECT seq, sender, kind, ts_us, mid, text FROM messages "
-                        "WHERE recipient = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),
+                        "WHERE recipient = ?1 AND (ts_us, seq) > (?2, ?3) ORDER BY ts_us, seq LIMIT ?4"),
         count_for_(db_.get(), "SELECT count(*) FROM messages WHERE recipient = ?1"),
         delete_message_(db_.get(), "DELETE FROM messages WHERE recipient = ?1 AND seq = ?2"),
         upsert_client_(db_.get(),
@@ -294,12 +317,14 @@ class SqliteStore final : public Store {
     return inserted;
   }
 
-  std::vector<StoredMessage> pending_for(const std::string& to, std::int64_t after_seq,
-                                         std::size_t limit) override {
+  std::vector<StoredMessage> pending_for(const std::string& to, Cursor after, std::size_t limit) override {
     std::vector<StoredMessage> out;
     Use u(select_pending_);
     constexpr auto max_limit = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
-    u.text(1, to).integer(2, after_seq).integer(3, static_cast<std::int64_t>(std::min(limit, max_limit)));
+    u.text(1, to)
+        .integer(2, after.ts_us)
+        .integer(3, after.seq)
+        .integer(4, static_cast<std::int64_t>(std::min(limit, max_limit)));
     while (u.step("read pending messages")) {
       out.push_back(StoredMessage{
           .seq = u.column_int(0),

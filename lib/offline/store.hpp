@@ -1,7 +1,9 @@
 // The durable store behind the server: offline messages per recipient and the client table.
 #pragma once
 
+#include <compare>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -24,7 +26,16 @@ struct NewMessage {
   std::string text;
 };
 
-/// A message read back; `seq` is the store's own, strictly increasing in arrival order.
+/// A position in one recipient's messages, which are read in (ts_us, seq) order; the default is before the first.
+struct Cursor {
+  std::int64_t ts_us = std::numeric_limits<std::int64_t>::min();
+  std::int64_t seq = 0;  // seqs start at 1, so the default precedes a message stamped with the lowest ts_us too
+
+  /// Orders by ts_us, then seq: the order pending_for reads in.
+  friend constexpr auto operator<=>(const Cursor&, const Cursor&) = default;
+};
+
+/// A message read back; `seq` is the store's own, strictly increasing in commit order.
 struct StoredMessage {
   std::int64_t seq = 0;
   std::string from;
@@ -32,6 +43,9 @@ struct StoredMessage {
   std::int64_t ts_us = 0;
   std::uint64_t mid = 0;
   std::string text;
+
+  /// This message's position: pending_for(to, m.cursor(), n) continues after it.
+  Cursor cursor() const noexcept { return Cursor{ts_us, seq}; }
 };
 
 /// One row of the persisted client table.
@@ -53,12 +67,11 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  /// Saves the batch in one transaction and returns after the commit (durable); one flag per message, in order:
-  /// true if it was inserted, false if a message with its (to, from, mid) was already stored (also earlier in the batch).
+  /// Saves the batch in one transaction, durable on return. One flag per message, in order: false if a message
+  /// with its (to, from, mid) was already stored (also earlier in the same batch), true if it was inserted.
   [[nodiscard]] virtual std::vector<bool> save(std::span<const NewMessage> batch) = 0;
-  /// Up to `limit` messages for `to` with seq > `after_seq`, oldest first.
-  virtual std::vector<StoredMessage> pending_for(const std::string& to, std::int64_t after_seq,
-                                                 std::size_t limit) = 0;
+  /// Up to `limit` messages for `to` positioned after `after`, in (ts_us, seq) order: oldest arrival first.
+  virtual std::vector<StoredMessage> pending_for(const std::string& to, Cursor after, std::size_t limit) = 0;
   /// Number of messages waiting for `to`.
   virtual std::size_t count_for(const std::string& to) = 0;
   /// Deletes the given messages of `to` (delivered and acknowledged), in one transaction.
@@ -70,8 +83,8 @@ class Store {
   virtual std::vector<ClientRow> load_clients() = 0;
 };
 
-/// Opens (creating if needed) the SQLite store `chat.db` in `dir` (created if missing).
-/// Throws StoreError on an unknown schema version or any failure to open.
+/// Opens (creating if needed) the SQLite store `chat.db` in `dir` (created if missing), migrating an older schema.
+/// Throws StoreError on a newer or unknown schema version or any failure to open.
 std::unique_ptr<Store> open_sqlite_store(const std::string& dir);
 
 }  // namespace chat::offline

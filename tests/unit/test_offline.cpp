@@ -128,7 +128,7 @@ fs::path golden_v1() { return fs::path(__FILE__).parent_path().parent_path() / "
 
 }  // namespace
 
-TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq and limit") {
+TEST_CASE("save keeps arrival order per recipient; pending_for honours the cursor and limit") {
   TempDir tmp;
   auto store = open_sqlite_store(tmp.str());
 
@@ -142,28 +142,28 @@ TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq
   CHECK(store->count_for("carol") == 2);
   CHECK(store->count_for("nobody") == 0);
 
-  const auto bob = store->pending_for("bob", 0, everything);
+  const auto bob = store->pending_for("bob", {}, everything);
   CHECK(texts_of(bob) == std::vector<std::string>{"b1", "b2", "b3"});
-  CHECK(texts_of(store->pending_for("carol", 0, everything)) == std::vector<std::string>{"c1", "c2"});
-  CHECK(store->pending_for("nobody", 0, everything).empty());
+  CHECK(texts_of(store->pending_for("carol", {}, everything)) == std::vector<std::string>{"c1", "c2"});
+  CHECK(store->pending_for("nobody", {}, everything).empty());
   REQUIRE(bob.size() == 3);
   CHECK(bob[0].seq < bob[1].seq);
   CHECK(bob[1].seq < bob[2].seq);
 
-  // The reader pages through with the last seq it saw.
-  CHECK(texts_of(store->pending_for("bob", 0, 2)) == std::vector<std::string>{"b1", "b2"});
-  CHECK(texts_of(store->pending_for("bob", bob[1].seq, 2)) == std::vector<std::string>{"b3"});
-  CHECK(store->pending_for("bob", bob[2].seq, 10).empty());
-  CHECK(store->pending_for("bob", 0, 0).empty());
+  // The reader pages through with the last message it saw; equal stamps fall back to seq.
+  CHECK(texts_of(store->pending_for("bob", {}, 2)) == std::vector<std::string>{"b1", "b2"});
+  CHECK(texts_of(store->pending_for("bob", bob[1].cursor(), 2)) == std::vector<std::string>{"b3"});
+  CHECK(store->pending_for("bob", bob[2].cursor(), 10).empty());
+  CHECK(store->pending_for("bob", {}, 0).empty());
 
   SUBCASE("remove_delivered deletes only the given messages of that recipient") {
     const std::vector<std::int64_t> seqs{bob[0].seq, bob[2].seq};
     store->remove_delivered("bob", seqs);
-    CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"b2"});
+    CHECK(texts_of(store->pending_for("bob", {}, everything)) == std::vector<std::string>{"b2"});
     CHECK(store->count_for("bob") == 1);
 
     // Bob's seqs under Carol's name remove nothing of Carol's.
-    const auto carol = store->pending_for("carol", 0, everything);
+    const auto carol = store->pending_for("carol", {}, everything);
     const std::vector<std::int64_t> bobs_seq{bob[1].seq};
     store->remove_delivered("carol", bobs_seq);
     CHECK(store->count_for("bob") == 1);
@@ -177,15 +177,15 @@ TEST_CASE("save keeps arrival order per recipient; pending_for honours after_seq
   }
 
   SUBCASE("a seq is never reused after its message is deleted") {
-    const auto last = store->pending_for("carol", 0, everything).back().seq;
-    const std::vector<std::int64_t> all_carol{store->pending_for("carol", 0, everything)[0].seq, last};
+    const auto last = store->pending_for("carol", {}, everything).back().seq;
+    const std::vector<std::int64_t> all_carol{store->pending_for("carol", {}, everything)[0].seq, last};
     const std::vector<std::int64_t> all_bob{bob[0].seq, bob[1].seq, bob[2].seq};
     store->remove_delivered("carol", all_carol);
     store->remove_delivered("bob", all_bob);
     CHECK(store->count_for("bob") == 0);
     const std::vector<NewMessage> again{msg("bob", "alice", "b4")};
     save_new(*store, again);
-    const auto after = store->pending_for("bob", 0, everything);
+    const auto after = store->pending_for("bob", {}, everything);
     REQUIRE(after.size() == 1);
     CHECK(after[0].seq > last);
   }
@@ -206,12 +206,12 @@ TEST_CASE("a save that fails part-way keeps none of its batch") {
   const std::vector<NewMessage> bad{msg("bob", "alice", "lost 1"), msg("bob", "alice", "lost 2", static_cast<Kind>(7)),
                                     msg("bob", "alice", "lost 3")};
   CHECK_THROWS_AS(store->save(bad), StoreError);
-  CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"kept"});
+  CHECK(texts_of(store->pending_for("bob", {}, everything)) == std::vector<std::string>{"kept"});
 
   // The store is usable again: the failed transaction was rolled back, not left open.
   const std::vector<NewMessage> after{msg("bob", "alice", "next")};
   save_new(*store, after);
-  CHECK(texts_of(store->pending_for("bob", 0, everything)) == std::vector<std::string>{"kept", "next"});
+  CHECK(texts_of(store->pending_for("bob", {}, everything)) == std::vector<std::string>{"kept", "next"});
 }
 
 TEST_CASE("every field round-trips exactly") {
@@ -230,17 +230,20 @@ TEST_CASE("every field round-trips exactly") {
   };
   save_new(*store, batch);
 
-  const auto got = store->pending_for("r", 0, everything);
-  REQUIRE(got.size() == batch.size());
-  for (std::size_t i = 0; i < batch.size(); ++i) {
+  const auto got = store->pending_for("r", {}, everything);
+  // They come back in ts_us order, the extremes included.
+  auto want = batch;
+  std::stable_sort(want.begin(), want.end(), [](const auto& a, const auto& b) { return a.ts_us < b.ts_us; });
+  REQUIRE(got.size() == want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) {
     CAPTURE(i);
-    CHECK(got[i].from == batch[i].from);
-    CHECK(got[i].kind == batch[i].kind);
-    CHECK(got[i].ts_us == batch[i].ts_us);
-    CHECK(got[i].mid == batch[i].mid);
-    CHECK(got[i].text == batch[i].text);
+    CHECK(got[i].from == want[i].from);
+    CHECK(got[i].kind == want[i].kind);
+    CHECK(got[i].ts_us == want[i].ts_us);
+    CHECK(got[i].mid == want[i].mid);
+    CHECK(got[i].text == want[i].text);
   }
-  CHECK(got[0].text.size() == 12);
+  CHECK(got[2].text.size() == 12);
 }
 
 TEST_CASE("reopening after close keeps messages and client rows") {
@@ -254,10 +257,10 @@ TEST_CASE("reopening after close keeps messages and client rows") {
     save_new(*store, batch);
     const std::vector<ClientRow> rows{{"alice", "10.0.0.1", 5000, true}, {"bob", "10.0.0.2", 5001, false}};
     store->store_clients(rows);
-    for (const auto& m : store->pending_for("bob", 0, everything)) seqs.push_back(m.seq);
+    for (const auto& m : store->pending_for("bob", {}, everything)) seqs.push_back(m.seq);
   }
   auto store = open_sqlite_store(dir);
-  const auto got = store->pending_for("bob", 0, everything);
+  const auto got = store->pending_for("bob", {}, everything);
   REQUIRE(got.size() == 2);
   CHECK(got[0].seq == seqs[0]);
   CHECK(got[0].from == "alice");
@@ -277,7 +280,9 @@ TEST_CASE("reopening after close keeps messages and client rows") {
   // New saves continue after the old seqs.
   const std::vector<NewMessage> more{msg("bob", "alice", "three")};
   save_new(*store, more);
-  CHECK(store->pending_for("bob", seqs[1], everything).size() == 1);
+  const auto next = store->pending_for("bob", got[1].cursor(), everything);
+  REQUIRE(next.size() == 1);
+  CHECK(next[0].seq > seqs[1]);
 }
 
 TEST_CASE("a writer killed mid-stream loses no save it reported") {
@@ -320,7 +325,7 @@ TEST_CASE("a writer killed mid-stream loses no save it reported") {
   {
     auto store = open_sqlite_store(tmp.str());
     std::map<std::uint32_t, int> times_present;
-    for (const auto& m : store->pending_for("bob", 0, everything)) {
+    for (const auto& m : store->pending_for("bob", {}, everything)) {
       const auto i = static_cast<std::uint32_t>(std::stoul(m.text));
       CHECK(m.mid == i);
       ++times_present[i];
@@ -347,7 +352,7 @@ TEST_CASE("an unknown schema version is refused and left as found") {
   { auto store = open_sqlite_store(tmp.str()); }
   {
     RawDb raw(tmp.path() / "chat.db");
-    CHECK(raw.query_text("PRAGMA user_version") == "1");
+    CHECK(raw.query_text("PRAGMA user_version") == "2");
     raw.exec("PRAGMA user_version=99");
   }
   std::string what;
@@ -359,7 +364,7 @@ TEST_CASE("an unknown schema version is refused and left as found") {
   }
   INFO(what);
   CHECK(what.find("99") != std::string::npos);
-  CHECK(what.find("expects 1") != std::string::npos);
+  CHECK(what.find("expects 2") != std::string::npos);
   RawDb raw(tmp.path() / "chat.db");
   CHECK(raw.query_text("PRAGMA user_version") == "99");
 }
@@ -403,7 +408,7 @@ TEST_CASE("hostile names are stored and read back as data") {
     for (std::size_t i = 0; i < names.size(); ++i) {
       CAPTURE(i);
       CHECK(store->count_for(names[i]) == 1);
-      const auto got = store->pending_for(names[i], 0, everything);
+      const auto got = store->pending_for(names[i], {}, everything);
       REQUIRE(got.size() == 1);
       CHECK(got[0].from == names[i]);
       CHECK(got[0].text == "for " + std::to_string(i));
@@ -420,7 +425,7 @@ TEST_CASE("hostile names are stored and read back as data") {
       CHECK(allowed.count(e) == 1);
     }
 
-    const auto victim = store->pending_for(std::string("a\0b", 3), 0, everything);
+    const auto victim = store->pending_for(std::string("a\0b", 3), {}, everything);
     const std::vector<std::int64_t> seqs{victim.at(0).seq};
     store->remove_delivered(std::string("a\0b", 3), seqs);
     CHECK(store->count_for(std::string("a\0b", 3)) == 0);
@@ -492,7 +497,7 @@ TEST_CASE("save reports per message whether it inserted it; a repeat (same recip
   SUBCASE("the first copy is kept, whatever the repeat carries") {
     const std::vector<NewMessage> changed{msg("bob", "alice", "edited", Kind::channel, 99, 42)};
     CHECK(store->save(changed) == std::vector<bool>{false});
-    const auto got = store->pending_for("bob", 0, everything);
+    const auto got = store->pending_for("bob", {}, everything);
     REQUIRE(got.size() == 3);
     CHECK(got[0].text == "hi");
     CHECK(got[0].kind == Kind::direct);
@@ -506,7 +511,7 @@ TEST_CASE("save reports per message whether it inserted it; a repeat (same recip
                                         msg("dave", "bob", "other sender", Kind::direct, 7, 7),
                                         msg("dave", "alice", "third copy", Kind::direct, 8, 7)};
     CHECK(store->save(batch) == std::vector<bool>{true, false, false, true, false});
-    CHECK(texts_of(store->pending_for("dave", 0, everything)) == std::vector<std::string>{"first", "other sender"});
+    CHECK(texts_of(store->pending_for("dave", {}, everything)) == std::vector<std::string>{"first", "other sender"});
     CHECK(store->count_for("bob") == 3);
   }
 
@@ -547,7 +552,7 @@ TEST_CASE("the golden schema-1 database opens with every message and client row 
   };
   const auto check_rows = [&](const std::string& to, const std::vector<Expected>& want) {
     CAPTURE(to);
-    const auto got = store->pending_for(to, 0, everything);
+    const auto got = store->pending_for(to, {}, everything);
     REQUIRE(got.size() == want.size());
     CHECK(store->count_for(to) == want.size());
     for (std::size_t i = 0; i < want.size(); ++i) {
@@ -560,9 +565,10 @@ TEST_CASE("the golden schema-1 database opens with every message and client row 
       CHECK(got[i].text == want[i].text);
     }
   };
-  check_rows("bob", {{1, "alice", Kind::direct, 1'700'000'000'000'100, 1, "hi bob"},
-                     {3, "carol", Kind::channel, 1'700'000'000'000'300, 7, "meeting at \"noon\", it's 'room 4'"},
-                     {6, "dave", Kind::direct, 1'700'000'000'000'050, 11, "late commit, early stamp"}});
+  // Seq 6 was committed last but is stamped first: it comes first since schema 2.
+  check_rows("bob", {{6, "dave", Kind::direct, 1'700'000'000'000'050, 11, "late commit, early stamp"},
+                     {1, "alice", Kind::direct, 1'700'000'000'000'100, 1, "hi bob"},
+                     {3, "carol", Kind::channel, 1'700'000'000'000'300, 7, "meeting at \"noon\", it's 'room 4'"}});
   check_rows("carol", {{2, "alice", Kind::direct, 1'700'000'000'000'200, 2,
                         "h\xC3\xA9llo w\xC3\xB6rld \xE4\xB8\x96\xE7\x95\x8C \xF0\x9F\x92\xAC"},  // héllo wörld 世界 💬
                        {4, "bob", Kind::channel, 1'700'000'000'000'300, 9'223'372'036'854'775'813ULL,
@@ -591,11 +597,134 @@ TEST_CASE("the golden schema-1 database opens with every message and client row 
                                      msg("dave", "alice", "new", Kind::direct, 1'700'000'000'000'600, 4)};
   CHECK(store->save(more) == std::vector<bool>{false, true});
   CHECK(store->count_for("bob") == 3);
-  const auto dave = store->pending_for("dave", 0, everything);
+  const auto dave = store->pending_for("dave", {}, everything);
   REQUIRE(dave.size() == 2);
   CHECK(dave[1].text == "new");
   CHECK(dave[1].seq > 7);
   store.reset();
   RawDb raw(tmp.path() / "chat.db");
+  CHECK(raw.query_text("PRAGMA integrity_check") == "ok");
+}
+
+TEST_CASE("pending_for reads in (ts_us, seq) order, not commit order, and pages by cursor") {
+  TempDir tmp;
+  auto store = open_sqlite_store(tmp.str());
+  // Seqs 1..4 in commit order; the stamps say t100 (seq 2) and t100b (seq 4) arrived first.
+  const std::vector<NewMessage> first{msg("bob", "alice", "t300", Kind::direct, 300),
+                                      msg("bob", "alice", "t100", Kind::direct, 100)};
+  save_new(*store, first);
+  const std::vector<NewMessage> second{msg("bob", "carol", "t200", Kind::channel, 200),
+                                       msg("bob", "dave", "t100b", Kind::direct, 100)};
+  save_new(*store, second);
+  const std::vector<std::string> in_order{"t100", "t100b", "t200", "t300"};
+
+  const auto all = store->pending_for("bob", {}, everything);
+  REQUIRE(texts_of(all) == in_order);
+  CHECK(all[0].seq < all[1].seq);  // equal stamps: seq decides
+  CHECK(all[3].seq < all[2].seq);  // t300 was committed before t200
+
+  // One at a time from the default cursor visits each message once, in order.
+  std::vector<std::string> paged;
+  Cursor at;
+  for (;;) {
+    const auto page = store->pending_for("bob", at, 1);
+    if (page.empty()) break;
+    REQUIRE(page.size() == 1);
+    CHECK(at < page[0].cursor());
+    paged.push_back(page[0].text);
+    at = page[0].cursor();
+  }
+  CHECK(paged == in_order);
+
+  // A cursor is a position, not a row: it may fall between messages or name none.
+  CHECK(texts_of(store->pending_for("bob", all[0].cursor(), everything)) ==
+        std::vector<std::string>{"t100b", "t200", "t300"});
+  CHECK(texts_of(store->pending_for("bob", Cursor{100, 0}, everything)) == in_order);
+  CHECK(texts_of(store->pending_for("bob", Cursor{100, std::numeric_limits<std::int64_t>::max()}, everything)) ==
+        std::vector<std::string>{"t200", "t300"});
+  CHECK(texts_of(store->pending_for("bob", Cursor{150, -5}, 1)) == std::vector<std::string>{"t200"});
+  CHECK(store->pending_for("bob", Cursor{300, all[3].seq}, everything).empty());
+  CHECK(store->pending_for("bob", Cursor{std::numeric_limits<std::int64_t>::max(), 0}, everything).empty());
+
+  SUBCASE("the cursor of a removed message still continues after it") {
+    const std::vector<std::int64_t> gone{all[1].seq};
+    store->remove_delivered("bob", gone);
+    CHECK(texts_of(store->pending_for("bob", all[1].cursor(), everything)) ==
+          std::vector<std::string>{"t200", "t300"});
+  }
+
+  SUBCASE("a message stamped before the cursor is not after it, only from the start") {
+    // Committed last, stamped before what the reader has already passed: a reader that goes on
+    // from its cursor does not see it; one that starts again does, in its stamp's place.
+    const std::vector<NewMessage> late{msg("bob", "erin", "t150", Kind::direct, 150)};
+    save_new(*store, late);
+    CHECK(texts_of(store->pending_for("bob", all[2].cursor(), everything)) == std::vector<std::string>{"t300"});
+    CHECK(texts_of(store->pending_for("bob", {}, everything)) ==
+          std::vector<std::string>{"t100", "t100b", "t150", "t200", "t300"});
+  }
+
+  SUBCASE("the lowest stamp is still after the default cursor") {
+    constexpr auto lowest = std::numeric_limits<std::int64_t>::min();
+    const std::vector<NewMessage> oldest{msg("bob", "erin", "min", Kind::direct, lowest)};
+    save_new(*store, oldest);
+    const auto got = store->pending_for("bob", {}, 1);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].text == "min");
+    CHECK(Cursor{} < got[0].cursor());
+  }
+}
+
+TEST_CASE("a schema-1 store is migrated to 2 on open and ends up with a fresh store's schema") {
+  TempDir tmp;
+  const fs::path old_dir = tmp.path() / "old";
+  const fs::path fresh_dir = tmp.path() / "fresh";
+  fs::create_directories(old_dir);
+  fs::copy_file(golden_v1(), old_dir / "chat.db");
+  {
+    RawDb raw(old_dir / "chat.db");
+    REQUIRE(raw.query_text("PRAGMA user_version") == "1");
+  }
+  { auto store = open_sqlite_store(old_dir.string()); }
+  { auto store = open_sqlite_store(fresh_dir.string()); }
+
+  const std::string schema_query =
+      "SELECT group_concat(type || ' ' || name || ' ' || tbl_name || ': ' || sql, char(10)) "
+      "FROM (SELECT * FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name)";
+  RawDb migrated(old_dir / "chat.db");
+  RawDb fresh(fresh_dir / "chat.db");
+  CHECK(migrated.query_text("PRAGMA user_version") == "2");
+  CHECK(fresh.query_text("PRAGMA user_version") == "2");
+  const auto schema = fresh.query_text(schema_query);
+  INFO(schema);
+  CHECK(migrated.query_text(schema_query) == schema);
+  CHECK(schema.find("index messages_by_arrival messages: CREATE INDEX") != std::string::npos);
+  CHECK(schema.find("index messages_once messages: CREATE UNIQUE INDEX") != std::string::npos);
+  CHECK(schema.find("messages_by_recipient") == std::string::npos);
+  CHECK(migrated.query_text("SELECT group_concat(name, ',') FROM pragma_index_info('messages_by_arrival')") ==
+        "recipient,ts_us,seq");
+  CHECK(migrated.query_text("SELECT count(*) FROM messages") == "6");
+  CHECK(migrated.query_text("SELECT count(*) FROM clients") == "4");
+  CHECK(migrated.query_text("PRAGMA integrity_check") == "ok");
+
+  // A second open finds version 2 and changes nothing.
+  { auto store = open_sqlite_store(old_dir.string()); }
+  CHECK(migrated.query_text(schema_query) == schema);
+  CHECK(migrated.query_text("SELECT count(*) FROM messages") == "6");
+}
+
+TEST_CASE("a migration that fails part-way leaves the schema-1 store as it was") {
+  TempDir tmp;
+  fs::copy_file(golden_v1(), tmp.path() / "chat.db");
+  {
+    // A hand-made index in the way makes the step's CREATE INDEX fail after its DROP INDEX ran.
+    RawDb raw(tmp.path() / "chat.db");
+    raw.exec("CREATE INDEX messages_by_arrival ON clients (name)");
+  }
+  CHECK_THROWS_AS(open_sqlite_store(tmp.str()), StoreError);
+  RawDb raw(tmp.path() / "chat.db");
+  CHECK(raw.query_text("PRAGMA user_version") == "1");
+  CHECK(raw.query_text("SELECT count(*) FROM sqlite_master WHERE name = 'messages_by_recipient'") == "1");
+  CHECK(raw.query_text("SELECT count(*) FROM messages") == "6");
+  CHECK(raw.query_text("SELECT count(*) FROM clients") == "4");
   CHECK(raw.query_text("PRAGMA integrity_check") == "ok");
 }
