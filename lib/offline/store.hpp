@@ -87,4 +87,7 @@ class Store {
 /// Throws StoreError on a newer or unknown schema version or any failure to open.
 std::unique_ptr<Store> open_sqlite_store(const std::string& dir);
 
+/// A new, empty store held in memory (see memory_store.hpp), with the SQLite store's semantics and nothing durable.
+std::unique_ptr<Store> open_memory_store();
+
 }  // namespace chat::offline
