@@ -22,160 +22,230 @@ overloaded(Ts...) -> overloaded<Ts...>;  // clang 14 (the fuzz build) needs the 
 
 // ---------------------------------------------------------------- encode
 
-// Writes one datagram straight into a string: no JSON tree, one allocation. The output is the
+// Where encoded bytes go: appended to a string (encode), or only counted (encoded_size and the
+// packing sizes), so that every size the codec reports comes from the very code that encodes.
+class StringSink {
+ public:
+  StringSink() { out_.reserve(192); }
+  void put(char c) { out_ += c; }
+  void put(std::string_view s) { out_ += s; }
+  void fill(std::size_t n, char c) { out_.append(n, c); }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+class CountSink {
+ public:
+  void put(char) { ++size_; }
+  void put(std::string_view s) { size_ += s.size(); }
+  void fill(std::size_t n, char) { size_ += n; }
+  std::size_t take() const { return size_; }
+
+ private:
+  std::size_t size_ = 0;
+};
+
+template <class Sink, class T>
+void put_number(Sink& out, T v) {
+  char buf[24];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  out.put(std::string_view(buf, static_cast<std::size_t>(end - buf)));
+}
+
+// Length of the well-formed UTF-8 sequence starting `s` (first byte >= 0x80), or 0.
+std::size_t utf8_length(std::string_view s) {
+  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
+  unsigned c = b(0);
+  std::size_t n;
+  unsigned min;
+  if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
+  else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, c &= 0x0F;
+  else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, c &= 0x07;
+  else return 0;
+  if (s.size() < n) return 0;
+  for (std::size_t k = 1; k < n; ++k) {
+    if ((b(k) & 0xC0) != 0x80) return 0;
+    c = (c << 6) | (b(k) & 0x3F);
+  }
+  if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
+  return n;
+}
+
+// True for an ASCII byte JSON carries as it is (not a control character, quote or backslash).
+constexpr bool plain(unsigned char c) { return c >= 0x20 && c < 0x80 && c != '"' && c != '\\'; }
+
+// A JSON string; invalid UTF-8 becomes U+FFFD (one per bad byte), never an exception.
+template <class Sink>
+void put_string(Sink& out, std::string_view s) {
+  out.put('"');
+  std::size_t i = 0;
+  while (i < s.size()) {
+    // Bytes that stand for themselves go in one run (the common case, and one count for CountSink).
+    std::size_t run = i;
+    while (run < s.size() && plain(static_cast<unsigned char>(s[run]))) ++run;
+    if (run > i) {
+      out.put(s.substr(i, run - i));
+      i = run;
+      continue;
+    }
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x80) {
+      std::size_t n = utf8_length(s.substr(i));
+      if (n == 0) {
+        out.put("\xEF\xBF\xBD");
+        ++i;
+      } else {
+        out.put(s.substr(i, n));
+        i += n;
+      }
+      continue;
+    }
+    switch (c) {
+      case '"': out.put("\\\""); break;
+      case '\\': out.put("\\\\"); break;
+      case '\b': out.put("\\b"); break;
+      case '\f': out.put("\\f"); break;
+      case '\n': out.put("\\n"); break;
+      case '\r': out.put("\\r"); break;
+      case '\t': out.put("\\t"); break;
+      default:
+        if (c < 0x20) {
+          static constexpr char hex[] = "0123456789abcdef";
+          out.put("\\u00");
+          out.put(hex[c >> 4]);
+          out.put(hex[c & 0xF]);
+        } else {
+          out.put(static_cast<char>(c));
+        }
+    }
+    ++i;
+  }
+  out.put('"');
+}
+
+// One table row: ["name","ip",port,online].
+template <class Sink>
+void put_entry(Sink& out, const Entry& e) {
+  out.put('[');
+  put_string(out, e.name);
+  out.put(',');
+  put_string(out, e.ip);
+  out.put(',');
+  put_number(out, e.port);
+  out.put(e.online ? ",1]" : ",0]");
+}
+
+// One saved message: ["from",kind,ts_us,mid,"text"].
+template <class Sink>
+void put_item(Sink& out, const StoredItem& i) {
+  out.put('[');
+  put_string(out, i.from);
+  out.put(i.channel ? ",1," : ",0,");
+  put_number(out, i.ts_us);
+  out.put(',');
+  put_number(out, i.mid);
+  out.put(',');
+  put_string(out, i.text);
+  out.put(']');
+}
+
+// Writes one datagram straight into its sink: no JSON tree, one allocation. The output is the
 // JSON a tree would give (keys in another order), checked by the round-trip tests and fuzzer.
+// The header is always {"v":1,"t":"<tag>" and a request's id comes right after it, which is
+// what set_encoded_id relies on.
+template <class Sink>
 class Writer {
  public:
   explicit Writer(const char* type) {
-    out_.reserve(192);
-    out_ += "{\"v\":";
-    number(kVersion);
-    out_ += ",\"t\":\"";
-    out_ += type;
-    out_ += '"';
+    out_.put("{\"v\":");
+    put_number(out_, kVersion);
+    out_.put(",\"t\":\"");
+    out_.put(type);
+    out_.put('"');
   }
   Writer& u64(const char* key, std::uint64_t v) {
     this->key(key);
-    number(v);
+    put_number(out_, v);
     return *this;
   }
   Writer& boolean(const char* key, bool v) {
     this->key(key);
-    out_ += v ? "true" : "false";
+    out_.put(v ? "true" : "false");
     return *this;
   }
   Writer& str(const char* key, std::string_view v) {
     this->key(key);
-    string(v);
+    put_string(out_, v);
+    return *this;
+  }
+  // A string of `n` spaces.
+  Writer& blank(const char* key, std::size_t n) {
+    this->key(key);
+    out_.put('"');
+    out_.fill(n, ' ');
+    out_.put('"');
+    return *this;
+  }
+  Writer& entry(const char* key, const Entry& e) {
+    this->key(key);
+    put_entry(out_, e);
     return *this;
   }
   Writer& entries(const std::vector<Entry>& es) {
     key("e");
-    out_ += '[';
+    out_.put('[');
     for (std::size_t i = 0; i < es.size(); ++i) {
-      if (i > 0) out_ += ',';
-      out_ += '[';
-      string(es[i].name);
-      out_ += ',';
-      string(es[i].ip);
-      out_ += ',';
-      number(es[i].port);
-      out_ += es[i].online ? ",1]" : ",0]";
+      if (i > 0) out_.put(',');
+      put_entry(out_, es[i]);
     }
-    out_ += ']';
+    out_.put(']');
     return *this;
   }
   Writer& items(const std::vector<StoredItem>& is) {
     key("items");
-    out_ += '[';
+    out_.put('[');
     for (std::size_t i = 0; i < is.size(); ++i) {
-      if (i > 0) out_ += ',';
-      out_ += '[';
-      string(is[i].from);
-      out_ += is[i].channel ? ",1," : ",0,";
-      number(is[i].ts_us);
-      out_ += ',';
-      number(is[i].mid);
-      out_ += ',';
-      string(is[i].text);
-      out_ += ']';
+      if (i > 0) out_.put(',');
+      put_item(out_, is[i]);
     }
-    out_ += ']';
+    out_.put(']');
     return *this;
   }
-  std::string done() {
-    out_ += '}';
-    return std::move(out_);
+  auto done() {
+    out_.put('}');
+    return out_.take();
   }
 
  private:
   void key(const char* k) {
-    out_ += ",\"";
-    out_ += k;
-    out_ += "\":";
-  }
-  template <class T>
-  void number(T v) {
-    char buf[24];
-    auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
-    out_.append(buf, end);
-  }
-  // A JSON string; invalid UTF-8 becomes U+FFFD (one per bad byte), never an exception.
-  void string(std::string_view s) {
-    out_ += '"';
-    std::size_t i = 0;
-    while (i < s.size()) {
-      auto c = static_cast<unsigned char>(s[i]);
-      if (c >= 0x80) {
-        std::size_t n = utf8_length(s.substr(i));
-        if (n == 0) {
-          out_ += "\xEF\xBF\xBD";
-          ++i;
-        } else {
-          out_.append(s.data() + i, n);
-          i += n;
-        }
-        continue;
-      }
-      switch (c) {
-        case '"': out_ += "\\\""; break;
-        case '\\': out_ += "\\\\"; break;
-        case '\b': out_ += "\\b"; break;
-        case '\f': out_ += "\\f"; break;
-        case '\n': out_ += "\\n"; break;
-        case '\r': out_ += "\\r"; break;
-        case '\t': out_ += "\\t"; break;
-        default:
-          if (c < 0x20) {
-            static constexpr char hex[] = "0123456789abcdef";
-            out_ += "\\u00";
-            out_ += hex[c >> 4];
-            out_ += hex[c & 0xF];
-          } else {
-            out_ += static_cast<char>(c);
-          }
-      }
-      ++i;
-    }
-    out_ += '"';
-  }
-  // Length of the well-formed UTF-8 sequence starting `s` (first byte >= 0x80), or 0.
-  static std::size_t utf8_length(std::string_view s) {
-    auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
-    unsigned c = b(0);
-    std::size_t n;
-    unsigned min;
-    if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
-    else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, c &= 0x0F;
-    else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, c &= 0x07;
-    else return 0;
-    if (s.size() < n) return 0;
-    for (std::size_t k = 1; k < n; ++k) {
-      if ((b(k) & 0xC0) != 0x80) return 0;
-      c = (c << 6) | (b(k) & 0x3F);
-    }
-    if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
-    return n;
+    out_.put(",\"");
+    out_.put(k);
+    out_.put("\":");
   }
 
-  std::string out_;
+  Sink out_;
 };
 
-std::string encode_message(const Message& m) {
+// The datagram for `m` into a Sink: the bytes for StringSink, their number for CountSink.
+template <class Sink>
+auto write_message(const Message& m) {
+  using W = Writer<Sink>;
   return std::visit(
       overloaded{
           [](const Register& r) {
-            Writer w("register");
+            W w("register");
             w.u64("id", r.id).str("name", r.name);
-            if (r.pad > 0) w.str("pad", std::string(std::min(r.pad, kMaxDatagram), ' '));
+            if (r.pad > 0) w.blank("pad", std::min(r.pad, kMaxDatagram));
             return w.done();
           },
-          [](const Dereg& r) { return Writer("dereg").u64("id", r.id).str("name", r.name).done(); },
+          [](const Dereg& r) { return W("dereg").u64("id", r.id).str("name", r.name).done(); },
           [](const Direct& r) {
-            return Writer("direct").u64("id", r.id).str("from", r.from).str("text", r.text).done();
+            return W("direct").u64("id", r.id).str("from", r.from).str("text", r.text).done();
           },
           [](const Save& r) {
-            return Writer("save")
+            return W("save")
                 .u64("id", r.id)
                 .str("from", r.from)
                 .str("to", r.to)
@@ -185,14 +255,14 @@ std::string encode_message(const Message& m) {
                 .done();
           },
           [](const Channel& r) {
-            return Writer("channel").u64("id", r.id).str("from", r.from).str("text", r.text).done();
+            return W("channel").u64("id", r.id).str("from", r.from).str("text", r.text).done();
           },
           [](const Relay& r) {
-            return Writer("relay").u64("id", r.id).str("from", r.from).u64("mid", r.mid).str("text", r.text).done();
+            return W("relay").u64("id", r.id).str("from", r.from).u64("mid", r.mid).str("text", r.text).done();
           },
-          [](const Probe& r) { return Writer("probe").u64("id", r.id).done(); },
+          [](const Probe& r) { return W("probe").u64("id", r.id).done(); },
           [](const Table& r) {
-            return Writer("table")
+            return W("table")
                 .u64("id", r.id)
                 .u64("epoch", r.epoch)
                 .u64("from", r.from)
@@ -201,19 +271,34 @@ std::string encode_message(const Message& m) {
                 .entries(r.entries)
                 .done();
           },
-          [](const Stored& r) { return Writer("stored").u64("id", r.id).items(r.items).done(); },
+          [](const Stored& r) { return W("stored").u64("id", r.id).items(r.items).done(); },
+          [](const KeepAlive& r) { return W("keepalive").u64("id", r.id).str("name", r.name).done(); },
+          [](const Lookup& r) { return W("lookup").u64("id", r.id).str("name", r.name).done(); },
           [](const Ack& r) {
-            Writer w("ack");
+            W w("ack");
             w.u64("re", r.re);
             if (r.epoch != 0 || r.have != 0) w.u64("epoch", r.epoch).u64("have", r.have);
+            if (r.missed != 0) w.u64("missed", r.missed);
             return w.done();
           },
           [](const RegOk& r) {
-            return Writer("reg_ok").u64("re", r.re).u64("epoch", r.epoch).u64("pending", r.pending).done();
+            W w("reg_ok");
+            w.u64("re", r.re).u64("epoch", r.epoch).u64("pending", r.pending);
+            if (r.already) w.boolean("already", true);
+            return w.done();
           },
-          [](const RegErr& r) { return Writer("reg_err").u64("re", r.re).str("reason", r.reason).done(); },
-          [](const Exists& r) { return Writer("exists").u64("re", r.re).str("name", r.name).done(); },
-          [](const Refused& r) { return Writer("refused").u64("re", r.re).str("reason", r.reason).done(); },
+          [](const RegErr& r) { return W("reg_err").u64("re", r.re).str("reason", r.reason).done(); },
+          [](const Exists& r) { return W("exists").u64("re", r.re).str("name", r.name).done(); },
+          [](const Refused& r) { return W("refused").u64("re", r.re).str("reason", r.reason).done(); },
+          [](const Alive& r) { return W("alive").u64("re", r.re).boolean("live", r.live).done(); },
+          [](const Found& r) {
+            W w("found");
+            w.u64("re", r.re).boolean("known", r.known);
+            // An unknown name has no row to carry: at most the name that was asked for.
+            if (r.known) w.entry("e", r.entry);
+            else if (!r.entry.name.empty()) w.str("name", r.entry.name);
+            return w.done();
+          },
       },
       m);
 }
@@ -341,18 +426,38 @@ Message decode_body(const std::string& t, const json& j) {
     for (const auto& i : get_array(j, "items")) r.items.push_back(get_item(i));
     return r;
   }
+  if (t == "keepalive") return KeepAlive{get_id(j, "id"), get_name(field(j, "name"))};
+  if (t == "lookup") return Lookup{get_id(j, "id"), get_name(field(j, "name"))};
   if (t == "ack") {
-    Ack r{get_id(j, "re"), 0, 0};
+    Ack r{get_id(j, "re"), 0, 0, 0};
     if (j.contains("epoch") || j.contains("have")) {
       r.epoch = get_u64(j, "epoch");
       r.have = get_u64(j, "have");
     }
+    if (j.contains("missed")) r.missed = get_u64(j, "missed");  // absent in older senders' acks
     return r;
   }
-  if (t == "reg_ok") return RegOk{get_id(j, "re"), get_u64(j, "epoch"), get_u64(j, "pending")};
+  if (t == "reg_ok") {
+    RegOk r{get_id(j, "re"), get_u64(j, "epoch"), get_u64(j, "pending"), false};
+    if (j.contains("already")) r.already = get_bool(j, "already");  // absent in older servers' replies
+    return r;
+  }
   if (t == "reg_err") return RegErr{get_id(j, "re"), get_reason(field(j, "reason"))};
   if (t == "exists") return Exists{get_id(j, "re"), get_name(field(j, "name"))};
   if (t == "refused") return Refused{get_id(j, "re"), get_reason(field(j, "reason"))};
+  if (t == "alive") return Alive{get_id(j, "re"), get_bool(j, "live")};
+  if (t == "found") {
+    Found r{get_id(j, "re"), get_bool(j, "known"), {}};
+    // A row comes only with known, a bare name only without: either contradiction is refused.
+    if (r.known) {
+      if (j.contains("name")) throw Refuse{DecodeError::bad_value};
+      r.entry = get_entry(field(j, "e"));
+    } else {
+      if (j.contains("e")) throw Refuse{DecodeError::bad_value};
+      if (auto n = j.find("name"); n != j.end()) r.entry.name = get_name(*n);
+    }
+    return r;
+  }
   throw Refuse{DecodeError::unknown_type};
 }
 
@@ -378,7 +483,73 @@ bool nesting_within(std::string_view s, int limit) {
 
 }  // namespace
 
-std::string encode(const Message& m) { return encode_message(m); }
+std::string encode(const Message& m) { return write_message<StringSink>(m); }
+
+std::size_t encoded_size(const Message& m) { return write_message<CountSink>(m); }
+
+void pad_to(Register& r, std::size_t size) {
+  r.pad = 0;
+  const std::size_t bare = encoded_size(r);
+  size = std::min(size, kMaxDatagram);  // a longer datagram would be refused as too_large
+  if (bare >= size) return;
+  r.pad = 1;
+  const std::size_t field = encoded_size(r) - bare - 1;  // ,"pad":"" without its content
+  if (bare + field + 1 > size) {
+    // Less than the field itself short of `size`: no pad fits exactly. Overshoot (by at most 9
+    // bytes) rather than stay short, as padding is there to reach at least `size` (the server's
+    // amplification allowance), but never past kMaxDatagram.
+    if (bare + field + 1 > kMaxDatagram) r.pad = 0;
+    return;
+  }
+  r.pad = size - bare - field;
+}
+
+bool set_encoded_id(std::string& bytes, std::uint64_t id) {
+  if (id == 0) return false;  // 0 means "no id" and would be refused on receipt
+  // The id is looked for only where the encoder puts it, right after the type tag (a tag has
+  // no quote), so no string content, a text or a name, can ever be taken for it.
+  static const std::string head = "{\"v\":" + std::to_string(kVersion) + ",\"t\":\"";
+  static const std::string key = ",\"id\":";
+  static const std::string placeholder = std::to_string(kIdPlaceholder);
+  if (bytes.size() < head.size() || bytes.compare(0, head.size(), head) != 0) return false;
+  const std::size_t tag_end = bytes.find('"', head.size());
+  if (tag_end == std::string::npos) return false;
+  const std::size_t number_at = tag_end + 1 + key.size();
+  const std::size_t after = number_at + placeholder.size();
+  if (after >= bytes.size()) return false;
+  if (bytes.compare(tag_end + 1, key.size(), key) != 0 ||
+      bytes.compare(number_at, placeholder.size(), placeholder) != 0)
+    return false;
+  // The placeholder must be the whole number, not the start of a longer one.
+  if (bytes[after] != ',' && bytes[after] != '}') return false;
+  bytes.replace(number_at, placeholder.size(), std::to_string(id));
+  return true;
+}
+
+std::size_t stored_item_size(const StoredItem& item) {
+  CountSink out;
+  put_item(out, item);
+  return out.take() + 1;  // the comma before it (one more than needed, for the first item)
+}
+
+std::size_t stored_overhead() {
+  // Everything but the items, with the longest id.
+  static const std::size_t size = encoded_size(Stored{kIdPlaceholder, {}});
+  return size;
+}
+
+std::size_t entry_size(const Entry& e) {
+  CountSink out;
+  put_entry(out, e);
+  return out.take() + 1;  // the comma before it (one more than needed, for the first entry)
+}
+
+std::size_t table_overhead() {
+  // Everything but the entries, with the longest numbers and "false" (longer than "true").
+  static const std::size_t size = encoded_size(
+      Table{kIdPlaceholder, UINT64_MAX, UINT64_MAX, UINT64_MAX, false, {}});
+  return size;
+}
 
 Decoded decode(std::string_view bytes) {
   if (bytes.empty()) return {std::nullopt, DecodeError::empty};
@@ -507,9 +678,10 @@ std::uint64_t reply_to(const Message& m) {
 }
 
 const char* type_name(const Message& m) {
-  static constexpr const char* names[] = {"register", "dereg", "direct", "save",   "channel",
-                                          "relay",    "probe", "table",  "stored", "ack",
-                                          "reg_ok",   "reg_err", "exists", "refused"};
+  static constexpr const char* names[] = {"register", "dereg",   "direct",    "save",   "channel",
+                                          "relay",    "probe",   "table",     "stored", "keepalive",
+                                          "lookup",   "ack",     "reg_ok",    "reg_err", "exists",
+                                          "refused",  "alive",   "found"};
   static_assert(std::size(names) == std::variant_size_v<Message>);
   return names[m.index()];
 }

@@ -1,6 +1,7 @@
 // Encoding and strict, never-throwing decoding of datagrams.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -43,6 +44,30 @@ struct Decoded {
 std::string encode(const Message& m);
 /// Decodes one datagram. Never throws; refuses anything that is not exactly a valid message.
 Decoded decode(std::string_view bytes);
+
+/// Exactly encode(m).size(), counted by encode's own code without building the bytes (no allocation).
+std::size_t encoded_size(const Message& m);
+/// Sets r.pad so encode(r).size() == min(size, kMaxDatagram), or just past it where none fits exactly.
+void pad_to(Register& r, std::size_t size);
+
+/// Id for a request encoded once and sent as copies, each given its own id by set_encoded_id().
+/// (The longest u64, so writing the real id over it never makes the datagram longer.)
+inline constexpr std::uint64_t kIdPlaceholder = UINT64_MAX;
+/// Writes `id` (!= 0) over the kIdPlaceholder id of an encoded request; false, bytes unchanged, if not there.
+bool set_encoded_id(std::string& bytes, std::uint64_t id);
+
+// Packing sizes: for any id and items, encode(Stored{id, items}).size() <= stored_overhead() +
+// sum of stored_item_size(item), and likewise for a Table with table_overhead() and entry_size().
+// So a datagram is filled while that sum stays <= kMaxDatagram, with no byte counted by hand.
+
+/// Bytes `item` adds to a Stored datagram, its separating comma included.
+std::size_t stored_item_size(const StoredItem& item);
+/// Bytes of a Stored datagram besides its items, for the longest id.
+std::size_t stored_overhead();
+/// Bytes `e` adds to a Table datagram, its separating comma included.
+std::size_t entry_size(const Entry& e);
+/// Bytes of a Table datagram besides its entries, for the longest id, epoch, from, to and more.
+std::size_t table_overhead();
 
 /// True if `name` is 1-32 of [A-Za-z0-9_.-], not starting with '.'.
 bool valid_name(std::string_view name);

@@ -119,21 +119,38 @@ struct Stored {
   std::vector<StoredItem> items;
   bool operator==(const Stored&) const = default;
 };
+/// Client -> server: I am still here, sent every keep-alive interval while registered as `name`;
+/// answered by Alive.
+struct KeepAlive {
+  std::uint64_t id = 0;
+  std::string name;
+  bool operator==(const KeepAlive&) const = default;
+};
+/// Client -> server: send me the table row of `name`, which my local table lacks; answered by Found.
+struct Lookup {
+  std::uint64_t id = 0;
+  std::string name;
+  bool operator==(const Lookup&) const = default;
+};
 
 // ---- Replies: carry `re`, the id of the request they answer. ----
 
 /// Generic acknowledgement. For a Table, `epoch`/`have` say where the client's table now is.
+/// For a Channel, `missed` counts the members that get no copy because their mailbox is full.
 struct Ack {
   std::uint64_t re = 0;
   std::uint64_t epoch = 0;
   std::uint64_t have = 0;
+  std::uint64_t missed = 0;  // optional on the wire ("missed", absent = 0)
   bool operator==(const Ack&) const = default;
 };
 /// Registration accepted; `pending` messages wait and will follow as Stored datagrams.
+/// `already` says the server held this very session (same name and address, online) before.
 struct RegOk {
   std::uint64_t re = 0;
   std::uint64_t epoch = 0;
   std::uint64_t pending = 0;
+  bool already = false;  // optional on the wire ("already", absent = false)
   bool operator==(const RegOk&) const = default;
 };
 /// Registration refused, with a reason to show the user.
@@ -155,8 +172,25 @@ struct Refused {
   bool operator==(const Refused&) const = default;
 };
 
+/// Answer to KeepAlive: whether the server holds a live session for that name at the address
+/// the keep-alive came from (false: the client should register again).
+struct Alive {
+  std::uint64_t re = 0;
+  bool live = false;
+  bool operator==(const Alive&) const = default;
+};
+/// Answer to Lookup: `known` says the server has a row for the name, then in `entry`. When not
+/// known only `entry.name` is carried (it may be the asked name, or empty).
+struct Found {
+  std::uint64_t re = 0;
+  bool known = false;
+  Entry entry;
+  bool operator==(const Found&) const = default;
+};
+
 using Message = std::variant<Register, Dereg, Direct, Save, Channel, Relay, Probe, Table, Stored,
-                             Ack, RegOk, RegErr, Exists, Refused>;
+                             KeepAlive, Lookup,
+                             Ack, RegOk, RegErr, Exists, Refused, Alive, Found>;
 
 /// The request id of a request, or 0 for a reply.
 std::uint64_t request_id(const Message& m);

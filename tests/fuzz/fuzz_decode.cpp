@@ -1,10 +1,11 @@
-// Fuzz target: decode() never throws or crashes, and what it accepts survives encode() unchanged.
+// Fuzz target: decode() never throws, what it accepts survives encode(), and the codec's sizes and id rewriting hold.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <variant>
 
 #include "protocol/codec.hpp"
 
@@ -27,6 +28,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::ignore = proto::check_text(bytes);
   std::ignore = proto::valid_name(bytes);
   std::ignore = proto::valid_ipv4(bytes);
+  {
+    std::string raw(bytes);  // any bytes at all, not only what encode() wrote
+    std::ignore = proto::set_encoded_id(raw, 1);
+  }
 
   proto::Decoded d = proto::decode(bytes);  // an exception escaping here is a finding
   if (!d) {
@@ -49,5 +54,34 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (proto::encode(*again.message) != once) fail("encode is not a fixed point", bytes, once);
   if (std::string_view(proto::type_name(m)) != proto::type_name(*again.message))
     fail("round trip changed the type", bytes, once);
+
+  // The codec's sizes, which the roles pack and pad by, agree with what it writes.
+  if (proto::encoded_size(m) != once.size()) fail("encoded_size is not the encoded size", bytes, once);
+  if (const auto* s = std::get_if<proto::Stored>(&m)) {
+    std::size_t bound = proto::stored_overhead();
+    for (const auto& item : s->items) bound += proto::stored_item_size(item);
+    if (once.size() > bound) fail("stored datagram larger than its size bound", bytes, once);
+  }
+  if (const auto* t = std::get_if<proto::Table>(&m)) {
+    std::size_t bound = proto::table_overhead();
+    for (const auto& e : t->entries) bound += proto::entry_size(e);
+    if (once.size() > bound) fail("table datagram larger than its size bound", bytes, once);
+  }
+
+  // An id written over the placeholder gives the request's own encoding; nothing else is touched.
+  std::string rewritten = once;
+  if (std::uint64_t id = proto::request_id(m); id != 0) {
+    proto::Message template_message = m;
+    std::visit(
+        [](auto& x) {
+          if constexpr (requires { x.id; }) x.id = proto::kIdPlaceholder;
+        },
+        template_message);
+    rewritten = proto::encode(template_message);
+    if (!proto::set_encoded_id(rewritten, id) || rewritten != once)
+      fail("set_encoded_id did not give the request's encoding", bytes, rewritten);
+  } else if (proto::set_encoded_id(rewritten, 1) || rewritten != once) {
+    fail("set_encoded_id rewrote a reply", bytes, rewritten);
+  }
   return 0;
 }

@@ -1,4 +1,4 @@
-// Unit tests of the wire codec: round trips, a table of malformed datagrams, validators, size limits.
+// Unit tests of the wire codec: round trips, a table of malformed datagrams, validators, sizes, id rewriting.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -7,6 +7,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include "protocol/codec.hpp"
@@ -276,7 +277,122 @@ std::vector<Bad> malformed_inputs() {
   t.push_back({"ack with have but no epoch", v1(R"("t":"ack","re":1,"have":3)"), DecodeError::missing_field});
   t.push_back({"ack with epoch as string", v1(R"("t":"ack","re":1,"epoch":"3","have":3)"),
                DecodeError::wrong_type});
+  t.push_back({"ack missed negative", v1(R"("t":"ack","re":1,"missed":-1)"), DecodeError::wrong_type});
+  t.push_back({"ack missed as string", v1(R"("t":"ack","re":1,"missed":"2")"), DecodeError::wrong_type});
+  t.push_back({"ack missed fractional", v1(R"("t":"ack","re":1,"epoch":3,"have":3,"missed":1.5)"),
+               DecodeError::wrong_type});
+  t.push_back({"ack missed null", v1(R"("t":"ack","re":1,"missed":null)"), DecodeError::wrong_type});
+
+  // ---- reg_ok already
+  t.push_back({"reg_ok already as 1", v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":1)"),
+               DecodeError::wrong_type});
+  t.push_back({"reg_ok already as string", v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":"true")"),
+               DecodeError::wrong_type});
+  t.push_back({"reg_ok already null", v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":null)"),
+               DecodeError::wrong_type});
+
+  // ---- keepalive and lookup (requests carrying a name)
+  for (const std::string tag : {"keepalive", "lookup"}) {
+    const std::string head = "\"t\":\"" + tag + "\",";
+    t.push_back({tag + " missing id", v1(head + R"("name":"a")"), DecodeError::missing_field});
+    t.push_back({tag + " id=0", v1(head + R"("id":0,"name":"a")"), DecodeError::bad_value});
+    t.push_back({tag + " id as string", v1(head + R"("id":"1","name":"a")"), DecodeError::wrong_type});
+    t.push_back({tag + " with re instead of id", v1(head + R"("re":1,"name":"a")"), DecodeError::missing_field});
+    t.push_back({tag + " missing name", v1(head + R"("id":1)"), DecodeError::missing_field});
+    t.push_back({tag + " name as number", v1(head + R"("id":1,"name":7)"), DecodeError::wrong_type});
+    t.push_back({tag + " name empty", v1(head + R"("id":1,"name":"")"), DecodeError::bad_name});
+    t.push_back({tag + " name ../x", v1(head + R"("id":1,"name":"../x")"), DecodeError::bad_name});
+    t.push_back({tag + " name 33 chars", v1(head + R"("id":1,"name":")" + kName33 + "\""), DecodeError::bad_name});
+  }
+
+  // ---- alive
+  t.push_back({"alive missing re", v1(R"("t":"alive","live":true)"), DecodeError::missing_field});
+  t.push_back({"alive with id instead of re", v1(R"("t":"alive","id":1,"live":true)"), DecodeError::missing_field});
+  t.push_back({"alive re=0", v1(R"("t":"alive","re":0,"live":true)"), DecodeError::bad_value});
+  t.push_back({"alive missing live", v1(R"("t":"alive","re":1)"), DecodeError::missing_field});
+  t.push_back({"alive live as 1", v1(R"("t":"alive","re":1,"live":1)"), DecodeError::wrong_type});
+  t.push_back({"alive live as string", v1(R"("t":"alive","re":1,"live":"false")"), DecodeError::wrong_type});
+
+  // ---- found
+  t.push_back({"found missing re", v1(R"("t":"found","known":false)"), DecodeError::missing_field});
+  t.push_back({"found re=0", v1(R"("t":"found","re":0,"known":false)"), DecodeError::bad_value});
+  t.push_back({"found missing known", v1(R"("t":"found","re":1,"e":["a","1.2.3.4",5,1])"),
+               DecodeError::missing_field});
+  t.push_back({"found known as 1", v1(R"("t":"found","re":1,"known":1,"e":["a","1.2.3.4",5,1])"),
+               DecodeError::wrong_type});
+  t.push_back({"found known without e", v1(R"("t":"found","re":1,"known":true)"), DecodeError::missing_field});
+  t.push_back({"found known with e not an array", v1(R"("t":"found","re":1,"known":true,"e":"a")"),
+               DecodeError::wrong_type});
+  t.push_back({"found known with a 3-element e", v1(R"("t":"found","re":1,"known":true,"e":["a","1.2.3.4",5])"),
+               DecodeError::wrong_type});
+  t.push_back({"found known with e nested in a list", v1(R"("t":"found","re":1,"known":true,"e":[["a","1.2.3.4",5,1]])"),
+               DecodeError::wrong_type});
+  t.push_back({"found entry with bad name", v1(R"("t":"found","re":1,"known":true,"e":["a/b","1.2.3.4",5,1])"),
+               DecodeError::bad_name});
+  t.push_back({"found entry with bad ip", v1(R"("t":"found","re":1,"known":true,"e":["a","1.2.3",5,1])"),
+               DecodeError::bad_value});
+  t.push_back({"found entry with port 0", v1(R"("t":"found","re":1,"known":true,"e":["a","1.2.3.4",0,1])"),
+               DecodeError::bad_value});
+  t.push_back({"found entry with online 2", v1(R"("t":"found","re":1,"known":true,"e":["a","1.2.3.4",5,2])"),
+               DecodeError::bad_value});
+  t.push_back({"found known with a name beside e",
+               v1(R"("t":"found","re":1,"known":true,"name":"a","e":["a","1.2.3.4",5,1])"), DecodeError::bad_value});
+  t.push_back({"found unknown with an e", v1(R"("t":"found","re":1,"known":false,"e":["a","1.2.3.4",5,1])"),
+               DecodeError::bad_value});
+  t.push_back({"found unknown with bad name", v1(R"("t":"found","re":1,"known":false,"name":".x")"),
+               DecodeError::bad_name});
+  t.push_back({"found unknown with empty name", v1(R"("t":"found","re":1,"known":false,"name":"")"),
+               DecodeError::bad_name});
+  t.push_back({"found unknown with name as number", v1(R"("t":"found","re":1,"known":false,"name":3)"),
+               DecodeError::wrong_type});
   return t;
+}
+
+// At least one message of every type, with edge values (tested to cover the whole variant).
+std::vector<Message> one_of_each() {
+  return {
+      proto::Register{1, kName1},
+      proto::Register{kMaxU64, kName32, 300},
+      proto::Dereg{2, kName32},
+      proto::Direct{3, kName1, "\"quoted\" \\ and \x01"},
+      proto::Save{4, kName1, kName32, kMaxU64, true, "h\xC3\xA9llo"},
+      proto::Save{5, kName32, kName1, 0, false, ""},
+      proto::Channel{6, kName32, std::string(proto::kMaxText, 'c')},
+      proto::Relay{7, kName32, kMaxU64, "\t\n"},
+      proto::Probe{kMaxU64},
+      proto::Table{8, kMaxU64, 1, 2, true, {{kName32, "255.255.255.255", 65535, true}, {kName1, "1.2.3.4", 1, false}}},
+      proto::Table{9, 0, 0, 0, false, {}},
+      proto::Stored{10, {{kName32, true, kMaxI64, kMaxU64, "s\\"}, {kName1, false, 0, 0, ""}}},
+      proto::Stored{11, {}},
+      proto::KeepAlive{12, kName32},
+      proto::KeepAlive{kMaxU64, kName1},
+      proto::Lookup{13, kName1},
+      proto::Lookup{kMaxU64, kName32},
+      proto::Ack{14},
+      proto::Ack{15, 4, 5, 0},
+      proto::Ack{16, 0, 0, 3},
+      proto::Ack{kMaxU64, kMaxU64, kMaxU64, kMaxU64},
+      proto::RegOk{17, 1, 2, false},
+      proto::RegOk{18, kMaxU64, 0, true},
+      proto::RegErr{19, "no"},
+      proto::Exists{20, kName1},
+      proto::Refused{21, std::string(proto::kMaxReason, '\x01')},
+      proto::Alive{22, true},
+      proto::Alive{kMaxU64, false},
+      proto::Found{23, true, {kName32, "10.0.0.1", 6001, true}},
+      proto::Found{24, true, {kName1, "0.0.0.0", 1, false}},
+      proto::Found{25, false, {kName32, "", 0, false}},
+      proto::Found{26, false, {}},
+  };
+}
+
+// Sets the request id of `m` (which must be a request).
+void set_id(Message& m, std::uint64_t id) {
+  std::visit(
+      [id](auto& x) {
+        if constexpr (requires { x.id; }) x.id = id;
+      },
+      m);
 }
 
 }  // namespace
@@ -344,6 +460,52 @@ TEST_CASE("every message type survives a round trip") {
     REQUIRE(d);
     CHECK(*d.message == Message{proto::Ack{8, 0, 0}});
   }
+  SUBCASE("keepalive and lookup") {
+    check_round_trip(proto::KeepAlive{1, kName1});
+    check_round_trip(proto::KeepAlive{kMaxU64, kName32});
+    check_round_trip(proto::Lookup{2, kName1});
+    check_round_trip(proto::Lookup{kMaxU64, kName32});
+  }
+  SUBCASE("alive") {
+    check_round_trip(proto::Alive{1, true});
+    check_round_trip(proto::Alive{kMaxU64, false});
+  }
+  SUBCASE("found, known and not") {
+    check_round_trip(proto::Found{1, true, {kName1, "127.0.0.1", 1, true}});
+    check_round_trip(proto::Found{kMaxU64, true, {kName32, "255.255.255.255", 65535, false}});
+    check_round_trip(proto::Found{2, false, {kName32, "", 0, false}});
+    check_round_trip(proto::Found{3, false, {}});
+    // Not known: no row on the wire, only the name if there is one.
+    const std::string unknown = proto::encode(proto::Found{4, false, {"bob", "", 0, false}});
+    CHECK(unknown == R"({"v":1,"t":"found","re":4,"known":false,"name":"bob"})");
+    CHECK(proto::encode(proto::Found{4, false, {}}) == R"({"v":1,"t":"found","re":4,"known":false})");
+    // So an unknown Found carrying a stray address loses it, and keeps its name.
+    auto d = proto::decode(proto::encode(proto::Found{5, false, {"bob", "1.2.3.4", 9, true}}));
+    REQUIRE(d);
+    CHECK(*d.message == Message{proto::Found{5, false, {"bob", "", 0, false}}});
+    CHECK(proto::encode(proto::Found{6, true, {"bob", "1.2.3.4", 9, true}}) ==
+          R"({"v":1,"t":"found","re":6,"known":true,"e":["bob","1.2.3.4",9,1]})");
+  }
+  SUBCASE("reg_ok already and ack missed") {
+    check_round_trip(proto::RegOk{1, 2, 3, true});
+    check_round_trip(proto::RegOk{kMaxU64, kMaxU64, kMaxU64, true});
+    check_round_trip(proto::Ack{1, 0, 0, 1});
+    check_round_trip(proto::Ack{2, 0, 0, kMaxU64});
+    check_round_trip(proto::Ack{3, 9, 42, 7});
+    // Each is on the wire only when set.
+    CHECK(proto::encode(proto::RegOk{1, 2, 3, false}).find("already") == std::string::npos);
+    CHECK(proto::encode(proto::RegOk{1, 2, 3, true}).find(R"("already":true)") != std::string::npos);
+    CHECK(proto::encode(proto::Ack{1, 0, 0, 0}).find("missed") == std::string::npos);
+    CHECK(proto::encode(proto::Ack{1, 0, 0, 5}).find(R"("missed":5)") != std::string::npos);
+    CHECK(proto::encode(proto::Ack{1, 0, 0, 5}).find("epoch") == std::string::npos);
+    // Sent explicitly as false / 0, they decode to the same message.
+    auto d = proto::decode(v1(R"("t":"reg_ok","re":8,"epoch":1,"pending":0,"already":false)"));
+    REQUIRE(d);
+    CHECK(*d.message == Message{proto::RegOk{8, 1, 0, false}});
+    d = proto::decode(v1(R"("t":"ack","re":8,"missed":0)"));
+    REQUIRE(d);
+    CHECK(*d.message == Message{proto::Ack{8, 0, 0, 0}});
+  }
   SUBCASE("replies") {
     check_round_trip(proto::RegOk{1, 0, 0});
     check_round_trip(proto::RegOk{kMaxU64, kMaxU64, kMaxU64});
@@ -369,6 +531,61 @@ TEST_CASE("request_id, reply_to and type_name") {
   CHECK(std::string(proto::type_name(proto::Refused{})) == "refused");
   CHECK(std::string(proto::to_string(DecodeError::too_deep)) == "too_deep");
   CHECK(std::string(proto::to_string(DecodeError::count_)) == "unknown");
+
+  CHECK(proto::request_id(proto::KeepAlive{45, "a"}) == 45);
+  CHECK(proto::reply_to(proto::KeepAlive{45, "a"}) == 0);
+  CHECK(proto::request_id(proto::Lookup{46, "a"}) == 46);
+  CHECK(proto::reply_to(proto::Lookup{46, "a"}) == 0);
+  CHECK(proto::request_id(proto::Alive{47, true}) == 0);
+  CHECK(proto::reply_to(proto::Alive{47, true}) == 47);
+  CHECK(proto::request_id(proto::Found{48, false, {}}) == 0);
+  CHECK(proto::reply_to(proto::Found{48, false, {}}) == 48);
+  CHECK(std::string(proto::type_name(proto::KeepAlive{})) == "keepalive");
+  CHECK(std::string(proto::type_name(proto::Lookup{})) == "lookup");
+  CHECK(std::string(proto::type_name(proto::Alive{})) == "alive");
+  CHECK(std::string(proto::type_name(proto::Found{})) == "found");
+}
+
+TEST_CASE("the samples cover every type; requests come before replies in the variant") {
+  std::vector<bool> seen(std::variant_size_v<Message>, false);
+  std::size_t last_request = 0;
+  std::size_t first_reply = std::variant_size_v<Message>;
+  std::vector<std::string> tags;
+  for (const Message& m : one_of_each()) {
+    CAPTURE(proto::type_name(m));
+    seen[m.index()] = true;
+    tags.emplace_back(proto::type_name(m));
+    // Exactly one of id and re is set, which is what the endpoint routes on.
+    CHECK((proto::request_id(m) != 0) != (proto::reply_to(m) != 0));
+    if (proto::request_id(m) != 0) last_request = std::max(last_request, m.index());
+    else first_reply = std::min(first_reply, m.index());
+  }
+  CHECK(std::count(seen.begin(), seen.end(), false) == 0);
+  CHECK(last_request < first_reply);
+  std::sort(tags.begin(), tags.end());
+  tags.erase(std::unique(tags.begin(), tags.end()), tags.end());
+  CHECK(tags.size() == std::variant_size_v<Message>);  // one distinct tag per type
+  for (const Message& m : one_of_each()) check_round_trip(m);
+}
+
+TEST_CASE("old encodings without the optional fields still decode") {
+  // As senders wrote them before `already` and `missed` existed.
+  auto d = proto::decode(R"({"v":1,"t":"reg_ok","re":5,"epoch":7,"pending":2})");
+  REQUIRE(d);
+  CHECK(*d.message == Message{proto::RegOk{5, 7, 2, false}});
+  d = proto::decode(R"({"epoch":7,"pending":0,"re":5,"t":"reg_ok","v":1})");
+  REQUIRE(d);
+  CHECK(*d.message == Message{proto::RegOk{5, 7, 0, false}});
+  d = proto::decode(R"({"v":1,"t":"ack","re":5})");
+  REQUIRE(d);
+  CHECK(*d.message == Message{proto::Ack{5, 0, 0, 0}});
+  d = proto::decode(R"({"v":1,"t":"ack","re":5,"epoch":3,"have":4})");
+  REQUIRE(d);
+  CHECK(*d.message == Message{proto::Ack{5, 3, 4, 0}});
+  // And without them set, today's encodings are byte for byte what they were.
+  CHECK(proto::encode(proto::RegOk{5, 7, 2}) == R"({"v":1,"t":"reg_ok","re":5,"epoch":7,"pending":2})");
+  CHECK(proto::encode(proto::Ack{5}) == R"({"v":1,"t":"ack","re":5})");
+  CHECK(proto::encode(proto::Ack{5, 3, 4}) == R"({"v":1,"t":"ack","re":5,"epoch":3,"have":4})");
 }
 
 TEST_CASE("encode replaces invalid UTF-8 instead of throwing, and the result decodes") {
@@ -421,6 +638,15 @@ TEST_CASE("the templates of the malformed table decode when left unbroken") {
            v1(R"("t":"stored","id":1,"items":[["a",0,5,1,"x"],["b",1,0,0,""]])"),
            v1(R"("t":"ack","re":1,"epoch":3,"have":4)"),
            v1(R"("t":"exists","re":1,"name":"x.")"),
+           v1(R"("t":"ack","re":1,"missed":2)"),
+           v1(R"("t":"ack","re":1,"epoch":3,"have":3,"missed":0)"),
+           v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":true)"),
+           v1(R"("t":"keepalive","id":1,"name":"a")"),
+           v1(R"("t":"lookup","id":1,"name":"a")"),
+           v1(R"("t":"alive","re":1,"live":false)"),
+           v1(R"("t":"found","re":1,"known":true,"e":["a","1.2.3.4",5,1])"),
+           v1(R"("t":"found","re":1,"known":false,"name":"a")"),
+           v1(R"("t":"found","re":1,"known":false)"),
        }) {
     CAPTURE(ok);
     auto d = proto::decode(ok);
@@ -685,11 +911,10 @@ TEST_CASE("the largest legal message of each text-carrying type fits one datagra
   // A registration padded as the client pads it.
   {
     proto::Register reg{kMaxU64, kName32, 0};
-    std::size_t n = proto::encode(reg).size();
-    if (n < proto::kRegisterPadTo) reg.pad = proto::kRegisterPadTo - n;
+    proto::pad_to(reg, proto::kRegisterPadTo);
     std::string bytes = proto::encode(reg);
     CHECK(bytes.size() <= proto::kMaxDatagram);
-    CHECK(bytes.size() >= proto::kRegisterPadTo);
+    CHECK(bytes.size() == proto::kRegisterPadTo);
     auto d = proto::decode(bytes);
     REQUIRE(d);
     CHECK(*d.message == Message{reg});
@@ -704,6 +929,286 @@ TEST_CASE("a text accepted by check_text always fits one datagram, even invalid 
     CHECK(proto::encode(proto::Stored{kMaxU64, {{kName32, true, kMaxI64, kMaxU64, text}}}).size() <=
           proto::kMaxDatagram);
   }
+}
+
+TEST_CASE("encoded_size is exactly the size of encode") {
+  std::vector<Message> all = one_of_each();
+  for (const std::string& text : kTrickyTexts) {
+    all.push_back(proto::Direct{kMaxU64, kName32, text});
+    all.push_back(proto::Stored{1, {{kName1, true, 5, 6, text}, {kName32, false, kMaxI64, kMaxU64, text}}});
+  }
+  // Invalid UTF-8 (replaced by 3-byte U+FFFD), pads past the encoder's cap, names it would escape.
+  all.push_back(proto::Direct{1, "a", std::string(50, '\xFE') + "ok\xC3"});
+  all.push_back(proto::Register{1, kName1, proto::kMaxDatagram * 3});
+  all.push_back(proto::Register{1, "a\"b\\c\x01", 1});
+  all.push_back(proto::Found{1, true, {"a\"", "\x02", 0, true}});
+  all.push_back(proto::Stored{1, {{kName1, false, -1, 0, ""}}});  // a negative ts is encoded too
+  for (const Message& m : all) {
+    CAPTURE(proto::type_name(m));
+    CHECK(proto::encoded_size(m) == proto::encode(m).size());
+  }
+}
+
+TEST_CASE("pad_to pads a registration to exactly the size asked") {
+  for (const proto::Register& start : {proto::Register{1, kName1}, proto::Register{kMaxU64, kName32},
+                                       proto::Register{77, "bob", 999}}) {
+    proto::Register bare = start;
+    bare.pad = 0;
+    const std::size_t unpadded = proto::encode(bare).size();
+    const std::size_t field = std::string(R"(,"pad":"")").size();  // the pad field without content
+    for (std::size_t size = 0; size <= proto::kMaxDatagram + 50; ++size) {
+      CAPTURE(start.name);
+      CAPTURE(size);
+      proto::Register r = start;
+      proto::pad_to(r, size);
+      const std::string bytes = proto::encode(r);
+      const std::size_t want = std::min(size, proto::kMaxDatagram);
+      if (want <= unpadded) {
+        CHECK(r.pad == 0);
+        CHECK(bytes.size() == unpadded);
+      } else if (want < unpadded + field + 1) {
+        CHECK(r.pad == 1);  // no exact fit: the smallest padded size, just past the one asked
+        CHECK(bytes.size() == unpadded + field + 1);
+      } else {
+        CHECK(bytes.size() == want);
+      }
+      CHECK(bytes.size() <= proto::kMaxDatagram);
+      auto d = proto::decode(bytes);
+      REQUIRE(d);
+      CHECK(*d.message == Message{r});
+    }
+  }
+  proto::Register reg{5, "alice"};
+  proto::pad_to(reg, proto::kRegisterPadTo);
+  CHECK(proto::encode(reg).size() == proto::kRegisterPadTo);
+}
+
+TEST_CASE("set_encoded_id gives each copy of a request its own id") {
+  SUBCASE("every request type") {
+    for (Message m : one_of_each()) {
+      if (proto::request_id(m) == 0) continue;
+      CAPTURE(proto::type_name(m));
+      set_id(m, proto::kIdPlaceholder);
+      const std::string once = proto::encode(m);
+      for (std::uint64_t id : {std::uint64_t{1}, std::uint64_t{42}, kMaxU64 - 1, kMaxU64}) {
+        std::string copy = once;
+        REQUIRE(proto::set_encoded_id(copy, id));
+        Message want = m;
+        set_id(want, id);
+        CHECK(copy == proto::encode(want));
+        CHECK(copy.size() <= once.size());
+        auto d = proto::decode(copy);
+        REQUIRE(d);
+        CHECK(*d.message == want);
+      }
+    }
+  }
+  SUBCASE("texts and names that look like the id field are never rewritten") {
+    const std::string digits = std::to_string(proto::kIdPlaceholder);
+    const std::vector<std::string> lures = {
+        digits,
+        "\"id\":" + digits,
+        ",\"id\":" + digits + ",",
+        "{\"v\":1,\"t\":\"relay\",\"id\":" + digits + "}",
+        "\"id\":\"id\":" + digits + digits,
+        "\\\",\"id\":" + digits + ",\\\"",
+    };
+    for (const std::string& text : lures) {
+      CAPTURE(text);
+      // With a real id, nothing in the datagram is the placeholder id: refused, untouched.
+      for (const Message& m : {Message{proto::Relay{5, kName32, proto::kIdPlaceholder, text}},
+                               Message{proto::Direct{6, "a", text}},
+                               Message{proto::Save{7, "a", "b", proto::kIdPlaceholder, false, text}},
+                               Message{proto::Stored{8, {{"a", true, 1, proto::kIdPlaceholder, text}}}},
+                               Message{proto::Ack{proto::kIdPlaceholder, 0, 0, proto::kIdPlaceholder}},
+                               Message{proto::RegErr{proto::kIdPlaceholder, text}}}) {
+        CAPTURE(proto::type_name(m));
+        const std::string before = proto::encode(m);
+        std::string bytes = before;
+        CHECK_FALSE(proto::set_encoded_id(bytes, 9));
+        CHECK(bytes == before);
+      }
+      // With the placeholder, only the id changes, and the text (and the mid) come out intact.
+      std::string bytes = proto::encode(proto::Relay{proto::kIdPlaceholder, kName32, proto::kIdPlaceholder, text});
+      REQUIRE(proto::set_encoded_id(bytes, 9));
+      auto d = proto::decode(bytes);
+      REQUIRE(d);
+      CHECK(*d.message == Message{proto::Relay{9, kName32, proto::kIdPlaceholder, text}});
+    }
+  }
+  SUBCASE("anything but an encoded request with the placeholder is refused, untouched") {
+    const std::string digits = std::to_string(proto::kIdPlaceholder);
+    const std::string good = proto::encode(proto::Probe{proto::kIdPlaceholder});
+    std::vector<std::string> bad = {
+        "",
+        "{",
+        "\"id\":" + digits,
+        "{\"v\":1,\"t\":\"probe\",\"id\":" + digits,               // nothing after the number
+        "{\"v\":1,\"t\":\"probe\",\"id\":" + digits + "0}",        // a longer number
+        "{\"v\":1,\"t\":\"probe\",\"id\":" + digits.substr(1) + "}",
+        "{\"v\":2,\"t\":\"probe\",\"id\":" + digits + "}",
+        "{\"t\":\"probe\",\"v\":1,\"id\":" + digits + "}",          // not as the encoder writes it
+        "{\"v\":1,\"t\":\"relay\",\"from\":\"a\",\"id\":" + digits + "}",
+        "{\"v\":1,\"t\":\"probe\",\"re\":" + digits + "}",
+        "{\"v\":1,\"t\":\"probe",
+    };
+    for (std::size_t n = 0; n < good.size(); ++n) bad.push_back(good.substr(0, n));  // every truncation
+    for (const std::string& before : bad) {
+      CAPTURE(before);
+      std::string bytes = before;
+      bool ok = true;
+      REQUIRE_NOTHROW(ok = proto::set_encoded_id(bytes, 9));
+      CHECK_FALSE(ok);
+      CHECK(bytes == before);
+    }
+    std::string bytes = good;
+    CHECK_FALSE(proto::set_encoded_id(bytes, 0));  // 0 is "no id": refused on receipt
+    CHECK(bytes == good);
+    // Once rewritten the placeholder is gone: a second id cannot be written over the first.
+    REQUIRE(proto::set_encoded_id(bytes, 9));
+    CHECK_FALSE(proto::set_encoded_id(bytes, 10));
+    CHECK(bytes == proto::encode(proto::Probe{9}));
+  }
+}
+
+namespace {
+
+// Random contents for the packing bounds: names up to kMaxName, texts up to kMaxText made of
+// what escapes worst (quotes, backslashes, control characters), UTF-8, and plain letters.
+class Randomizer {
+ public:
+  explicit Randomizer(std::uint32_t seed) : rng_(seed) {}
+
+  std::uint64_t u64() {
+    switch (below(4)) {
+      case 0: return 0;
+      case 1: return kMaxU64;
+      case 2: return below(1000);
+      default: return rng_();
+    }
+  }
+  std::size_t below(std::size_t n) { return std::uniform_int_distribution<std::size_t>(0, n - 1)(rng_); }
+  std::string name() {
+    static const std::string chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.";
+    std::size_t n = below(3) == 0 ? proto::kMaxName : 1 + below(proto::kMaxName);
+    std::string s;
+    for (std::size_t i = 0; i < n; ++i) s += chars[below(chars.size())];
+    if (s[0] == '.') s[0] = 'x';
+    return s;
+  }
+  std::string text() {
+    std::size_t n = below(2) == 0 ? proto::kMaxText : below(proto::kMaxText + 1);
+    switch (below(6)) {
+      case 0: return std::string(n, '"');
+      case 1: return std::string(n, '\\');
+      case 2: return std::string(n, '\x01');
+      default: {
+        static const std::vector<std::string> pieces = {"\"", "\\", "\x01", "\x1F", "\n", "\t", std::string(1, '\0'),
+                                                        "\x7F", "a", " ", "\xC3\xA9", "\xF0\x9F\x98\x80", "\xFF"};
+        std::string s;
+        while (s.size() < n) {
+          const std::string& p = pieces[below(pieces.size())];
+          if (s.size() + p.size() > n) break;
+          s += p;
+        }
+        return s;
+      }
+    }
+  }
+  std::string ip() {
+    return std::to_string(below(256)) + "." + std::to_string(below(256)) + "." + std::to_string(below(256)) + "." +
+           std::to_string(below(256));
+  }
+
+ private:
+  std::mt19937_64 rng_;
+};
+
+// Decimal digits of `v`.
+std::size_t digits(std::uint64_t v) { return std::to_string(v).size(); }
+
+}  // namespace
+
+TEST_CASE("stored_overhead and stored_item_size bound every Stored datagram") {
+  Randomizer rnd(20240611);
+  for (int round = 0; round < 400; ++round) {
+    std::vector<proto::StoredItem> items(rnd.below(5));
+    std::size_t sum = 0;
+    for (auto& item : items) {
+      const auto ts = static_cast<std::int64_t>(rnd.u64() >> 1);  // 0 to INT64_MAX, as decode allows
+      item = {rnd.name(), rnd.below(2) == 1, ts, rnd.u64(), rnd.text()};
+      sum += proto::stored_item_size(item);
+    }
+    const std::uint64_t id = rnd.u64() | 1;
+    const std::size_t size = proto::encode(proto::Stored{id, items}).size();
+    CAPTURE(round);
+    CHECK(size <= proto::stored_overhead() + sum);
+    // And tight: the bound is over only by the id's missing digits and the first item's comma.
+    CHECK(proto::stored_overhead() + sum - size == (20 - digits(id)) + (items.empty() ? 0 : 1));
+  }
+  // Packing as the server does: take items while the bound stays within one datagram.
+  for (int round = 0; round < 50; ++round) {
+    proto::Stored batch{kMaxU64, {}};
+    std::size_t sum = proto::stored_overhead();
+    for (;;) {
+      std::string text = rnd.text();
+      if (!proto::check_text(text).empty()) text = std::string(proto::kMaxText, '"');
+      proto::StoredItem item{rnd.name(), true, kMaxI64, kMaxU64, text};
+      if (sum + proto::stored_item_size(item) > proto::kMaxDatagram) break;
+      sum += proto::stored_item_size(item);
+      batch.items.push_back(std::move(item));
+    }
+    REQUIRE_FALSE(batch.items.empty());
+    const std::string bytes = proto::encode(batch);
+    CHECK(bytes.size() <= proto::kMaxDatagram);
+    auto d = proto::decode(bytes);
+    REQUIRE(d);
+    CHECK(*d.message == Message{batch});
+  }
+  // Any single legal item fits one datagram on its own, however it escapes.
+  for (const std::string& text : worst_legal_texts()) {
+    CAPTURE(text.size());
+    CHECK(proto::stored_overhead() + proto::stored_item_size({kName32, true, kMaxI64, kMaxU64, text}) <=
+          proto::kMaxDatagram);
+  }
+}
+
+TEST_CASE("table_overhead and entry_size bound every Table datagram") {
+  Randomizer rnd(20240612);
+  for (int round = 0; round < 400; ++round) {
+    std::vector<proto::Entry> entries(rnd.below(60));
+    std::size_t sum = 0;
+    for (auto& e : entries) {
+      e = {rnd.name(), rnd.below(4) == 0 ? "255.255.255.255" : rnd.ip(),
+           static_cast<std::uint16_t>(rnd.below(2) == 0 ? 65535 : 1 + rnd.below(65535)), rnd.below(2) == 1};
+      sum += proto::entry_size(e);
+    }
+    proto::Table t{rnd.u64() | 1, rnd.u64(), rnd.u64(), rnd.u64(), rnd.below(2) == 1, entries};
+    const std::size_t size = proto::encode(t).size();
+    CAPTURE(round);
+    CHECK(size <= proto::table_overhead() + sum);
+    CHECK(proto::table_overhead() + sum - size == (20 - digits(t.id)) + (20 - digits(t.epoch)) +
+                                                      (20 - digits(t.from)) + (20 - digits(t.to)) +
+                                                      (t.more ? 1 : 0) + (entries.empty() ? 0 : 1));
+  }
+  // Packing rows of the longest kind: they fit, and more than a handful do.
+  proto::Table t{kMaxU64, kMaxU64, kMaxU64, kMaxU64, false, {}};
+  std::size_t sum = proto::table_overhead();
+  for (std::size_t i = 0;; ++i) {
+    std::string name = kName32;
+    name[0] = static_cast<char>('a' + i % 26);
+    name[1] = static_cast<char>('a' + i / 26);
+    proto::Entry e{name, "255.255.255.255", 65535, false};
+    if (sum + proto::entry_size(e) > proto::kMaxDatagram) break;
+    sum += proto::entry_size(e);
+    t.entries.push_back(e);
+  }
+  CHECK(t.entries.size() >= 20);
+  const std::string bytes = proto::encode(t);
+  CHECK(bytes.size() <= proto::kMaxDatagram);
+  auto d = proto::decode(bytes);
+  REQUIRE(d);
+  CHECK(*d.message == Message{t});
 }
 
 }  // TEST_SUITE
