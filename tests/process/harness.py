@@ -63,6 +63,11 @@ class Proc:
         self.proc.stdin.write((line + "\n").encode("utf-8"))
         self.proc.stdin.flush()
 
+    def send_raw(self, data):
+        """Writes `data` (bytes) to stdin as is: no newline is added."""
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
     def expect(self, pattern, timeout=DEADLINE):
         """Waits for the next line matching `pattern` (regex); earlier lines are skipped."""
         rx = re.compile(pattern)
@@ -90,6 +95,38 @@ class Proc:
         with self.cond:
             return [l for l in self.lines if rx.search(l)]
 
+    def mark(self):
+        """The index the next output line will have (for wait_seen/count `since`)."""
+        with self.cond:
+            return len(self.lines)
+
+    def wait_seen(self, pattern, since=0, timeout=DEADLINE):
+        """Waits until a line at index >= `since` matches `pattern`; returns its index.
+        Unlike `expect` it neither needs nor moves the cursor, so lines that `expect` (or
+        ChatTest.wait_table) skipped meanwhile still count."""
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self.cond:
+            i = since
+            while True:
+                while i < len(self.lines):
+                    if rx.search(self.lines[i]):
+                        return i
+                    i += 1
+                if self.eof:
+                    raise AssertionError(f"{self.name}: output ended before /{pattern}/; got:\n" + self.dump())
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: no line /{pattern}/ within {timeout:.1f}s; got:\n"
+                                         + self.dump())
+                self.cond.wait(left)
+
+    def count(self, pattern, since=0):
+        """How many lines at index >= `since` match `pattern` (consumed or not)."""
+        rx = re.compile(pattern)
+        with self.cond:
+            return sum(1 for l in self.lines[since:] if rx.search(l))
+
     def rest(self):
         """Lines not yet consumed."""
         with self.cond:
@@ -104,6 +141,25 @@ class Proc:
 
     def signal(self, sig):
         self.proc.send_signal(sig)
+
+    def pause(self, timeout=DEADLINE):
+        """SIGSTOP, then waits (bounded) until the kernel shows the process stopped."""
+        self.proc.send_signal(signal.SIGSTOP)
+        end = time.monotonic() + timeout
+        state = "?"
+        for _ in range(int(timeout / 0.005) + 1):
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state in ("T", "t") or time.monotonic() > end:
+                break
+            time.sleep(0.005)  # polling the process state, not synchronising on output
+        if state not in ("T", "t"):
+            raise AssertionError(f"{self.name} is not stopped {timeout}s after SIGSTOP (state {state})")
+
+    def resume(self):
+        """SIGCONT if the process is still there (safe in a cleanup, any number of times)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def close_stdin(self):
         self.proc.stdin.close()
@@ -143,18 +199,20 @@ class ChatTest(unittest.TestCase):
         s.expect("server listening")
         return s
 
-    def start_client(self, name, port=None, extra=(), wait=True):
+    def start_client(self, name, port=None, extra=(), wait=True, timing=FAST):
+        """`timing` replaces the FAST ack options (each option may be given once only)."""
         port = port or free_port()
-        c = Proc(["-c", name, "127.0.0.1", str(self.server_port), str(port)] + FAST + list(extra), name=name)
+        c = Proc(["-c", name, "127.0.0.1", str(self.server_port), str(port)] + list(timing) + list(extra),
+                 name=name)
         c.port = port
         self.procs.append(c)
         if wait:
             c.expect_exact(">>> [Welcome, You are registered.]")
         return c
 
-    def wait_table(self, client, names_online):
-        """Types `list` until the table shows exactly these online names (bounded)."""
-        end = time.monotonic() + DEADLINE
+    def wait_table(self, client, names_online, timeout=DEADLINE):
+        """Types `list` until the table shows exactly these online names (bounded by `timeout`)."""
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
             client.send("list")
             client.expect("^NAME +ADDRESS")
@@ -168,4 +226,86 @@ class ChatTest(unittest.TestCase):
             if online == sorted(names_online):
                 return rows
             time.sleep(0.05)  # polling the table, not synchronising on an event
-        raise AssertionError(f"{client.name}: table never showed {names_online}:\n" + client.dump())
+        raise AssertionError(f"{client.name}: table never showed {names_online} within {timeout:.1f}s:\n"
+                             + client.dump())
+
+
+def udp_rx_queue(port):
+    """Bytes queued on the UDP socket bound to `port` in this network namespace (None: no socket)."""
+    with open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if int(parts[1].split(":")[1], 16) == port:
+                return int(parts[4].split(":")[1], 16)
+    return None
+
+
+class NetnsChatTest(ChatTest):
+    """ChatTest with the server and the clients inside a network namespace of the test's own
+    (only lo, up), where `iptables()` adds and deletes rules. Skips when not root or when
+    `ip netns` or iptables cannot be used here. The processes are killed and the namespace is
+    deleted whatever happens, setUp failing included."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (ip netns, iptables)")
+        for tool in ("ip", "iptables"):
+            if shutil.which(tool) is None:
+                raise unittest.SkipTest(f"{tool} is not installed")
+        self.ns = f"chatapp-{os.getpid()}-{type(self).__name__[:20]}"
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)  # a leftover of a killed run
+        r = subprocess.run(["ip", "netns", "add", self.ns], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise unittest.SkipTest(f"cannot create a network namespace (ip netns add): {r.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns], capture_output=True)
+        r = subprocess.run(self.prefix() + ["ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise unittest.SkipTest(f"cannot bring lo up in the namespace: {r.stderr.strip()}")
+        rule = ["OUTPUT", "-p", "udp", "--sport", "9", "--dport", "9", "-j", "DROP"]
+        r = subprocess.run(self.prefix() + ["iptables", "-A"] + rule, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise unittest.SkipTest(f"iptables cannot drop datagrams here: {r.stderr.strip()}")
+        self.iptables("-D", *rule)
+        self.procs = []
+        # Runs before the namespace is deleted (cleanups are LIFO), and also when setUp fails below.
+        self.addCleanup(self._kill_all)
+        super().setUp()
+
+    def _kill_all(self):
+        for p in getattr(self, "procs", []):
+            p.kill()
+        if getattr(self, "dir", None):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def prefix(self):
+        return ["ip", "netns", "exec", self.ns]
+
+    def iptables(self, *args):
+        subprocess.run(self.prefix() + ["iptables"] + list(args), check=True, capture_output=True)
+
+    def dropped(self, chain, sport, dport):
+        """Datagrams the DROP rule `-p udp --sport <sport> --dport <dport>` in `chain` has dropped."""
+        out = subprocess.run(self.prefix() + ["iptables", "-v", "-x", "-n", "-L", chain], check=True,
+                             capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) > 2 and f[2] == "DROP" and f"spt:{sport}" in f and f"dpt:{dport}" in f:
+                return int(f[0])
+        raise AssertionError(f"no rule udp spt:{sport} dpt:{dport} in {chain}:\n{out}")
+
+    def start_server(self, extra=()):
+        s = Proc(["-s", str(self.server_port), "--data-dir", os.path.join(self.dir, "data")]
+                 + list(self.server_args) + list(extra), name="server", merge_stderr=True, prefix=self.prefix())
+        self.procs.append(s)
+        s.expect("server listening", timeout=30)
+        return s
+
+    def start_client(self, name, port=None, extra=(), wait=True, timing=FAST):
+        port = port or free_port()  # any port is free in the fresh namespace
+        c = Proc(["-c", name, "127.0.0.1", str(self.server_port), str(port)] + list(timing) + list(extra),
+                 name=name, prefix=self.prefix())
+        c.port = port
+        self.procs.append(c)
+        if wait:
+            c.expect_exact(">>> [Welcome, You are registered.]", timeout=30)
+        return c
