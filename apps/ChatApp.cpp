@@ -14,7 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "offline/store.hpp"
-#include "peer/client.hpp"
+#include "peer/app.hpp"
 #include "protocol/codec.hpp"
 #include "registry/server.hpp"
 
@@ -46,6 +46,7 @@ struct Config {
   double rate_limit = 2000;
   long long max_stored = 100'000;
   long long max_clients = 100'000;
+  double keepalive_s = 15;
 };
 
 std::uint16_t parse_port(const std::string& s, const char* what) {
@@ -77,6 +78,8 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: saved messages kept per recipient at most")
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
+      ("keepalive", po::value<double>(&c.keepalive_s)->default_value(15)->value_name("seconds"),
+       "client: tell the server we are here this often; server: end a session after 3 intervals of silence")
       ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr")
       ("log-file", po::value<std::string>(&c.log_file)->value_name("path"),
        "also append the log to this file");
@@ -124,6 +127,8 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     throw UsageError{"invalid --max-stored '" + std::to_string(c.max_stored) + "': must be 1-1000000000"};
   if (c.max_clients < 1 || c.max_clients > 1'000'000'000)
     throw UsageError{"invalid --max-clients '" + std::to_string(c.max_clients) + "': must be 1-1000000000"};
+  if (!std::isfinite(c.keepalive_s) || c.keepalive_s < 0.1 || c.keepalive_s > 3600)
+    throw UsageError{"invalid --keepalive '" + std::to_string(c.keepalive_s) + "': must be 0.1-3600 seconds"};
   if (!chat::protocol::valid_ipv4(c.bind))
     throw UsageError{"invalid --bind '" + c.bind + "': must be a dotted-decimal IPv4 address"};
   if (server) {
@@ -151,6 +156,10 @@ chat::udp::endpoint make_endpoint(const std::string& ip, std::uint16_t port) {
   return {chat::net::ip::make_address_v4(ip), port};
 }
 
+std::chrono::milliseconds keepalive_of(const Config& c) {
+  return std::chrono::milliseconds(static_cast<long long>(std::llround(c.keepalive_s * 1000)));
+}
+
 int run_server(const Config& c) {
   chat::net::io_context io(1);
   std::unique_ptr<chat::offline::Store> store;
@@ -161,14 +170,15 @@ int run_server(const Config& c) {
     return 1;
   }
   chat::registry::ServerOptions opts;
-  opts.bind = make_endpoint(c.bind, c.port);
   opts.policy = c.policy;
   opts.guard.rate_limit = c.rate_limit;
   opts.max_stored = static_cast<std::size_t>(c.max_stored);
   opts.max_clients = static_cast<std::size_t>(c.max_clients);
-  std::optional<chat::registry::Server> server;
+  opts.keepalive = keepalive_of(c);
+  chat::registry::Server server(opts, std::move(store), chat::transport::system_clock());
+  std::optional<chat::transport::Endpoint> endpoint;
   try {
-    server.emplace(io, opts, std::move(store));
+    endpoint.emplace(io, server.core(), make_endpoint(c.bind, c.port));
   } catch (const boost::system::system_error& e) {
     std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
     return 1;
@@ -176,10 +186,14 @@ int run_server(const Config& c) {
   chat::net::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
   signals.async_wait([&](chat::error_code ec, int) {
     if (ec) return;
-    server->stop();
+    server.stop();
+    endpoint->close();
     io.stop();
   });
-  server->start();
+  endpoint->turn([&] { server.start(); });
+  endpoint->start();
+  auto at = endpoint->local_endpoint();
+  spdlog::info("server listening on {}:{}", at.address().to_string(), at.port());
   for (;;) {
     try {
       io.run();
@@ -193,11 +207,10 @@ int run_server(const Config& c) {
 
 int run_client(const Config& c) {
   chat::net::io_context io(1);
-  chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port),
-                                 make_endpoint(c.bind, c.port), c.policy};
-  std::optional<chat::peer::Client> client;
+  chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port), c.policy, keepalive_of(c), 0};
+  std::optional<chat::peer::ClientApp> client;
   try {
-    client.emplace(io, opts);
+    client.emplace(io, opts, make_endpoint(c.bind, c.port));
   } catch (const boost::system::system_error& e) {
     std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
     return 1;

@@ -507,7 +507,7 @@ struct Peer {
         ep(io, udp::endpoint(net::ip::make_address_v4("127.0.0.1"), 0), kPeerPolicy) {}
   std::size_t index;
   std::string name;
-  chat::transport::Endpoint ep;
+  chat::transport::Socket ep;
   TableView view;
   std::unique_ptr<chat::peer::LocalTable> check;  // the real LocalTable, on the first kChecked peers
   bool registered = false;
@@ -846,8 +846,8 @@ bool bench_direct(const Options& o) {
   try {
     auto deadline = Clock::now() + 60s;
     net::io_context io(1);
-    chat::transport::Endpoint a(io, loopback0(), kPeerPolicy);
-    chat::transport::Endpoint b(io, loopback0(), kPeerPolicy);
+    chat::transport::Socket a(io, loopback0(), kPeerPolicy);
+    chat::transport::Socket b(io, loopback0(), kPeerPolicy);
     b.start([&b](const proto::Message& m, const udp::endpoint& from) { b.reply(from, proto::Ack{proto::request_id(m)}); });
     a.start([](const proto::Message&, const udp::endpoint&) {});
     const udp::endpoint to = b.local_endpoint();

@@ -1,69 +1,136 @@
-// The peer: registration, the prompt, direct chat, offline fallback, the channel, saved messages.
+// The peer's decisions: registration and keep-alives, the prompt's commands, direct chat, the
+// offline fallback, the channel, saved messages, every status line. No socket, no terminal and
+// no clock of its own: it runs on a transport::Core and talks to the user through ClientIo.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <optional>
 #include <string>
 #include <unordered_set>
+#include <vector>
 
 #include "peer/commands.hpp"
 #include "peer/local_table.hpp"
-#include "peer/terminal.hpp"
-#include "transport/endpoint.hpp"
+#include "transport/core.hpp"
 
 namespace chat::peer {
 
 struct ClientOptions {
   std::string name;
   udp::endpoint server;
-  udp::endpoint bind;
   transport::RetryPolicy policy;
+  /// How often a registered client tells the server it is there (SPEC §10), with ±10 % jitter.
+  std::chrono::milliseconds keepalive{15'000};
+  /// Seeds the core's ids and the jitter; 0 = random (simulations pass their own).
+  std::uint64_t seed = 0;
 };
 
-/// Single-threaded: stdin, the socket and the timers all run on one io_context.
+/// Keep-alive intervals without any answer before the client says the server is not responding.
+inline constexpr int kServerSilentIntervals = 3;
+
+/// What the core asks of its surroundings.
+struct ClientIo {
+  /// Shows one line to the user.
+  std::function<void(const std::string& line)> print;
+  /// Commands may be read from now on (called once).
+  std::function<void()> start_input;
+  /// The client is done; the process ends with `code`.
+  std::function<void(int code)> exit;
+};
+
+/// What the client counted: datagrams it dropped.
+struct ClientCounters {
+  std::uint64_t unexpected = 0;  // datagram types a peer is never sent
+  std::uint64_t unverified = 0;  // direct messages whose source is not the sender's table address
+  std::uint64_t not_from_server = 0;  // server-only datagrams (table, relay, ...) from elsewhere
+};
+
+/// Single-threaded, like its core.
 class Client {
  public:
-  Client(net::io_context& io, ClientOptions options);
-  /// Registers and starts reading commands; the process exit code comes from exit_code().
+  Client(ClientOptions options, const transport::TimeSource& clock, ClientIo io);
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  /// Registers with the server; commands are read once the first table arrived.
   void start();
-  /// Leaves at once without telling the server (SIGINT, SIGHUP, SIGTERM, end of input).
+  /// One typed line.
+  void on_line(const std::string& line);
+  /// End of input: the requests in flight finish, each with its status line, then the client exits.
+  void on_end_of_input();
+  /// Leaves at once without telling the server (SIGINT, SIGHUP, SIGTERM).
   void leave();
-  int exit_code() const { return exit_code_; }
-  /// The client's endpoint (tests and fuzzing inject datagrams and hook sends through it).
-  transport::Endpoint& endpoint() { return endpoint_; }
+
+  transport::Core& core() { return core_; }
+  const LocalTable& table() const { return table_; }
+  const ClientCounters& client_counters() const { return stats_; }
+  /// Names for Tab completion (the local table).
+  std::vector<std::string> names() const;
+  bool online() const { return state_ == State::online; }
+  /// User requests whose status line is still to come.
+  std::size_t busy() const { return busy_; }
 
  private:
   enum class State { registering, online, offline };
+  /// Why a registration is sent: the first, one the user typed, or one of our own after the
+  /// server lost track of us.
+  enum class Reason { first, typed, rejoin };
+  struct Dispatch;
 
-  /// Starts reading commands (once): after the first table arrived, or when it is overdue.
   void begin_input();
-  void on_line(const std::string& line);
   void run(const Command& c);
+  /// A request whose status line the user waits for: end of input waits for it too.
+  void user_request(const protocol::Message& m, const udp::endpoint& to, transport::Core::Done done);
+  /// A request to the server: any answer is news that the server is there.
+  void server_request(const protocol::Message& m, transport::Core::Done done,
+                      std::optional<transport::RetryPolicy> policy = std::nullopt, bool user = true);
+  void send(const std::string& to, const std::string& text);
+  void send_known(const std::string& to, const std::string& text);
   void send_direct(const std::string& to, const std::string& text, std::uint64_t mid, int round);
   void send_save(const std::string& to, const std::string& text, std::uint64_t mid, int round);
-  void send_register(bool rejoin = false);
+  void send_register(Reason why);
+  /// `reg <own name>` while online: asks the server whether it holds our session.
+  void confirm_registration();
+  void on_registered(const protocol::Message* reply, Reason why);
+  void schedule_keepalive();
+  void send_keepalive();
+  void heard_from_server();
+  void rejoin();
   void on_message(const protocol::Message& m, const udp::endpoint& from);
+  void on_direct(const protocol::Direct& d, const udp::endpoint& from);
+  void on_relay(const protocol::Relay& r, const udp::endpoint& from);
+  void on_probe(const protocol::Probe& p, const udp::endpoint& from);
   void on_table(const protocol::Table& t, const udp::endpoint& from);
   void on_stored(const protocol::Stored& s, const udp::endpoint& from);
+  void unexpected(const protocol::Message& m, const udp::endpoint& from);
   /// True (and remembered) the first time (sender, message id) is shown.
   bool first_showing(const std::string& from, std::uint64_t mid);
   void say(const std::string& line);
-  /// Prints a block of lines (help, list) above the prompt.
+  /// Prints a block of lines (help, list).
   void show(const std::string& text);
   void fail_and_exit(const char* line);
   void quit(int code);
+  void finished_one();
 
-  net::io_context& io_;
   ClientOptions options_;
-  transport::Endpoint endpoint_;
-  Terminal terminal_;
-  net::steady_timer ready_timer_;
-  bool reading_ = false;
-  bool was_online_ = false;     // our own row was seen online since we registered
-  std::uint64_t unverified_ = 0;  // direct messages dropped: source not the sender's address
+  transport::Core core_;
+  ClientIo io_;
   LocalTable table_;
   State state_ = State::registering;
-  int exit_code_ = 0;
+  ClientCounters stats_;
+  bool reading_ = false;
+  bool was_online_ = false;     // our own row was seen online since we registered
+  bool rejoining_ = false;      // our own re-registration is in flight
+  bool server_silent_ = false;  // "[Server not responding]" shown; waiting for an answer
+  bool closing_ = false;        // end of input: exit once busy_ reaches 0
+  bool done_ = false;
+  std::size_t busy_ = 0;        // user requests whose status line is still to come
+  transport::Time last_answer_{};
+  transport::Core::TimerId ready_timer_ = 0;
+  transport::Core::TimerId keepalive_timer_ = 0;
   // Messages already shown, by (sender, id): a saved copy of one is not shown again.
   std::unordered_set<std::string> shown_;
   std::deque<std::string> shown_order_;

@@ -27,6 +27,8 @@ void LocalTable::reset() {
   version_ = 0;
 }
 
+void LocalTable::learn(const protocol::Entry& e) { rows_.try_emplace(e.name, e); }
+
 const protocol::Entry* LocalTable::find(const std::string& name) const {
   auto it = rows_.find(name);
   return it == rows_.end() ? nullptr : &it->second;

@@ -24,6 +24,10 @@ class LocalTable {
   /// Forgets everything (a new registration takes a new snapshot).
   void reset();
 
+  /// Takes in a row the server gave on request (a lookup) if we hold none for that name; the
+  /// next table update overwrites it like any other row.
+  void learn(const protocol::Entry& e);
+
   const protocol::Entry* find(const std::string& name) const;
   const std::map<std::string, protocol::Entry>& rows() const { return rows_; }
   std::uint64_t epoch() const { return epoch_; }

@@ -180,6 +180,12 @@ void Terminal::read_plain() {
   net::async_read_until(input_, buffer_, '\n', [this](error_code ec, std::size_t n) {
     if (ec == net::error::operation_aborted) return;
     if (ec) {
+      // A last line without its newline is still a line (`printf 'send bob hi' | ChatApp ...`).
+      if (buffer_.size() > 0) {
+        std::string last(net::buffers_begin(buffer_.data()), net::buffers_end(buffer_.data()));
+        buffer_.consume(buffer_.size());
+        if (on_line_) on_line_(last);
+      }
       if (on_end_) on_end_();
       return;
     }

@@ -284,7 +284,6 @@ auto write_message(const Message& m) {
           [](const RegOk& r) {
             W w("reg_ok");
             w.u64("re", r.re).u64("epoch", r.epoch).u64("pending", r.pending);
-            if (r.already) w.boolean("already", true);
             return w.done();
           },
           [](const RegErr& r) { return W("reg_err").u64("re", r.re).str("reason", r.reason).done(); },
@@ -438,9 +437,7 @@ Message decode_body(const std::string& t, const json& j) {
     return r;
   }
   if (t == "reg_ok") {
-    RegOk r{get_id(j, "re"), get_u64(j, "epoch"), get_u64(j, "pending"), false};
-    if (j.contains("already")) r.already = get_bool(j, "already");  // absent in older servers' replies
-    return r;
+    return RegOk{get_id(j, "re"), get_u64(j, "epoch"), get_u64(j, "pending")};
   }
   if (t == "reg_err") return RegErr{get_id(j, "re"), get_reason(field(j, "reason"))};
   if (t == "exists") return Exists{get_id(j, "re"), get_name(field(j, "name"))};

@@ -145,12 +145,10 @@ struct Ack {
   bool operator==(const Ack&) const = default;
 };
 /// Registration accepted; `pending` messages wait and will follow as Stored datagrams.
-/// `already` says the server held this very session (same name and address, online) before.
 struct RegOk {
   std::uint64_t re = 0;
   std::uint64_t epoch = 0;
   std::uint64_t pending = 0;
-  bool already = false;  // optional on the wire ("already", absent = false)
   bool operator==(const RegOk&) const = default;
 };
 /// Registration refused, with a reason to show the user.

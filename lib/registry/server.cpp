@@ -1,9 +1,9 @@
-// The registry server's handlers: each datagram type, table distribution, group commit, delivery.
+// The registry server's decisions: one handler per datagram type, sessions and keep-alives,
+// table distribution, group commit, delivery of saved messages, the channel.
 #include "registry/server.hpp"
 
 #include <spdlog/spdlog.h>
 
-#include <random>
 #include <unordered_set>
 
 namespace chat::registry {
@@ -13,16 +13,6 @@ namespace proto = chat::protocol;
 
 // Saved messages read per delivery step; the datagram takes as many as fit.
 constexpr std::size_t kDeliveryRead = 64;
-// Stands for the id in a relay encoded once for a whole fan-out (the longest u64, so the
-// spliced-in id never makes the datagram longer).
-constexpr std::uint64_t kIdPlaceholder = UINT64_MAX;
-// Room a Stored datagram needs beyond its items (type, id, version).
-constexpr std::size_t kStoredEnvelope = 64;
-
-std::uint64_t random_epoch() {
-  std::random_device rd;
-  return ((static_cast<std::uint64_t>(rd()) << 32) ^ rd()) >> 12 | 1;
-}
 
 std::string where(const udp::endpoint& e) {
   return e.address().to_string() + ":" + std::to_string(e.port());
@@ -30,35 +20,33 @@ std::string where(const udp::endpoint& e) {
 
 }  // namespace
 
-std::int64_t now_us() {
-  using namespace std::chrono;
-  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
-}
-
-Server::Server(net::io_context& io, ServerOptions options, std::unique_ptr<offline::Store> store)
-    : io_(io),
-      options_(std::move(options)),
+Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, const transport::TimeSource& clock)
+    : options_(std::move(options)),
       store_(std::move(store)),
-      endpoint_(io, options_.bind, options_.policy, options_.guard),
-      table_(random_epoch()),
-      stats_timer_(io) {
-  // A restart keeps every name, address and online flag; clients that were online stay
-  // active, and the new epoch tells them to take a fresh snapshot on the next update.
+      core_(transport::CoreOptions{options_.policy, options_.guard, options_.seed}, clock),
+      table_(core_.random() >> 12 | 1) {
+  core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
+  // A restart keeps every name, address and online flag; clients that were online keep a
+  // session (until their keep-alives prove otherwise), and the new epoch tells them to take a
+  // fresh snapshot on the next update.
   for (const auto& row : store_->load_clients()) {
     table_.upsert(row.name, row.ip, row.port, row.online);
-    if (row.online) sessions_[row.name].active = true;
+    if (row.online) {
+      auto s = std::make_shared<Session>();
+      s->heard = core_.now();
+      sessions_[row.name] = std::move(s);
+    }
   }
 }
 
 void Server::start() {
-  endpoint_.start([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
-  spdlog::info("server listening on {}, {} clients known", where(endpoint_.local_endpoint()),
-               table_.size());
+  spdlog::info("server ready, {} clients known", table_.size());
   log_stats();
+  core_.after(options_.keepalive, [this] { expire_silent(); });
 }
 
 void Server::log_stats() {
-  const transport::Counters& c = endpoint_.counters();
+  const transport::Counters& c = core_.counters();
   std::uint64_t dropped = c.refused_total() + c.rate_limited + c.amplification + c.in_flight_refused;
   std::uint64_t before = last_logged_.refused_total() + last_logged_.rate_limited +
                          last_logged_.amplification + last_logged_.in_flight_refused;
@@ -68,47 +56,141 @@ void Server::log_stats() {
       if (c.refused[i] != 0)
         why += fmt::format(" {}={}", proto::to_string(static_cast<proto::DecodeError>(i)), c.refused[i]);
     spdlog::info("dropped so far: {} datagrams (rate_limited={} not_sent_unproven={} in_flight_refused={}{}); "
-                 "{} received, {} duplicates",
-                 dropped, c.rate_limited, c.amplification, c.in_flight_refused, why, c.received, c.duplicates);
+                 "{} received, {} duplicates, {} unexpected",
+                 dropped, c.rate_limited, c.amplification, c.in_flight_refused, why, c.received, c.duplicates,
+                 stats_.unexpected);
     last_logged_ = c;
   }
-  stats_timer_.expires_after(options_.stats_interval);
-  stats_timer_.async_wait([this](error_code ec) {
-    if (!ec) log_stats();
-  });
+  core_.after(options_.stats_interval, [this] { log_stats(); });
 }
 
 void Server::stop() {
   flush();
-  stats_timer_.cancel();
-  endpoint_.close();
-  const auto& c = endpoint_.counters();
+  core_.close();
+  const auto& c = core_.counters();
   spdlog::info("server stopped: {} datagrams received, {} refused, {} duplicates", c.received,
                c.refused_total(), c.duplicates);
 }
 
+// One overload per datagram type, none generic: a type added to the protocol and not
+// handled here does not compile.
+struct Server::Dispatch {
+  Server& s;
+  const udp::endpoint& from;
+  void operator()(const proto::Register& m) { s.on_register(m, from); }
+  void operator()(const proto::Dereg& m) { s.on_dereg(m, from); }
+  void operator()(const proto::Save& m) { s.on_save(m, from); }
+  void operator()(const proto::Channel& m) { s.on_channel(m, from); }
+  void operator()(const proto::KeepAlive& m) { s.on_keepalive(m, from); }
+  void operator()(const proto::Lookup& m) { s.on_lookup(m, from); }
+  // Requests only a peer is sent.
+  void operator()(const proto::Direct& m) { s.unexpected(m, from); }
+  void operator()(const proto::Relay& m) { s.unexpected(m, from); }
+  void operator()(const proto::Probe& m) { s.unexpected(m, from); }
+  void operator()(const proto::Table& m) { s.unexpected(m, from); }
+  void operator()(const proto::Stored& m) { s.unexpected(m, from); }
+  // Replies: the core hands them to the request they answer, never here.
+  void operator()(const proto::Ack& m) { s.unexpected(m, from); }
+  void operator()(const proto::RegOk& m) { s.unexpected(m, from); }
+  void operator()(const proto::RegErr& m) { s.unexpected(m, from); }
+  void operator()(const proto::Exists& m) { s.unexpected(m, from); }
+  void operator()(const proto::Refused& m) { s.unexpected(m, from); }
+  void operator()(const proto::Alive& m) { s.unexpected(m, from); }
+  void operator()(const proto::Found& m) { s.unexpected(m, from); }
+};
+
 void Server::on_message(const proto::Message& m, const udp::endpoint& from) {
   if (!from.address().is_v4()) return;
   try {
-    if (auto* r = std::get_if<proto::Register>(&m)) on_register(*r, from);
-    else if (auto* d = std::get_if<proto::Dereg>(&m)) on_dereg(*d, from);
-    else if (auto* s = std::get_if<proto::Save>(&m)) on_save(*s, from);
-    else if (auto* c = std::get_if<proto::Channel>(&m)) on_channel(*c, from);
-    else spdlog::debug("ignored {} from {}", proto::type_name(m), where(from));
+    std::visit(Dispatch{*this, from}, m);
   } catch (const std::exception& e) {
     // The store failing must not take the server down; the request stays unanswered.
     spdlog::error("{} from {} failed: {}", proto::type_name(m), where(from), e.what());
-    endpoint_.forget(from, proto::request_id(m));
+    core_.forget(from, proto::request_id(m));
   }
+}
+
+void Server::unexpected(const proto::Message& m, const udp::endpoint& from) {
+  ++stats_.unexpected;
+  spdlog::debug("ignored {} from {}", proto::type_name(m), where(from));
+  core_.forget(from, proto::request_id(m));
+}
+
+// ---------------------------------------------------------------- sessions
+
+Server::Session* Server::session(const std::string& name) {
+  auto it = sessions_.find(name);
+  return it == sessions_.end() ? nullptr : it->second.get();
+}
+
+bool Server::same_session(const std::string& name, const SessionRef& ref) {
+  return ref.lock().get() == session(name);
+}
+
+bool Server::is_at(const std::string& name, const udp::endpoint& from) {
+  const Client* c = table_.find(name);
+  Session* s = session(name);
+  if (c == nullptr || s == nullptr || endpoint_of(*c) != from) return false;
+  s->heard = core_.now();
+  return true;
+}
+
+bool Server::live(const std::string& name, const udp::endpoint& from) {
+  const Client* c = table_.find(name);
+  Session* s = session(name);
+  // A client still receiving its saved messages is offline in the table but live; one the
+  // server marked offline (an unanswered probe or relay) is not, so it registers again.
+  return c != nullptr && s != nullptr && endpoint_of(*c) == from &&
+         (c->online || s->delivery != Session::Delivery::none);
+}
+
+void Server::on_keepalive(const proto::KeepAlive& k, const udp::endpoint& from) {
+  bool is_live = live(k.name, from);
+  core_.reply(from, proto::Alive{k.id, is_live});
+  if (!is_live) return;
+  Session& s = *session(k.name);
+  s.heard = core_.now();
+  resume(k.name, s);
+}
+
+void Server::resume(const std::string& name, Session& s) {
+  if (s.sync == Session::Sync::stalled) s.sync = Session::Sync::idle;
+  sync(name);
+  if (s.delivery == Session::Delivery::stalled) {
+    s.delivery = Session::Delivery::none;
+    deliver(name);
+  }
+}
+
+void Server::expire_silent() {
+  const auto limit = kMissedKeepalives * options_.keepalive;
+  std::vector<std::string> silent;
+  for (const auto& [name, s] : sessions_)
+    if (core_.now() - s->heard > limit) silent.push_back(name);
+  for (const auto& name : silent) {
+    sessions_.erase(name);
+    ++stats_.expired;
+    spdlog::info("{} is offline (no keep-alive for {} intervals)", name, kMissedKeepalives);
+    set_online(name, false);
+  }
+  core_.after(options_.keepalive, [this] { expire_silent(); });
+}
+
+void Server::on_lookup(const proto::Lookup& l, const udp::endpoint& from) {
+  // The same row every registered client is sent in its table anyway.
+  const Client* c = table_.find(l.name);
+  if (c == nullptr) return core_.reply(from, proto::Found{l.id, false, proto::Entry{l.name, "", 0, false}});
+  core_.reply(from, proto::Found{l.id, true, proto::Entry{c->name, c->ip, c->port, c->online}});
 }
 
 // ---------------------------------------------------------------- registration
 
 void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
   std::string ip = from.address().to_string();
-  if (table_.find(r.name) == nullptr && table_.size() >= options_.max_clients) {
+  const Client* c = table_.find(r.name);
+  if (c == nullptr && table_.size() >= options_.max_clients) {
     spdlog::info("refused {} from {}: the server is full", r.name, where(from));
-    endpoint_.reply(from, proto::RegErr{r.id, "the server is full (" + std::to_string(options_.max_clients) + " clients)"});
+    core_.reply(from, proto::RegErr{r.id, "the server is full (" + std::to_string(options_.max_clients) + " clients)"});
     return;
   }
   if (table_.admit(r.name, ip, from.port()) == Admit::accept) {
@@ -116,13 +198,12 @@ void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
     return;
   }
   // The name is online elsewhere: refuse only if that holder still answers.
-  const Client* holder = table_.find(r.name);
-  udp::endpoint old = endpoint_of(*holder);
+  udp::endpoint old = endpoint_of(*c);
   probe(old, [this, r, from, old](bool alive) {
-    const Client* c = table_.find(r.name);
-    if (alive && c != nullptr && c->online && endpoint_of(*c) == old) {
+    const Client* holder = table_.find(r.name);
+    if (alive && holder != nullptr && holder->online && endpoint_of(*holder) == old) {
       spdlog::info("refused {} from {}: name in use at {}", r.name, where(from), where(old));
-      endpoint_.reply(from, proto::RegErr{r.id, "the name " + r.name + " is in use by an online client"});
+      core_.reply(from, proto::RegErr{r.id, "the name " + r.name + " is in use by an online client"});
       return;
     }
     admit(r, from);
@@ -133,14 +214,13 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   // A delivery restarts from the oldest stored message: what was ACKed must be gone first.
   if (undeleted_.contains(r.name)) remove_delivered();
   std::size_t pending = mailbox(r.name);
-  Session& s = sessions_[r.name];
-  ++s.gen;
-  s = Session{true, false, false, 0, s.gen};
+  auto s = std::make_shared<Session>();
+  s->heard = core_.now();
+  sessions_[r.name] = std::move(s);
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
-  if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0))
-    table_changed(r.name);
+  if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0)) table_changed(r.name);
   spdlog::info("registered {} at {}, {} saved messages", r.name, where(from), pending);
-  endpoint_.reply(from, proto::RegOk{r.id, table_.epoch(), pending});
+  core_.reply(from, proto::RegOk{r.id, table_.epoch(), pending});
   sync(r.name);
   if (pending > 0) deliver(r.name);
 }
@@ -148,21 +228,13 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
 void Server::on_dereg(const proto::Dereg& r, const udp::endpoint& from) {
   const Client* c = table_.find(r.name);
   if (c == nullptr || endpoint_of(*c) != from) {
-    endpoint_.reply(from, proto::Refused{r.id, "not registered from this address"});
+    core_.reply(from, proto::Refused{r.id, "not registered from this address"});
     return;
   }
-  Session& s = sessions_[r.name];
-  s = Session{false, false, false, 0, s.gen + 1};
+  sessions_.erase(r.name);
   set_online(r.name, false);
   spdlog::info("{} left (dereg)", r.name);
-  endpoint_.reply(from, proto::Ack{r.id});
-}
-
-bool Server::is_at(const std::string& name, const udp::endpoint& from) const {
-  const Client* c = table_.find(name);
-  if (c == nullptr || endpoint_of(*c) != from) return false;
-  auto it = sessions_.find(name);
-  return it != sessions_.end() && it->second.active;
+  core_.reply(from, proto::Ack{r.id});
 }
 
 udp::endpoint Server::endpoint_of(const Client& c) {
@@ -172,32 +244,35 @@ udp::endpoint Server::endpoint_of(const Client& c) {
 }
 
 void Server::probe(const udp::endpoint& to, std::function<void(bool alive)> then) {
-  transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
-  endpoint_.request(proto::Probe{endpoint_.next_id()}, to,
-                    [then = std::move(then)](const proto::Message* reply) { then(reply != nullptr); }, p);
+  transport::RetryPolicy p = transport::RetryPolicy{options_.policy.timeout, options_.relay_retries}.within(
+      options_.policy.timeout);
+  core_.request(proto::Probe{core_.next_id()}, to,
+                [then = std::move(then)](const proto::Message* reply) { then(reply != nullptr); }, p);
 }
 
 // ---------------------------------------------------------------- offline messages
 
 void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
   if (!is_at(r.from, from)) {
-    endpoint_.reply(from, proto::Refused{r.id, "you are not registered from this address"});
+    core_.reply(from, proto::Refused{r.id, "you are not registered from this address"});
     return;
   }
   const Client* target = table_.find(r.to);
   if (target == nullptr) {
-    endpoint_.reply(from, proto::Refused{r.id, "unknown client " + r.to});
+    core_.reply(from, proto::Refused{r.id, "unknown client " + r.to});
     return;
   }
   if (mailbox(r.to) >= options_.max_stored) {
-    endpoint_.reply(from, proto::Refused{r.id, r.to + "'s mailbox is full (" + std::to_string(options_.max_stored) +
-                                                   " saved messages)"});
+    core_.reply(from, proto::Refused{r.id, r.to + "'s mailbox is full (" + std::to_string(options_.max_stored) +
+                                              " saved messages)"});
     return;
   }
-  auto store_it = [this, r, from] {
-    save({r.to, r.from, offline::Kind::direct, now_us(), r.mid, r.text}, [this, r, from](bool ok) {
-      if (ok) endpoint_.reply(from, proto::Ack{r.id});
-      else endpoint_.reply(from, proto::Refused{r.id, "the server could not save the message"});
+  // Stamped on arrival, before any probe: saved messages are shown in arrival order.
+  std::int64_t ts = core_.wall_us();
+  auto store_it = [this, r, from, ts] {
+    save({r.to, r.from, offline::Kind::direct, ts, r.mid, r.text}, [this, r, from](bool ok) {
+      if (ok) core_.reply(from, proto::Ack{r.id});
+      else core_.reply(from, proto::Refused{r.id, "the server could not save the message"});
     });
   };
   if (!target->online || r.force) {
@@ -205,13 +280,18 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
     return;
   }
   // The table says online: believe it only if the recipient answers (SPEC §5).
-  probe(endpoint_of(*target), [this, r, from, store_it](bool alive) {
+  udp::endpoint holder = endpoint_of(*target);
+  SessionRef ref = sessions_.contains(r.to) ? SessionRef(sessions_[r.to]) : SessionRef();
+  probe(holder, [this, r, from, store_it, holder, ref](bool alive) {
     if (alive) {
-      endpoint_.reply(from, proto::Exists{r.id, r.to});
+      core_.reply(from, proto::Exists{r.id, r.to});
       sync(r.from);  // "plus the current table"
       return;
     }
-    mark_silent(r.to);
+    // The verdict is about the session that was probed: one the recipient started since
+    // (it registered again meanwhile) is not marked offline by it.
+    const Client* c = table_.find(r.to);
+    if (same_session(r.to, ref) && c != nullptr && endpoint_of(*c) == holder) mark_silent(r.to);
     store_it();
   });
 }
@@ -232,7 +312,7 @@ void Server::schedule_flush() {
   if (flush_scheduled_) return;
   flush_scheduled_ = true;
   // Runs after the datagrams already queued: saves arriving together share one commit.
-  net::post(io_, [this] { flush(); });
+  core_.defer([this] { flush(); });
 }
 
 void Server::flush() {
@@ -245,9 +325,12 @@ void Server::flush() {
   names.swap(dirty_rows_);
 
   bool ok = true;
+  std::vector<bool> inserted;
   if (!batch.empty()) {
+    // Counted before the commit, so the count read from the store cannot include this batch.
+    for (const auto& m : batch) mailbox(m.to);
     try {
-      store_->save(batch);
+      inserted = store_->save(batch);
     } catch (const std::exception& e) {
       ok = false;
       spdlog::error("saving {} messages failed: {}", batch.size(), e.what());
@@ -266,27 +349,41 @@ void Server::flush() {
       spdlog::error("saving the client table failed: {}", e.what());
     }
   }
-  // The mailbox counts committed messages only, so a delivery that finds the store empty
-  // before this commit cannot hide them.
+  // The mailbox counts committed rows only (a retried save that found its copy stored adds
+  // nothing), so a delivery that finds the store empty before this commit cannot hide them.
   if (ok)
-    for (const auto& m : batch) ++mailbox(m.to);
+    for (std::size_t i = 0; i < batch.size(); ++i)
+      if (i < inserted.size() && inserted[i]) ++mailbox(batch[i].to);
   for (auto& cb : callbacks) cb(ok);
   remove_delivered();
   if (!ok) return;
-  for (const auto& m : batch) {
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    const auto& m = batch[i];
+    if (i >= inserted.size() || !inserted[i]) continue;
     spdlog::info("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
                  m.from, m.to);
     // A recipient that came back while this was being committed still gets it now.
-    auto it = sessions_.find(m.to);
-    if (it != sessions_.end() && it->second.active && !it->second.delivering) deliver(m.to);
+    Session* s = session(m.to);
+    if (s != nullptr && s->delivery == Session::Delivery::none) deliver(m.to);
   }
 }
 
 void Server::reach(const udp::endpoint& to, std::function<void(bool)> then) {
-  if (endpoint_.allowance(to) >= proto::kMaxDatagram) return then(true);
+  if (core_.allowance(to) >= proto::kMaxDatagram) return then(true);
   // Not yet proven to receive (a spoofed registration?): a small probe first, so the server
   // never sends an address much more than it received from it.
   probe(to, std::move(then));
+}
+
+void Server::reach_client(const std::string& name, std::function<void(Session&)> then,
+                          std::function<void(Session&)> failed) {
+  SessionRef ref = sessions_[name];
+  reach(endpoint_of(*table_.find(name)), [this, name, ref, then = std::move(then), failed = std::move(failed)](bool ok) {
+    auto s = ref.lock();
+    if (s == nullptr || !same_session(name, ref)) return;  // a new session or a leave since
+    if (!ok) return failed(*s);
+    then(*s);
+  });
 }
 
 void Server::remove_delivered() {
@@ -304,73 +401,82 @@ void Server::remove_delivered() {
 }
 
 void Server::deliver(const std::string& name) {
-  auto it = sessions_.find(name);
-  const Client* c = table_.find(name);
-  if (it == sessions_.end() || c == nullptr || !it->second.active || it->second.delivering) return;
+  Session* s = session(name);
+  if (s == nullptr || table_.find(name) == nullptr || s->delivery != Session::Delivery::none) return;
   if (mailbox(name) == 0) {
     set_online(name, true);
     return;
   }
-  it->second.delivering = true;
-  reach_client(name, &Server::deliver_batch);
-}
-
-void Server::reach_client(const std::string& name, void (Server::*then)(const std::string&)) {
-  std::uint64_t gen = sessions_[name].gen;
-  reach(endpoint_of(*table_.find(name)), [this, name, gen, then](bool ok) {
-    if (current(name, gen) == nullptr) return;  // a new session or a leave since
-    if (!ok) return mark_gone(name);
-    (this->*then)(name);
-  });
-}
-
-Server::Session* Server::current(const std::string& name, std::uint64_t gen) {
-  auto it = sessions_.find(name);
-  return it == sessions_.end() || it->second.gen != gen ? nullptr : &it->second;
+  s->delivery = Session::Delivery::sending;
+  reach_client(
+      name, [this, name](Session&) { deliver_batch(name); },
+      [this, name](Session& st) {
+        st.delivery = Session::Delivery::stalled;
+        ++stats_.stalled;
+        spdlog::info("delivery to {} waits for its next keep-alive (no answer)", name);
+      });
 }
 
 void Server::deliver_batch(const std::string& name) {
-  Session& s = sessions_[name];
+  Session& s = *session(name);
   const Client* c = table_.find(name);
   std::vector<offline::StoredMessage> rows;
   try {
-    rows = store_->pending_for(name, s.delivered_seq, kDeliveryRead);
+    rows = store_->pending_for(name, s.delivered, kDeliveryRead);
   } catch (const std::exception& e) {
-    // The messages stay stored; the next registration (or save) tries again.
+    // The messages stay stored; the client's next keep-alive tries again.
     spdlog::error("reading saved messages for {} failed: {}", name, e.what());
-    s.delivering = false;
+    s.delivery = Session::Delivery::stalled;
     return;
   }
+  if (rows.empty() && mailbox(name) > 0 && !s.rewound) {
+    // A message committed meanwhile with an earlier arrival time than the last delivered
+    // sits behind the cursor: once, go over the mailbox again from its oldest message.
+    remove_delivered();
+    s.delivered = offline::Cursor{};
+    s.rewound = true;
+    return deliver_batch(name);
+  }
   if (rows.empty() || c == nullptr) {
-    s.delivering = false;
+    s.delivery = Session::Delivery::none;
+    s.rewound = false;
     mailbox(name) = 0;
     if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);
     s.delivered_count = 0;
     set_online(name, true);
     return;
   }
-  std::uint64_t gen = s.gen;
-  proto::Stored msg{endpoint_.next_id(), {}};
+  proto::Stored msg{core_.next_id(), {}};
   std::vector<std::int64_t> seqs;
-  std::size_t size = kStoredEnvelope;
+  offline::Cursor last = s.delivered;
+  std::size_t size = proto::stored_overhead();
   for (auto& row : rows) {
-    std::size_t n = proto::escaped_size(row.text) + row.from.size() + 70;
+    proto::StoredItem item{std::move(row.from), row.kind == offline::Kind::channel, row.ts_us, row.mid,
+                           std::move(row.text)};
+    std::size_t n = proto::stored_item_size(item);
     if (size + n > proto::kMaxDatagram && !msg.items.empty()) break;
     size += n;
     seqs.push_back(row.seq);
-    msg.items.push_back({std::move(row.from), row.kind == offline::Kind::channel, row.ts_us, row.mid,
-                         std::move(row.text)});
+    last = row.cursor();
+    msg.items.push_back(std::move(item));
   }
-  endpoint_.request(msg, endpoint_of(*c), [this, name, gen, seqs](const proto::Message* reply) {
-    Session* session = current(name, gen);
-    if (session == nullptr) return;
-    if (reply == nullptr) return mark_gone(name);
+  SessionRef ref = sessions_[name];
+  core_.request(msg, endpoint_of(*c), [this, name, ref, seqs, last](const proto::Message* reply) {
+    auto session = ref.lock();
+    if (session == nullptr || !same_session(name, ref)) return;
+    if (reply == nullptr) {
+      session->delivery = Session::Delivery::stalled;
+      ++stats_.stalled;
+      spdlog::info("delivery to {} waits for its next keep-alive (no answer)", name);
+      return;
+    }
+    session->heard = core_.now();
     // Deleted only now that the client has them, so a lost datagram loses nothing; the delete
     // joins the next group commit while the next batch is already on its way.
     auto& undeleted = undeleted_[name];
     undeleted.insert(undeleted.end(), seqs.begin(), seqs.end());
     schedule_flush();
-    session->delivered_seq = seqs.back();
+    session->delivered = last;
     session->delivered_count += seqs.size();
     std::size_t& box = mailbox(name);
     box -= std::min(box, seqs.size());
@@ -382,13 +488,13 @@ void Server::deliver_batch(const std::string& name) {
 
 void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
   if (!is_at(r.from, from)) {
-    endpoint_.reply(from, proto::Refused{r.id, "you are not registered from this address"});
+    core_.reply(from, proto::Refused{r.id, "you are not registered from this address"});
     return;
   }
-  std::int64_t ts = now_us();
-  // One copy of the message for the whole fan-out, encoded once; each relay only splices in
-  // its own id.
-  auto fan = std::make_shared<const Fanout>(Fanout{r, ts, proto::encode(proto::Relay{kIdPlaceholder, r.from, r.id, r.text})});
+  std::int64_t ts = core_.wall_us();
+  // One copy of the message for the whole fan-out, encoded once; each relay only sets its id.
+  auto fan = std::make_shared<const Fanout>(
+      Fanout{r, ts, proto::encode(proto::Relay{proto::kIdPlaceholder, r.from, r.id, r.text})});
   std::vector<std::string> absent;
   table_.for_each([&](const Client& c) {
     if (c.name == r.from) return;
@@ -396,22 +502,23 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
     else absent.push_back(c.name);
   });
   // The sender hears "received" once the copies for offline members are durable. A full
-  // mailbox gets no copy (bounded storage); that member misses this channel message.
-  std::erase_if(absent, [this](const std::string& n) {
+  // mailbox gets no copy (bounded storage): the sender's ACK says how many members missed it.
+  std::uint64_t missed = std::erase_if(absent, [this](const std::string& n) {
     bool full = mailbox(n) >= options_.max_stored;
     if (full) spdlog::info("no channel copy for {}: mailbox full", n);
     return full;
   });
+  stats_.channel_missed += missed;
   if (absent.empty()) {
-    endpoint_.reply(from, proto::Ack{r.id});
+    core_.reply(from, proto::Ack{r.id, 0, 0, missed});
     return;
   }
   for (std::size_t i = 0; i < absent.size(); ++i) {
     AfterCommit after;
     if (i + 1 == absent.size())
-      after = [this, r, from](bool ok) {
-        if (ok) endpoint_.reply(from, proto::Ack{r.id});
-        else endpoint_.reply(from, proto::Refused{r.id, "the server could not save the message"});
+      after = [this, r, from, missed](bool ok) {
+        if (ok) core_.reply(from, proto::Ack{r.id, 0, 0, missed});
+        else core_.reply(from, proto::Refused{r.id, "the server could not save the message"});
       };
     save({absent[i], r.from, offline::Kind::channel, ts, r.id, r.text}, std::move(after));
   }
@@ -420,25 +527,27 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
 void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
   const Client* target = table_.find(to);
   udp::endpoint ep = endpoint_of(*target);
-  auto missed = [this, to, fan] {
-    mark_silent(to);
-    const proto::Channel& c = fan->channel;
-    if (mailbox(to) < options_.max_stored) save({to, c.from, offline::Kind::channel, fan->ts_us, c.id, c.text}, nullptr);
+  SessionRef ref = sessions_.contains(to) ? SessionRef(sessions_[to]) : SessionRef();
+  auto missed = [this, to, fan, ep, ref] {
+    const Client* c = table_.find(to);
+    // Only the session the relay went to is marked offline by its silence.
+    if (same_session(to, ref) && c != nullptr && endpoint_of(*c) == ep) mark_silent(to);
+    const proto::Channel& ch = fan->channel;
+    if (mailbox(to) < options_.max_stored) save({to, ch.from, offline::Kind::channel, fan->ts_us, ch.id, ch.text}, nullptr);
+    else ++stats_.channel_missed;
   };
   reach(ep, [this, ep, fan, missed](bool ok) {
     if (!ok) return missed();
-    transport::RetryPolicy p{options_.policy.timeout / (options_.relay_retries + 1), options_.relay_retries};
-    std::uint64_t id = endpoint_.next_id();
+    transport::RetryPolicy p = transport::RetryPolicy{options_.policy.timeout, options_.relay_retries}.within(
+        options_.policy.timeout);
+    std::uint64_t id = core_.next_id();
     std::string bytes = fan->relay;
-    static const std::string placeholder = "\"id\":" + std::to_string(kIdPlaceholder);
-    // Only the key can match: inside a JSON string every quote is escaped.
-    if (auto at = bytes.find(placeholder); at != std::string::npos)
-      bytes.replace(at, placeholder.size(), "\"id\":" + std::to_string(id));
-    endpoint_.request_encoded(id, std::move(bytes), ep,
-                              [missed](const proto::Message* reply) {
-                                if (reply == nullptr) missed();
-                              },
-                              p);
+    proto::set_encoded_id(bytes, id);
+    core_.request_encoded(id, std::move(bytes), ep,
+                          [missed](const proto::Message* reply) {
+                            if (reply == nullptr) missed();
+                          },
+                          p);
   });
 }
 
@@ -448,19 +557,7 @@ void Server::set_online(const std::string& name, bool online) {
   if (table_.set_online(name, online)) table_changed(name);
 }
 
-void Server::mark_gone(const std::string& name) {
-  auto it = sessions_.find(name);
-  if (it != sessions_.end()) it->second = Session{false, false, false, 0, it->second.gen + 1};
-  if (table_.set_online(name, false)) {
-    spdlog::info("{} is offline (no answer)", name);
-    table_changed(name);
-  }
-}
-
 void Server::mark_silent(const std::string& name) {
-  // Offline for everyone, but its session goes on: if it is alive after all (the probe or
-  // relay was lost), the table update tells it and it registers again; if it is gone, that
-  // update fails and mark_gone() ends the session.
   if (table_.set_online(name, false)) {
     spdlog::info("{} is offline (did not answer)", name);
     table_changed(name);
@@ -473,7 +570,7 @@ void Server::table_changed(const std::string& name) {
   if (sync_scheduled_) return;
   sync_scheduled_ = true;
   // One pass per burst of changes: each client gets every change since its last ACK at once.
-  net::post(io_, [this] {
+  core_.defer([this] {
     sync_scheduled_ = false;
     sync_all();
   });
@@ -481,32 +578,41 @@ void Server::table_changed(const std::string& name) {
 
 void Server::sync_all() {
   for (auto& [name, s] : sessions_)
-    if (s.active && !s.syncing && s.have < table_.version()) sync(name);
+    if (s->sync == Session::Sync::idle && s->have < table_.version()) sync(name);
 }
 
 void Server::sync(const std::string& name) {
-  auto it = sessions_.find(name);
-  const Client* c = table_.find(name);
-  if (it == sessions_.end() || c == nullptr) return;
-  Session& s = it->second;
-  if (!s.active || s.syncing || s.have >= table_.version()) return;
-  s.syncing = true;
-  reach_client(name, &Server::send_table);
+  Session* s = session(name);
+  if (s == nullptr || table_.find(name) == nullptr) return;
+  if (s->sync != Session::Sync::idle || s->have >= table_.version()) return;
+  s->sync = Session::Sync::sending;
+  reach_client(
+      name, [this, name](Session&) { send_table(name); },
+      [this, name](Session& st) {
+        st.sync = Session::Sync::stalled;
+        ++stats_.stalled;
+      });
 }
 
 void Server::send_table(const std::string& name) {
-  Session& s = sessions_[name];
+  Session& s = *session(name);
   const Client* c = table_.find(name);
   // Built now, not when the sync was asked for: it carries every change up to this moment.
-  Chunk chunk = table_.changes_since(s.have, kTableBudget);
-  std::uint64_t gen = s.gen;
-  proto::Table msg{endpoint_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more,
-                   std::move(chunk.entries)};
-  endpoint_.request(msg, endpoint_of(*c), [this, name, gen](const proto::Message* reply) {
-    Session* session = current(name, gen);
-    if (session == nullptr) return;
-    session->syncing = false;
-    if (reply == nullptr) return mark_gone(name);
+  Chunk chunk = table_.changes_since(s.have, proto::kMaxDatagram - proto::table_overhead());
+  proto::Table msg{core_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more, std::move(chunk.entries)};
+  SessionRef ref = sessions_[name];
+  core_.request(msg, endpoint_of(*c), [this, name, ref](const proto::Message* reply) {
+    auto session = ref.lock();
+    if (session == nullptr || !same_session(name, ref)) return;
+    if (reply == nullptr) {
+      // Not the end of the session (SPEC §10): its next keep-alive sends the update again.
+      session->sync = Session::Sync::stalled;
+      ++stats_.stalled;
+      spdlog::debug("table update to {} waits for its next keep-alive (no answer)", name);
+      return;
+    }
+    session->sync = Session::Sync::idle;
+    session->heard = core_.now();
     if (const auto* a = std::get_if<proto::Ack>(reply))
       session->have = a->epoch == table_.epoch() ? std::min(a->have, table_.version()) : 0;
     sync(name);

@@ -1,6 +1,9 @@
-// The registry server: client table, table distribution, store-and-forward and the channel.
+// The registry server's decisions: client table, sessions and keep-alives, table distribution,
+// store-and-forward and the channel. No socket and no clock of its own: it runs on a
+// transport::Core, which an Endpoint (or a simulation) drives.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -10,12 +13,11 @@
 
 #include "offline/store.hpp"
 #include "registry/table.hpp"
-#include "transport/endpoint.hpp"
+#include "transport/core.hpp"
 
 namespace chat::registry {
 
 struct ServerOptions {
-  udp::endpoint bind;
   transport::RetryPolicy policy;  // for table updates and deliveries (SPEC: 500 ms x 6)
   /// For probes and channel relays: the whole wait is `policy.timeout` (SPEC §6), resent inside it.
   int relay_retries = 2;
@@ -25,34 +27,63 @@ struct ServerOptions {
   std::size_t max_stored = 100'000;
   /// Registered names at most; a new name past it is refused.
   std::size_t max_clients = 100'000;
+  /// The clients' keep-alive interval (SPEC §10): a session not heard from for
+  /// kMissedKeepalives intervals ends, and its client is marked offline.
+  std::chrono::milliseconds keepalive{15'000};
   /// How often dropped-datagram counters are logged (when they changed).
   std::chrono::seconds stats_interval{10};
+  /// Seeds the core's ids and the table epoch; 0 = random (simulations pass their own).
+  std::uint64_t seed = 0;
 };
 
-/// Single-threaded: every handler runs on the one io_context thread, so no locks.
+/// Keep-alive intervals without a word from a client before its session ends (SPEC §10).
+inline constexpr int kMissedKeepalives = 3;
+
+/// What the server counted beyond the transport's counters.
+struct ServerCounters {
+  std::uint64_t unexpected = 0;  // datagram types a server is never sent (dropped)
+  std::uint64_t expired = 0;     // sessions ended for want of keep-alives
+  std::uint64_t stalled = 0;     // table updates or deliveries that went unanswered
+  std::uint64_t channel_missed = 0;  // channel copies not kept: the member's mailbox was full
+};
+
+/// Single-threaded: every input runs on one thread, so no locks.
 class Server {
  public:
-  Server(net::io_context& io, ServerOptions options, std::unique_ptr<offline::Store> store);
+  Server(ServerOptions options, std::unique_ptr<offline::Store> store, const transport::TimeSource& clock);
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+  /// Starts the periodic work (keep-alive expiry, counter logs); the driver starts receiving.
   void start();
+  /// Commits what is queued and closes the core.
   void stop();
-  const transport::Counters& counters() const { return endpoint_.counters(); }
+
+  transport::Core& core() { return core_; }
+  const transport::Counters& counters() const { return core_.counters(); }
+  const ServerCounters& server_counters() const { return stats_; }
   const Table& table() const { return table_; }
-  udp::endpoint local_endpoint() const { return endpoint_.local_endpoint(); }
-  /// The server's endpoint (tests and fuzzing inject datagrams and hook sends through it).
-  transport::Endpoint& endpoint() { return endpoint_; }
+  /// True if `name` has a session (registered, not yet expired or left).
+  bool has_session(const std::string& name) const { return sessions_.contains(name); }
 
  private:
-  // What the server tracks for a client beyond its table row.
+  /// What the server tracks for a registered client beyond its table row. A new registration
+  /// makes a new Session; callbacks hold a weak_ptr, so a stale one finds it gone.
   struct Session {
-    bool active = false;       // registered and reachable: gets table updates
-    bool syncing = false;      // a Table datagram is in flight
-    bool delivering = false;   // saved messages are being delivered
-    std::uint64_t have = 0;    // table version the client confirmed (in our epoch)
-    std::uint64_t gen = 0;     // bumped on every (re)registration or leave: stale callbacks see it
-    std::int64_t delivered_seq = 0;     // highest stored seq the client ACKed in this session
-    std::size_t delivered_count = 0;    // saved messages delivered in this session's drain
+    /// Saved messages on their way: none, a Stored datagram in flight, or waiting for the
+    /// client's next keep-alive after one went unanswered.
+    enum class Delivery { none, sending, stalled } delivery = Delivery::none;
+    /// The client's table: up to date or idle, a Table datagram in flight, or waiting for the
+    /// next keep-alive after one went unanswered.
+    enum class Sync { idle, sending, stalled } sync = Sync::idle;
+    std::uint64_t have = 0;        // table version the client confirmed (in our epoch)
+    offline::Cursor delivered;     // last saved message the client ACKed in this session
+    std::size_t delivered_count = 0;
+    bool rewound = false;          // this drain already restarted from the oldest message
+    transport::Time heard{};       // last time anything came from the client
   };
+  using SessionRef = std::weak_ptr<Session>;
   using AfterCommit = std::function<void(bool ok)>;
+  struct Dispatch;
 
   void on_message(const protocol::Message& m, const udp::endpoint& from);
   void on_register(const protocol::Register& r, const udp::endpoint& from);
@@ -60,9 +91,16 @@ class Server {
   void on_dereg(const protocol::Dereg& r, const udp::endpoint& from);
   void on_save(const protocol::Save& r, const udp::endpoint& from);
   void on_channel(const protocol::Channel& r, const udp::endpoint& from);
+  void on_keepalive(const protocol::KeepAlive& k, const udp::endpoint& from);
+  void on_lookup(const protocol::Lookup& l, const udp::endpoint& from);
+  void unexpected(const protocol::Message& m, const udp::endpoint& from);
 
-  /// True if `name` is registered online at exactly `from` (a sender must be who it claims).
-  bool is_at(const std::string& name, const udp::endpoint& from) const;
+  Session* session(const std::string& name);
+  /// True if `name` has a session and its row's address is exactly `from` (a sender must be
+  /// who it claims); notes that the client was heard.
+  bool is_at(const std::string& name, const udp::endpoint& from);
+  /// True if the server holds a live session for `name` at `from` (what a keep-alive asks).
+  bool live(const std::string& name, const udp::endpoint& from);
   static udp::endpoint endpoint_of(const Client& c);
   /// Asks `to` whether it is alive, within one ACK timeout.
   void probe(const udp::endpoint& to, std::function<void(bool alive)> then);
@@ -70,19 +108,24 @@ class Server {
   struct Fanout {
     protocol::Channel channel;
     std::int64_t ts_us;
-    std::string relay;  // the Relay datagram, encoded with a placeholder id
+    std::string relay;  // the Relay datagram, encoded with protocol::kIdPlaceholder as its id
   };
   void relay(const std::string& to, std::shared_ptr<const Fanout> fan);
+  /// True if `name`'s session is still the one `ref` was taken from (none then, none now included).
+  bool same_session(const std::string& name, const SessionRef& ref);
 
   void set_online(const std::string& name, bool online);
-  /// Ends `name`'s session and marks it offline (a table update or delivery went unanswered).
-  void mark_gone(const std::string& name);
-  /// Marks `name` offline after an unanswered probe or relay, still sending it table updates.
+  /// Marks `name` offline after an unanswered probe or relay; its session goes on, so a live
+  /// client hears it (table update, keep-alive answer) and registers again.
   void mark_silent(const std::string& name);
   void table_changed(const std::string& name);
   void sync(const std::string& name);
   void send_table(const std::string& name);
   void sync_all();
+  /// A live client's keep-alive: whatever stalled for want of an answer goes again.
+  void resume(const std::string& name, Session& s);
+  /// Ends every session not heard from for kMissedKeepalives intervals.
+  void expire_silent();
 
   void save(offline::NewMessage m, AfterCommit after);
   void schedule_flush();
@@ -95,33 +138,28 @@ class Server {
   /// Calls `then(true)` once `to` may be sent a full datagram: at once if it has proven it
   /// receives (or has budget), else after it answered a probe; `then(false)` if it did not.
   void reach(const udp::endpoint& to, std::function<void(bool)> then);
-  /// reach() for a registered client: `then(name)` if it is reachable, else its session ends;
-  /// nothing if its session changed meanwhile.
-  void reach_client(const std::string& name, void (Server::*then)(const std::string&));
-  /// The session of `name` if it is still generation `gen`, else nullptr.
-  Session* current(const std::string& name, std::uint64_t gen);
+  /// reach() for a registered client's session: `then(session)` if reachable, `failed(session)`
+  /// if not; nothing if its session changed meanwhile.
+  void reach_client(const std::string& name, std::function<void(Session&)> then,
+                    std::function<void(Session&)> failed);
   /// Saved messages for `name`, counted once from the store and then kept up to date.
   std::size_t& mailbox(const std::string& name);
   void log_stats();
 
-  net::io_context& io_;
   ServerOptions options_;
   std::unique_ptr<offline::Store> store_;
-  transport::Endpoint endpoint_;
+  transport::Core core_;
   Table table_;
-  std::unordered_map<std::string, Session> sessions_;
+  std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
   std::vector<offline::NewMessage> unsaved_;
   std::vector<AfterCommit> after_commit_;
   std::vector<std::string> dirty_rows_;
   std::unordered_map<std::string, std::vector<std::int64_t>> undeleted_;  // ACKed, not yet deleted
   std::unordered_map<std::string, std::size_t> mailbox_;
-  net::steady_timer stats_timer_;
+  ServerCounters stats_;
   transport::Counters last_logged_;
   bool flush_scheduled_ = false;
   bool sync_scheduled_ = false;
 };
-
-/// Microseconds since the Unix epoch, as gettimeofday() gives.
-std::int64_t now_us();
 
 }  // namespace chat::registry

@@ -1,6 +1,8 @@
 // The versioned client table: upserts, online flags, and "changed since" walks.
 #include "registry/table.hpp"
 
+#include "protocol/codec.hpp"
+
 namespace chat::registry {
 
 const Client* Table::find(const std::string& name) const {
@@ -36,13 +38,14 @@ Chunk Table::changes_since(std::uint64_t after, std::size_t budget) const {
   std::size_t used = 0;
   for (auto it = by_ver_.upper_bound(after); it != by_ver_.end(); ++it) {
     const Client& c = *it->second;
-    std::size_t n = entry_size(c);
+    protocol::Entry e{c.name, c.ip, c.port, c.online};
+    std::size_t n = protocol::entry_size(e);
     if (used + n > budget && !chunk.entries.empty()) {
       chunk.more = true;
       return chunk;
     }
     used += n;
-    chunk.entries.push_back({c.name, c.ip, c.port, c.online});
+    chunk.entries.push_back(std::move(e));
     chunk.to = it->first;
   }
   // Versions past the last row's stamp belong to rows changed again later: nothing to send.
@@ -54,11 +57,6 @@ Admit Table::admit(const std::string& name, const std::string& ip, std::uint16_t
   const Client* c = find(name);
   if (c == nullptr || !c->online || (c->ip == ip && c->port == port)) return Admit::accept;
   return Admit::conflict;
-}
-
-std::size_t entry_size(const Client& c) {
-  // ["name","ip",65535,1], : quotes, commas, brackets and the port's digits.
-  return c.name.size() + c.ip.size() + 16;
 }
 
 }  // namespace chat::registry

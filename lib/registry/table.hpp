@@ -53,7 +53,7 @@ class Table {
   bool set_online(const std::string& name, bool online);
 
   /// Entries changed after version `after`, oldest change first, as many as fit in
-  /// `budget` bytes of encoded entries.
+  /// `budget` bytes of encoded entries (protocol::entry_size each).
   Chunk changes_since(std::uint64_t after, std::size_t budget) const;
 
   /// Visits every client (any order).
@@ -72,10 +72,5 @@ class Table {
   std::unordered_map<std::string, Client> by_name_;
   std::map<std::uint64_t, const Client*> by_ver_;  // rows ordered by their last change
 };
-
-/// Bytes one entry takes in a Table datagram (an upper bound).
-std::size_t entry_size(const Client& c);
-/// Budget for entries in one Table datagram, leaving room for its envelope.
-inline constexpr std::size_t kTableBudget = protocol::kMaxDatagram - 200;
 
 }  // namespace chat::registry

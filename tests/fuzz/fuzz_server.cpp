@@ -1,7 +1,7 @@
 // Fuzz target: the registry server fed datagrams from fake clients that answer what it sends.
 //
-// Per input: a fresh io_context and Server bound to 127.0.0.1:0 whose endpoint sends only to
-// the fake network (harness.hpp); the SQLite store is opened once per process in a temp
+// Per input: a fresh Server core on a fake clock whose core sends only to the fake network
+// (harness.hpp); the SQLite store is opened once per process in a temp
 // directory and emptied before each input, so an input behaves the same whenever it runs.
 // The `extra` op makes the next 1-4 store calls throw StoreError (a full disk, an I/O error);
 // FUZZ_STORE_FAULTS=0 turns that op into a no-op, to fuzz past a known store-fault bug.
@@ -50,14 +50,14 @@ class FaultyStore final : public offline::Store {
   explicit FaultyStore(offline::Store& s) : s_(s) {}
   void fail_next(int n) { fail_ = n; }
 
-  void save(std::span<const offline::NewMessage> batch) override {
+  std::vector<bool> save(std::span<const offline::NewMessage> batch) override {
     check();
-    s_.save(batch);
+    return s_.save(batch);
   }
-  std::vector<offline::StoredMessage> pending_for(const std::string& to, std::int64_t after_seq,
+  std::vector<offline::StoredMessage> pending_for(const std::string& to, offline::Cursor after,
                                                   std::size_t limit) override {
     check();
-    return s_.pending_for(to, after_seq, limit);
+    return s_.pending_for(to, after, limit);
   }
   std::size_t count_for(const std::string& to) override {
     check();
@@ -170,17 +170,18 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   empty_store();
-  net::io_context io;
+  transport::ManualClock clock;
   registry::ServerOptions options;
-  options.bind = udp::endpoint(net::ip::address_v4::loopback(), 0);
   options.max_clients = 6;
   options.max_stored = 4;
+  options.keepalive = std::chrono::seconds(15);
+  options.seed = 1;
   auto owned = std::make_unique<FaultyStore>(*g->store);
   FaultyStore& store = *owned;
-  registry::Server server(io, options, std::move(owned));
-  fuzz::FakeNetwork network(server.endpoint());
+  registry::Server server(options, std::move(owned), clock);
+  fuzz::FakeNetwork network(server.core(), clock);
   server.start();
-  io.poll();
+  server.core().settle();
   const std::uint64_t epoch = server.table().epoch();
   std::uint64_t version = server.table().version();
   bool faults = false;
@@ -201,17 +202,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           faults = true;
         }
         break;
+      case fuzz::Op::advance: network.advance(in.byte()); break;
       case fuzz::Op::count_: break;
     }
-    io.poll();
     check_table(server.table(), options, epoch, version);
   }
 
   // Shut down as the process does on a signal: the last commit, then what it scheduled.
   store.fail_next(0);
   server.stop();
-  for (int i = 0; i < 100 && io.poll() > 0; ++i) {
-  }
   check_table(server.table(), options, epoch, version);
   check_store(server.table(), options, !faults);
   return 0;

@@ -57,7 +57,12 @@ struct Script {
     s += text.substr(0, 255);
     return *this;
   }
-  Script& eof() { return op(Op::extra, 7); }  // client: closes stdin
+  Script& eof() { return op(Op::extra, 7); }  // client: end of input
+  Script& advance(std::uint8_t t) {  // the fake clock moves on by advance_by(t)
+    op(Op::advance, 0);
+    s += static_cast<char>(t);
+    return *this;
+  }
 
  private:
   Script& op(Op o, int src) {
@@ -233,6 +238,13 @@ Seeds server_seeds() {
                      .raw(5, p::encode(p::Ack{12345}))
                      .raw(6, p::encode(p::Probe{5}))
                      .raw(0, p::encode(p::Table{1, 1, 0, 1, false, {{"x", "1.2.3.4", 5, true}}})));
+  // Time: sessions expire without keep-alives; stalled updates resume on the next one.
+  add("keepalive_expiry", three().send(1, p::KeepAlive{150, "alice"}).advance(250).advance(250).advance(250));
+  add("table_update_lost", three().advance(200).advance(200).send(2, p::KeepAlive{151, "bob"}).answer_all());
+  add("keepalive_unknown", Script{}.send(1, p::KeepAlive{152, "nobody"}).send(1, p::Lookup{153, "nobody"}));
+  add("probe_timeout", two().send(1, p::Save{160, "alice", "bob", 1, false, "x"}).advance(127).answer_all());
+  add("relay_miss", three().send(1, p::Channel{170, "alice", "hi"}).advance(127).advance(200).answer_all());
+  add("lookup", three().send(1, p::Lookup{180, "bob"}).send(4, p::Lookup{181, "alice"}));
   return out;
 }
 
@@ -307,6 +319,13 @@ Seeds client_seeds() {
                      .raw(7, "{}")
                      .raw(2, p::encode(p::Ack{1}))
                      .raw(0, p::encode(p::RegOk{1, 1, 1})));
+  // Time: retries run out, keep-alives go unanswered or say the server lost track.
+  add("no_ack_fallback", online().line("send alice x").advance(160).answer(0));
+  add("keepalive_unanswered", online().advance(160).advance(160).advance(160).advance(160).answer_all());
+  add("keepalive_lost_track", online().advance(160).answer_with(0, 7).answer(0).send(0, table1()));
+  add("lookup_unknown_name", online().line("send zed hi").answer(0).answer(3).line("send nobody x").answer_with(0, 4));
+  add("eof_in_flight", online().line("send alice x").line("send_all y").eof().advance(160).answer_all().advance(160));
+  add("reg_while_online", online().line("reg me").answer(0).line("reg me").answer_with(0, 6));
   return out;
 }
 

@@ -1,20 +1,22 @@
-// What the endpoint-driving fuzz targets share: the input's op stream and the fake network.
+// What the core-driving fuzz targets share: the input's op stream, the fake network and clock.
 //
 // An input is a sequence of ops. Each op starts with one byte b: its source is b % 8 (one of
-// the fake addresses below) and its kind is (b / 8) % 6:
+// the fake addresses below) and its kind is (b / 8) % 7:
 //   datagram     [b][len hi][len lo][len bytes]  inject the bytes as if they came from the source
 //   answer       [b]        answer the latest unanswered request sent to the source, as a
 //                           well-behaved peer would (Ack; Table -> Ack{re, epoch, have=to};
-//                           Register -> RegOk)
+//                           Register -> RegOk; KeepAlive -> Alive{live}; Lookup -> Found)
 //   answer_all   [b]        answer every unanswered request, oldest first
 //   answer_with  [b][sel]   answer the latest request sent to the source with the reply `sel`
 //                           picks (see reply_for), from the right or a wrong address, or drop it
 //   repeat       [b]        inject again the last datagram that came from the source
 //   extra        [b]...     target-specific (server: store faults; client: a typed line, EOF)
-// Reads past the end give zeros, so every byte string is a valid input. After every op the
-// target runs io.poll(): only handlers that are ready run. Timers (retransmissions, reply
-// timeouts, the client's ready timer) are real Asio steady_timers and never expire within an
-// input, so "no answer" paths are reached only through the answers above, not by time.
+//   advance      [b][t]     move the fake clock on by advance_by(t) (1 ms to 2 min) and run the
+//                           timers that are due: retransmissions, give-ups, probes, keep-alives
+//                           and their expiry, the client's ready timer
+// Reads past the end give zeros, so every byte string is a valid input. The cores run on the
+// fake clock and send only to the fake network: no socket, no real time, so an input behaves
+// the same every time it runs.
 #pragma once
 
 #include <algorithm>
@@ -31,7 +33,8 @@
 #include <spdlog/spdlog.h>
 
 #include "protocol/codec.hpp"
-#include "transport/endpoint.hpp"
+#include "transport/clock.hpp"
+#include "transport/core.hpp"
 
 namespace chat::fuzz {
 
@@ -66,7 +69,16 @@ inline udp::endpoint source(int i) {
   return {a, static_cast<unsigned short>(4000 + i)};
 }
 
-enum class Op : std::uint8_t { datagram, answer, answer_all, answer_with, repeat, extra, count_ };
+enum class Op : std::uint8_t { datagram, answer, answer_all, answer_with, repeat, extra, advance, count_ };
+
+/// How far an advance op moves the clock: fine steps below a retry timeout, then whole
+/// retry budgets and keep-alive intervals.
+inline transport::Duration advance_by(std::uint8_t t) {
+  using namespace std::chrono;
+  if (t < 128) return milliseconds(1 + t * 4);          // 1 ms .. ~0.5 s
+  if (t < 224) return milliseconds(500) * (t - 127);    // 0.5 s .. 48 s
+  return seconds(5) * (t - 223);                        // 5 s .. 160 s
+}
 
 /// The first byte of an op.
 constexpr std::uint8_t op_byte(Op op, int src) {
@@ -105,6 +117,8 @@ inline protocol::Message right_answer(const protocol::Message& req) {
   std::uint64_t id = p::request_id(req);
   if (const auto* t = std::get_if<p::Table>(&req)) return p::Ack{id, t->epoch, t->to};
   if (std::get_if<p::Register>(&req)) return p::RegOk{id, 7, 0};
+  if (std::get_if<p::KeepAlive>(&req)) return p::Alive{id, true};
+  if (const auto* l = std::get_if<p::Lookup>(&req)) return p::Found{id, true, p::Entry{l->name, "127.0.0.3", 4003, true}};
   return p::Ack{id};
 }
 
@@ -128,20 +142,32 @@ inline protocol::Message reply_for(const protocol::Message& req, std::uint8_t se
     case 4: return p::Refused{id, "refused by the fuzzer"};
     case 5: return p::RegErr{id, "the name is in use"};
     case 6: return p::RegOk{id, 7, 1};
-    default: return p::Exists{id, name};
+    default:
+      if (std::get_if<p::KeepAlive>(&req)) return p::Alive{id, false};  // the server lost track
+      return p::Exists{id, name};
   }
 }
 
-/// The fake network around one Endpoint: its send hook captures every datagram, remembers
-/// the requests among them, and answers or repeats on the input's demand.
+/// The fake network and clock around one core: its output captures every datagram and
+/// remembers the requests among them, answered or repeated on the input's demand.
 class FakeNetwork {
  public:
-  explicit FakeNetwork(transport::Endpoint& ep) : ep_(ep) {
-    ep_.set_send_hook([this](const std::string& bytes, const udp::endpoint& to) { on_send(bytes, to); });
+  FakeNetwork(transport::Core& core, transport::ManualClock& clock) : core_(core), clock_(clock) {
+    core_.set_output([this](const std::string& bytes, const udp::endpoint& to) {
+      on_send(bytes, to);
+      return true;
+    });
   }
   FakeNetwork(const FakeNetwork&) = delete;
   FakeNetwork& operator=(const FakeNetwork&) = delete;
-  ~FakeNetwork() { ep_.set_send_hook({}); }
+  ~FakeNetwork() { core_.set_output({}); }
+
+  /// Moves the clock on and runs what fell due.
+  void advance(std::uint8_t t) {
+    clock_.advance(advance_by(t));
+    core_.on_timer();
+    core_.settle();
+  }
 
   /// Handles `bytes` as a datagram from source `src`.
   void inject(std::string_view bytes, int src) { inject_from(bytes, source(src), src); }
@@ -156,7 +182,6 @@ class FakeNetwork {
     now.swap(pending_);
     for (const auto& r : now) {
       inject_from(protocol::encode(right_answer(r.msg)), r.to, -1);
-      ep_.io().poll();
     }
   }
 
@@ -213,13 +238,15 @@ class FakeNetwork {
   void inject_from(const std::string& bytes, const udp::endpoint& from, int src) {
     if (src >= 0) last_from_[src & (kSources - 1)] = bytes;
     if (tracing()) std::fprintf(stderr, "inject from %s: %s\n", where(from).c_str(), bytes.c_str());
-    ep_.inject(bytes, from);
+    core_.on_datagram(bytes, from);
+    core_.settle();
   }
   void inject_from(std::string_view bytes, const udp::endpoint& from, int src) {
     inject_from(std::string(bytes), from, src);
   }
 
-  transport::Endpoint& ep_;
+  transport::Core& core_;
+  transport::ManualClock& clock_;
   std::vector<Sent> pending_;  // requests sent and not yet answered by the input
   std::string last_from_[kSources];
 };

@@ -283,13 +283,6 @@ std::vector<Bad> malformed_inputs() {
                DecodeError::wrong_type});
   t.push_back({"ack missed null", v1(R"("t":"ack","re":1,"missed":null)"), DecodeError::wrong_type});
 
-  // ---- reg_ok already
-  t.push_back({"reg_ok already as 1", v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":1)"),
-               DecodeError::wrong_type});
-  t.push_back({"reg_ok already as string", v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":"true")"),
-               DecodeError::wrong_type});
-  t.push_back({"reg_ok already null", v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":null)"),
-               DecodeError::wrong_type});
 
   // ---- keepalive and lookup (requests carrying a name)
   for (const std::string tag : {"keepalive", "lookup"}) {
@@ -372,8 +365,8 @@ std::vector<Message> one_of_each() {
       proto::Ack{15, 4, 5, 0},
       proto::Ack{16, 0, 0, 3},
       proto::Ack{kMaxU64, kMaxU64, kMaxU64, kMaxU64},
-      proto::RegOk{17, 1, 2, false},
-      proto::RegOk{18, kMaxU64, 0, true},
+      proto::RegOk{17, 1, 2},
+      proto::RegOk{18, kMaxU64, 0},
       proto::RegErr{19, "no"},
       proto::Exists{20, kName1},
       proto::Refused{21, std::string(proto::kMaxReason, '\x01')},
@@ -486,23 +479,16 @@ TEST_CASE("every message type survives a round trip") {
     CHECK(proto::encode(proto::Found{6, true, {"bob", "1.2.3.4", 9, true}}) ==
           R"({"v":1,"t":"found","re":6,"known":true,"e":["bob","1.2.3.4",9,1]})");
   }
-  SUBCASE("reg_ok already and ack missed") {
-    check_round_trip(proto::RegOk{1, 2, 3, true});
-    check_round_trip(proto::RegOk{kMaxU64, kMaxU64, kMaxU64, true});
+  SUBCASE("ack missed") {
     check_round_trip(proto::Ack{1, 0, 0, 1});
     check_round_trip(proto::Ack{2, 0, 0, kMaxU64});
     check_round_trip(proto::Ack{3, 9, 42, 7});
-    // Each is on the wire only when set.
-    CHECK(proto::encode(proto::RegOk{1, 2, 3, false}).find("already") == std::string::npos);
-    CHECK(proto::encode(proto::RegOk{1, 2, 3, true}).find(R"("already":true)") != std::string::npos);
+    // On the wire only when set.
     CHECK(proto::encode(proto::Ack{1, 0, 0, 0}).find("missed") == std::string::npos);
     CHECK(proto::encode(proto::Ack{1, 0, 0, 5}).find(R"("missed":5)") != std::string::npos);
     CHECK(proto::encode(proto::Ack{1, 0, 0, 5}).find("epoch") == std::string::npos);
-    // Sent explicitly as false / 0, they decode to the same message.
-    auto d = proto::decode(v1(R"("t":"reg_ok","re":8,"epoch":1,"pending":0,"already":false)"));
-    REQUIRE(d);
-    CHECK(*d.message == Message{proto::RegOk{8, 1, 0, false}});
-    d = proto::decode(v1(R"("t":"ack","re":8,"missed":0)"));
+    // Sent explicitly as 0, it decodes to the same message.
+    auto d = proto::decode(v1(R"("t":"ack","re":8,"missed":0)"));
     REQUIRE(d);
     CHECK(*d.message == Message{proto::Ack{8, 0, 0, 0}});
   }
@@ -569,13 +555,13 @@ TEST_CASE("the samples cover every type; requests come before replies in the var
 }
 
 TEST_CASE("old encodings without the optional fields still decode") {
-  // As senders wrote them before `already` and `missed` existed.
+  // As senders wrote them before `missed` existed.
   auto d = proto::decode(R"({"v":1,"t":"reg_ok","re":5,"epoch":7,"pending":2})");
   REQUIRE(d);
-  CHECK(*d.message == Message{proto::RegOk{5, 7, 2, false}});
+  CHECK(*d.message == Message{proto::RegOk{5, 7, 2}});
   d = proto::decode(R"({"epoch":7,"pending":0,"re":5,"t":"reg_ok","v":1})");
   REQUIRE(d);
-  CHECK(*d.message == Message{proto::RegOk{5, 7, 0, false}});
+  CHECK(*d.message == Message{proto::RegOk{5, 7, 0}});
   d = proto::decode(R"({"v":1,"t":"ack","re":5})");
   REQUIRE(d);
   CHECK(*d.message == Message{proto::Ack{5, 0, 0, 0}});
@@ -640,7 +626,6 @@ TEST_CASE("the templates of the malformed table decode when left unbroken") {
            v1(R"("t":"exists","re":1,"name":"x.")"),
            v1(R"("t":"ack","re":1,"missed":2)"),
            v1(R"("t":"ack","re":1,"epoch":3,"have":3,"missed":0)"),
-           v1(R"("t":"reg_ok","re":1,"epoch":1,"pending":0,"already":true)"),
            v1(R"("t":"keepalive","id":1,"name":"a")"),
            v1(R"("t":"lookup","id":1,"name":"a")"),
            v1(R"("t":"alive","re":1,"live":false)"),

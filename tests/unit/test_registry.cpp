@@ -13,6 +13,7 @@
 #include "peer/local_table.hpp"
 #include "registry/server.hpp"
 #include "registry/table.hpp"
+#include "transport/endpoint.hpp"
 #include <spdlog/spdlog.h>
 
 using chat::registry::Admit;
@@ -169,7 +170,7 @@ struct SimPeer {
     });
   }
   std::string name;
-  chat::transport::Endpoint ep;
+  chat::transport::Socket ep;
   chat::peer::LocalTable table;
   bool registered = false;
 };
@@ -193,11 +194,12 @@ Scale run_scale(int n) {
   {
     chat::net::io_context io(1);
     chat::registry::ServerOptions o;
-    o.bind = chat::udp::endpoint(chat::net::ip::make_address_v4("127.0.0.1"), 0);
     o.policy = {1000ms, 8};  // generous: a loaded machine must not cause retransmissions that blur the byte count
-    chat::registry::Server server(io, o, chat::offline::open_sqlite_store(dir.string()));
-    server.start();
-    auto to = server.local_endpoint();
+    chat::registry::Server server(o, chat::offline::open_sqlite_store(dir.string()), chat::transport::system_clock());
+    chat::transport::Endpoint endpoint(io, server.core(), chat::udp::endpoint(chat::net::ip::make_address_v4("127.0.0.1"), 0));
+    endpoint.turn([&] { server.start(); });
+    endpoint.start();
+    auto to = endpoint.local_endpoint();
     std::vector<std::unique_ptr<SimPeer>> peers;
     auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < n; ++i) peers.push_back(std::make_unique<SimPeer>(io, "p" + std::to_string(i), to));

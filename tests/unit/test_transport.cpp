@@ -1,4 +1,5 @@
-// Loopback tests of the UDP endpoint (real sockets on 127.0.0.1) and of the duplicate filter alone.
+// Loopback tests of the reliable socket (a Core driven by its Endpoint, real sockets on 127.0.0.1)
+// and of the duplicate filter alone.
 #include <doctest/doctest.h>
 
 #include <array>
@@ -24,7 +25,8 @@ using chat::Clock;
 using chat::error_code;
 using chat::udp;
 using chat::transport::DuplicateFilter;
-using chat::transport::Endpoint;
+// The reliable socket under test: a transport Core driven by its Asio Endpoint.
+using Endpoint = chat::transport::Socket;
 using chat::transport::RequestKey;
 using chat::transport::RetryPolicy;
 using namespace std::chrono_literals;
@@ -396,8 +398,8 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   client.send_bytes(R"({"v":2,"t":"probe","id":1})", to);
   client.send_bytes(R"({"v":1,"t":"probe","id":0})", to);
   client.send_bytes(R"([1,2,3])", to);
-  client.send(proto::Ack{12345, 0, 0}, to);  // a reply nobody asked for
-  client.send(proto::Probe{4242}, to);       // and finally a valid request
+  client.send_bytes(proto::encode(proto::Ack{12345, 0, 0}), to);  // a reply nobody asked for
+  client.send_bytes(proto::encode(proto::Probe{4242}), to);       // and finally a valid request
 
   REQUIRE(run_until(io, [&] { return client.count() == 1; }));
   CHECK(decode_ok(client.bytes(0)) == proto::Message{proto::Ack{4242, 0, 0}});
@@ -417,7 +419,7 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   CHECK(server.counters().received == 10);
 
   // Still serving after all that.
-  client.send(proto::Probe{4243}, to);
+  client.send_bytes(proto::encode(proto::Probe{4243}), to);
   REQUIRE(run_until(io, [&] { return client.count() == 2; }));
   CHECK(decode_ok(client.bytes(1)) == proto::Message{proto::Ack{4243, 0, 0}});
 }
