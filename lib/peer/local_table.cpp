@@ -23,12 +23,6 @@ Applied LocalTable::apply(const protocol::Table& t) {
   return {true, !t.more, epoch_, version_};
 }
 
-void LocalTable::reset() {
-  rows_.clear();
-  epoch_ = 0;
-  version_ = 0;
-}
-
 const protocol::Entry* LocalTable::find(const std::string& name) const {
   auto it = rows_.find(name);
   return it == rows_.end() ? nullptr : &it->second;

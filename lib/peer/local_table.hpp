@@ -21,8 +21,6 @@ class LocalTable {
  public:
   /// Applies `t` if it continues what we hold (or starts a new epoch from 0); else keeps ours.
   Applied apply(const protocol::Table& t);
-  /// Forgets everything (a new registration takes a new snapshot).
-  void reset();
 
   const protocol::Entry* find(const std::string& name) const;
   const std::map<std::string, protocol::Entry>& rows() const { return rows_; }
