@@ -21,8 +21,6 @@ class LocalTable {
  public:
   /// Applies `t` if it continues what we hold (or starts a new epoch from 0); else keeps ours.
   Applied apply(const protocol::Table& t);
-  /// Forgets everything (a new registration takes a new snapshot).
-  void reset();
 
   /// Takes in a row the server gave on request (a lookup) if we hold none for that name; the
   /// next table update overwrites it like any other row.

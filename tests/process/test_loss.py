@@ -6,8 +6,9 @@ test creates), a server stall that delivers a burst, and duplicated, reordered d
   102 direct and 27 channel messages, each waited for to its final status; every message must be
   shown once at each recipient (live or saved), never twice; one summary line per test.
 - SelfReregistrationTest, LostProbeAfterRegistrationTest, StoreBurstTest: deterministic
-  reproductions (iptables by port/length, SIGSTOP) of the product bugs the loss tests run into,
-  marked expectedFailure with a `# BUG:` comment each.
+  versions (iptables by port/length, SIGSTOP) of what random loss causes only now and then: a
+  client registering again by itself while its user types, a new client's first probe lost, a
+  save and the recipient's registration handled in one burst.
 - ReplayTest: every datagram of a session replayed once or twice more, shuffled, from its
   original source; nothing may be shown twice, no table row or status may change.
 
@@ -83,8 +84,9 @@ class PrefixedProc(Proc):
 
 # A sender's lines between a command and its final line that show the message went on its way.
 INTERMEDIATE = re.compile(r"^>>> \[(No ACK from |[\w.-]+ is offline, message sent|Client [\w.-]+ exists!!)")
-# The prompt refusing a command outright while the client registers again by itself (see
-# SelfReregistrationTest): nothing was sent, so the script types it again once the client is back.
+# A command refused at the prompt (SelfReregistrationTest: never while the client registers again
+# by itself): nothing was sent, so the script types it again once the client is back, and the
+# test fails on the count of refusals.
 PROMPT_REFUSAL = re.compile(r"^>>> \[Error: (you are offline|unknown client)")
 BACK = r"^>>> \[(Welcome, You are registered\.|Client table updated\.)\]$"
 
@@ -232,12 +234,6 @@ class SelfReregistrationTest(NetnsTest):
         c2.expect_exact(">>> [Client table updated.]")
         return c1, c2, c2_to_server
 
-    # BUG: while the client registers again by itself (the server marked it offline after a lost
-    # channel relay or probe), a `send` or `send_all` typed at the prompt is refused with
-    # "[Error: you are offline; type reg c2 to come back online]" and the message is dropped,
-    # although the user never left. lib/peer/client.cpp: Client::run() refuses every command but
-    # reg while state_ != State::online, and send_register() sets State::registering. Under random
-    # loss this hits the load tests below in most runs (their summary counts it).
     def test_message_typed_while_registering_again_is_not_refused(self):
         c1, c2, c2_to_server = self.begin_reregistration()
         c2.send("send c1 typed-while-registering")
@@ -248,12 +244,6 @@ class SelfReregistrationTest(NetnsTest):
                             "re-registration:\n" + c2.dump())
         c1.expect(rf"^>>> c2: ({TS} )?typed-while-registering$")
 
-    # BUG: after the welcome of an automatic re-registration the client's table is empty
-    # (send_register()'s callback calls table_.reset()) until the server's snapshot arrives, and a
-    # `send` typed then is refused with "[Error: unknown client c1; type list to see the table]":
-    # the message is dropped although c1 was in the table a moment before (and `list` shows
-    # "(0 clients, 0 online)"). The same reset also turns a send that is in flight (after the
-    # server answered "[Client c1 exists!!]") into "[Error: unknown client c1]".
     def test_message_typed_right_after_registering_again_is_not_refused(self):
         c1, c2, c2_to_server = self.begin_reregistration()
         # Table datagrams (IP length 120 and more) to c2 are held back; the welcome (at most 109) passes.
@@ -278,15 +268,6 @@ class LostProbeAfterRegistrationTest(NetnsTest):
 
     TIMING = ["--ack-timeout", "100", "--retries", "5"]
 
-    # BUG: the client's Register is no longer padded (lib/peer/client.cpp send_register(): since
-    # commit 15126c3 the statement `reg.pad = proto::kRegisterPadTo - n;` sits inside the `//`
-    # comment of the line above it, so the `if` guards the request instead; captured on lo the
-    # Register is 59 bytes). The server's amplification guard then makes reach() probe the new
-    # client before its first table update, with the relay policy (3 tries in one ACK timeout),
-    # and an unanswered probe calls mark_gone(): the server logs "c2 is offline (no answer)",
-    # ends c2's session and never sends it a table, while c2 has shown "[Welcome, You are
-    # registered.]" and sits with an empty table for good (every `send` is "unknown client";
-    # the others see c2 offline). At 40 % random loss this strands ~1 client in 4 at start.
     def test_client_whose_first_probe_is_lost_still_gets_the_table(self):
         c1 = self.start_client("c1")
         self.wait_table(c1, ["c1"])
@@ -331,8 +312,8 @@ class LossTest(NetnsTest):
         clients = {n: self.start_client(n) for n in self.CLIENTS}
         for c in clients.values():
             self.wait_online(c, self.CLIENTS)
-        # The loss starts once everyone is online: a client whose very first probe is lost is
-        # stranded for good (LostProbeAfterRegistrationTest), which would fail this test at random.
+        # The loss starts once everyone is online: the load is about messages (registration with
+        # a lost first probe is LostProbeAfterRegistrationTest's).
         self.start_loss(self.LOSS)
         scripts = [Script(c, self.ops_for(n)) for n, c in clients.items()]
         deadline = time.monotonic() + self.LOAD_DEADLINE
@@ -506,18 +487,6 @@ class StoreBurstTest(ChatTest):
             time.sleep(0.01)  # polling the socket's queue, not synchronising on an event
         return udp_rx_queue(self.server_port)
 
-    # BUG: a saved message is stranded when the recipient's registration is handled before the
-    # save is committed. lib/registry/server.cpp: save() counts the message in mailbox() at once
-    # but writes it to the store only in the posted flush(); admit() sees pending = 1, shows
-    # "[You have messages]", deliver() -> deliver_batch() reads the store, finds nothing yet and
-    # sets mailbox(name) = 0; then flush() commits the message ("saved a direct message from c1
-    # for c2") and calls deliver(), which sees mailbox 0 and returns. The sender was told
-    # "[Messages received by the server and saved]", the recipient never gets it, and a later
-    # registration does not either (admit() trusts the zero count) until another save for it.
-    # Under random loss the same happens when a Stored ACK is handled before the flush of a save
-    # made in the same instant (a relay missed while the client registers again): the load tests
-    # below hit it in ~1 run in 10 at 20 % loss and tolerate it only when the message is
-    # verifiably stuck in the store.
     def test_save_and_registration_in_one_burst_deliver_the_message(self):
         port = free_port()
         c1 = Proc(["-c", "c1", "127.0.0.1", str(self.server_port), str(port), "--ack-timeout", "5000"], name="c1")

