@@ -4,7 +4,7 @@
 // (harness.hpp); the SQLite store is opened once per process in a temp
 // directory and emptied before each input, so an input behaves the same whenever it runs.
 // The `extra` op makes the next 1-4 store calls throw StoreError (a full disk, an I/O error);
-// FUZZ_STORE_FAULTS=0 turns that op into a no-op, to fuzz past a known store-fault bug.
+// FUZZ_STORE_FAULTS=0 turns that op into a no-op (to fuzz the other paths alone).
 // Limits are small (6 clients, 4 saved messages per mailbox) so that "full" is reachable.
 #include <sqlite3.h>
 #include <stdlib.h>

@@ -65,7 +65,7 @@ TEST_CASE("registration admission") {
 
 TEST_CASE("changes_since gives exactly what a client lacks") {
   Table t(1);
-  for (int i = 0; i < 5; ++i) t.upsert("c" + std::to_string(i), "127.0.0.1", 5000 + i, true);  // v1..v5
+  for (int i = 0; i < 5; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true);  // v1..v5
   SUBCASE("a snapshot is changes since 0") {
     auto c = t.changes_since(0, 100000);
     CHECK(c.from == 0);
@@ -112,7 +112,7 @@ TEST_CASE("changes_since gives exactly what a client lacks") {
 
 TEST_CASE("the client applies chunks in order, skips gaps, and takes a new epoch from 0") {
   Table t(42);
-  for (int i = 0; i < 4; ++i) t.upsert("c" + std::to_string(i), "127.0.0.1", 5000 + i, true);
+  for (int i = 0; i < 4; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true);
   chat::peer::LocalTable local;
   auto as_msg = [&](const chat::registry::Chunk& c, std::uint64_t epoch) {
     return proto::Table{1, epoch, c.from, c.to, c.more, c.entries};
@@ -202,7 +202,7 @@ Scale run_scale(int n) {
     auto to = endpoint.local_endpoint();
     std::vector<std::unique_ptr<SimPeer>> peers;
     auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < n; ++i) peers.push_back(std::make_unique<SimPeer>(io, "p" + std::to_string(i), to));
+    for (int i = 0; i < n; ++i) peers.push_back(std::make_unique<SimPeer>(io, std::string("p").append(std::to_string(i)), to));
     auto deadline = start + 120s;
     while (!converged(peers, server.table()) && std::chrono::steady_clock::now() < deadline) io.run_for(20ms);
     REQUIRE_MESSAGE(converged(peers, server.table()), n << " peers did not converge");
