@@ -162,11 +162,16 @@ class FakeNetwork {
   FakeNetwork& operator=(const FakeNetwork&) = delete;
   ~FakeNetwork() { core_.set_output({}); }
 
-  /// Moves the clock on and runs what fell due.
+  /// Lets advance_by(t) pass as a real clock would: every deadline on the way (retries,
+  /// give-ups, keep-alives) fires at its own time.
   void advance(std::uint8_t t) {
-    clock_.advance(advance_by(t));
-    core_.on_timer();
-    core_.settle();
+    const auto end = clock_.now() + advance_by(t);
+    for (auto next = core_.next_deadline(); next && *next <= end; next = core_.next_deadline()) {
+      clock_.set(*next);
+      core_.on_timer();
+      core_.settle();
+    }
+    clock_.set(end);
   }
 
   /// Handles `bytes` as a datagram from source `src`.

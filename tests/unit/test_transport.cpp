@@ -600,4 +600,112 @@ TEST_CASE("DuplicateFilter: forget, and a forgotten key seen again keeps its own
   f.forget(RequestKey{3, 3, 3});  // forgetting an unknown key is harmless
 }
 
+// ---------------------------------------------------------------- the core alone, on a fake clock
+
+namespace {
+
+using chat::transport::Core;
+using chat::transport::CoreOptions;
+using chat::transport::ManualClock;
+
+// A core whose datagrams land in `sent` instead of a socket.
+struct Bare {
+  explicit Bare(RetryPolicy p) : core(CoreOptions{p, {}, 42}, clock) {
+    core.set_output([this](const std::string& bytes, const udp::endpoint& to) {
+      sent.emplace_back(bytes, to);
+      return true;
+    });
+  }
+  // Lets `d` pass as a real clock would: every deadline on the way fires at its own time.
+  void advance(chat::transport::Duration d) {
+    const auto end = clock.now() + d;
+    for (auto next = core.next_deadline(); next && *next <= end; next = core.next_deadline()) {
+      clock.set(*next);
+      core.on_timer();
+      core.settle();
+    }
+    clock.set(end);
+  }
+  ManualClock clock;
+  Core core;
+  std::vector<std::pair<std::string, udp::endpoint>> sent;
+};
+
+const udp::endpoint kPeer{kLoopback, 4242};
+
+}  // namespace
+
+TEST_CASE("core: retransmissions follow the policy on the fake clock, then the request gives up") {
+  Bare b(RetryPolicy{500ms, 5});
+  Outcome o;
+  b.core.request(proto::Probe{7}, kPeer, o.done());
+  CHECK(b.sent.size() == 1);
+  CHECK(b.core.next_deadline() == b.clock.now() + 500ms);
+  b.advance(499ms);
+  CHECK(b.sent.size() == 1);
+  b.advance(1ms);
+  CHECK(b.sent.size() == 2);  // the first retry, exactly one timeout later
+  b.advance(2s);
+  CHECK(b.sent.size() == 6);  // all 6 attempts
+  CHECK(o.calls == 0);
+  b.advance(500ms);
+  CHECK(o.calls == 1);
+  CHECK(o.got_nullptr);
+  CHECK(b.core.in_flight() == 0);
+  CHECK_FALSE(b.core.next_deadline().has_value());
+}
+
+TEST_CASE("core: the duplicate window outlasts the longest retry policy (--ack-timeout 60000 --retries 100)") {
+  Bare b(RetryPolicy{60'000ms, 100});
+  CHECK(b.core.dedup_window() >= 2 * 60s * 101);
+  int handled = 0;
+  b.core.set_handler([&](const proto::Message& m, const udp::endpoint& from) {
+    ++handled;
+    b.core.reply(from, proto::Ack{proto::request_id(m)});
+  });
+  const std::string probe = proto::encode(proto::Probe{99});
+  b.core.on_datagram(probe, kPeer);
+  // The sender's 100th retransmission, 100 minutes later, is a repeat: answered, not handed up.
+  b.advance(100 * 60s);
+  b.core.on_datagram(probe, kPeer);
+  CHECK(handled == 1);
+  CHECK(b.core.counters().duplicates == 1);
+  CHECK(b.sent.size() == 2);  // the cached ACK went out again
+
+  // With the default policy the window is still at least 30 s.
+  Bare d(RetryPolicy{});
+  CHECK(d.core.dedup_window() >= 30s);
+}
+
+TEST_CASE("core: a retry policy squeezed into a short wait never waits 0 ms") {
+  RetryPolicy p = RetryPolicy{1ms, 2}.within(1ms);
+  CHECK(p.timeout == 1ms);
+  CHECK(p.retries == 2);
+  CHECK(RetryPolicy{500ms, 2}.within(500ms).timeout == 166ms);
+  CHECK(RetryPolicy{100ms, 5}.span() == 600ms);
+}
+
+TEST_CASE("core: timers fire in order, cancelled ones never; deferred work runs at the end of the turn") {
+  Bare b(RetryPolicy{});
+  std::vector<int> fired;
+  b.core.after(30ms, [&] { fired.push_back(3); });
+  auto id = b.core.after(20ms, [&] { fired.push_back(2); });
+  b.core.after(10ms, [&] {
+    fired.push_back(1);
+    b.core.after(0ms, [&] { fired.push_back(11); });  // set while running, already due: runs now
+  });
+  b.core.cancel(id);
+  b.core.defer([&] { fired.push_back(0); });
+  CHECK(b.core.next_deadline() == b.clock.now());  // deferred work waits: due at once
+  b.core.settle();
+  CHECK(fired == std::vector<int>{0});
+  b.advance(50ms);
+  CHECK(fired == std::vector<int>{0, 1, 11, 3});
+  b.core.close();
+  b.core.after(1ms, [&] { fired.push_back(99); });
+  b.advance(10ms);
+  CHECK(fired.size() == 4);
+  CHECK_FALSE(b.core.next_deadline().has_value());
+}
+
 }  // TEST_SUITE
