@@ -232,7 +232,7 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
 void Client::send_register(Reason why) {
   if (why == Reason::first) state_ = State::registering;
   if (why == Reason::rejoin) rejoining_ = true;
-  proto::Register reg{core_.next_id(), options_.name, 0};
+  proto::Register reg{core_.next_id(), options_.name, 0, static_cast<std::uint64_t>(options_.keepalive.count())};
   proto::pad_to(reg, kRegisterPadTo);
   server_request(reg, [this, why](const proto::Message* reply) { on_registered(reply, why); }, std::nullopt,
                  why == Reason::typed);

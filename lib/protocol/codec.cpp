@@ -237,6 +237,7 @@ auto write_message(const Message& m) {
           [](const Register& r) {
             W w("register");
             w.u64("id", r.id).str("name", r.name);
+            if (r.every_ms > 0) w.u64("every", r.every_ms);
             if (r.pad > 0) w.blank("pad", std::min(r.pad, kMaxDatagram));
             return w.done();
           },
@@ -402,6 +403,7 @@ Message decode_body(const std::string& t, const json& j) {
   if (t == "register") {
     Register r{get_id(j, "id"), get_name(field(j, "name")), 0};
     if (auto p = j.find("pad"); p != j.end()) r.pad = as_string(*p).size();
+    if (j.contains("every")) r.every_ms = get_u64(j, "every");  // absent from older clients
     return r;
   }
   if (t == "dereg") return Dereg{get_id(j, "id"), get_name(field(j, "name"))};

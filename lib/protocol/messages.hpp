@@ -46,6 +46,9 @@ struct Register {
   std::uint64_t id = 0;
   std::string name;
   std::size_t pad = 0;  // bytes of padding on the wire ("pad" field); content ignored
+  /// The client's keep-alive interval in ms ("every", optional; 0 = not said): the server ends
+  /// the session after 3 of them without a word.
+  std::uint64_t every_ms = 0;
   bool operator==(const Register&) const = default;
 };
 /// Client -> server: notified leave of `name`; answered by Ack.

@@ -4,6 +4,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <unordered_set>
 
 namespace chat::registry {
@@ -13,6 +14,9 @@ namespace proto = chat::protocol;
 
 // Saved messages read per delivery step; the datagram takes as many as fit.
 constexpr std::size_t kDeliveryRead = 64;
+// The keep-alive intervals a registration may ask for (the client's --keepalive range).
+constexpr transport::Duration kShortestKeepalive = std::chrono::milliseconds(100);
+constexpr transport::Duration kLongestKeepalive = std::chrono::hours(1);
 
 std::string where(const udp::endpoint& e) {
   return e.address().to_string() + ":" + std::to_string(e.port());
@@ -34,6 +38,9 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, con
     if (row.online) {
       auto s = std::make_shared<Session>();
       s->heard = core_.now();
+      // Its own interval is not stored: ours until it registers again (a client with a longer
+      // one that goes quiet meanwhile hears "lost track" and registers again).
+      s->keepalive = options_.keepalive;
       sessions_[row.name] = std::move(s);
     }
   }
@@ -163,17 +170,19 @@ void Server::resume(const std::string& name, Session& s) {
 }
 
 void Server::expire_silent() {
-  const auto limit = kMissedKeepalives * options_.keepalive;
   std::vector<std::string> silent;
-  for (const auto& [name, s] : sessions_)
-    if (core_.now() - s->heard > limit) silent.push_back(name);
+  transport::Duration next = options_.keepalive;  // checked as often as the shortest interval asks
+  for (const auto& [name, s] : sessions_) {
+    if (core_.now() - s->heard > kMissedKeepalives * s->keepalive) silent.push_back(name);
+    else next = std::min(next, s->keepalive);
+  }
   for (const auto& name : silent) {
     sessions_.erase(name);
     ++stats_.expired;
     spdlog::info("{} is offline (no keep-alive for {} intervals)", name, kMissedKeepalives);
     set_online(name, false);
   }
-  core_.after(options_.keepalive, [this] { expire_silent(); });
+  core_.after(next, [this] { expire_silent(); });
 }
 
 void Server::on_lookup(const proto::Lookup& l, const udp::endpoint& from) {
@@ -216,6 +225,10 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   std::size_t pending = mailbox(r.name);
   auto s = std::make_shared<Session>();
   s->heard = core_.now();
+  s->keepalive = options_.keepalive;
+  if (r.every_ms > 0)
+    s->keepalive = std::clamp<transport::Duration>(std::chrono::milliseconds(r.every_ms), kShortestKeepalive,
+                                                   kLongestKeepalive);
   sessions_[r.name] = std::move(s);
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
   if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0)) table_changed(r.name);

@@ -27,8 +27,9 @@ struct ServerOptions {
   std::size_t max_stored = 100'000;
   /// Registered names at most; a new name past it is refused.
   std::size_t max_clients = 100'000;
-  /// The clients' keep-alive interval (SPEC §10): a session not heard from for
-  /// kMissedKeepalives intervals ends, and its client is marked offline.
+  /// The keep-alive interval of clients that do not say theirs in their registration
+  /// (SPEC §10): a session not heard from for kMissedKeepalives intervals ends, and its
+  /// client is marked offline. Sessions are checked this often.
   std::chrono::milliseconds keepalive{15'000};
   /// How often dropped-datagram counters are logged (when they changed).
   std::chrono::seconds stats_interval{10};
@@ -80,6 +81,7 @@ class Server {
     std::size_t delivered_count = 0;
     bool rewound = false;          // this drain already restarted from the oldest message
     transport::Time heard{};       // last time anything came from the client
+    transport::Duration keepalive{};  // the client's interval (its registration says), else ours
   };
   using SessionRef = std::weak_ptr<Session>;
   using AfterCommit = std::function<void(bool ok)>;

@@ -346,6 +346,7 @@ std::vector<Message> one_of_each() {
   return {
       proto::Register{1, kName1},
       proto::Register{kMaxU64, kName32, 300},
+      proto::Register{2, kName1, 0, 500},
       proto::Dereg{2, kName32},
       proto::Direct{3, kName1, "\"quoted\" \\ and \x01"},
       proto::Save{4, kName1, kName32, kMaxU64, true, "h\xC3\xA9llo"},
@@ -398,6 +399,9 @@ TEST_CASE("every message type survives a round trip") {
     check_round_trip(proto::Register{kMaxU64, kName32});
     check_round_trip(proto::Register{3, kName32, 1});                      // padded by one byte
     check_round_trip(proto::Register{4, kName1, proto::kRegisterPadTo});  // padded as the client does
+    check_round_trip(proto::Register{5, kName1, 0, 15'000});              // with its keep-alive interval
+    check_round_trip(proto::Register{6, kName32, 100, kMaxU64});
+    CHECK(proto::encode(proto::Register{7, kName1}).find("every") == std::string::npos);  // absent when 0
     check_round_trip(proto::Dereg{2, kName1});
     check_round_trip(proto::Dereg{kMaxU64, kName32});
   }
