@@ -182,6 +182,8 @@ void Client::run(const Command& c) {
 
 void Client::send(const std::string& to, const std::string& text) {
   if (table_.find(to) != nullptr) return send_known(to, text);
+  // No valid name is ever in a table: nothing to ask (the server would drop the lookup).
+  if (!proto::valid_name(to)) return say("[Error: unknown client " + to + "; type list to see the table]");
   // Not in our table (yet): the server may know it; ask for that one row (SPEC §10).
   server_request(proto::Lookup{core_.next_id(), to}, [this, to, text](const proto::Message* reply) {
     if (reply == nullptr) return say("[Server not responding.]");
