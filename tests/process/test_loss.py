@@ -30,7 +30,7 @@ import threading
 import time
 import unittest
 
-from harness import BIN, DEADLINE, ChatTest, Proc, free_port
+from harness import BIN, DEADLINE, ChatTest, Proc, free_port, udp_rx_queue
 
 TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -463,16 +463,6 @@ class Loss40Test(LossTest):
 
 
 # ------------------------------------------------------------------------ a burst after a stall
-
-
-def udp_rx_queue(port):
-    """Bytes queued on the UDP socket bound to `port` in this network namespace (None: none)."""
-    with open("/proc/net/udp") as f:
-        for line in f.readlines()[1:]:
-            parts = line.split()
-            if int(parts[1].split(":")[1], 16) == port:
-                return int(parts[4].split(":")[1], 16)
-    return None
 
 
 class StoreBurstTest(ChatTest):
