@@ -79,7 +79,7 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
       ("keepalive", po::value<double>(&c.keepalive_s)->default_value(15)->value_name("seconds"),
-       "client: tell the server we are here this often; server: end a session after 3 intervals of silence")
+       "client: tell the server we are here this often; server: the interval of clients that do not say theirs")
       ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr")
       ("log-file", po::value<std::string>(&c.log_file)->value_name("path"),
        "also append the log to this file");

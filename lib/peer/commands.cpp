@@ -93,7 +93,7 @@ const char* help_text() {
          "dereg <your name>       go offline (messages to you are saved)\n"
          "reg <your name>         come back online and get saved messages\n"
          "help                    show this help\n"
-         "quit                    leave at once (as Ctrl+C)";
+         "quit                    leave once what is in flight is done";
 }
 
 }  // namespace chat::peer

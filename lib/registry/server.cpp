@@ -161,6 +161,10 @@ void Server::on_keepalive(const proto::KeepAlive& k, const udp::endpoint& from) 
 }
 
 void Server::resume(const std::string& name, Session& s) {
+  // At most once per half interval: keep-alives (forged ones too) cannot make the server
+  // resend stalled updates faster than a genuine client's would.
+  if (core_.now() - s.resumed < s.keepalive / 2) return;
+  s.resumed = core_.now();
   if (s.sync == Session::Sync::stalled) s.sync = Session::Sync::idle;
   sync(name);
   if (s.delivery == Session::Delivery::stalled) {
@@ -275,14 +279,15 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
     core_.reply(from, proto::Refused{r.id, "unknown client " + r.to});
     return;
   }
-  if (mailbox(r.to) >= options_.max_stored) {
+  auto refuse_full = [this, r, from] {
     core_.reply(from, proto::Refused{r.id, r.to + "'s mailbox is full (" + std::to_string(options_.max_stored) +
                                               " saved messages)"});
-    return;
-  }
+  };
+  if (mailbox_full(r.to)) return refuse_full();
   // Stamped on arrival, before any probe: saved messages are shown in arrival order.
   std::int64_t ts = core_.wall_us();
-  auto store_it = [this, r, from, ts] {
+  auto store_it = [this, r, from, ts, refuse_full] {
+    if (mailbox_full(r.to)) return refuse_full();  // filled while the probe was out
     save({r.to, r.from, offline::Kind::direct, ts, r.mid, r.text}, [this, r, from](bool ok) {
       if (ok) core_.reply(from, proto::Ack{r.id});
       else core_.reply(from, proto::Refused{r.id, "the server could not save the message"});
@@ -315,7 +320,13 @@ std::size_t& Server::mailbox(const std::string& name) {
   return it->second;
 }
 
+bool Server::mailbox_full(const std::string& name) {
+  auto q = queued_.find(name);
+  return mailbox(name) + (q == queued_.end() ? 0 : q->second) >= options_.max_stored;
+}
+
 void Server::save(offline::NewMessage m, AfterCommit after) {
+  ++queued_[m.to];
   unsaved_.push_back(std::move(m));
   if (after) after_commit_.push_back(std::move(after));
   schedule_flush();
@@ -336,6 +347,7 @@ void Server::flush() {
   callbacks.swap(after_commit_);
   std::vector<std::string> names;
   names.swap(dirty_rows_);
+  queued_.clear();  // from here on they count (or not) in the mailboxes
 
   bool ok = true;
   std::vector<bool> inserted;
@@ -517,7 +529,7 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
   // The sender hears "received" once the copies for offline members are durable. A full
   // mailbox gets no copy (bounded storage): the sender's ACK says how many members missed it.
   std::uint64_t missed = std::erase_if(absent, [this](const std::string& n) {
-    bool full = mailbox(n) >= options_.max_stored;
+    bool full = mailbox_full(n);
     if (full) spdlog::info("no channel copy for {}: mailbox full", n);
     return full;
   });
@@ -546,7 +558,7 @@ void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
     // Only the session the relay went to is marked offline by its silence.
     if (same_session(to, ref) && c != nullptr && endpoint_of(*c) == ep) mark_silent(to);
     const proto::Channel& ch = fan->channel;
-    if (mailbox(to) < options_.max_stored) save({to, ch.from, offline::Kind::channel, fan->ts_us, ch.id, ch.text}, nullptr);
+    if (!mailbox_full(to)) save({to, ch.from, offline::Kind::channel, fan->ts_us, ch.id, ch.text}, nullptr);
     else ++stats_.channel_missed;
   };
   reach(ep, [this, ep, fan, missed](bool ok) {

@@ -82,6 +82,7 @@ class Server {
     bool rewound = false;          // this drain already restarted from the oldest message
     transport::Time heard{};       // last time anything came from the client
     transport::Duration keepalive{};  // the client's interval (its registration says), else ours
+    transport::Time resumed{};     // last time a keep-alive restarted what had stalled
   };
   using SessionRef = std::weak_ptr<Session>;
   using AfterCommit = std::function<void(bool ok)>;
@@ -146,6 +147,9 @@ class Server {
                     std::function<void(Session&)> failed);
   /// Saved messages for `name`, counted once from the store and then kept up to date.
   std::size_t& mailbox(const std::string& name);
+  /// True if `name`'s mailbox holds max_stored messages, counting those queued for the next
+  /// commit (accepted but not yet saved).
+  bool mailbox_full(const std::string& name);
   void log_stats();
 
   ServerOptions options_;
@@ -158,6 +162,7 @@ class Server {
   std::vector<std::string> dirty_rows_;
   std::unordered_map<std::string, std::vector<std::int64_t>> undeleted_;  // ACKed, not yet deleted
   std::unordered_map<std::string, std::size_t> mailbox_;
+  std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit
   ServerCounters stats_;
   transport::Counters last_logged_;
   bool flush_scheduled_ = false;
