@@ -130,6 +130,14 @@ Server::Session* Server::session(const std::string& name) {
   return it == sessions_.end() ? nullptr : it->second.get();
 }
 
+void Server::end_session(const std::string& name) {
+  auto it = sessions_.find(name);
+  if (it == sessions_.end()) return;
+  core_.abandon(it->second->stored_request);
+  core_.abandon(it->second->table_request);
+  sessions_.erase(it);
+}
+
 bool Server::same_session(const std::string& name, const SessionRef& ref) {
   return ref.lock().get() == session(name);
 }
@@ -181,7 +189,7 @@ void Server::expire_silent() {
     else next = std::min(next, s->keepalive);
   }
   for (const auto& name : silent) {
-    sessions_.erase(name);
+    end_session(name);
     ++stats_.expired;
     spdlog::info("{} is offline (no keep-alive for {} intervals)", name, kMissedKeepalives);
     set_online(name, false);
@@ -227,6 +235,7 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   // A delivery restarts from the oldest stored message: what was ACKed must be gone first.
   if (undeleted_.contains(r.name)) remove_delivered();
   std::size_t pending = mailbox(r.name);
+  end_session(r.name);
   auto s = std::make_shared<Session>();
   s->heard = core_.now();
   s->keepalive = options_.keepalive;
@@ -248,7 +257,7 @@ void Server::on_dereg(const proto::Dereg& r, const udp::endpoint& from) {
     core_.reply(from, proto::Refused{r.id, "not registered from this address"});
     return;
   }
-  sessions_.erase(r.name);
+  end_session(r.name);
   set_online(r.name, false);
   spdlog::info("{} left (dereg)", r.name);
   core_.reply(from, proto::Ack{r.id});
@@ -486,9 +495,11 @@ void Server::deliver_batch(const std::string& name) {
     msg.items.push_back(std::move(item));
   }
   SessionRef ref = sessions_[name];
+  s.stored_request = msg.id;
   core_.request(msg, endpoint_of(*c), [this, name, ref, seqs, last](const proto::Message* reply) {
     auto session = ref.lock();
     if (session == nullptr || !same_session(name, ref)) return;
+    session->stored_request = 0;
     if (reply == nullptr) {
       session->delivery = Session::Delivery::stalled;
       ++stats_.stalled;
@@ -626,9 +637,11 @@ void Server::send_table(const std::string& name) {
   Chunk chunk = table_.changes_since(s.have, proto::kMaxDatagram - proto::table_overhead());
   proto::Table msg{core_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more, std::move(chunk.entries)};
   SessionRef ref = sessions_[name];
+  s.table_request = msg.id;
   core_.request(msg, endpoint_of(*c), [this, name, ref](const proto::Message* reply) {
     auto session = ref.lock();
     if (session == nullptr || !same_session(name, ref)) return;
+    session->table_request = 0;
     if (reply == nullptr) {
       // Not the end of the session (SPEC §10): its next keep-alive sends the update again.
       session->sync = Session::Sync::stalled;

@@ -83,6 +83,8 @@ class Server {
     transport::Time heard{};       // last time anything came from the client
     transport::Duration keepalive{};  // the client's interval (its registration says), else ours
     transport::Time resumed{};     // last time a keep-alive restarted what had stalled
+    std::uint64_t stored_request = 0;  // the Stored datagram in flight, if any
+    std::uint64_t table_request = 0;   // the Table datagram in flight, if any
   };
   using SessionRef = std::weak_ptr<Session>;
   using AfterCommit = std::function<void(bool ok)>;
@@ -99,6 +101,9 @@ class Server {
   void unexpected(const protocol::Message& m, const udp::endpoint& from);
 
   Session* session(const std::string& name);
+  /// Ends `name`'s session: its Table and Stored datagrams still in flight are dropped, so a new
+  /// process at the same address is never shown what was meant for the old one.
+  void end_session(const std::string& name);
   /// True if `name` has a session and its row's address is exactly `from` (a sender must be
   /// who it claims); notes that the client was heard.
   bool is_at(const std::string& name, const udp::endpoint& from);

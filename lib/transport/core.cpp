@@ -261,6 +261,11 @@ void Core::reply(const udp::endpoint& to, const protocol::Message& reply) {
   dedup_.answer(key_of(to, protocol::reply_to(reply)), std::move(bytes));
 }
 
+void Core::abandon(std::uint64_t id) {
+  auto it = pending_.find(id);
+  if (it != pending_.end()) release(it);
+}
+
 void Core::forget(const udp::endpoint& from, std::uint64_t id) { dedup_.forget(key_of(from, id)); }
 
 bool Core::send_bytes(const std::string& bytes, const udp::endpoint& to) {

@@ -119,6 +119,8 @@ class Core {
                        RetryPolicy policy);
   /// Sends a reply, remembered so that a repeat of the request gets it again.
   void reply(const udp::endpoint& to, const protocol::Message& reply);
+  /// Drops our pending request `id` (no more copies, its Done never called); unknown ids are ignored.
+  void abandon(std::uint64_t id);
   /// Leaves the request (from, id) unanswered, so a repeat of it is handed up again.
   void forget(const udp::endpoint& from, std::uint64_t id);
   /// Sends already-encoded bytes once; false if not sent.
