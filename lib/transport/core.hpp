@@ -102,7 +102,6 @@ class Core {
   /// Abandons every pending request (their Done is not called), timer and deferred task, and
   /// sends nothing more.
   void close();
-  bool closed() const { return closed_; }
 
   // ---- for the roles
   Time now() const { return clock_.now(); }

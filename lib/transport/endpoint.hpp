@@ -32,7 +32,6 @@ class Endpoint {
   }
 
   udp::endpoint local_endpoint() const { return socket_.local_endpoint(); }
-  net::io_context& io() { return io_; }
 
  private:
   void receive();
@@ -61,7 +60,6 @@ class Socket : public Core {
   /// Stops receiving and abandons every pending request (their Done is not called).
   void close() { endpoint_.close(); }
   udp::endpoint local_endpoint() const { return endpoint_.local_endpoint(); }
-  net::io_context& io() { return endpoint_.io(); }
 
  private:
   Endpoint endpoint_;
