@@ -102,9 +102,10 @@ void Client::on_line(const std::string& line) {
 void Client::on_end_of_input() {
   closing_ = true;
   if (busy_ == 0) return quit(0);
-  // Each request ends within its retry budget, a fallback to the server within one more: the
-  // bound only guards against a bug keeping the process alive.
-  core_.after(3 * options_.policy.span() + std::chrono::seconds(1), [this] { quit(0); });
+  // Each request ends within its retry budget; the longest chain (lookup, direct, save, exists,
+  // direct again, forced save) is six of them. The bound only guards against a bug keeping
+  // the process alive.
+  core_.after(6 * options_.policy.span() + std::chrono::seconds(1), [this] { quit(0); });
 }
 
 void Client::finished_one() {
@@ -146,7 +147,7 @@ void Client::run(const Command& c) {
   } else if (auto* r = std::get_if<cmd::Reg>(&c)) {
     if (r->name != me) say("[Error: reg takes your own name, " + me + "]");
     else if (state_ == State::registering || rejoining_) say("[Registration in progress.]");
-    else if (state_ == State::offline) send_register(Reason::first);
+    else if (state_ == State::offline) send_register(Reason::back);
     else confirm_registration();
   } else if (state_ != State::online) {
     say("[Error: you are offline; type reg " + me + " to come back online]");
@@ -155,6 +156,8 @@ void Client::run(const Command& c) {
       say("[Error: dereg takes your own name, " + me + "]");
       return;
     }
+    // Our own re-registration would undo it when its answer comes.
+    if (rejoining_) return say("[Registration in progress.]");
     server_request(proto::Dereg{core_.next_id(), me}, [this](const proto::Message* reply) {
       if (reply == nullptr) return fail_and_exit("[Server not responding]");
       if (auto* no = std::get_if<proto::Refused>(reply)) return say("[Server refused: " + no->reason + "]");
@@ -170,7 +173,10 @@ void Client::run(const Command& c) {
     if (std::string why = proto::check_text(a->text); !why.empty()) return say("[Error: " + why + "]");
     server_request(proto::Channel{core_.next_id(), me, a->text}, [this](const proto::Message* reply) {
       if (reply == nullptr) return say("[Server not responding.]");
-      if (auto* no = std::get_if<proto::Refused>(reply)) return say("[Server refused the message: " + no->reason + "]");
+      if (auto* no = std::get_if<proto::Refused>(reply)) {
+        say("[Server refused the message: " + no->reason + "]");
+        return check_session();
+      }
       const auto* ack = std::get_if<proto::Ack>(reply);
       if (ack != nullptr && ack->missed > 0)
         return say("[Message received by Server; " + std::to_string(ack->missed) +
@@ -224,7 +230,10 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
       say("[Client " + to + " exists!!]");
       return send_direct(to, text, mid, round + 1);
     }
-    if (auto* no = std::get_if<proto::Refused>(reply)) return say("[Server refused the message: " + no->reason + "]");
+    if (auto* no = std::get_if<proto::Refused>(reply)) {
+      say("[Server refused the message: " + no->reason + "]");
+      return check_session();
+    }
     say("[Messages received by the server and saved]");
   });
 }
@@ -232,12 +241,13 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
 // ---------------------------------------------------------------- registration and keep-alives
 
 void Client::send_register(Reason why) {
-  if (why == Reason::first) state_ = State::registering;
+  if (why == Reason::first || why == Reason::back) state_ = State::registering;
   if (why == Reason::rejoin) rejoining_ = true;
   proto::Register reg{core_.next_id(), options_.name, 0, static_cast<std::uint64_t>(options_.keepalive.count())};
   proto::pad_to(reg, kRegisterPadTo);
+  // The user waits for the answer to a `reg` typed (end of input waits for it too).
   server_request(reg, [this, why](const proto::Message* reply) { on_registered(reply, why); }, std::nullopt,
-                 why == Reason::typed);
+                 why == Reason::typed || why == Reason::back);
 }
 
 void Client::on_registered(const proto::Message* reply, Reason why) {
@@ -303,6 +313,12 @@ void Client::confirm_registration() {
     if (alive != nullptr && alive->live) return say("[You are already registered.]");
     send_register(Reason::typed);
   });
+}
+
+void Client::check_session() {
+  // A refusal may mean the server no longer holds our session (it expired, the server
+  // restarted): ask now instead of at the next keep-alive.
+  if (state_ == State::online && !rejoining_) send_keepalive();
 }
 
 void Client::heard_from_server() {
@@ -388,6 +404,9 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
   if (from != options_.server) ++stats_.not_from_server;
   // Only the server's own address may change the table; before the welcome, wait for it.
   if (from != options_.server || state_ != State::online) return core_.forget(from, t.id);
+  // Our own registration is on its way: the update is taken after its welcome (the server
+  // sends it again), so "[Client table updated.]" never comes before "[Welcome, ...]".
+  if (rejoining_) return core_.forget(from, t.id);
   Applied a = table_.apply(t);
   core_.reply(from, proto::Ack{t.id, a.epoch, a.have});
   if (a.changed && a.announce) {

@@ -75,9 +75,10 @@ class Client {
 
  private:
   enum class State { registering, online, offline };
-  /// Why a registration is sent: the first, one the user typed, or one of our own after the
-  /// server lost track of us.
-  enum class Reason { first, typed, rejoin };
+  /// Why a registration is sent: the first at start, `reg` typed while offline (after dereg),
+  /// `reg` typed while online (after a keep-alive said the session is gone), or one of our own
+  /// after the server lost track of us.
+  enum class Reason { first, back, typed, rejoin };
   struct Dispatch;
 
   void begin_input();
@@ -98,6 +99,8 @@ class Client {
   void schedule_keepalive();
   void send_keepalive();
   void heard_from_server();
+  /// After a refusal: a keep-alive now, which registers again if the session is gone.
+  void check_session();
   void rejoin();
   void on_message(const protocol::Message& m, const udp::endpoint& from);
   void on_direct(const protocol::Direct& d, const udp::endpoint& from);

@@ -14,9 +14,9 @@ namespace proto = chat::protocol;
 
 // Saved messages read per delivery step; the datagram takes as many as fit.
 constexpr std::size_t kDeliveryRead = 64;
-// The keep-alive intervals a registration may ask for (the client's --keepalive range).
-constexpr transport::Duration kShortestKeepalive = std::chrono::milliseconds(100);
-constexpr transport::Duration kLongestKeepalive = std::chrono::hours(1);
+// The keep-alive intervals a registration may ask for, in ms (the client's --keepalive range).
+constexpr std::uint64_t kShortestKeepaliveMs = 100;
+constexpr std::uint64_t kLongestKeepaliveMs = 3'600'000;
 
 std::string where(const udp::endpoint& e) {
   return e.address().to_string() + ":" + std::to_string(e.port());
@@ -239,9 +239,11 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   auto s = std::make_shared<Session>();
   s->heard = core_.now();
   s->keepalive = options_.keepalive;
-  if (r.every_ms > 0)
-    s->keepalive = std::clamp<transport::Duration>(std::chrono::milliseconds(r.every_ms), kShortestKeepalive,
-                                                   kLongestKeepalive);
+  if (r.every_ms > 0) {
+    // Clamped as a number first: any u64 may come off the wire.
+    auto ms = std::clamp<std::uint64_t>(r.every_ms, kShortestKeepaliveMs, kLongestKeepaliveMs);
+    s->keepalive = std::chrono::milliseconds(static_cast<std::int64_t>(ms));
+  }
   sessions_[r.name] = std::move(s);
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
   if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0)) table_changed(r.name);
@@ -361,9 +363,9 @@ void Server::flush() {
   bool ok = true;
   std::vector<bool> inserted;
   if (!batch.empty()) {
-    // Counted before the commit, so the count read from the store cannot include this batch.
-    for (const auto& m : batch) mailbox(m.to);
     try {
+      // Counted before the commit, so the count read from the store cannot include this batch.
+      for (const auto& m : batch) mailbox(m.to);
       inserted = store_->save(batch);
     } catch (const std::exception& e) {
       ok = false;
@@ -396,9 +398,12 @@ void Server::flush() {
     if (i >= inserted.size() || !inserted[i]) continue;
     spdlog::info("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
                  m.from, m.to);
-    // A recipient that came back while this was being committed still gets it now.
+    // A recipient that came back while this was being committed still gets it now; one whose
+    // delivery already passed its arrival time goes over its mailbox once more at the end.
     Session* s = session(m.to);
-    if (s != nullptr && s->delivery == Session::Delivery::none) deliver(m.to);
+    if (s == nullptr) continue;
+    if (s->delivery == Session::Delivery::none) deliver(m.to);
+    else if (offline::Cursor{m.ts_us, 0} < s->sent) s->rewound = false;
   }
 }
 
@@ -463,18 +468,28 @@ void Server::deliver_batch(const std::string& name) {
     s.delivery = Session::Delivery::stalled;
     return;
   }
-  if (rows.empty() && mailbox(name) > 0 && !s.rewound) {
-    // A message committed meanwhile with an earlier arrival time than the last delivered
-    // sits behind the cursor: once, go over the mailbox again from its oldest message.
+  if (rows.empty() && c != nullptr) {
+    // Nothing after the cursor. What is still owed is what the store holds once the ACKed
+    // messages are gone: a message committed meanwhile with an earlier arrival time than the
+    // last delivered sits behind the cursor, so go over the mailbox again from its oldest.
+    // flush() allows another pass whenever such a message commits, so none is left behind.
     remove_delivered();
-    s.delivered = offline::Cursor{};
-    s.rewound = true;
-    return deliver_batch(name);
+    try {
+      mailbox(name) = store_->count_for(name);
+    } catch (const std::exception& e) {
+      spdlog::error("counting saved messages for {} failed: {}", name, e.what());
+      s.delivery = Session::Delivery::stalled;
+      return;
+    }
+    if (mailbox(name) > 0 && !s.rewound) {
+      s.delivered = s.sent = offline::Cursor{};
+      s.rewound = true;
+      return deliver_batch(name);
+    }
   }
   if (rows.empty() || c == nullptr) {
     s.delivery = Session::Delivery::none;
     s.rewound = false;
-    mailbox(name) = 0;
     if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);
     s.delivered_count = 0;
     set_online(name, true);
@@ -496,6 +511,7 @@ void Server::deliver_batch(const std::string& name) {
   }
   SessionRef ref = sessions_[name];
   s.stored_request = msg.id;
+  s.sent = last;
   core_.request(msg, endpoint_of(*c), [this, name, ref, seqs, last](const proto::Message* reply) {
     auto session = ref.lock();
     if (session == nullptr || !same_session(name, ref)) return;

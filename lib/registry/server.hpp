@@ -78,8 +78,10 @@ class Server {
     enum class Sync { idle, sending, stalled } sync = Sync::idle;
     std::uint64_t have = 0;        // table version the client confirmed (in our epoch)
     offline::Cursor delivered;     // last saved message the client ACKed in this session
+    offline::Cursor sent;          // last saved message sent to it (in flight or ACKed)
     std::size_t delivered_count = 0;
-    bool rewound = false;          // this drain already restarted from the oldest message
+    bool rewound = false;          // this drain restarted from the oldest message, and nothing
+                                   // committed behind `sent` since
     transport::Time heard{};       // last time anything came from the client
     transport::Duration keepalive{};  // the client's interval (its registration says), else ours
     transport::Time resumed{};     // last time a keep-alive restarted what had stalled

@@ -78,18 +78,24 @@ void Endpoint::receive() {
   socket_.async_receive_from(net::buffer(buffer_), sender_, [this](error_code ec, std::size_t n) {
     if (ec == net::error::operation_aborted || closed_) return;
     in_turn_ = true;
-    if (ec) {
-      // An ICMP error or a transient failure must not end the loop.
-      spdlog::debug("receive error: {}", ec.message());
-    } else {
-      core_.on_datagram(std::string_view(buffer_.data(), n), sender_);
-      // Drain what is already queued without another trip through the reactor.
-      for (int i = 0; i < kReadBurst && !closed_; ++i) {
-        error_code rec;
-        std::size_t m = socket_.receive_from(net::buffer(buffer_), sender_, 0, rec);
-        if (rec) break;
-        core_.on_datagram(std::string_view(buffer_.data(), m), sender_);
+    try {
+      if (ec) {
+        // An ICMP error or a transient failure must not end the loop.
+        spdlog::debug("receive error: {}", ec.message());
+      } else {
+        core_.on_datagram(std::string_view(buffer_.data(), n), sender_);
+        // Drain what is already queued without another trip through the reactor.
+        for (int i = 0; i < kReadBurst && !closed_; ++i) {
+          error_code rec;
+          std::size_t m = socket_.receive_from(net::buffer(buffer_), sender_, 0, rec);
+          if (rec) break;
+          core_.on_datagram(std::string_view(buffer_.data(), m), sender_);
+        }
       }
+    } catch (const std::exception& e) {
+      // The core guards its handlers; this is what escaped anyway (out of memory): the loop
+      // must go on receiving.
+      spdlog::error("receiving failed: {}", e.what());
     }
     finish_turn();
     if (!closed_) receive();

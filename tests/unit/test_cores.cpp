@@ -1281,4 +1281,99 @@ TEST_CASE("unexpected datagram types are dropped and counted, unanswered, by the
   CHECK(w.type_and_wait("alice", "send bob fine", say::received_by("bob")));
 }
 
+// Two saves that waited for a probe commit behind the delivery cursor during ONE drain: the
+// second one, committed after the drain's single rewind, is left in the store.
+TEST_CASE("§5 two probed saves that commit behind the delivery cursor in one drain are both delivered") {
+  World w;
+  w.net.min_delay = w.net.max_delay = 30ms;
+  w.join("bob");
+  w.kill("bob");  // online at A, silent
+  const udp::endpoint alice = addr(40, 6000), carol = addr(41, 6000), dave = addr(42, 6000);
+  const udp::endpoint bob_b = addr(43, 6000);
+  bool rewind_seen = false;
+  w.net.filter = [&](const udp::endpoint&, const udp::endpoint& to, const proto::Message& m) {
+    if (to == bob_b)
+      if (const auto* s = as<proto::Stored>(m))
+        for (const auto& i : s->items)
+          if (i.text == "late-a") rewind_seen = true;
+    return false;
+  };
+  fake_register(w, alice, "alice", 101);
+  fake_register(w, carol, "carol", 201);
+  fake_register(w, dave, "dave", 301);
+  REQUIRE(w.net.run_until([&] { return w.srv().has_session("dave") && w.srv().has_session("carol"); }, 2s));
+  // bob comes back at B: his registration waits ~500 ms for the probe of his old address A.
+  Peer& bob = w.start("bob", "bob", bob_b);
+  w.net.run_for(100ms);
+  inject(w, alice, kServerAt, proto::Save{102, "alice", "bob", 1001, false, "late-a"});  // probes A
+  w.net.run_for(300ms);
+  inject(w, carol, kServerAt, proto::Save{202, "carol", "bob", 2001, false, "late-c"});  // probes A
+  w.net.run_for(50ms);
+  for (int i = 0; i < 10; ++i)
+    inject(w, dave, kServerAt, proto::Save{static_cast<std::uint64_t>(310 + i), "dave", "bob",
+                                           static_cast<std::uint64_t>(3000 + i), true,
+                                           "d" + std::to_string(i) + std::string(500, 'x')});
+  REQUIRE(w.net.run_until([&] { return rewind_seen; }, 5s));
+  INFO("late-c committed before the rewind? ", w.store->count_for("bob"));
+  bool late_c_in_store = false;
+  for (auto& m : w.mailbox("bob")) late_c_in_store = late_c_in_store || m.text == "late-c";
+  CHECK_FALSE(late_c_in_store);  // the scenario needs it to commit after the rewind
+  for (int i = 0; i < 10; ++i)
+    inject(w, dave, kServerAt, proto::Save{static_cast<std::uint64_t>(330 + i), "dave", "bob",
+                                           static_cast<std::uint64_t>(4000 + i), true,
+                                           "e" + std::to_string(i) + std::string(500, 'y')});
+  w.net.run_for(10s);
+  INFO(transcript(bob));
+  std::size_t shown_c = 0;
+  for (auto& l : bob.lines) shown_c += l.find("late-c") != std::string::npos;
+  CHECK(shown_c == 1);
+  CHECK(w.store->count_for("bob") == 0);
+  CHECK(w.server_has_online("bob", bob_b));
+  // bob leaves and comes back: is it delivered now?
+  REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
+  std::size_t mark = bob.lines.size();
+  REQUIRE(w.type_and_wait("bob", "reg bob", say::welcome));
+  w.net.run_for(5s);
+  INFO(transcript(bob));
+  CHECK(only(since(bob, mark), {say::have_messages}).empty());  // nothing was left behind
+  CHECK(w.store->count_for("bob") == 0);
+}
+
+TEST_CASE("§10 end of input waits for a reg typed while offline and its welcome") {
+  World w;
+  w.join("alice");
+  Peer& bob = w.join("bob");
+  REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
+  std::size_t mark = bob.lines.size();
+  bob.type("reg bob");
+  bob.end_input();
+  CHECK(bob.exit_code == -1);  // a request is in flight: should wait for its status line
+  w.net.run_for(5s);
+  CHECK(since(bob, mark) == std::vector<std::string>{say::welcome});
+}
+
+TEST_CASE("§10 a client whose session the restarted server expired registers again when a send is refused") {
+  // Reloaded sessions are judged by the server's own interval until their client registers
+  // again; a client with a longer one loses its session, and the refusal of its next send
+  // makes it ask (a keep-alive) and register again at once instead of at its next keep-alive.
+  World w;
+  Peer& alice = w.join("alice");
+  w.peers["bob"] = std::make_unique<Peer>(w.net, "bob", w.next_addr(), kServerAt, transport::RetryPolicy{}, 300s, 999);
+  Peer& bob = w["bob"];
+  REQUIRE(w.net.run_until([&] { return bob.reading && w.converged(); }, 10s));
+  w.restart_server(true);
+  w.net.run_for(65s);
+  CHECK_FALSE(w.srv().has_session("bob"));
+  std::size_t mark = bob.lines.size();
+  bob.type("send_all still here");
+  w.net.run_for(5s);
+  INFO(transcript(bob));
+  CHECK(since(bob, mark) == std::vector<std::string>{
+                                ">>> [Server refused the message: you are not registered from this address]",
+                                say::lost_track, say::welcome, say::updated});
+  CHECK(w.srv().has_session("bob"));
+  CHECK(alice.sees_online("bob"));
+  CHECK(w.type_and_wait("bob", "send_all now it works", say::by_server));
+}
+
 }  // TEST_SUITE
