@@ -1312,7 +1312,7 @@ TEST_CASE("§5 two probed saves that commit behind the delivery cursor in one dr
   for (int i = 0; i < 10; ++i)
     inject(w, dave, kServerAt, proto::Save{static_cast<std::uint64_t>(310 + i), "dave", "bob",
                                            static_cast<std::uint64_t>(3000 + i), true,
-                                           "d" + std::to_string(i) + std::string(500, 'x')});
+                                           std::string("d").append(std::to_string(i)).append(500, 'x')});
   REQUIRE(w.net.run_until([&] { return rewind_seen; }, 5s));
   INFO("late-c committed before the rewind? ", w.store->count_for("bob"));
   bool late_c_in_store = false;
@@ -1321,7 +1321,7 @@ TEST_CASE("§5 two probed saves that commit behind the delivery cursor in one dr
   for (int i = 0; i < 10; ++i)
     inject(w, dave, kServerAt, proto::Save{static_cast<std::uint64_t>(330 + i), "dave", "bob",
                                            static_cast<std::uint64_t>(4000 + i), true,
-                                           "e" + std::to_string(i) + std::string(500, 'y')});
+                                           std::string("e").append(std::to_string(i)).append(500, 'y')});
   w.net.run_for(10s);
   INFO(transcript(bob));
   std::size_t shown_c = 0;
