@@ -417,9 +417,10 @@ void Server::reach(const udp::endpoint& to, std::function<void(bool)> then) {
 void Server::reach_client(const std::string& name, std::function<void(Session&)> then,
                           std::function<void(Session&)> failed) {
   SessionRef ref = sessions_[name];
-  reach(endpoint_of(*table_.find(name)), [this, name, ref, then = std::move(then), failed = std::move(failed)](bool ok) {
+  reach(endpoint_of(*table_.find(name)), [ref, then = std::move(then), failed = std::move(failed)](bool ok) {
+    // sessions_ holds a session's only strong reference: replaced or ended, it is gone here.
     auto s = ref.lock();
-    if (s == nullptr || !same_session(name, ref)) return;  // a new session or a leave since
+    if (s == nullptr) return;  // a new session or a leave since
     if (!ok) return failed(*s);
     then(*s);
   });
@@ -449,11 +450,21 @@ void Server::deliver(const std::string& name) {
   s->delivery = Session::Delivery::sending;
   reach_client(
       name, [this, name](Session&) { deliver_batch(name); },
-      [this, name](Session& st) {
-        st.delivery = Session::Delivery::stalled;
-        ++stats_.stalled;
-        spdlog::info("delivery to {} waits for its next keep-alive (no answer)", name);
-      });
+      [this, name](Session& st) { stall_delivery(name, st, "no answer"); });
+}
+
+void Server::stall_delivery(const std::string& name, Session& s, const char* why) {
+  // The messages stay stored and the cursor stays: the client's next keep-alive goes on.
+  s.delivery = Session::Delivery::stalled;
+  ++stats_.stalled;
+  spdlog::info("delivery to {} waits for its next keep-alive ({})", name, why);
+}
+
+void Server::stall_sync(const std::string& name, Session& s) {
+  // Not the end of the session (SPEC §10): its next keep-alive sends the update again.
+  s.sync = Session::Sync::stalled;
+  ++stats_.stalled;
+  spdlog::debug("table update to {} waits for its next keep-alive (no answer)", name);
 }
 
 void Server::deliver_batch(const std::string& name) {
@@ -463,10 +474,8 @@ void Server::deliver_batch(const std::string& name) {
   try {
     rows = store_->pending_for(name, s.delivered, kDeliveryRead);
   } catch (const std::exception& e) {
-    // The messages stay stored; the client's next keep-alive tries again.
     spdlog::error("reading saved messages for {} failed: {}", name, e.what());
-    s.delivery = Session::Delivery::stalled;
-    return;
+    return stall_delivery(name, s, "store read failed");
   }
   if (rows.empty() && c != nullptr) {
     // Nothing after the cursor. What is still owed is what the store holds once the ACKed
@@ -478,8 +487,7 @@ void Server::deliver_batch(const std::string& name) {
       mailbox(name) = store_->count_for(name);
     } catch (const std::exception& e) {
       spdlog::error("counting saved messages for {} failed: {}", name, e.what());
-      s.delivery = Session::Delivery::stalled;
-      return;
+      return stall_delivery(name, s, "store count failed");
     }
     if (mailbox(name) > 0 && !s.rewound) {
       s.delivered = s.sent = offline::Cursor{};
@@ -514,14 +522,9 @@ void Server::deliver_batch(const std::string& name) {
   s.sent = last;
   core_.request(msg, endpoint_of(*c), [this, name, ref, seqs, last](const proto::Message* reply) {
     auto session = ref.lock();
-    if (session == nullptr || !same_session(name, ref)) return;
+    if (session == nullptr) return;  // a new session or a leave since
     session->stored_request = 0;
-    if (reply == nullptr) {
-      session->delivery = Session::Delivery::stalled;
-      ++stats_.stalled;
-      spdlog::info("delivery to {} waits for its next keep-alive (no answer)", name);
-      return;
-    }
+    if (reply == nullptr) return stall_delivery(name, *session, "no answer");
     session->heard = core_.now();
     // Deleted only now that the client has them, so a lost datagram loses nothing; the delete
     // joins the next group commit while the next batch is already on its way.
@@ -639,11 +642,7 @@ void Server::sync(const std::string& name) {
   if (s->sync != Session::Sync::idle || s->have >= table_.version()) return;
   s->sync = Session::Sync::sending;
   reach_client(
-      name, [this, name](Session&) { send_table(name); },
-      [this, name](Session& st) {
-        st.sync = Session::Sync::stalled;
-        ++stats_.stalled;
-      });
+      name, [this, name](Session&) { send_table(name); }, [this, name](Session& st) { stall_sync(name, st); });
 }
 
 void Server::send_table(const std::string& name) {
@@ -656,15 +655,9 @@ void Server::send_table(const std::string& name) {
   s.table_request = msg.id;
   core_.request(msg, endpoint_of(*c), [this, name, ref](const proto::Message* reply) {
     auto session = ref.lock();
-    if (session == nullptr || !same_session(name, ref)) return;
+    if (session == nullptr) return;  // a new session or a leave since
     session->table_request = 0;
-    if (reply == nullptr) {
-      // Not the end of the session (SPEC §10): its next keep-alive sends the update again.
-      session->sync = Session::Sync::stalled;
-      ++stats_.stalled;
-      spdlog::debug("table update to {} waits for its next keep-alive (no answer)", name);
-      return;
-    }
+    if (reply == nullptr) return stall_sync(name, *session);
     session->sync = Session::Sync::idle;
     session->heard = core_.now();
     if (const auto* a = std::get_if<proto::Ack>(reply))

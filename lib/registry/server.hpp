@@ -132,6 +132,10 @@ class Server {
   void sync(const std::string& name);
   void send_table(const std::string& name);
   void sync_all();
+  /// A delivery or a table update went unanswered (or the store failed): it waits for the
+  /// client's next keep-alive.
+  void stall_delivery(const std::string& name, Session& s, const char* why);
+  void stall_sync(const std::string& name, Session& s);
   /// A live client's keep-alive: whatever stalled for want of an answer goes again.
   void resume(const std::string& name, Session& s);
   /// Ends every session not heard from for kMissedKeepalives intervals.

@@ -681,12 +681,11 @@ TEST_CASE("§5 saved messages are shown in arrival order even when a probed save
   CHECK(only(bob.lines, expect) == expect);
 }
 
-// BUG (lib/registry/server.cpp): a delivery (Stored request) started for one session of a
-// client goes on being retransmitted, to the same address, after a new registration replaced
-// that session. A new process at that address then shows what the datagram carries: again
-// (after its previous process had it, ACKed it and the server deleted it), or before messages
-// that arrived earlier. Both cases below fail for that reason; the delay is fixed so that
-// datagrams sent together arrive in order, and the outcome does not depend on the seed.
+// A delivery (Stored request) started for one session of a client must not go on being
+// retransmitted after a new registration replaced that session (Server::end_session drops it):
+// otherwise a new process at that address would show what it carries again (after its previous
+// process had it and the server deleted it), or before messages that arrived earlier. The
+// delay is fixed so that datagrams sent together arrive in order, whatever the seed.
 TEST_CASE("§5/§7 a client restarted at its address is not shown a delivery meant for its previous process") {
   SUBCASE("nothing twice: the previous process had the message, the next one must not see it again") {
     World w;
