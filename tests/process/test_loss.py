@@ -20,7 +20,6 @@ import collections
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -30,7 +29,7 @@ import threading
 import time
 import unittest
 
-from harness import BIN, DEADLINE, ChatTest, Proc, free_port, udp_rx_queue
+from harness import BIN, DEADLINE, ChatTest, NetnsChatTest, Proc, free_port, udp_rx_queue
 
 TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -64,22 +63,6 @@ def shown(proc):
                 out.append((m.group(1), m.group(2), form))
                 break
     return out
-
-
-def ensure_tool(binary, package):
-    if shutil.which(binary):
-        return True
-    subprocess.run(["apt-get", "update"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-    subprocess.run(["apt-get", "install", "-y", package], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=300)
-    return shutil.which(binary) is not None
-
-
-class PrefixedProc(Proc):
-    """A Proc whose command line starts with `prefix` (e.g. `ip netns exec <ns>`)."""
-
-    def __init__(self, prefix, args, name="proc", merge_stderr=False):
-        super().__init__(args, name=name, merge_stderr=merge_stderr, prefix=prefix)
 
 
 # A sender's lines between a command and its final line that show the message went on its way.
@@ -131,27 +114,17 @@ class Script:
 # ------------------------------------------------------------------------ packet loss
 
 
-class NetnsTest(ChatTest):
-    """A server and clients inside a network namespace of the test's own (lo only), where
-    iptables can drop datagrams: at random (start_loss) or by rule (iptables())."""
+class NetnsTest(NetnsChatTest):
+    """A server and clients inside a network namespace of the test's own (harness.NetnsChatTest),
+    where iptables drops datagrams at random (start_loss) or by rule (iptables()), all with
+    TIMING."""
 
     TIMING = ["--ack-timeout", "60", "--retries", "25"]
 
     def setUp(self):
-        if os.geteuid() != 0:
-            raise unittest.SkipTest("packet loss needs root (ip netns, iptables)")
-        if not ensure_tool("ip", "iproute2") or not ensure_tool("iptables", "iptables"):
-            raise unittest.SkipTest("ip or iptables missing and apt-get could not install them")
-        self.ns = f"chatapp-loss-{os.getpid()}"
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)  # a leftover of a killed run
-        r = subprocess.run(["ip", "netns", "add", self.ns], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise unittest.SkipTest(f"cannot create a network namespace (ip netns add): {r.stderr.strip()}")
-        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns], capture_output=True)
-        r = subprocess.run(self.prefix() + ["ip", "link", "set", "lo", "up"], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise unittest.SkipTest(f"cannot bring lo up in the namespace: {r.stderr.strip()}")
-        # Checked now (skip, not fail, where the kernel lacks the matches); switched on later.
+        self.server_args = self.TIMING
+        super().setUp()
+        # Skip, not fail, where the kernel lacks the matches the loss tests use.
         for match in (["-m", "statistic", "--mode", "random", "--probability", "0.5"],
                       ["-m", "length", "--length", "0:80"]):
             rule = ["INPUT", "-p", "udp", "--dport", "9"] + match + ["-j", "DROP"]
@@ -160,8 +133,6 @@ class NetnsTest(ChatTest):
                 raise unittest.SkipTest(f"iptables cannot drop datagrams here ({' '.join(match[:2])}): "
                                         f"{r.stderr.strip()}")
             self.iptables("-D", *rule)
-        self.server_args = self.TIMING
-        super().setUp()
 
     def start_loss(self, p):
         """From now on every UDP datagram arriving in the namespace is dropped with probability p."""
@@ -180,28 +151,8 @@ class NetnsTest(ChatTest):
                                      f"{client.dump()}\nserver:\n{self.server.dump()}")
             time.sleep(0.05)  # polling the table, not synchronising on an event
 
-    def prefix(self):
-        return ["ip", "netns", "exec", self.ns]
-
-    def iptables(self, *args):
-        subprocess.run(self.prefix() + ["iptables"] + list(args), check=True, capture_output=True)
-
-    def start_server(self, extra=()):
-        s = PrefixedProc(self.prefix(), ["-s", str(self.server_port), "--data-dir", os.path.join(self.dir, "data")]
-                         + list(self.server_args) + list(extra), name="server", merge_stderr=True)
-        self.procs.append(s)
-        s.expect("server listening", timeout=30)
-        return s
-
     def start_client(self, name, port=None, extra=(), wait=True):
-        port = port or free_port()  # any port is free in the fresh namespace
-        c = PrefixedProc(self.prefix(), ["-c", name, "127.0.0.1", str(self.server_port), str(port)]
-                         + self.TIMING + list(extra), name=name)
-        c.port = port
-        self.procs.append(c)
-        if wait:
-            c.expect_exact(WELCOME, timeout=30)
-        return c
+        return super().start_client(name, port, extra, wait, timing=self.TIMING)
 
 
 class SelfReregistrationTest(NetnsTest):
