@@ -335,9 +335,10 @@ class EndOfInputTest(SessionBase):
         dave.expect_exact(">>> [Message received by bob.]")
         self.assertEqual(dave.wait_exit(timeout=PROMPT_EXIT), 0, dave.dump())
 
-    # Test 8: a send to a peer that left silently, stdin closed at once: still 'No ACK',
-    # then 'saved', then exit 0; the peer, started again, gets the message.
-    def test_end_of_input_finishes_the_fallback_to_the_server(self):
+    def finish_fallback_then_exit(self, text, end_input):
+        """alice sends `text` to bob, who left silently (his row is still online), and at once
+        ends her input with `end_input(alice)`: she still shows 'No ACK', then 'saved', then
+        exits 0; bob, started again, gets the message."""
         alice = self.start_client("alice")
         bob = self.start_client("bob")
         for c in (alice, bob):
@@ -346,36 +347,23 @@ class EndOfInputTest(SessionBase):
         self.assertEqual(bob.wait_exit(timeout=PROMPT_EXIT), 0, bob.dump())
         self.wait_table(alice, ["alice", "bob"])  # a silent leave: bob's row is still online
         skip_to_end(alice)
-        alice.send("send bob are-you-there")
-        alice.close_stdin()
+        alice.send("send bob " + text)
+        end_input(alice)
         with self.server_log():
             alice.expect_exact(">>> [No ACK from bob, message sent to server.]")
             alice.expect_exact(SAVED)
             self.assertEqual(alice.wait_exit(timeout=PROMPT_EXIT), 0, alice.dump())
             again = self.start_client("bob")
             again.expect_exact(HAVE)
-            again.expect(rf"^>>> alice: {TS} are-you-there$")
+            again.expect(rf"^>>> alice: {TS} {re.escape(text)}$")
 
-    # `quit` right after a send to a peer that left silently: 'No ACK', then 'saved', then
-    # exit 0 (stdin stays open); the peer, started again, gets the message.
+    # Test 8: stdin closed right after the send.
+    def test_end_of_input_finishes_the_fallback_to_the_server(self):
+        self.finish_fallback_then_exit("are-you-there", lambda alice: alice.close_stdin())
+
+    # `quit` right after the send (stdin stays open).
     def test_quit_finishes_the_fallback_to_the_server(self):
-        alice = self.start_client("alice")
-        bob = self.start_client("bob")
-        for c in (alice, bob):
-            self.wait_table(c, ["alice", "bob"])
-        bob.signal(signal.SIGINT)
-        self.assertEqual(bob.wait_exit(timeout=PROMPT_EXIT), 0, bob.dump())
-        self.wait_table(alice, ["alice", "bob"])  # a silent leave: bob's row is still online
-        skip_to_end(alice)
-        alice.send("send bob before-quit")
-        alice.send("quit")
-        with self.server_log():
-            alice.expect_exact(">>> [No ACK from bob, message sent to server.]")
-            alice.expect_exact(SAVED)
-            self.assertEqual(alice.wait_exit(timeout=PROMPT_EXIT), 0, alice.dump())
-            again = self.start_client("bob")
-            again.expect_exact(HAVE)
-            again.expect(rf"^>>> alice: {TS} before-quit$")
+        self.finish_fallback_then_exit("before-quit", lambda alice: alice.send("quit"))
 
     def leave_with_request_in_flight(self, sig):
         """A peer that never answers (a bare socket on bob's port, bob gone silently); alice's
