@@ -1375,4 +1375,84 @@ TEST_CASE("§10 a client whose session the restarted server expired registers ag
   CHECK(w.type_and_wait("bob", "send_all now it works", say::by_server));
 }
 
+TEST_CASE("§10 dereg while the client registers again by itself is refused, and the client ends up online") {
+  World w;
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  // The server loses its data; bob's registration after its "live: false" is held back a while.
+  bool hold = true;
+  w.net.filter = [&](const udp::endpoint& from, const udp::endpoint&, const proto::Message& m) {
+    return hold && from == bob.at() && as<proto::Register>(m) != nullptr;
+  };
+  w.restart_server(false);
+  REQUIRE(w.net.run_until([&] { return bob.saw(say::lost_track); }, 60s));
+  std::size_t mark = bob.lines.size();
+  bob.type("dereg bob");
+  CHECK(since(bob, mark) == std::vector<std::string>{">>> [Registration in progress.]"});
+  hold = false;
+  REQUIRE(w.net.run_until([&] { return bob.saw(say::welcome) && bob.count(say::welcome) == 2; }, 10s));
+  CHECK(bob.count(say::bye) == 0);
+  CHECK(w.srv().has_session("bob"));
+  REQUIRE(w.net.run_until([&] { return alice.sees_online("bob"); }, 60s));
+}
+
+TEST_CASE("§5 --max-stored counts saves accepted in the same turn, not yet committed") {
+  registry::ServerOptions o;
+  o.max_stored = 1;
+  World w(o);
+  w.join("alice");
+  w.join("bob");
+  REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
+  REQUIRE(w.net.run_until([&] { return !w["alice"].sees_online("bob"); }, 10s));
+  // Two saves for offline bob arrive in one burst (one turn of the server, one commit for
+  // both): the second must be refused on arrival, before the first is on disk.
+  const udp::endpoint alice_at = w["alice"].at();
+  transport::Core& core = w.srv().core();
+  w.net.act(core, [&] {
+    core.on_datagram(proto::encode(proto::Save{9001, "alice", "bob", 1, false, "one"}), alice_at);
+    core.on_datagram(proto::encode(proto::Save{9002, "alice", "bob", 2, false, "two"}), alice_at);
+  });
+  w.net.run_for(2s);
+  CHECK(w.store->count_for("bob") == 1);
+  CHECK(w.mailbox("bob").at(0).text == "one");
+}
+
+TEST_CASE("§5 --max-stored is checked again when a save's probe comes back") {
+  registry::ServerOptions o;
+  o.max_stored = 1;
+  World w(o);
+  Peer& alice = w.join("alice");
+  w.join("bob");
+  w.join("dave");
+  const udp::endpoint bob_at = w["bob"].at();
+  w.kill("bob");  // silently: still online in every table, so a save for him is probed first
+  bool probed = false;
+  w.net.filter = [&](const udp::endpoint&, const udp::endpoint& to, const proto::Message& m) {
+    probed = probed || (to == bob_at && as<proto::Probe>(m) != nullptr);
+    return false;
+  };
+  alice.type("send bob one");  // no ACK, then a save that waits for its probe
+  REQUIRE(w.net.run_until([&] { return probed; }, 10s));
+  // While that probe is out, a forced save fills the mailbox.
+  inject(w, w["dave"].at(), kServerAt, proto::Save{9003, "dave", "bob", 3, true, "two"});
+  REQUIRE(w.net.run_until([&] { return alice.client.busy() == 0; }, 10s));
+  CHECK(alice.saw(">>> [Server refused the message: bob's mailbox is full (1 saved messages)]"));
+  CHECK(w.store->count_for("bob") == 1);
+  CHECK(w.mailbox("bob").at(0).text == "two");
+}
+
+TEST_CASE("§10 a registration's keep-alive interval is clamped, whatever the wire says") {
+  World w;
+  const udp::endpoint at = w.next_addr();
+  proto::Register r{5001, "zed", 0, UINT64_MAX};
+  proto::pad_to(r, proto::kRegisterPadTo);
+  inject(w, at, kServerAt, r);
+  w.net.run_for(1s);
+  REQUIRE(w.srv().has_session("zed"));
+  w.net.run_for(3h - 1min);  // the longest interval (1 h) three times over, less a little
+  CHECK(w.srv().has_session("zed"));
+  w.net.run_for(2h);
+  CHECK_FALSE(w.srv().has_session("zed"));
+}
+
 }  // TEST_SUITE
