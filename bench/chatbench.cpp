@@ -304,8 +304,8 @@ class ServerProcess {
     std::lock_guard lock(mu_);
     return lines_;
   }
-  /// How many times the server logged a client as found offline ("is offline (no answer)",
-  /// "is offline (did not answer)") so far.
+  /// How many times the server logged a client as found offline ("is offline (did not
+  /// answer)" after a probe or relay, "is offline (no keep-alive for 3 intervals)") so far.
   std::uint64_t marked_gone() const {
     std::lock_guard lock(mu_);
     return gone_;
