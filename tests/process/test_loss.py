@@ -13,8 +13,8 @@ test creates), a server stall that delivers a burst, and duplicated, reordered d
   original source; nothing may be shown twice, no table row or status may change.
 
 Needs root: `ip netns`, iptables (statistic, length matches), AF_PACKET and raw IPv4 sockets.
-When the kernel or the privileges refuse, the tests skip with the reason; missing `ip`/`iptables`
-are installed with apt-get (iproute2, iptables).
+When the kernel or the privileges refuse, or `ip`/`iptables` are missing, the tests skip with the
+reason (scripts/deps installs iproute2 and iptables).
 """
 import collections
 import os
