@@ -1,6 +1,7 @@
 // The datagram types of ChatApp's wire protocol, one plain struct each, and their limits.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -9,46 +10,53 @@
 
 namespace chat::protocol {
 
-/// Protocol version carried in every datagram ("v"); anything else is refused.
-inline constexpr std::uint64_t kVersion = 1;
+/// Protocol version: the first byte of every datagram; anything else is refused (a version-1
+/// JSON datagram, which starts with '{', with an answer an old client can show).
+inline constexpr std::uint8_t kVersion = 2;
 /// Largest datagram sent or accepted: one Ethernet frame of UDP over IPv4 (1500 - 20 - 8),
 /// so no datagram needs IP fragmentation on a common path, where one lost fragment loses all.
 inline constexpr std::size_t kMaxDatagram = 1472;
-/// Longest message text, in UTF-8 bytes as typed. JSON doubles a quote or a backslash, so
-/// any printable text of this size stays within kMaxTextEncoded.
+/// Longest message text, in UTF-8 bytes as typed. Sealed and with the largest envelope (a
+/// stored-message delivery) it still fits kMaxDatagram.
 inline constexpr std::size_t kMaxText = 600;
-/// Longest message text once JSON-escaped (a control character grows to 6 bytes); with the
-/// largest envelope (a stored-message delivery, ~200 bytes) it still fits kMaxDatagram.
-inline constexpr std::size_t kMaxTextEncoded = 1200;
-/// Size a registration is padded to, so that the server may answer it with a full table
-/// datagram before the address has proven it receives (as QUIC pads its Initial packets).
-inline constexpr std::size_t kRegisterPadTo = 1200;
+/// Longest opaque body (a sealed direct message, a signed channel message, a receipt).
+inline constexpr std::size_t kMaxBody = 1024;
+/// Longest registration token (the server's challenge, echoed back).
+inline constexpr std::size_t kMaxToken = 64;
 /// Longest client name (SPEC §1).
 inline constexpr std::size_t kMaxName = 32;
 /// Longest free-text reason in a refusal.
 inline constexpr std::size_t kMaxReason = 200;
-/// Deepest JSON nesting any datagram needs (object > array > array); deeper is refused unparsed.
-inline constexpr int kMaxDepth = 4;
+
+/// An Ed25519 public key: the identity a name is bound to.
+using Key = std::array<std::uint8_t, 32>;
+/// An Ed25519 signature.
+using Signature = std::array<std::uint8_t, 64>;
 
 /// One row of the client table as carried on the wire.
 struct Entry {
   std::string name;
-  std::string ip;  // dotted-decimal IPv4
+  std::string ip;  // dotted-decimal IPv4 (4 bytes on the wire)
   std::uint16_t port = 0;
   bool online = false;
+  Key key{};  // the identity the server bound the name to
   bool operator==(const Entry&) const = default;
 };
 
 // ---- Requests: carry an `id`, are sent reliably and answered by one reply carrying `re`. ----
 
-/// Client -> server: register (or come back online) under `name`; answered by RegOk or RegErr.
+/// Client -> server: register (or come back online) under `name` with identity `key`. Without
+/// a token it is answered by Challenge (or RegErr); with the challenge's token and `proof`, the
+/// key's signature over it (identity::register_proof), by RegOk or RegErr.
 struct Register {
   std::uint64_t id = 0;
   std::string name;
-  std::size_t pad = 0;  // bytes of padding on the wire ("pad" field); content ignored
-  /// The client's keep-alive interval in ms ("every", optional; 0 = not said): the server ends
-  /// the session after 3 of them without a word.
+  Key key{};
+  /// The client's keep-alive interval in ms (0 = not said): the server ends the session after
+  /// 3 of them without a word.
   std::uint64_t every_ms = 0;
+  std::string token;  // empty, or the token of a Challenge
+  Signature proof{};  // on the wire only with a token
   bool operator==(const Register&) const = default;
 };
 /// Client -> server: notified leave of `name`; answered by Ack.
@@ -57,37 +65,40 @@ struct Dereg {
   std::string name;
   bool operator==(const Dereg&) const = default;
 };
-/// Peer -> peer: a direct chat message; answered by Ack. `id` doubles as the message id.
+/// Peer -> peer: a direct chat message, sealed for the recipient (identity::seal_direct);
+/// answered by Receipt. `id` doubles as the message id.
 struct Direct {
   std::uint64_t id = 0;
   std::string from;
-  std::string text;
+  std::string body;
   bool operator==(const Direct&) const = default;
 };
-/// Client -> server: store `text` for offline `to`; answered by Ack (saved), Exists or Refused.
-/// `mid` is the id of the direct message it stands for; `force` skips the liveness probe.
+/// Client -> server: store `body` (the sealed direct message) for offline `to`; answered by Ack
+/// (saved), Exists or Refused. `mid` is the id of the direct message it stands for; `force`
+/// skips the liveness probe.
 struct Save {
   std::uint64_t id = 0;
   std::string from;
   std::string to;
   std::uint64_t mid = 0;
   bool force = false;
-  std::string text;
+  std::string body;
   bool operator==(const Save&) const = default;
 };
-/// Client -> server: a channel message; answered by Ack once the server holds it.
+/// Client -> server: a channel message signed by its sender (identity::sign_channel, over
+/// the sender, this id and the text); answered by Ack once the server holds it.
 struct Channel {
   std::uint64_t id = 0;
   std::string from;
-  std::string text;
+  std::string body;
   bool operator==(const Channel&) const = default;
 };
-/// Server -> client: a channel message relayed; answered by Ack. `mid` is the sender's id.
+/// Server -> client: a channel message relayed as signed; answered by Ack. `mid` is the sender's id.
 struct Relay {
   std::uint64_t id = 0;
   std::string from;
   std::uint64_t mid = 0;
-  std::string text;
+  std::string body;
   bool operator==(const Relay&) const = default;
 };
 /// Server -> client: are you there? Answered by Ack.
@@ -107,13 +118,14 @@ struct Table {
   std::vector<Entry> entries;
   bool operator==(const Table&) const = default;
 };
-/// One saved message in a delivery.
+/// One saved message in a delivery: sealed (direct) or signed (channel) by its sender.
 struct StoredItem {
   std::string from;
   bool channel = false;
   std::int64_t ts_us = 0;  // server arrival time, microseconds since the Unix epoch
   std::uint64_t mid = 0;
-  std::string text;
+  Key key{};  // the key `from` was bound to when the message was saved
+  std::string body;
   bool operator==(const StoredItem&) const = default;
 };
 /// Server -> client: saved messages, oldest first; answered by Ack, after which they are deleted.
@@ -146,6 +158,18 @@ struct Ack {
   std::uint64_t have = 0;
   std::uint64_t missed = 0;  // optional on the wire ("missed", absent = 0)
   bool operator==(const Ack&) const = default;
+};
+/// Answer to a Register without a token: sign this token to prove the key and the address.
+struct Challenge {
+  std::uint64_t re = 0;
+  std::string token;
+  bool operator==(const Challenge&) const = default;
+};
+/// Answer to Direct, sealed by the recipient (identity::seal_receipt), so it cannot be forged.
+struct Receipt {
+  std::uint64_t re = 0;
+  std::string body;
+  bool operator==(const Receipt&) const = default;
 };
 /// Registration accepted; `pending` messages wait and will follow as Stored datagrams.
 struct RegOk {
@@ -191,13 +215,13 @@ struct Found {
 
 using Message = std::variant<Register, Dereg, Direct, Save, Channel, Relay, Probe, Table, Stored,
                              KeepAlive, Lookup,
-                             Ack, RegOk, RegErr, Exists, Refused, Alive, Found>;
+                             Ack, Challenge, Receipt, RegOk, RegErr, Exists, Refused, Alive, Found>;
 
 /// The request id of a request, or 0 for a reply.
 std::uint64_t request_id(const Message& m);
 /// The id a reply answers, or 0 for a request.
 std::uint64_t reply_to(const Message& m);
-/// The wire tag of a message ("register", "ack", ...).
+/// The name of a message's type ("register", "ack", ...), for logs.
 const char* type_name(const Message& m);
 
 }  // namespace chat::protocol
