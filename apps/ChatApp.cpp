@@ -2,7 +2,9 @@
 #include <signal.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -13,6 +15,8 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "identity/identity.hpp"
+#include "identity/peer_state.hpp"
 #include "offline/store.hpp"
 #include "peer/app.hpp"
 #include "protocol/codec.hpp"
@@ -25,6 +29,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: ChatApp -s <port> [options]\n"
     "       ChatApp -c <name> <server-ip> <server-port> <client-port> [options]\n"
+    "       ChatApp --data-dir <dir> --release-name <name>\n"
     "       ChatApp --help | --version";
 
 // A bad command line: one line naming what is wrong, then the usage, exit 2.
@@ -47,6 +52,8 @@ struct Config {
   long long max_stored = 100'000;
   long long max_clients = 100'000;
   double keepalive_s = 15;
+  std::string identity;      // client: the key file (empty: the default path for the name)
+  std::string release_name;  // operator: the name to release, then exit
 };
 
 std::uint16_t parse_port(const std::string& s, const char* what) {
@@ -78,6 +85,10 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: saved messages kept per recipient at most")
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
+      ("identity", po::value<std::string>(&c.identity)->value_name("file"),
+       "client: the identity key file (default $XDG_DATA_HOME/chatapp/identities/<name>.key)")
+      ("release-name", po::value<std::string>(&c.release_name)->value_name("name"),
+       "operator, with the server stopped: unbind <name> from its identity and delete its saved messages")
       ("keepalive", po::value<double>(&c.keepalive_s)->default_value(15)->value_name("seconds"),
        "client: tell the server we are here this often; server: the interval of clients that do not say theirs")
       ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr")
@@ -115,6 +126,12 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
   if (vm.count("args")) args = vm["args"].as<std::vector<std::string>>();
   bool server = vm.count("server") > 0;
   bool client = vm["client"].as<bool>();
+  if (!c.release_name.empty()) {
+    if (server || client || !args.empty()) throw UsageError{"--release-name takes no mode and no argument"};
+    if (!chat::protocol::valid_name(c.release_name))
+      throw UsageError{"invalid --release-name '" + c.release_name + "': not a client name"};
+    return c;
+  }
   if (server == client) throw UsageError{"choose exactly one mode: -s or -c"};
   if (timeout_ms < 1 || timeout_ms > 60'000)
     throw UsageError{"invalid --ack-timeout '" + std::to_string(timeout_ms) + "': must be 1-60000 ms"};
@@ -205,12 +222,46 @@ int run_server(const Config& c) {
   }
 }
 
+int run_release(const Config& c) {
+  std::unique_ptr<chat::offline::Store> store;
+  try {
+    store = chat::offline::open_sqlite_store(c.data_dir);
+  } catch (const std::exception& e) {
+    std::cerr << "ChatApp: cannot open the store in " << c.data_dir << ": " << e.what() << '\n';
+    return 1;
+  }
+  chat::offline::Released r = store->release(c.release_name);
+  if (!r.found) {
+    std::cout << "released nothing: " << c.release_name << " is not registered in " << c.data_dir << '\n';
+    return 1;
+  }
+  std::string fp = "no identity";
+  if (r.key.size() == chat::protocol::Key{}.size()) {
+    chat::protocol::Key k{};
+    std::copy(r.key.begin(), r.key.end(), k.begin());
+    fp = "identity " + chat::identity::fingerprint(k);
+  }
+  std::cout << "released " << c.release_name << ": removed its binding (" << fp << ") and " << r.messages
+            << (r.messages == 1 ? " saved message" : " saved messages") << " sealed for it\n";
+  return 0;
+}
+
 int run_client(const Config& c) {
   chat::net::io_context io(1);
   chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port), c.policy, keepalive_of(c), 0};
+  std::optional<chat::identity::Identity> me;
+  std::unique_ptr<chat::identity::PeerState> state;
+  try {
+    auto file = c.identity.empty() ? chat::identity::default_identity_path(c.name) : std::filesystem::path(c.identity);
+    me.emplace(chat::identity::load_or_create(file));
+    state = std::make_unique<chat::identity::PeerState>(chat::identity::default_state_path(c.name).string());
+  } catch (const std::exception& e) {
+    std::cerr << "ChatApp: " << e.what() << '\n';
+    return 1;
+  }
   std::optional<chat::peer::ClientApp> client;
   try {
-    client.emplace(io, opts, make_endpoint(c.bind, c.port));
+    client.emplace(io, opts, make_endpoint(c.bind, c.port), std::move(*me), std::move(state));
   } catch (const boost::system::system_error& e) {
     std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
     return 1;
@@ -253,6 +304,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(config->verbose ? spdlog::level::debug
                                     : (config->server ? spdlog::level::info : spdlog::level::warn));
   try {
+    if (!config->release_name.empty()) return run_release(*config);
     return config->server ? run_server(*config) : run_client(*config);
   } catch (const std::exception& e) {
     std::cerr << "ChatApp: " << e.what() << '\n';

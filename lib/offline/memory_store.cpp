@@ -67,7 +67,7 @@ std::vector<bool> MemoryStore::save(std::span<const NewMessage> batch) {
       inserted.push_back(false);
       continue;
     }
-    box.by_position.emplace(Cursor{m.ts_us, seq}, Body{m.from, m.kind, m.mid, m.text});
+    box.by_position.emplace(Cursor{m.ts_us, seq}, Body{m.from, m.from_key, m.kind, m.mid, m.body});
     box.ts_of.emplace(seq, m.ts_us);
     inserted.push_back(true);
   }
@@ -83,7 +83,13 @@ std::vector<StoredMessage> MemoryStore::pending_for(const std::string& to, Curso
   for (auto it = rows.upper_bound(after); it != rows.end() && out.size() < limit; ++it) {
     const auto& [at, body] = *it;
     out.push_back(StoredMessage{
-        .seq = at.seq, .from = body.from, .kind = body.kind, .ts_us = at.ts_us, .mid = body.mid, .text = body.text});
+        .seq = at.seq,
+        .from = body.from,
+        .from_key = body.from_key,
+        .kind = body.kind,
+        .ts_us = at.ts_us,
+        .mid = body.mid,
+        .body = body.body});
   }
   return out;
 }
@@ -121,6 +127,20 @@ std::vector<ClientRow> MemoryStore::load_clients() {
   std::vector<ClientRow> out;
   out.reserve(clients_.size());
   for (const auto& [name, row] : clients_) out.push_back(row);
+  return out;
+}
+
+Released MemoryStore::release(const std::string& name) {
+  Released out;
+  if (auto it = clients_.find(name); it != clients_.end()) {
+    out.found = true;
+    out.key = it->second.key;
+    clients_.erase(it);
+  }
+  if (auto box = mailboxes_.find(name); box != mailboxes_.end()) {
+    out.messages = box->second.by_position.size();
+    mailboxes_.erase(box);
+  }
   return out;
 }
 

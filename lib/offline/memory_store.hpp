@@ -28,6 +28,8 @@ class MemoryStore final : public Store {
   void remove_delivered(const std::string& to, std::span<const std::int64_t> seqs) override;
   void store_clients(std::span<const ClientRow> rows) override;
   std::vector<ClientRow> load_clients() override;
+  Released release(const std::string& name) override;
+  std::size_t legacy_count() override { return 0; }
 
   /// Makes the next `n` calls of save, pending_for, remove_delivered or store_clients throw StoreError, changing nothing.
   void fail_next(std::size_t n);
@@ -37,9 +39,10 @@ class MemoryStore final : public Store {
  private:
   struct Body {
     std::string from;
+    std::string from_key;
     Kind kind = Kind::direct;
     std::uint64_t mid = 0;
-    std::string text;
+    std::string body;
   };
   /// One recipient's messages, indexed as the SQLite tables are.
   struct Mailbox {

@@ -16,12 +16,14 @@ namespace chat::offline {
 namespace {
 
 /// The schema this code writes; kept in `PRAGMA user_version`. Older ones are migrated on open.
-constexpr int schema_version = 2;
+constexpr int schema_version = 3;
 
 /// How long a statement waits for another connection's lock before failing with SQLITE_BUSY.
 constexpr int busy_timeout_ms = 5000;
 
-constexpr std::string_view schema_sql = R"sql(
+/// Schema version 2, which a new store starts from; the migrations then take it to schema_version,
+/// so a new store and a migrated one have exactly the same schema.
+constexpr std::string_view schema_2_sql = R"sql(
 CREATE TABLE messages (
   seq       INTEGER PRIMARY KEY AUTOINCREMENT,
   recipient TEXT    NOT NULL,
@@ -52,8 +54,30 @@ DROP INDEX IF EXISTS messages_by_recipient;
 CREATE INDEX messages_by_arrival ON messages (recipient, ts_us, seq);
 )sql";
 
-/// migrations[v - 1] takes a store from version v to v + 1; a fresh store gets schema_sql directly.
-constexpr std::array<std::string_view, schema_version - 1> migrations{migrate_1_to_2};
+/// Version 3 binds names to identities and stores sealed bodies. The messages of version 2 are
+/// plain text from senders nobody authenticated: they move to legacy_messages, kept for the
+/// operator and never delivered (what cannot be authenticated is not shown).
+constexpr std::string_view migrate_2_to_3 = R"sql(
+DROP INDEX messages_by_arrival;
+DROP INDEX messages_once;
+ALTER TABLE messages RENAME TO legacy_messages;
+CREATE TABLE messages (
+  seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+  recipient  TEXT    NOT NULL,
+  sender     TEXT    NOT NULL,
+  sender_key BLOB    NOT NULL,
+  kind       INTEGER NOT NULL CHECK (kind IN (0, 1)),
+  ts_us      INTEGER NOT NULL,
+  mid        INTEGER NOT NULL,
+  body       BLOB    NOT NULL
+);
+CREATE INDEX messages_by_arrival ON messages (recipient, ts_us, seq);
+CREATE UNIQUE INDEX messages_once ON messages (recipient, sender, mid);
+ALTER TABLE clients ADD COLUMN key BLOB;
+)sql";
+
+/// migrations[v - 1] takes a store from version v to v + 1.
+constexpr std::array<std::string_view, schema_version - 1> migrations{migrate_1_to_2, migrate_2_to_3};
 
 struct DbCloser {
   void operator()(sqlite3* db) const noexcept {
@@ -109,6 +133,17 @@ class Use {
     check(sqlite3_bind_text64(s_.get(), idx, v.data(), v.size(), SQLITE_STATIC, SQLITE_UTF8), "bind text");
     return *this;
   }
+  /// Bytes as a BLOB (an empty string: a zero-length BLOB, never NULL).
+  Use& blob(int idx, const std::string& v) {
+    check(sqlite3_bind_blob64(s_.get(), idx, v.data(), v.size(), SQLITE_STATIC), "bind blob");
+    return *this;
+  }
+  /// Bytes as a BLOB, or NULL for an empty string.
+  Use& blob_or_null(int idx, const std::string& v) {
+    if (v.empty()) check(sqlite3_bind_null(s_.get(), idx), "bind null");
+    else blob(idx, v);
+    return *this;
+  }
   Use& integer(int idx, std::int64_t v) {
     check(sqlite3_bind_int64(s_.get(), idx, v), "bind integer");
     return *this;
@@ -134,6 +169,11 @@ class Use {
   std::string column_text(int col) const {
     // column_text before column_bytes: the byte count is of the converted value.
     const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s_.get(), col));
+    const auto n = static_cast<std::size_t>(sqlite3_column_bytes(s_.get(), col));
+    return p ? std::string(p, n) : std::string();
+  }
+  std::string column_blob(int col) const {
+    const auto* p = static_cast<const char*>(sqlite3_column_blob(s_.get(), col));
     const auto n = static_cast<std::size_t>(sqlite3_column_bytes(s_.get(), col));
     return p ? std::string(p, n) : std::string();
   }
@@ -253,13 +293,14 @@ DbHandle open_db(const std::string& dir) {
   try {
     const auto found = query_int(db.get(), "PRAGMA user_version");
     check_version(db.get(), found, path);
+    std::int64_t from = found;
     if (found == 0) {
-      exec(db.get(), schema_sql, "create schema");
-    } else {
-      for (auto v = found; v < schema_version; ++v) {
-        exec(db.get(), migrations.at(static_cast<std::size_t>(v - 1)),
-             "migrate schema from version " + std::to_string(v) + " to " + std::to_string(v + 1));
-      }
+      exec(db.get(), schema_2_sql, "create schema");
+      from = 2;
+    }
+    for (auto v = from; v < schema_version; ++v) {
+      exec(db.get(), migrations.at(static_cast<std::size_t>(v - 1)),
+           "migrate schema from version " + std::to_string(v) + " to " + std::to_string(v + 1));
     }
     if (found != schema_version) {
       exec(db.get(), "PRAGMA user_version=" + std::to_string(schema_version), "set schema version");
@@ -281,17 +322,21 @@ class SqliteStore final : public Store {
         commit_(db_.get(), "COMMIT"),
         rollback_(db_.get(), "ROLLBACK"),
         insert_message_(db_.get(),
-                        "INSERT INTO messages (recipient, sender, kind, ts_us, mid, text) "
-                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6) "
+                        "INSERT INTO messages (recipient, sender, sender_key, kind, ts_us, mid, body) "
+                        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) "
                         "ON CONFLICT (recipient, sender, mid) DO NOTHING"),
         select_pending_(db_.get(),
-                        "SELECT seq, sender, kind, ts_us, mid, text FROM messages "
+                        "SELECT seq, sender, sender_key, kind, ts_us, mid, body FROM messages "
                         "WHERE recipient = ?1 AND (ts_us, seq) > (?2, ?3) ORDER BY ts_us, seq LIMIT ?4"),
         count_for_(db_.get(), "SELECT count(*) FROM messages WHERE recipient = ?1"),
         delete_message_(db_.get(), "DELETE FROM messages WHERE recipient = ?1 AND seq = ?2"),
         upsert_client_(db_.get(),
-                       "INSERT OR REPLACE INTO clients (name, ip, port, online) VALUES (?1, ?2, ?3, ?4)"),
-        select_clients_(db_.get(), "SELECT name, ip, port, online FROM clients ORDER BY name") {}
+                       "INSERT OR REPLACE INTO clients (name, ip, port, online, key) VALUES (?1, ?2, ?3, ?4, ?5)"),
+        select_clients_(db_.get(), "SELECT name, ip, port, online, key FROM clients ORDER BY name"),
+        select_key_(db_.get(), "SELECT key FROM clients WHERE name = ?1"),
+        delete_client_(db_.get(), "DELETE FROM clients WHERE name = ?1"),
+        delete_messages_(db_.get(), "DELETE FROM messages WHERE recipient = ?1"),
+        count_legacy_(db_.get(), "SELECT count(*) FROM legacy_messages") {}
 
   SqliteStore(const SqliteStore&) = delete;
   SqliteStore& operator=(const SqliteStore&) = delete;
@@ -305,10 +350,11 @@ class SqliteStore final : public Store {
       Use u(insert_message_);
       u.text(1, m.to)
           .text(2, m.from)
-          .integer(3, static_cast<std::int64_t>(m.kind))
-          .integer(4, m.ts_us)
-          .integer(5, std::bit_cast<std::int64_t>(m.mid))
-          .text(6, m.text)
+          .blob(3, m.from_key)
+          .integer(4, static_cast<std::int64_t>(m.kind))
+          .integer(5, m.ts_us)
+          .integer(6, std::bit_cast<std::int64_t>(m.mid))
+          .blob(7, m.body)
           .run("save message");
       // ON CONFLICT DO NOTHING completes with no change; the caller must not count a retry twice.
       inserted.push_back(sqlite3_changes64(db_.get()) == 1);
@@ -329,10 +375,11 @@ class SqliteStore final : public Store {
       out.push_back(StoredMessage{
           .seq = u.column_int(0),
           .from = u.column_text(1),
-          .kind = to_kind(u.column_int(2)),
-          .ts_us = u.column_int(3),
-          .mid = std::bit_cast<std::uint64_t>(u.column_int(4)),
-          .text = u.column_text(5),
+          .from_key = u.column_blob(2),
+          .kind = to_kind(u.column_int(3)),
+          .ts_us = u.column_int(4),
+          .mid = std::bit_cast<std::uint64_t>(u.column_int(5)),
+          .body = u.column_blob(6),
       });
     }
     return out;
@@ -361,7 +408,8 @@ class SqliteStore final : public Store {
     Transaction tx(begin_, commit_, rollback_);
     for (const auto& r : rows) {
       Use u(upsert_client_);
-      u.text(1, r.name).text(2, r.ip).integer(3, r.port).integer(4, r.online ? 1 : 0).run("store client");
+      u.text(1, r.name).text(2, r.ip).integer(3, r.port).integer(4, r.online ? 1 : 0).blob_or_null(5, r.key).run(
+          "store client");
     }
     tx.commit();
   }
@@ -379,9 +427,40 @@ class SqliteStore final : public Store {
           .ip = u.column_text(1),
           .port = static_cast<std::uint16_t>(port),
           .online = u.column_int(3) != 0,
+          .key = u.column_blob(4),
       });
     }
     return out;
+  }
+
+  Released release(const std::string& name) override {
+    Released out;
+    Transaction tx(begin_, commit_, rollback_);
+    {
+      Use u(select_key_);
+      u.text(1, name);
+      if (u.step("read binding")) {
+        out.found = true;
+        out.key = u.column_blob(0);
+      }
+    }
+    {
+      Use u(delete_client_);
+      u.text(1, name).run("release name");
+    }
+    {
+      Use u(delete_messages_);
+      u.text(1, name).run("delete released messages");
+      out.messages = static_cast<std::size_t>(sqlite3_changes64(db_.get()));
+    }
+    tx.commit();
+    return out;
+  }
+
+  std::size_t legacy_count() override {
+    Use u(count_legacy_);
+    if (!u.step("count legacy messages")) throw StoreError("offline store: count returned no row");
+    return static_cast<std::size_t>(u.column_int(0));
   }
 
  private:
@@ -396,6 +475,10 @@ class SqliteStore final : public Store {
   Statement delete_message_;
   Statement upsert_client_;
   Statement select_clients_;
+  Statement select_key_;
+  Statement delete_client_;
+  Statement delete_messages_;
+  Statement count_legacy_;
 };
 
 }  // namespace

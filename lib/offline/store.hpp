@@ -17,13 +17,16 @@ namespace chat::offline {
 enum class Kind : std::uint8_t { direct = 0, channel = 1 };
 
 /// A message handed to the store; `mid` is the sender's message id (for de-duplication at the reader).
+/// `body` is what the sender made of it: sealed for the recipient (direct) or signed (channel);
+/// the store never sees a direct message's text.
 struct NewMessage {
   std::string to;
   std::string from;
+  std::string from_key;  // the 32-byte identity `from` was bound to when it arrived
   Kind kind = Kind::direct;
   std::int64_t ts_us = 0;  // server arrival time, microseconds since the Unix epoch
   std::uint64_t mid = 0;
-  std::string text;
+  std::string body;
 };
 
 /// A position in one recipient's messages, which are read in (ts_us, seq) order; the default is before the first.
@@ -39,21 +42,30 @@ struct Cursor {
 struct StoredMessage {
   std::int64_t seq = 0;
   std::string from;
+  std::string from_key;
   Kind kind = Kind::direct;
   std::int64_t ts_us = 0;
   std::uint64_t mid = 0;
-  std::string text;
+  std::string body;
 
   /// This message's position: pending_for(to, m.cursor(), n) continues after it.
   Cursor cursor() const noexcept { return Cursor{ts_us, seq}; }
 };
 
-/// One row of the persisted client table.
+/// One row of the persisted client table: also the binding of the name to its identity.
 struct ClientRow {
   std::string name;
   std::string ip;  // dotted-decimal IPv4
   std::uint16_t port = 0;
   bool online = false;
+  std::string key;  // the 32-byte identity the name is bound to (empty: not bound yet)
+};
+
+/// What release() removed.
+struct Released {
+  bool found = false;    // the name had a row
+  std::string key;       // the identity it was bound to (empty if none)
+  std::size_t messages = 0;  // saved messages for it, sealed for that identity, now deleted
 };
 
 /// Raised when the store cannot be opened or written (bad schema version, I/O error, full disk).
@@ -81,6 +93,12 @@ class Store {
   virtual void store_clients(std::span<const ClientRow> rows) = 0;
   /// Every persisted client row, in name order.
   virtual std::vector<ClientRow> load_clients() = 0;
+
+  /// Removes `name`'s row (its binding to an identity) and the messages saved for it, in one
+  /// transaction (the operator's --release-name).
+  virtual Released release(const std::string& name) = 0;
+  /// Messages saved by protocol version 1 (plain text, from unauthenticated senders): kept, never delivered.
+  virtual std::size_t legacy_count() = 0;
 };
 
 /// Opens (creating if needed) the SQLite store `chat.db` in `dir` (created if missing), migrating an older schema.

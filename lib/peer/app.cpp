@@ -3,7 +3,8 @@
 
 namespace chat::peer {
 
-ClientApp::ClientApp(net::io_context& io, ClientOptions options, const udp::endpoint& bind)
+ClientApp::ClientApp(net::io_context& io, ClientOptions options, const udp::endpoint& bind, identity::Identity me,
+                     std::unique_ptr<identity::PeerState> state)
     : io_(io),
       terminal_(io),
       client_(std::move(options), transport::system_clock(),
@@ -15,7 +16,8 @@ ClientApp::ClientApp(net::io_context& io, ClientOptions options, const udp::endp
                                     [this] { return client_.names(); });
                   },
                   [this](int code) { exit(code); },
-              }),
+              },
+              std::move(me), std::move(state)),
       endpoint_(io, client_.core(), bind) {}
 
 void ClientApp::start() {

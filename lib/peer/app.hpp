@@ -12,7 +12,8 @@ namespace chat::peer {
 class ClientApp {
  public:
   /// Binds `bind`; throws boost::system::system_error if it cannot (port in use...).
-  ClientApp(net::io_context& io, ClientOptions options, const udp::endpoint& bind);
+  ClientApp(net::io_context& io, ClientOptions options, const udp::endpoint& bind, identity::Identity me,
+            std::unique_ptr<identity::PeerState> state);
   /// Registers and starts receiving.
   void start();
   /// Leaves at once without telling the server (SIGINT, SIGHUP, SIGTERM).

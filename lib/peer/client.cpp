@@ -9,11 +9,9 @@ namespace {
 
 namespace proto = chat::protocol;
 
-// How many shown (sender, id) pairs are remembered to suppress saved duplicates.
-constexpr std::size_t kShownMemory = 100'000;
-// Size a registration is padded to, so that the server may answer it with a full table
-// datagram before the address has proven it receives (as QUIC pads its Initial packets).
-constexpr std::size_t kRegisterPadTo = proto::kRegisterPadTo;
+// The kinds of message the replay memory tells apart (a direct and a channel message may share an id).
+constexpr std::uint8_t kSeenDirect = 1;
+constexpr std::uint8_t kSeenChannel = 3;
 
 udp::endpoint endpoint_of(const proto::Entry& e) {
   error_code ec;
@@ -39,10 +37,13 @@ std::string printable(const std::string& text) {
 
 }  // namespace
 
-Client::Client(ClientOptions options, const transport::TimeSource& clock, ClientIo io)
+Client::Client(ClientOptions options, const transport::TimeSource& clock, ClientIo io, identity::Identity me,
+               std::unique_ptr<identity::PeerState> state)
     : options_(std::move(options)),
       core_(transport::CoreOptions{options_.policy, {}, options_.seed}, clock),
-      io_(std::move(io)) {
+      io_(std::move(io)),
+      me_(std::move(me)),
+      state_db_(std::move(state)) {
   core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
 }
 
@@ -144,6 +145,10 @@ void Client::run(const Command& c) {
     show(format_table(table_, me));
   } else if (std::get_if<cmd::Quit>(&c)) {
     on_end_of_input();
+  } else if (std::holds_alternative<cmd::Fingerprint>(c) || std::holds_alternative<cmd::Verify>(c) ||
+             std::holds_alternative<cmd::Trust>(c) || std::holds_alternative<cmd::Block>(c) ||
+             std::holds_alternative<cmd::Unblock>(c) || std::holds_alternative<cmd::Blocked>(c)) {
+    run_identity(c);
   } else if (auto* r = std::get_if<cmd::Reg>(&c)) {
     if (r->name != me) say("[Error: reg takes your own name, " + me + "]");
     else if (state_ == State::registering || rejoining_) say("[Registration in progress.]");
@@ -171,7 +176,14 @@ void Client::run(const Command& c) {
     send(s->to, s->text);
   } else if (auto* a = std::get_if<cmd::SendAll>(&c)) {
     if (std::string why = proto::check_text(a->text); !why.empty()) return say("[Error: " + why + "]");
-    server_request(proto::Channel{core_.next_id(), me, a->text}, [this](const proto::Message* reply) {
+    send_channel(a->text);
+  }
+}
+
+void Client::send_channel(const std::string& text) {
+  std::uint64_t id = core_.next_id();
+  std::string body = identity::sign_channel(me_, options_.name, id, now_ms(), text);
+  server_request(proto::Channel{id, options_.name, std::move(body)}, [this](const proto::Message* reply) {
       if (reply == nullptr) return say("[Server not responding.]");
       if (auto* no = std::get_if<proto::Refused>(reply)) {
         say("[Server refused the message: " + no->reason + "]");
@@ -183,7 +195,41 @@ void Client::run(const Command& c) {
                    (ack->missed == 1 ? " member" : " members") + " could not get it: mailbox full.]");
       say("[Message received by Server.]");
     });
+}
+
+void Client::run_identity(const Command& c) {
+  auto no_key = [this](const std::string& name) { say("[Error: no key known for " + name + "]"); };
+  if (auto* f = std::get_if<cmd::Fingerprint>(&c)) {
+    if (f->name.empty()) return say("[Your fingerprint: " + identity::fingerprint(me_.public_key()) + "]");
+    auto pin = state_db_->pinned(f->name);
+    if (!pin) return no_key(f->name);
+    return say("[Fingerprint of " + f->name + ": " + identity::fingerprint(*pin) +
+               (state_db_->verified(f->name) ? " (verified)]" : "]"));
   }
+  if (auto* v = std::get_if<cmd::Verify>(&c)) {
+    if (!state_db_->verify(v->name)) return no_key(v->name);
+    return say("[You marked " + v->name + "'s fingerprint verified.]");
+  }
+  if (auto* t = std::get_if<cmd::Trust>(&c)) {
+    if (!state_db_->trust(t->name)) return say("[The identity of " + t->name + " has not changed.]");
+    pairs_.clear();
+    return say("[You now trust the new identity of " + t->name + ".]");
+  }
+  if (auto* b = std::get_if<cmd::Block>(&c)) {
+    auto pin = state_db_->pinned(b->name);
+    if (!pin) return no_key(b->name);
+    state_db_->block(b->name, *pin);
+    return say("[" + b->name + " is blocked.]");
+  }
+  if (auto* u = std::get_if<cmd::Unblock>(&c)) {
+    if (!state_db_->unblock(u->name)) return say("[" + u->name + " is not blocked.]");
+    return say("[" + u->name + " is unblocked.]");
+  }
+  auto names = state_db_->blocked_names();
+  if (names.empty()) return say("[Nobody is blocked.]");
+  std::string line = "[Blocked: ";
+  for (std::size_t i = 0; i < names.size(); ++i) line.append(i == 0 ? "" : ", ").append(names[i]);
+  say(line + "]");
 }
 
 void Client::send(const std::string& to, const std::string& text) {
@@ -197,38 +243,54 @@ void Client::send(const std::string& to, const std::string& text) {
     if (found == nullptr || !found->known || found->entry.name != to)
       return say("[Error: unknown client " + to + "; type list to see the table]");
     table_.learn(found->entry);
+    observe(found->entry);
     send_known(to, text);
   });
 }
 
 void Client::send_known(const std::string& to, const std::string& text) {
   const proto::Entry* e = table_.find(to);
+  if (auto pin = state_db_->pinned(to); pin && state_db_->blocked(*pin))
+    return say("[Error: you blocked " + to + "; type unblock " + to + " to send to them]");
+  if (state_db_->changed(to)) return warn_changed(to);
+  auto key = usable_key(to);
+  if (!key) return say("[Error: no key known for " + to + "]");
+  // Sealed once: the same bytes go to the peer and, if it does not answer, to the server.
+  std::uint64_t mid = core_.next_id();
+  std::string body = identity::seal_direct(pair(*key), mid, now_ms(), to, text);
   if (!e->online) {
     say("[" + to + " is offline, message sent to server.]");
-    return send_save(to, text, core_.next_id(), 0);
+    return send_save(to, body, mid, 0);
   }
-  send_direct(to, text, core_.next_id(), 0);
+  send_direct(to, body, mid, 0);
 }
 
 // `round` 0 is the first try; 1 follows the server's "exists" and never loops back to it.
-void Client::send_direct(const std::string& to, const std::string& text, std::uint64_t mid, int round) {
+void Client::send_direct(const std::string& to, const std::string& body, std::uint64_t mid, int round) {
   const proto::Entry* e = table_.find(to);
   if (e == nullptr) return say("[Error: unknown client " + to + "]");
-  user_request(proto::Direct{mid, options_.name, text}, endpoint_of(*e),
-               [this, to, text, mid, round](const proto::Message* reply) {
-                 if (reply != nullptr) return say("[Message received by " + to + ".]");
+  user_request(proto::Direct{mid, options_.name, body}, endpoint_of(*e),
+               [this, to, body, mid, round](const proto::Message* reply) {
+                 // Only a receipt sealed by the recipient's key says it has the message; anything
+                 // else counts as no answer, and the message goes to the server.
+                 const auto* receipt = reply != nullptr ? std::get_if<proto::Receipt>(reply) : nullptr;
+                 auto key = usable_key(to);
+                 if (receipt != nullptr && key &&
+                     identity::check_receipt(pair(*key), receipt->body, mid, options_.name))
+                   return say("[Message received by " + to + ".]");
+                 if (reply != nullptr) ++stats_.unauthenticated;
                  say("[No ACK from " + to + ", message sent to server.]");
-                 send_save(to, text, mid, round);
+                 send_save(to, body, mid, round);
                });
 }
 
-void Client::send_save(const std::string& to, const std::string& text, std::uint64_t mid, int round) {
-  proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, text};
-  server_request(save, [this, to, text, mid, round](const proto::Message* reply) {
+void Client::send_save(const std::string& to, const std::string& body, std::uint64_t mid, int round) {
+  proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, body};
+  server_request(save, [this, to, body, mid, round](const proto::Message* reply) {
     if (reply == nullptr) return say("[Server not responding.]");
     if (std::get_if<proto::Exists>(reply)) {
       say("[Client " + to + " exists!!]");
-      return send_direct(to, text, mid, round + 1);
+      return send_direct(to, body, mid, round + 1);
     }
     if (auto* no = std::get_if<proto::Refused>(reply)) {
       say("[Server refused the message: " + no->reason + "]");
@@ -243,9 +305,21 @@ void Client::send_save(const std::string& to, const std::string& text, std::uint
 void Client::send_register(Reason why) {
   if (why == Reason::first || why == Reason::back) state_ = State::registering;
   if (why == Reason::rejoin) rejoining_ = true;
-  proto::Register reg{core_.next_id(), options_.name, 0, static_cast<std::uint64_t>(options_.keepalive.count())};
-  proto::pad_to(reg, kRegisterPadTo);
+  proto::Register reg{core_.next_id(), options_.name, me_.public_key(),
+                      static_cast<std::uint64_t>(options_.keepalive.count()), {}, {}};
   // The user waits for the answer to a `reg` typed (end of input waits for it too).
+  server_request(reg, [this, why](const proto::Message* reply) {
+    // The server's challenge: sign it to prove the key (and that we receive at this address).
+    if (const auto* ch = reply != nullptr ? std::get_if<proto::Challenge>(reply) : nullptr)
+      return send_proof(why, ch->token);
+    on_registered(reply, why);
+  }, std::nullopt, why == Reason::typed || why == Reason::back);
+}
+
+void Client::send_proof(Reason why, const std::string& token) {
+  proto::Register reg{core_.next_id(), options_.name, me_.public_key(),
+                      static_cast<std::uint64_t>(options_.keepalive.count()), token,
+                      identity::register_proof(me_, options_.name, token)};
   server_request(reg, [this, why](const proto::Message* reply) { on_registered(reply, why); }, std::nullopt,
                  why == Reason::typed || why == Reason::back);
 }
@@ -354,6 +428,8 @@ struct Client::Dispatch {
   void operator()(const proto::Lookup& m) { c.unexpected(m, from); }
   // Replies: the core hands them to the request they answer, never here.
   void operator()(const proto::Ack& m) { c.unexpected(m, from); }
+  void operator()(const proto::Challenge& m) { c.unexpected(m, from); }
+  void operator()(const proto::Receipt& m) { c.unexpected(m, from); }
   void operator()(const proto::RegOk& m) { c.unexpected(m, from); }
   void operator()(const proto::RegErr& m) { c.unexpected(m, from); }
   void operator()(const proto::Exists& m) { c.unexpected(m, from); }
@@ -383,14 +459,34 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
     spdlog::debug("unverified direct message claiming to be from {}", d.from);
     return core_.forget(from, d.id);
   }
-  if (first_showing(d.from, d.id)) say(d.from + ": " + printable(d.text));
-  core_.reply(from, proto::Ack{d.id});
+  auto key = usable_key(d.from);
+  std::optional<identity::Opened> m;
+  if (key) m = identity::open_direct(pair(*key), d.body, options_.name);
+  if (!m || m->mid != d.id) {
+    // Not sealed by the key the table gives that name (forged, or its key changed and is not
+    // trusted): not shown and not answered.
+    ++stats_.unauthenticated;
+    spdlog::debug("direct message claiming to be from {} did not authenticate", d.from);
+    if (state_db_->changed(d.from)) warn_changed(d.from);
+    return core_.forget(from, d.id);
+  }
+  if (state_db_->blocked(*key)) ++stats_.blocked;
+  else if (first_seen(*key, kSeenDirect, d.id, m->sent_ms)) say(d.from + ": " + printable(m->text));
+  // Answered either way (a copy seen before is a retry whose receipt was lost).
+  core_.reply(from, proto::Receipt{d.id, identity::seal_receipt(pair(*key), d.id, d.from)});
 }
 
 void Client::on_relay(const proto::Relay& r, const udp::endpoint& from) {
   if (from != options_.server) ++stats_.not_from_server;
   if (state_ != State::online || from != options_.server) return core_.forget(from, r.id);
-  if (first_showing(r.from, r.mid)) say("[Channel_Message " + r.from + ": " + printable(r.text) + "]");
+  auto key = usable_key(r.from);
+  std::optional<identity::Opened> m;
+  if (key) m = identity::open_channel(*key, r.from, r.mid, r.body);
+  // Acknowledged even when not shown: the server could not make it authentic by resending it.
+  if (!m) ++stats_.unauthenticated;
+  else if (state_db_->blocked(*key)) ++stats_.blocked;
+  else if (first_seen(*key, kSeenChannel, r.mid, m->sent_ms))
+    say("[Channel_Message " + r.from + ": " + printable(m->text) + "]");
   core_.reply(from, proto::Ack{r.id});
 }
 
@@ -409,6 +505,7 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
   if (rejoining_) return core_.forget(from, t.id);
   Applied a = table_.apply(t);
   core_.reply(from, proto::Ack{t.id, a.epoch, a.have});
+  for (const auto& e : t.entries) observe(e);
   if (a.changed && a.announce) {
     say("[Client table updated.]");
     begin_input();
@@ -425,23 +522,65 @@ void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {
   if (from != options_.server) ++stats_.not_from_server;
   if (from != options_.server || state_ != State::online) return core_.forget(from, s.id);
   for (const auto& i : s.items) {
-    if (!first_showing(i.from, i.mid)) continue;
+    // The server says which key the sender had; a sender we never saw is pinned to it now,
+    // like a table row. Anything else is checked against the pin.
+    observe(proto::Entry{i.from, "", 0, false, i.key});
+    auto key = usable_key(i.from);
+    std::optional<identity::Opened> m;
+    if (key && i.channel) m = identity::open_channel(*key, i.from, i.mid, i.body);
+    else if (key) m = identity::open_direct(pair(*key), i.body, options_.name);
+    if (!m || (!i.channel && m->mid != i.mid)) {
+      ++stats_.unauthenticated;
+      continue;
+    }
+    if (state_db_->blocked(*key)) {
+      ++stats_.blocked;
+      continue;
+    }
+    if (!first_seen(*key, i.channel ? kSeenChannel : kSeenDirect, i.mid, m->sent_ms)) continue;
     std::string ts = format_timestamp(i.ts_us);
-    if (i.channel) say("Channel_Message " + i.from + ": " + ts + " " + printable(i.text));
-    else say(i.from + ": " + ts + " " + printable(i.text));
+    if (i.channel) say("Channel_Message " + i.from + ": " + ts + " " + printable(m->text));
+    else say(i.from + ": " + ts + " " + printable(m->text));
   }
+  // Acknowledged as a whole, shown or not: what did not authenticate or is blocked is
+  // discarded, so it does not come back.
   core_.reply(from, proto::Ack{s.id});
 }
 
-bool Client::first_showing(const std::string& from, std::uint64_t mid) {
-  std::string key = from + '\n' + std::to_string(mid);
-  if (!shown_.insert(key).second) return false;
-  shown_order_.push_back(std::move(key));
-  if (shown_order_.size() > kShownMemory) {
-    shown_.erase(shown_order_.front());
-    shown_order_.pop_front();
-  }
-  return true;
+// ---------------------------------------------------------------- identities
+
+void Client::observe(const proto::Entry& e) {
+  if (e.key == proto::Key{} || e.name == options_.name) return;
+  if (state_db_->observe(e.name, e.key) == identity::PeerState::Seen::changed &&
+      warned_.emplace(e.name, e.key).second)
+    warn_changed(e.name);
 }
+
+void Client::warn_changed(const std::string& name) {
+  say("[Warning: the identity of " + name + " changed. Compare fingerprints, then type trust " + name + "]");
+}
+
+std::optional<proto::Key> Client::usable_key(const std::string& name) const {
+  if (name == options_.name) return me_.public_key();
+  auto pin = state_db_->pinned(name);
+  if (!pin || state_db_->changed(name)) return std::nullopt;
+  const proto::Entry* e = table_.find(name);
+  if (e != nullptr && e->key != *pin) return std::nullopt;
+  return pin;
+}
+
+const identity::Pair& Client::pair(const proto::Key& peer) {
+  auto it = pairs_.find(peer);
+  if (it == pairs_.end()) it = pairs_.emplace(peer, identity::Pair(me_, peer)).first;
+  return it->second;
+}
+
+bool Client::first_seen(const proto::Key& sender, std::uint8_t kind, std::uint64_t mid, std::uint64_t sent_ms) {
+  if (state_db_->first_seen(sender, kind, mid, sent_ms, now_ms())) return true;
+  ++stats_.replayed;
+  return false;
+}
+
+std::uint64_t Client::now_ms() const { return static_cast<std::uint64_t>(std::max<std::int64_t>(core_.wall_us(), 0)) / 1000; }
 
 }  // namespace chat::peer

@@ -5,13 +5,17 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <functional>
+#include <map>
+#include <memory>
 #include <optional>
+#include <set>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
+#include "identity/envelope.hpp"
+#include "identity/identity.hpp"
+#include "identity/peer_state.hpp"
 #include "peer/commands.hpp"
 #include "peer/local_table.hpp"
 #include "transport/core.hpp"
@@ -41,17 +45,23 @@ struct ClientIo {
   std::function<void(int code)> exit;
 };
 
-/// What the client counted: datagrams it dropped.
+/// What the client counted: datagrams it dropped, and messages it did not show.
 struct ClientCounters {
   std::uint64_t unexpected = 0;  // datagram types a peer is never sent
   std::uint64_t unverified = 0;  // direct messages whose source is not the sender's table address
   std::uint64_t not_from_server = 0;  // server-only datagrams (table, relay, ...) from elsewhere
+  std::uint64_t unauthenticated = 0;  // messages and receipts that did not open or verify as their sender's
+  std::uint64_t replayed = 0;  // messages already shown (or too old to tell), not shown again
+  std::uint64_t blocked = 0;   // messages from a sender the user blocked
 };
 
 /// Single-threaded, like its core.
 class Client {
  public:
-  Client(ClientOptions options, const transport::TimeSource& clock, ClientIo io);
+  /// `me` is the identity the name is registered with; `state` keeps pins, blocks and the
+  /// messages already shown (a file, or ":memory:" in simulations).
+  Client(ClientOptions options, const transport::TimeSource& clock, ClientIo io, identity::Identity me,
+         std::unique_ptr<identity::PeerState> state);
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
@@ -90,9 +100,13 @@ class Client {
                       std::optional<transport::RetryPolicy> policy = std::nullopt, bool user = true);
   void send(const std::string& to, const std::string& text);
   void send_known(const std::string& to, const std::string& text);
-  void send_direct(const std::string& to, const std::string& text, std::uint64_t mid, int round);
-  void send_save(const std::string& to, const std::string& text, std::uint64_t mid, int round);
+  /// `body` is the message sealed for `to`: the same bytes go directly and to the server.
+  void send_direct(const std::string& to, const std::string& body, std::uint64_t mid, int round);
+  void send_save(const std::string& to, const std::string& body, std::uint64_t mid, int round);
+  void send_channel(const std::string& text);
   void send_register(Reason why);
+  /// The second step of a registration: the challenge's token, signed.
+  void send_proof(Reason why, const std::string& token);
   /// `reg <own name>` while online: asks the server whether it holds our session.
   void confirm_registration();
   void on_registered(const protocol::Message* reply, Reason why);
@@ -109,8 +123,19 @@ class Client {
   void on_table(const protocol::Table& t, const udp::endpoint& from);
   void on_stored(const protocol::Stored& s, const udp::endpoint& from);
   void unexpected(const protocol::Message& m, const udp::endpoint& from);
-  /// True (and remembered) the first time (sender, message id) is shown.
-  bool first_showing(const std::string& from, std::uint64_t mid);
+  /// Pins the keys of rows new to us, and warns once about a key that differs from its pin.
+  void observe(const protocol::Entry& e);
+  /// The key messages from and to `name` are checked with: its pin, if the table agrees with
+  /// it; none if the name is unknown, has no key yet, or its key changed and is not trusted.
+  std::optional<protocol::Key> usable_key(const std::string& name) const;
+  /// The pairwise key with `peer` (computed once).
+  const identity::Pair& pair(const protocol::Key& peer);
+  void warn_changed(const std::string& name);
+  /// True (and remembered, durably) the first time this message of `sender` is seen.
+  bool first_seen(const protocol::Key& sender, std::uint8_t kind, std::uint64_t mid, std::uint64_t sent_ms);
+  std::uint64_t now_ms() const;
+  /// The identity commands: fingerprint, verify, trust, block, unblock, blocked.
+  void run_identity(const Command& c);
   void say(const std::string& line);
   /// Prints a block of lines (help, list).
   void show(const std::string& text);
@@ -121,6 +146,10 @@ class Client {
   ClientOptions options_;
   transport::Core core_;
   ClientIo io_;
+  identity::Identity me_;
+  std::unique_ptr<identity::PeerState> state_db_;
+  std::map<protocol::Key, identity::Pair> pairs_;
+  std::set<std::pair<std::string, protocol::Key>> warned_;  // key changes already announced
   LocalTable table_;
   State state_ = State::registering;
   ClientCounters stats_;
@@ -134,9 +163,6 @@ class Client {
   transport::Time last_answer_{};
   transport::Core::TimerId ready_timer_ = 0;
   transport::Core::TimerId keepalive_timer_ = 0;
-  // Messages already shown, by (sender, id): a saved copy of one is not shown again.
-  std::unordered_set<std::string> shown_;
-  std::deque<std::string> shown_order_;
 };
 
 }  // namespace chat::peer

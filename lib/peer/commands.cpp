@@ -24,8 +24,9 @@ std::string_view take_word(std::string_view& rest) {
   return word;
 }
 
-constexpr std::array<const char*, 8> kCommands = {"send", "send_all", "dereg", "reg",
-                                                  "list", "help",     "quit",  "exit"};
+constexpr std::array<const char*, 14> kCommands = {"send",  "send_all", "dereg",       "reg",   "list",
+                                                   "help",  "quit",     "exit",        "trust", "verify",
+                                                   "block", "unblock",  "fingerprint", "blocked"};
 
 // Levenshtein distance, for "did you mean".
 std::size_t distance(std::string_view a, std::string_view b) {
@@ -45,13 +46,15 @@ std::size_t distance(std::string_view a, std::string_view b) {
 
 cmd::Error usage(const char* u) { return {std::string("usage: ") + u}; }
 
-Command need_name(std::string_view rest, bool reg) {
+/// One name and nothing after it, or the usage line `u`.
+template <class C>
+Command one_name(std::string_view rest, const char* u) {
   std::string_view name = take_word(rest);
-  const char* u = reg ? "reg <your name>" : "dereg <your name>";
   if (name.empty() || rest.find_first_not_of(" \t") != std::string_view::npos) return usage(u);
-  if (reg) return cmd::Reg{std::string(name)};
-  return cmd::Dereg{std::string(name)};
+  return C{std::string(name)};
 }
+
+bool nothing_after(std::string_view rest) { return rest.find_first_not_of(" \t") == std::string_view::npos; }
 
 }  // namespace
 
@@ -69,8 +72,17 @@ Command parse_command(std::string_view line) {
     if (rest.empty()) return usage("send_all <message>");
     return cmd::SendAll{std::string(rest)};
   }
-  if (word == "dereg") return need_name(rest, false);
-  if (word == "reg") return need_name(rest, true);
+  if (word == "dereg") return one_name<cmd::Dereg>(rest, "dereg <your name>");
+  if (word == "reg") return one_name<cmd::Reg>(rest, "reg <your name>");
+  if (word == "fingerprint") {
+    if (nothing_after(rest)) return cmd::Fingerprint{};
+    return one_name<cmd::Fingerprint>(rest, "fingerprint [<name>]");
+  }
+  if (word == "verify") return one_name<cmd::Verify>(rest, "verify <name>");
+  if (word == "trust") return one_name<cmd::Trust>(rest, "trust <name>");
+  if (word == "block") return one_name<cmd::Block>(rest, "block <name>");
+  if (word == "unblock") return one_name<cmd::Unblock>(rest, "unblock <name>");
+  if (word == "blocked") return nothing_after(rest) ? Command(cmd::Blocked{}) : Command(usage("blocked"));
   if (word == "list") return cmd::List{};
   if (word == "help") return cmd::Help{};
   if (word == "quit" || word == "exit") return cmd::Quit{};
@@ -92,6 +104,12 @@ const char* help_text() {
          "list                    show the client table\n"
          "dereg <your name>       go offline (messages to you are saved)\n"
          "reg <your name>         come back online and get saved messages\n"
+         "fingerprint [<name>]    show your fingerprint, or the one pinned for name\n"
+         "verify <name>           mark name's fingerprint as compared and verified\n"
+         "trust <name>            accept name's new identity after it changed\n"
+         "block <name>            never show messages from name\n"
+         "unblock <name>          show name's messages again\n"
+         "blocked                 list who you blocked\n"
          "help                    show this help\n"
          "quit                    leave once what is in flight is done";
 }

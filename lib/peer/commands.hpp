@@ -15,13 +15,21 @@ struct Reg { std::string name; };
 struct List {};
 struct Help {};
 struct Quit {};
+/// `fingerprint` (name empty: your own) or `fingerprint <name>`.
+struct Fingerprint { std::string name; };
+struct Verify { std::string name; };
+struct Trust { std::string name; };
+struct Block { std::string name; };
+struct Unblock { std::string name; };
+struct Blocked {};
 struct Empty {};
 /// A line that is not a valid command; `message` is the one line to show.
 struct Error { std::string message; };
 }  // namespace cmd
 
 using Command = std::variant<cmd::Send, cmd::SendAll, cmd::Dereg, cmd::Reg, cmd::List, cmd::Help,
-                             cmd::Quit, cmd::Empty, cmd::Error>;
+                             cmd::Quit, cmd::Fingerprint, cmd::Verify, cmd::Trust, cmd::Block, cmd::Unblock,
+                             cmd::Blocked, cmd::Empty, cmd::Error>;
 
 /// Parses one line. A message is the rest of the line after exactly one separating space,
 /// kept byte for byte (runs of spaces, punctuation, UTF-8).

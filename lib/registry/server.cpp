@@ -28,13 +28,16 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, con
     : options_(std::move(options)),
       store_(std::move(store)),
       core_(transport::CoreOptions{options_.policy, options_.guard, options_.seed}, clock),
-      table_(core_.random() >> 12 | 1) {
+      table_(core_.random() >> 12 | 1),
+      minter_(options_.seed) {
   core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
   // A restart keeps every name, address and online flag; clients that were online keep a
   // session (until their keep-alives prove otherwise), and the new epoch tells them to take a
   // fresh snapshot on the next update.
   for (const auto& row : store_->load_clients()) {
-    table_.upsert(row.name, row.ip, row.port, row.online);
+    proto::Key key{};
+    if (row.key.size() == key.size()) std::copy(row.key.begin(), row.key.end(), key.begin());
+    table_.upsert(row.name, row.ip, row.port, row.online, key);
     if (row.online) {
       auto s = std::make_shared<Session>();
       s->heard = core_.now();
@@ -48,6 +51,9 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, con
 
 void Server::start() {
   spdlog::info("server ready, {} clients known", table_.size());
+  if (std::size_t legacy = store_->legacy_count(); legacy > 0)
+    spdlog::warn("{} messages saved by protocol version 1 cannot be authenticated: kept in legacy_messages, "
+                 "never delivered", legacy);
   log_stats();
   core_.after(options_.keepalive, [this] { expire_silent(); });
 }
@@ -98,6 +104,8 @@ struct Server::Dispatch {
   void operator()(const proto::Stored& m) { s.unexpected(m, from); }
   // Replies: the core hands them to the request they answer, never here.
   void operator()(const proto::Ack& m) { s.unexpected(m, from); }
+  void operator()(const proto::Challenge& m) { s.unexpected(m, from); }
+  void operator()(const proto::Receipt& m) { s.unexpected(m, from); }
   void operator()(const proto::RegOk& m) { s.unexpected(m, from); }
   void operator()(const proto::RegErr& m) { s.unexpected(m, from); }
   void operator()(const proto::Exists& m) { s.unexpected(m, from); }
@@ -201,19 +209,57 @@ void Server::on_lookup(const proto::Lookup& l, const udp::endpoint& from) {
   // The same row every registered client is sent in its table anyway.
   const Client* c = table_.find(l.name);
   if (c == nullptr) return core_.reply(from, proto::Found{l.id, false, proto::Entry{l.name, "", 0, false}});
-  core_.reply(from, proto::Found{l.id, true, proto::Entry{c->name, c->ip, c->port, c->online}});
+  core_.reply(from, proto::Found{l.id, true, proto::Entry{c->name, c->ip, c->port, c->online, c->key}});
 }
 
 // ---------------------------------------------------------------- registration
 
 void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
-  std::string ip = from.address().to_string();
   const Client* c = table_.find(r.name);
+  // A name is its first key's for good (until the operator releases it), online or not.
+  if (c != nullptr && c->bound() && c->key != r.key) {
+    ++stats_.other_key;
+    spdlog::info("refused {} from {}: bound to another identity", r.name, where(from));
+    core_.reply(from, proto::RegErr{r.id, "the name " + r.name + " belongs to another identity"});
+    return;
+  }
   if (c == nullptr && table_.size() >= options_.max_clients) {
     spdlog::info("refused {} from {}: the server is full", r.name, where(from));
     core_.reply(from, proto::RegErr{r.id, "the server is full (" + std::to_string(options_.max_clients) + " clients)"});
     return;
   }
+  // Steady time: a token's age does not depend on the wall clock being right.
+  const auto now_us = std::chrono::duration_cast<std::chrono::microseconds>(core_.now().time_since_epoch()).count();
+  const std::uint32_t ip4 = from.address().to_v4().to_uint();
+  if (r.token.empty()) {
+    // Prove the key and that you receive at this address: sign what only this address was sent.
+    core_.reply(from, proto::Challenge{r.id, minter_.mint(now_us, r.name, r.key, ip4, from.port())});
+    return;
+  }
+  auto minted = minter_.check(r.token, now_us, r.name, r.key, ip4, from.port());
+  if (!minted || !identity::check_register_proof(r.key, r.name, r.token, r.proof)) {
+    ++stats_.bad_proofs;
+    spdlog::info("refused {} from {}: the proof of identity did not check", r.name, where(from));
+    core_.reply(from, proto::RegErr{r.id, "the proof of identity did not check (stale or forged)"});
+    return;
+  }
+  // Each name's tokens are used in the order they were minted, once: a replay, however old, is refused.
+  auto [last, first] = last_token_.try_emplace(r.name, *minted);
+  if (!first && *minted <= last->second) {
+    ++stats_.replayed;
+    spdlog::info("refused {} from {}: a replayed registration", r.name, where(from));
+    core_.reply(from, proto::RegErr{r.id, "this registration was already used"});
+    return;
+  }
+  last->second = *minted;
+  // The token came back from this address: it receives what it is sent.
+  core_.validate(from);
+  on_proven(r, from);
+}
+
+void Server::on_proven(const proto::Register& r, const udp::endpoint& from) {
+  const Client* c = table_.find(r.name);
+  std::string ip = from.address().to_string();
   if (table_.admit(r.name, ip, from.port()) == Admit::accept) {
     admit(r, from);
     return;
@@ -222,6 +268,10 @@ void Server::on_register(const proto::Register& r, const udp::endpoint& from) {
   udp::endpoint old = endpoint_of(*c);
   probe(old, [this, r, from, old](bool alive) {
     const Client* holder = table_.find(r.name);
+    if (holder != nullptr && holder->bound() && holder->key != r.key) {
+      core_.reply(from, proto::RegErr{r.id, "the name " + r.name + " belongs to another identity"});
+      return;
+    }
     if (alive && holder != nullptr && holder->online && endpoint_of(*holder) == old) {
       spdlog::info("refused {} from {}: name in use at {}", r.name, where(from), where(old));
       core_.reply(from, proto::RegErr{r.id, "the name " + r.name + " is in use by an online client"});
@@ -245,12 +295,28 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
     s->keepalive = std::chrono::milliseconds(static_cast<std::int64_t>(ms));
   }
   sessions_[r.name] = std::move(s);
+  const Client* before = table_.find(r.name);
+  const bool binds = before == nullptr || !before->bound();
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
-  if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0)) table_changed(r.name);
-  spdlog::info("registered {} at {}, {} saved messages", r.name, where(from), pending);
-  core_.reply(from, proto::RegOk{r.id, table_.epoch(), pending});
-  sync(r.name);
-  if (pending > 0) deliver(r.name);
+  if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0, r.key)) table_changed(r.name);
+  spdlog::info("registered {} at {}, {} saved messages{}", r.name, where(from), pending,
+               binds ? ", name bound to its identity" : "");
+  auto welcome = [this, r, from, pending] {
+    core_.reply(from, proto::RegOk{r.id, table_.epoch(), pending});
+    sync(r.name);
+    if (pending > 0) deliver(r.name);
+  };
+  if (!binds) return welcome();
+  // The binding is the name's for good: the client hears "registered" only once it is durable.
+  SessionRef ref = sessions_[r.name];
+  after_rows_.push_back([this, r, from, ref, welcome](bool ok) {
+    if (!same_session(r.name, ref) || ref.expired()) return;
+    if (ok) return welcome();
+    core_.reply(from, proto::RegErr{r.id, "the server could not save the registration"});
+    end_session(r.name);
+    set_online(r.name, false);
+  });
+  schedule_flush();
 }
 
 void Server::on_dereg(const proto::Dereg& r, const udp::endpoint& from) {
@@ -299,7 +365,7 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
   std::int64_t ts = core_.wall_us();
   auto store_it = [this, r, from, ts, refuse_full] {
     if (mailbox_full(r.to)) return refuse_full();  // filled while the probe was out
-    save({r.to, r.from, offline::Kind::direct, ts, r.mid, r.text}, [this, r, from](bool ok) {
+    save({r.to, r.from, key_of(r.from), offline::Kind::direct, ts, r.mid, r.body}, [this, r, from](bool ok) {
       if (ok) core_.reply(from, proto::Ack{r.id});
       else core_.reply(from, proto::Refused{r.id, "the server could not save the message"});
     });
@@ -323,6 +389,12 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
     if (same_session(r.to, ref) && c != nullptr && endpoint_of(*c) == holder) mark_silent(r.to);
     store_it();
   });
+}
+
+std::string Server::key_of(const std::string& name) const {
+  const Client* c = table_.find(name);
+  if (c == nullptr) return {};
+  return std::string(c->key.begin(), c->key.end());
 }
 
 std::size_t& Server::mailbox(const std::string& name) {
@@ -358,6 +430,8 @@ void Server::flush() {
   callbacks.swap(after_commit_);
   std::vector<std::string> names;
   names.swap(dirty_rows_);
+  std::vector<AfterCommit> row_callbacks;
+  row_callbacks.swap(after_rows_);
   queued_.clear();  // from here on they count (or not) in the mailboxes
 
   bool ok = true;
@@ -372,16 +446,19 @@ void Server::flush() {
       spdlog::error("saving {} messages failed: {}", batch.size(), e.what());
     }
   }
+  bool rows_ok = true;
   if (!names.empty()) {
     std::vector<offline::ClientRow> rows;
     std::unordered_set<std::string> seen;
     for (const auto& n : names) {
       const Client* c = table_.find(n);
-      if (c != nullptr && seen.insert(n).second) rows.push_back({c->name, c->ip, c->port, c->online});
+      if (c != nullptr && seen.insert(n).second)
+        rows.push_back({c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()});
     }
     try {
       store_->store_clients(rows);
     } catch (const std::exception& e) {
+      rows_ok = false;
       spdlog::error("saving the client table failed: {}", e.what());
     }
   }
@@ -391,6 +468,7 @@ void Server::flush() {
     for (std::size_t i = 0; i < batch.size(); ++i)
       if (i < inserted.size() && inserted[i]) ++mailbox(batch[i].to);
   for (auto& cb : callbacks) cb(ok);
+  for (auto& cb : row_callbacks) cb(rows_ok);
   remove_delivered();
   if (!ok) return;
   for (std::size_t i = 0; i < batch.size(); ++i) {
@@ -508,8 +586,9 @@ void Server::deliver_batch(const std::string& name) {
   offline::Cursor last = s.delivered;
   std::size_t size = proto::stored_overhead();
   for (auto& row : rows) {
-    proto::StoredItem item{std::move(row.from), row.kind == offline::Kind::channel, row.ts_us, row.mid,
-                           std::move(row.text)};
+    proto::StoredItem item{std::move(row.from), row.kind == offline::Kind::channel, row.ts_us, row.mid, {},
+                           std::move(row.body)};
+    if (row.from_key.size() == item.key.size()) std::copy(row.from_key.begin(), row.from_key.end(), item.key.begin());
     std::size_t n = proto::stored_item_size(item);
     if (size + n > proto::kMaxDatagram && !msg.items.empty()) break;
     size += n;
@@ -549,7 +628,7 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
   std::int64_t ts = core_.wall_us();
   // One copy of the message for the whole fan-out, encoded once; each relay only sets its id.
   auto fan = std::make_shared<const Fanout>(
-      Fanout{r, ts, proto::encode(proto::Relay{proto::kIdPlaceholder, r.from, r.id, r.text})});
+      Fanout{r, ts, key_of(r.from), proto::encode(proto::Relay{proto::kIdPlaceholder, r.from, r.id, r.body})});
   std::vector<std::string> absent;
   table_.for_each([&](const Client& c) {
     if (c.name == r.from) return;
@@ -575,7 +654,7 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
         if (ok) core_.reply(from, proto::Ack{r.id, 0, 0, missed});
         else core_.reply(from, proto::Refused{r.id, "the server could not save the message"});
       };
-    save({absent[i], r.from, offline::Kind::channel, ts, r.id, r.text}, std::move(after));
+    save({absent[i], r.from, fan->from_key, offline::Kind::channel, ts, r.id, r.body}, std::move(after));
   }
 }
 
@@ -588,7 +667,8 @@ void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
     // Only the session the relay went to is marked offline by its silence.
     if (same_session(to, ref) && c != nullptr && endpoint_of(*c) == ep) mark_silent(to);
     const proto::Channel& ch = fan->channel;
-    if (!mailbox_full(to)) save({to, ch.from, offline::Kind::channel, fan->ts_us, ch.id, ch.text}, nullptr);
+    if (!mailbox_full(to))
+      save({to, ch.from, fan->from_key, offline::Kind::channel, fan->ts_us, ch.id, ch.body}, nullptr);
     else ++stats_.channel_missed;
   };
   reach(ep, [this, ep, fan, missed](bool ok) {

@@ -11,6 +11,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "identity/envelope.hpp"
 #include "offline/store.hpp"
 #include "registry/table.hpp"
 #include "transport/core.hpp"
@@ -46,6 +47,9 @@ struct ServerCounters {
   std::uint64_t expired = 0;     // sessions ended for want of keep-alives
   std::uint64_t stalled = 0;     // table updates or deliveries that went unanswered
   std::uint64_t channel_missed = 0;  // channel copies not kept: the member's mailbox was full
+  std::uint64_t bad_proofs = 0;  // registrations whose token or signature did not check (forged, stale)
+  std::uint64_t replayed = 0;    // registrations whose token was already used
+  std::uint64_t other_key = 0;   // registrations of a name bound to another identity
 };
 
 /// Single-threaded: every input runs on one thread, so no locks.
@@ -94,6 +98,8 @@ class Server {
 
   void on_message(const protocol::Message& m, const udp::endpoint& from);
   void on_register(const protocol::Register& r, const udp::endpoint& from);
+  /// A registration whose token and proof checked: the name's holder, if online elsewhere, is asked first.
+  void on_proven(const protocol::Register& r, const udp::endpoint& from);
   void admit(const protocol::Register& r, const udp::endpoint& from);
   void on_dereg(const protocol::Dereg& r, const udp::endpoint& from);
   void on_save(const protocol::Save& r, const udp::endpoint& from);
@@ -118,6 +124,7 @@ class Server {
   struct Fanout {
     protocol::Channel channel;
     std::int64_t ts_us;
+    std::string from_key;  // the sender's identity, kept with each saved copy
     std::string relay;  // the Relay datagram, encoded with protocol::kIdPlaceholder as its id
   };
   void relay(const std::string& to, std::shared_ptr<const Fanout> fan);
@@ -141,6 +148,8 @@ class Server {
   /// Ends every session not heard from for kMissedKeepalives intervals.
   void expire_silent();
 
+  /// The identity `name` is bound to, as bytes for the store (empty if unknown).
+  std::string key_of(const std::string& name) const;
   void save(offline::NewMessage m, AfterCommit after);
   void schedule_flush();
   void flush();
@@ -171,6 +180,10 @@ class Server {
   std::vector<offline::NewMessage> unsaved_;
   std::vector<AfterCommit> after_commit_;
   std::vector<std::string> dirty_rows_;
+  std::vector<AfterCommit> after_rows_;  // registrations that bound a name: answered once the row is durable
+  identity::TokenMinter minter_;
+  /// The newest token each name registered with (steady µs): an older or equal one is a replay.
+  std::unordered_map<std::string, std::int64_t> last_token_;
   std::unordered_map<std::string, std::vector<std::int64_t>> undeleted_;  // ACKed, not yet deleted
   std::unordered_map<std::string, std::size_t> mailbox_;
   std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit

@@ -10,16 +10,18 @@ const Client* Table::find(const std::string& name) const {
   return it == by_name_.end() ? nullptr : &it->second;
 }
 
-bool Table::upsert(const std::string& name, const std::string& ip, std::uint16_t port, bool online) {
+bool Table::upsert(const std::string& name, const std::string& ip, std::uint16_t port, bool online,
+                   const protocol::Key& key) {
   auto [it, inserted] = by_name_.try_emplace(name);
   Client& c = it->second;
-  if (!inserted && c.ip == ip && c.port == port && c.online == online) return false;
+  if (!inserted && c.ip == ip && c.port == port && c.online == online && c.key == key) return false;
   if (inserted) c.name = name;
   else by_ver_.erase(c.ver);
   if (c.online != online) online_ += online ? 1 : -1;
   c.ip = ip;
   c.port = port;
   c.online = online;
+  c.key = key;
   c.ver = ++version_;
   by_ver_.emplace(c.ver, &c);
   return true;
@@ -28,7 +30,7 @@ bool Table::upsert(const std::string& name, const std::string& ip, std::uint16_t
 bool Table::set_online(const std::string& name, bool online) {
   const Client* c = find(name);
   if (c == nullptr || c->online == online) return false;
-  return upsert(name, c->ip, c->port, online);
+  return upsert(name, c->ip, c->port, online, c->key);
 }
 
 Chunk Table::changes_since(std::uint64_t after, std::size_t budget) const {
@@ -38,7 +40,7 @@ Chunk Table::changes_since(std::uint64_t after, std::size_t budget) const {
   std::size_t used = 0;
   for (auto it = by_ver_.upper_bound(after); it != by_ver_.end(); ++it) {
     const Client& c = *it->second;
-    protocol::Entry e{c.name, c.ip, c.port, c.online};
+    protocol::Entry e{c.name, c.ip, c.port, c.online, c.key};
     std::size_t n = protocol::entry_size(e);
     if (used + n > budget && !chunk.entries.empty()) {
       chunk.more = true;

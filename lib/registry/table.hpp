@@ -18,7 +18,9 @@ struct Client {
   std::string ip;
   std::uint16_t port = 0;
   bool online = false;
+  protocol::Key key{};  // the identity the name is bound to; all zero: not bound yet
   std::uint64_t ver = 0;
+  bool bound() const { return key != protocol::Key{}; }
 };
 
 /// The entries changed in (from, to] that fit one datagram; `more` if later changes exist.
@@ -47,8 +49,9 @@ class Table {
   std::size_t online_count() const { return online_; }
 
   const Client* find(const std::string& name) const;
-  /// Sets a row's address and online flag; bumps the version only if something changed.
-  bool upsert(const std::string& name, const std::string& ip, std::uint16_t port, bool online);
+  /// Sets a row's address, online flag and key; bumps the version only if something changed.
+  bool upsert(const std::string& name, const std::string& ip, std::uint16_t port, bool online,
+              const protocol::Key& key);
   /// Sets a known row's online flag; false if unknown or unchanged.
   bool set_online(const std::string& name, bool online);
 

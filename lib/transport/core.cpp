@@ -110,6 +110,10 @@ bool Core::admit_rate(const udp::endpoint& from) {
   return true;
 }
 
+void Core::validate(const udp::endpoint& to) {
+  if (options_.guard.amplification > 0) route(to)->validated = true;
+}
+
 std::size_t Core::allowance(const udp::endpoint& to) const {
   if (options_.guard.amplification <= 0) return SIZE_MAX;
   auto it = routes_.find(addr_key(to));

@@ -126,6 +126,8 @@ class Core {
   bool send_bytes(const std::string& bytes, const udp::endpoint& to);
   /// Bytes that may still be sent to `to` before it proves it receives (SIZE_MAX if it has).
   std::size_t allowance(const udp::endpoint& to) const;
+  /// `to` has proven it receives by other means (it echoed a token only it was sent).
+  void validate(const udp::endpoint& to);
   /// Calls `f` at `when` (or at the next on_timer() if that has passed).
   TimerId at(Time when, std::function<void()> f);
   TimerId after(Duration d, std::function<void()> f) { return at(now() + d, std::move(f)); }

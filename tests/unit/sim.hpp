@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "identity/identity.hpp"
+#include "identity/peer_state.hpp"
 #include "peer/client.hpp"
 #include "protocol/codec.hpp"
 #include "registry/server.hpp"
@@ -161,15 +163,27 @@ class Net {
   std::uint64_t seq_ = 0;
 };
 
-/// A client core on the network, with what it printed and whether it ended.
+/// The identity a simulated client of `name` has (the same every run; `variant` gives another
+/// key for the same name, an impostor's).
+inline identity::Identity identity_of(const std::string& name, std::uint8_t variant = 0) {
+  std::array<std::uint8_t, 32> seed{};
+  for (std::size_t i = 0; i < name.size() && i < seed.size() - 1; ++i) seed[i] = static_cast<std::uint8_t>(name[i]);
+  seed.back() = variant;
+  return identity::Identity::from_seed(seed);
+}
+
+/// A client core on the network, with what it printed and whether it ended. Its pins, blocks
+/// and replay memory live in `state` (":memory:": gone with the Peer).
 struct Peer {
   Peer(Net& net, const std::string& name, const udp::endpoint& at, const udp::endpoint& server,
-       transport::RetryPolicy policy = {}, std::chrono::milliseconds keepalive = 15s, std::uint64_t seed = 1)
+       transport::RetryPolicy policy = {}, std::chrono::milliseconds keepalive = 15s, std::uint64_t seed = 1,
+       std::uint8_t key_variant = 0, const std::string& state = ":memory:")
       : net_(net),
         at_(at),
         client(peer::ClientOptions{name, server, policy, keepalive, seed}, net.clock,
                peer::ClientIo{[this](const std::string& l) { lines.push_back(l); }, [this] { reading = true; },
-                              [this](int code) { exit_code = code; }}) {
+                              [this](int code) { exit_code = code; }},
+               identity_of(name, key_variant), std::make_unique<identity::PeerState>(state)) {
     net.attach(client.core(), at);
     net.act(client.core(), [&] { client.start(); });
   }
@@ -230,6 +244,8 @@ class SharedStore final : public offline::Store {
   }
   void store_clients(std::span<const offline::ClientRow> rows) override { inner_.store_clients(rows); }
   std::vector<offline::ClientRow> load_clients() override { return inner_.load_clients(); }
+  offline::Released release(const std::string& name) override { return inner_.release(name); }
+  std::size_t legacy_count() override { return inner_.legacy_count(); }
 
  private:
   offline::Store& inner_;

@@ -245,11 +245,39 @@ struct World {
 void inject(World& w, const udp::endpoint& from, const udp::endpoint& to, const proto::Message& m) {
   w.net.send(from, to, proto::encode(m));
 }
-/// A "client" with no core: registers `name` from `from` by hand (padded like a real client's).
+/// A registration of `name` (with identity_of(name)) from `from` that needs no challenge round
+/// trip: its token is minted by a minter with the server's seed, as the server's own would be.
+proto::Register proven_register(World& w, const udp::endpoint& from, const std::string& name, std::uint64_t id,
+                                std::uint64_t every_ms = 0) {
+  identity::Identity me = identity_of(name);
+  identity::TokenMinter minter(w.options.seed);
+  const auto now_us = std::chrono::duration_cast<std::chrono::microseconds>(w.net.clock.now().time_since_epoch()).count();
+  std::string token = minter.mint(now_us, name, me.public_key(), from.address().to_v4().to_uint(), from.port());
+  return proto::Register{id, name, me.public_key(), every_ms, token, identity::register_proof(me, name, token)};
+}
+/// A "client" with no core: registers `name` from `from` by hand.
 void fake_register(World& w, const udp::endpoint& from, const std::string& name, std::uint64_t id) {
-  proto::Register r{id, name, 0};
-  proto::pad_to(r, proto::kRegisterPadTo);
-  inject(w, from, kServerAt, r);
+  inject(w, from, kServerAt, proven_register(w, from, name, id));
+}
+/// A direct message's body as the client of `from` seals it for `to`.
+std::string sealed(World& w, const std::string& from, const std::string& to, std::uint64_t mid,
+                   const std::string& text) {
+  identity::Pair pair(identity_of(from), identity_of(to).public_key());
+  return identity::seal_direct(pair, mid, static_cast<std::uint64_t>(w.net.clock.wall_us() / 1000), to, text);
+}
+/// The text of a saved message for `to` as `to` would open it ("" if it does not open).
+std::string text_of(const std::string& from, bool channel, std::uint64_t mid, const std::string& body,
+                    const std::string& to) {
+  std::optional<identity::Opened> m;
+  if (channel) m = identity::open_channel(identity_of(from).public_key(), from, mid, body);
+  else m = identity::open_direct(identity::Pair(identity_of(to), identity_of(from).public_key()), body, to);
+  return m ? m->text : std::string();
+}
+std::string text_of(const offline::StoredMessage& m, const std::string& to) {
+  return text_of(m.from, m.kind == offline::Kind::channel, m.mid, m.body, to);
+}
+std::string text_of(const proto::StoredItem& i, const std::string& to) {
+  return text_of(i.from, i.channel, i.mid, i.body, to);
 }
 
 }  // namespace
@@ -411,7 +439,7 @@ TEST_CASE("§3 a recipient the local table shows offline: the message goes strai
   auto box = w.mailbox("bob");
   REQUIRE(box.size() == 1);
   CHECK(box[0].from == "alice");
-  CHECK(box[0].text == "for later");
+  CHECK(text_of(box[0], "bob") == "for later");
 }
 
 TEST_CASE("§3 unverified: a direct message from an address not the table's for that name is dropped unanswered") {
@@ -425,7 +453,7 @@ TEST_CASE("§3 unverified: a direct message from an address not the table's for 
     return false;
   };
   std::size_t mark = bob.lines.size();
-  inject(w, forger, bob.at(), proto::Direct{424242, "alice", "forged"});
+  inject(w, forger, bob.at(), proto::Direct{424242, "alice", sealed(w, "alice", "bob", 424242, "forged")});
   w.net.run_for(1s);
   CHECK(since(bob, mark).empty());
   CHECK_FALSE(answered);
@@ -658,13 +686,13 @@ TEST_CASE("§5 saved messages are shown in arrival order even when a probed save
   alice.type("send bob first");
   REQUIRE(w.net.run_until([&] { return alice.saw(say::no_ack("bob")); }, 5s));
   w.net.run_for(100ms);
-  inject(w, dave, kServerAt, proto::Save{9002, "dave", "bob", 77, true, "second"});
+  inject(w, dave, kServerAt, proto::Save{9002, "dave", "bob", 77, true, sealed(w, "dave", "bob", 77, "second")});
   REQUIRE(w.net.run_until([&] { return alice.saw(say::saved); }, 5s));
   REQUIRE(w.net.run_until([&] { return w.store->count_for("bob") == 2; }, 1s));
   auto box = w.mailbox("bob");
   REQUIRE(box.size() == 2);
-  CHECK(box[0].text == "first");
-  CHECK(box[1].text == "second");
+  CHECK(text_of(box[0], "bob") == "first");
+  CHECK(text_of(box[1], "bob") == "second");
   CHECK(box[0].seq > box[1].seq);  // committed in the other order
   CHECK(box[0].ts_us < box[1].ts_us);
   bool dave_acked = false;
@@ -740,7 +768,7 @@ TEST_CASE("§5/§7 a client restarted at its address is not shown a delivery mea
     alice.type("send bob first");
     REQUIRE(w.net.run_until([&] { return alice.saw(say::no_ack("bob")); }, 5s));
     w.net.run_for(100ms);
-    inject(w, dave, kServerAt, proto::Save{9002, "dave", "bob", 77, true, "second"});
+    inject(w, dave, kServerAt, proto::Save{9002, "dave", "bob", 77, true, sealed(w, "dave", "bob", 77, "second")});
     REQUIRE(w.net.run_until([&] { return alice.saw(say::saved); }, 5s));
     REQUIRE(w.store->count_for("bob") == 2);
     auto box = w.mailbox("bob");
@@ -944,7 +972,7 @@ TEST_CASE("§6 a relay miss: the member is marked offline, gets a saved copy exa
           bob_saw_carol_offline = bob_saw_carol_offline || to == bob.at();
         }
     if (const auto* s = as<proto::Stored>(m); s != nullptr && to == carol.at())
-      for (const auto& i : s->items) copy_delivered = copy_delivered || (i.channel && i.text == "hi");
+      for (const auto& i : s->items) copy_delivered = copy_delivered || (i.channel && text_of(i, "carol") == "hi");
     return from == kServerAt && to == carol.at() && as<proto::Relay>(m) != nullptr;
   };
   std::size_t mark = alice.lines.size();
@@ -1270,7 +1298,7 @@ TEST_CASE("unexpected datagram types are dropped and counted, unanswered, by the
   CHECK(w.srv().server_counters().unexpected == 2);
   std::size_t mark = alice.lines.size();
   inject(w, stranger, alice.at(), proto::Save{6161, "mallory", "alice", 1, false, "save at a client?"});
-  inject(w, stranger, alice.at(), proto::Register{6162, "mallory", 0});
+  inject(w, stranger, alice.at(), proto::Register{6162, "mallory", {}, 0, {}, {}});
   w.net.run_for(1s);
   CHECK(alice.client.client_counters().unexpected == 2);
   CHECK(since(alice, mark).empty());
@@ -1294,7 +1322,7 @@ TEST_CASE("§5 two probed saves that commit behind the delivery cursor in one dr
     if (to == bob_b)
       if (const auto* s = as<proto::Stored>(m))
         for (const auto& i : s->items)
-          if (i.text == "late-a") rewind_seen = true;
+          if (text_of(i, "bob") == "late-a") rewind_seen = true;
     return false;
   };
   fake_register(w, alice, "alice", 101);
@@ -1304,23 +1332,25 @@ TEST_CASE("§5 two probed saves that commit behind the delivery cursor in one dr
   // bob comes back at B: his registration waits ~500 ms for the probe of his old address A.
   Peer& bob = w.start("bob", "bob", bob_b);
   w.net.run_for(100ms);
-  inject(w, alice, kServerAt, proto::Save{102, "alice", "bob", 1001, false, "late-a"});  // probes A
+  inject(w, alice, kServerAt, proto::Save{102, "alice", "bob", 1001, false, sealed(w, "alice", "bob", 1001, "late-a")});  // probes A
   w.net.run_for(300ms);
-  inject(w, carol, kServerAt, proto::Save{202, "carol", "bob", 2001, false, "late-c"});  // probes A
+  inject(w, carol, kServerAt, proto::Save{202, "carol", "bob", 2001, false, sealed(w, "carol", "bob", 2001, "late-c")});  // probes A
   w.net.run_for(50ms);
   for (int i = 0; i < 10; ++i)
-    inject(w, dave, kServerAt, proto::Save{static_cast<std::uint64_t>(310 + i), "dave", "bob",
-                                           static_cast<std::uint64_t>(3000 + i), true,
-                                           std::string("d").append(std::to_string(i)).append(500, 'x')});
+    inject(w, dave, kServerAt,
+           proto::Save{static_cast<std::uint64_t>(310 + i), "dave", "bob", static_cast<std::uint64_t>(3000 + i), true,
+                       sealed(w, "dave", "bob", static_cast<std::uint64_t>(3000 + i),
+                              std::string("d").append(std::to_string(i)).append(500, 'x'))});
   REQUIRE(w.net.run_until([&] { return rewind_seen; }, 5s));
   INFO("late-c committed before the rewind? ", w.store->count_for("bob"));
   bool late_c_in_store = false;
-  for (auto& m : w.mailbox("bob")) late_c_in_store = late_c_in_store || m.text == "late-c";
+  for (auto& m : w.mailbox("bob")) late_c_in_store = late_c_in_store || text_of(m, "bob") == "late-c";
   CHECK_FALSE(late_c_in_store);  // the scenario needs it to commit after the rewind
   for (int i = 0; i < 10; ++i)
-    inject(w, dave, kServerAt, proto::Save{static_cast<std::uint64_t>(330 + i), "dave", "bob",
-                                           static_cast<std::uint64_t>(4000 + i), true,
-                                           std::string("e").append(std::to_string(i)).append(500, 'y')});
+    inject(w, dave, kServerAt,
+           proto::Save{static_cast<std::uint64_t>(330 + i), "dave", "bob", static_cast<std::uint64_t>(4000 + i), true,
+                       sealed(w, "dave", "bob", static_cast<std::uint64_t>(4000 + i),
+                              std::string("e").append(std::to_string(i)).append(500, 'y'))});
   w.net.run_for(10s);
   INFO(transcript(bob));
   std::size_t shown_c = 0;
@@ -1409,12 +1439,12 @@ TEST_CASE("§5 --max-stored counts saves accepted in the same turn, not yet comm
   const udp::endpoint alice_at = w["alice"].at();
   transport::Core& core = w.srv().core();
   w.net.act(core, [&] {
-    core.on_datagram(proto::encode(proto::Save{9001, "alice", "bob", 1, false, "one"}), alice_at);
-    core.on_datagram(proto::encode(proto::Save{9002, "alice", "bob", 2, false, "two"}), alice_at);
+    core.on_datagram(proto::encode(proto::Save{9001, "alice", "bob", 1, false, sealed(w, "alice", "bob", 1, "one")}), alice_at);
+    core.on_datagram(proto::encode(proto::Save{9002, "alice", "bob", 2, false, sealed(w, "alice", "bob", 2, "two")}), alice_at);
   });
   w.net.run_for(2s);
   CHECK(w.store->count_for("bob") == 1);
-  CHECK(w.mailbox("bob").at(0).text == "one");
+  CHECK(text_of(w.mailbox("bob").at(0), "bob") == "one");
 }
 
 TEST_CASE("§5 --max-stored is checked again when a save's probe comes back") {
@@ -1434,19 +1464,17 @@ TEST_CASE("§5 --max-stored is checked again when a save's probe comes back") {
   alice.type("send bob one");  // no ACK, then a save that waits for its probe
   REQUIRE(w.net.run_until([&] { return probed; }, 10s));
   // While that probe is out, a forced save fills the mailbox.
-  inject(w, w["dave"].at(), kServerAt, proto::Save{9003, "dave", "bob", 3, true, "two"});
+  inject(w, w["dave"].at(), kServerAt, proto::Save{9003, "dave", "bob", 3, true, sealed(w, "dave", "bob", 3, "two")});
   REQUIRE(w.net.run_until([&] { return alice.client.busy() == 0; }, 10s));
   CHECK(alice.saw(">>> [Server refused the message: bob's mailbox is full (1 saved messages)]"));
   CHECK(w.store->count_for("bob") == 1);
-  CHECK(w.mailbox("bob").at(0).text == "two");
+  CHECK(text_of(w.mailbox("bob").at(0), "bob") == "two");
 }
 
 TEST_CASE("§10 a registration's keep-alive interval is clamped, whatever the wire says") {
   World w;
   const udp::endpoint at = w.next_addr();
-  proto::Register r{5001, "zed", 0, UINT64_MAX};
-  proto::pad_to(r, proto::kRegisterPadTo);
-  inject(w, at, kServerAt, r);
+  inject(w, at, kServerAt, proven_register(w, at, "zed", 5001, UINT64_MAX));
   w.net.run_for(1s);
   REQUIRE(w.srv().has_session("zed"));
   w.net.run_for(3h - 1min);  // the longest interval (1 h) three times over, less a little

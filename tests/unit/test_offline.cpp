@@ -94,7 +94,7 @@ NewMessage msg(std::string to, std::string from, std::string text, Kind kind = K
                     .kind = kind,
                     .ts_us = ts_us,
                     .mid = mid,
-                    .text = std::move(text)};
+                    .body = std::move(text)};
 }
 
 /// Saves a batch every message of which is new, so each must be reported inserted.
@@ -105,7 +105,7 @@ void save_new(Store& store, std::span<const NewMessage> batch) {
 std::vector<std::string> texts_of(const std::vector<StoredMessage>& ms) {
   std::vector<std::string> out;
   out.reserve(ms.size());
-  for (const auto& m : ms) out.push_back(m.text);
+  for (const auto& m : ms) out.push_back(m.body);
   return out;
 }
 
@@ -150,7 +150,7 @@ std::string show(const std::vector<StoredMessage>& ms) {
   std::ostringstream out;
   for (const auto& m : ms) {
     out << m.seq << ' ' << m.ts_us << ' ' << static_cast<int>(m.kind) << ' ' << m.mid << ' ' << m.from.size() << ':'
-        << m.from << ' ' << m.text.size() << ':' << m.text << '\n';
+        << m.from << ' ' << m.from_key.size() << ':' << m.from_key << ' ' << m.body.size() << ':' << m.body << '\n';
   }
   return out.str();
 }
@@ -158,7 +158,8 @@ std::string show(const std::vector<StoredMessage>& ms) {
 std::string show(const std::vector<ClientRow>& rows) {
   std::ostringstream out;
   for (const auto& r : rows) {
-    out << r.name.size() << ':' << r.name << ' ' << r.ip << ':' << r.port << ' ' << r.online << '\n';
+    out << r.name.size() << ':' << r.name << ' ' << r.ip << ':' << r.port << ' ' << r.online << ' ' << r.key.size()
+        << ':' << r.key << '\n';
   }
   return out.str();
 }
@@ -284,9 +285,9 @@ TEST_CASE_TEMPLATE("every field round-trips exactly", Backend, SqliteBackend, Me
     CHECK(got[i].kind == want[i].kind);
     CHECK(got[i].ts_us == want[i].ts_us);
     CHECK(got[i].mid == want[i].mid);
-    CHECK(got[i].text == want[i].text);
+    CHECK(got[i].body == want[i].body);
   }
-  CHECK(got[2].text.size() == 12);
+  CHECK(got[2].body.size() == 12);
 }
 
 TEST_CASE_TEMPLATE("hostile names are stored and read back as data", Backend, SqliteBackend, MemoryBackend) {
@@ -312,7 +313,7 @@ TEST_CASE_TEMPLATE("hostile names are stored and read back as data", Backend, Sq
       const auto got = store->pending_for(names[i], {}, everything);
       REQUIRE(got.size() == 1);
       CHECK(got[0].from == names[i]);
-      CHECK(got[0].text == "for " + std::to_string(i));
+      CHECK(got[0].body == "for " + std::to_string(i));
     }
     auto sorted = names;
     std::sort(sorted.begin(), sorted.end());
@@ -384,6 +385,40 @@ TEST_CASE_TEMPLATE("store_clients and load_clients round-trip and replace", Back
   CHECK(got[3].online);
 }
 
+TEST_CASE_TEMPLATE("a name's binding round-trips as bytes, and release removes it with the messages sealed for it",
+                   Backend, SqliteBackend, MemoryBackend) {
+  const Backend backend;
+  auto store = backend.open();
+  const std::string key("\x00\x01\xff key bytes with a NUL \x00 inside....", 32);
+  REQUIRE(key.size() == 32);
+  const std::vector<ClientRow> rows{{"alice", "10.0.0.1", 5000, false, key}, {"bob", "10.0.0.2", 5001, true, ""}};
+  store->store_clients(rows);
+  auto got = store->load_clients();
+  REQUIRE(got.size() == 2);
+  CHECK(got[0].key == key);
+  CHECK(got[1].key.empty());
+  NewMessage sealed = msg("alice", "bob", std::string("\x00sealed\x00", 8));
+  sealed.from_key = std::string(32, '\x07');
+  save_new(*store, std::vector<NewMessage>{sealed, msg("alice", "carol", "two"), msg("bob", "alice", "kept")});
+  const auto box = store->pending_for("alice", {}, everything);
+  REQUIRE(box.size() == 2);
+  CHECK(box[0].from_key == sealed.from_key);
+  CHECK(box[0].body == sealed.body);
+
+  const Released r = store->release("alice");
+  CHECK(r.found);
+  CHECK(r.key == key);
+  CHECK(r.messages == 2);
+  CHECK(store->count_for("alice") == 0);
+  CHECK(store->count_for("bob") == 1);  // what alice sent others stays theirs
+  got = store->load_clients();
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].name == "bob");
+  const Released again = store->release("alice");
+  CHECK_FALSE(again.found);
+  CHECK(again.messages == 0);
+}
+
 TEST_CASE_TEMPLATE("save reports per message whether it inserted it; a repeat (recipient, sender, mid) is kept once",
                    Backend, SqliteBackend, MemoryBackend) {
   const Backend backend;
@@ -405,7 +440,7 @@ TEST_CASE_TEMPLATE("save reports per message whether it inserted it; a repeat (r
     CHECK(store->save(changed) == std::vector<bool>{false});
     const auto got = store->pending_for("bob", {}, everything);
     REQUIRE(got.size() == 3);
-    CHECK(got[0].text == "hi");
+    CHECK(got[0].body == "hi");
     CHECK(got[0].kind == Kind::direct);
     CHECK(got[0].ts_us == 1);
   }
@@ -474,7 +509,7 @@ TEST_CASE_TEMPLATE("pending_for reads in (ts_us, seq) order, not commit order, a
     if (page.empty()) break;
     REQUIRE(page.size() == 1);
     CHECK(at < page[0].cursor());
-    paged.push_back(page[0].text);
+    paged.push_back(page[0].body);
     at = page[0].cursor();
   }
   CHECK(paged == in_order);
@@ -512,7 +547,7 @@ TEST_CASE_TEMPLATE("pending_for reads in (ts_us, seq) order, not commit order, a
     save_new(*store, oldest);
     const auto got = store->pending_for("bob", {}, 1);
     REQUIRE(got.size() == 1);
-    CHECK(got[0].text == "min");
+    CHECK(got[0].body == "min");
     CHECK(Cursor{} < got[0].cursor());
   }
 }
@@ -537,7 +572,7 @@ TEST_CASE("reopening after close keeps messages and client rows") {
   REQUIRE(got.size() == 2);
   CHECK(got[0].seq == seqs[0]);
   CHECK(got[0].from == "alice");
-  CHECK(got[0].text == "one");
+  CHECK(got[0].body == "one");
   CHECK(got[0].mid == 7);
   CHECK(got[1].kind == Kind::channel);
   CHECK(got[1].ts_us == 20);
@@ -599,7 +634,7 @@ TEST_CASE("a writer killed mid-stream loses no save it reported") {
     auto store = open_sqlite_store(tmp.str());
     std::map<std::uint32_t, int> times_present;
     for (const auto& m : store->pending_for("bob", {}, everything)) {
-      const auto i = static_cast<std::uint32_t>(std::stoul(m.text));
+      const auto i = static_cast<std::uint32_t>(std::stoul(m.body));
       CHECK(m.mid == i);
       ++times_present[i];
     }
@@ -625,7 +660,7 @@ TEST_CASE("an unknown schema version is refused and left as found") {
   { auto store = open_sqlite_store(tmp.str()); }
   {
     RawDb raw(tmp.path() / "chat.db");
-    CHECK(raw.query_text("PRAGMA user_version") == "2");
+    CHECK(raw.query_text("PRAGMA user_version") == "3");
     raw.exec("PRAGMA user_version=99");
   }
   std::string what;
@@ -660,9 +695,11 @@ TEST_CASE("a directory that cannot be created is a StoreError") {
   CHECK_THROWS_AS(open_sqlite_store((tmp.path() / "file" / "sub").string()), StoreError);
 }
 
-TEST_CASE("the golden schema-1 database opens with every message and client row intact") {
+TEST_CASE("the golden schema-1 database opens: every client row intact, its plain-text messages kept aside") {
   // tests/data/golden-v1/chat.db was written by the code of schema version 1 (commit ebd2e90);
-  // every later schema must open it, migrating on open, and lose nothing.
+  // every later schema must open it, migrating on open, and lose nothing. Its messages are plain
+  // text from senders nobody authenticated: since schema 3 they are kept in legacy_messages and
+  // never delivered.
   const fs::path golden = golden_v1();
   INFO("golden file " << golden);
   REQUIRE(fs::exists(golden));
@@ -670,71 +707,46 @@ TEST_CASE("the golden schema-1 database opens with every message and client row 
   fs::copy_file(golden, tmp.path() / "chat.db");
   auto store = open_sqlite_store(tmp.str());
 
-  struct Expected {
-    std::int64_t seq;
-    std::string from;
-    Kind kind;
-    std::int64_t ts_us;
-    std::uint64_t mid;
-    std::string text;
-  };
-  const auto check_rows = [&](const std::string& to, const std::vector<Expected>& want) {
+  CHECK(store->legacy_count() == 6);
+  for (const char* to : {"alice", "bob", "carol", "dave"}) {
     CAPTURE(to);
-    const auto got = store->pending_for(to, {}, everything);
-    REQUIRE(got.size() == want.size());
-    CHECK(store->count_for(to) == want.size());
-    for (std::size_t i = 0; i < want.size(); ++i) {
-      CAPTURE(i);
-      CHECK(got[i].seq == want[i].seq);
-      CHECK(got[i].from == want[i].from);
-      CHECK(got[i].kind == want[i].kind);
-      CHECK(got[i].ts_us == want[i].ts_us);
-      CHECK(got[i].mid == want[i].mid);
-      CHECK(got[i].text == want[i].text);
-    }
-  };
-  // Seq 6 was committed last but is stamped first: it comes first since schema 2.
-  check_rows("bob", {{6, "dave", Kind::direct, 1'700'000'000'000'050, 11, "late commit, early stamp"},
-                     {1, "alice", Kind::direct, 1'700'000'000'000'100, 1, "hi bob"},
-                     {3, "carol", Kind::channel, 1'700'000'000'000'300, 7, "meeting at \"noon\", it's 'room 4'"}});
-  check_rows("carol", {{2, "alice", Kind::direct, 1'700'000'000'000'200, 2,
-                        "h\xC3\xA9llo w\xC3\xB6rld \xE4\xB8\x96\xE7\x95\x8C \xF0\x9F\x92\xAC"},  // héllo wörld 世界 💬
-                       {4, "bob", Kind::channel, 1'700'000'000'000'300, 9'223'372'036'854'775'813ULL,
-                        "channel: \"quoted\" 'single' `back`"}});
-  // Seq 5 (dave's first) was delivered and removed before the file was committed.
-  check_rows("dave", {{7, "carol", Kind::channel, 1'700'000'000'000'500, 8, "still waiting"}});
-  CHECK(store->count_for("alice") == 0);
+    CHECK(store->count_for(to) == 0);
+    CHECK(store->pending_for(to, {}, everything).empty());
+  }
 
   const auto clients = store->load_clients();
   REQUIRE(clients.size() == 4);
-  const std::vector<ClientRow> want{{"alice", "10.0.0.1", 5000, true},
-                                    {"bob", "10.0.0.2", 5001, false},
-                                    {"carol", "192.168.1.3", 65535, true},
-                                    {"dave", "172.16.0.4", 6000, false}};
+  const std::vector<ClientRow> want{{"alice", "10.0.0.1", 5000, true, ""},
+                                    {"bob", "10.0.0.2", 5001, false, ""},
+                                    {"carol", "192.168.1.3", 65535, true, ""},
+                                    {"dave", "172.16.0.4", 6000, false, ""}};
   for (std::size_t i = 0; i < want.size(); ++i) {
     CAPTURE(i);
     CHECK(clients[i].name == want[i].name);
     CHECK(clients[i].ip == want[i].ip);
     CHECK(clients[i].port == want[i].port);
     CHECK(clients[i].online == want[i].online);
+    CHECK(clients[i].key.empty());  // not bound yet: the name's next registration binds it
   }
 
-  // The old file stays writable, a repeated (recipient, sender, mid) is still refused, and new
-  // seqs continue after the highest ever used (7), not after the highest still present.
-  const std::vector<NewMessage> more{msg("bob", "alice", "repeat", Kind::direct, 1, 1),
-                                     msg("dave", "alice", "new", Kind::direct, 1'700'000'000'000'600, 4)};
-  CHECK(store->save(more) == std::vector<bool>{false, true});
-  CHECK(store->count_for("bob") == 3);
+  // The migrated file takes new sealed messages.
+  const std::vector<NewMessage> more{msg("dave", "alice", "new", Kind::direct, 1'700'000'000'000'600, 4),
+                                     msg("dave", "alice", "repeat", Kind::direct, 1, 4)};
+  CHECK(store->save(more) == std::vector<bool>{true, false});
   const auto dave = store->pending_for("dave", {}, everything);
-  REQUIRE(dave.size() == 2);
-  CHECK(dave[1].text == "new");
-  CHECK(dave[1].seq > 7);
+  REQUIRE(dave.size() == 1);
+  CHECK(dave[0].body == "new");
   store.reset();
   RawDb raw(tmp.path() / "chat.db");
   CHECK(raw.query_text("PRAGMA integrity_check") == "ok");
+  // Every old row is there, as it was (seq 5 was delivered before the file was committed).
+  CHECK(raw.query_text("SELECT group_concat(seq || ' ' || recipient || ' ' || sender, ',') FROM "
+                       "(SELECT * FROM legacy_messages ORDER BY seq)") ==
+        "1 bob alice,2 carol alice,3 bob carol,4 carol bob,6 bob dave,7 dave carol");
+  CHECK(raw.query_text("SELECT text FROM legacy_messages WHERE seq = 6") == "late commit, early stamp");
 }
 
-TEST_CASE("a schema-1 store is migrated to 2 on open and ends up with a fresh store's schema") {
+TEST_CASE("a schema-1 store is migrated to 3 on open and ends up with a fresh store's schema") {
   TempDir tmp;
   const fs::path old_dir = tmp.path() / "old";
   const fs::path fresh_dir = tmp.path() / "fresh";
@@ -752,8 +764,8 @@ TEST_CASE("a schema-1 store is migrated to 2 on open and ends up with a fresh st
       "FROM (SELECT * FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name)";
   RawDb migrated(old_dir / "chat.db");
   RawDb fresh(fresh_dir / "chat.db");
-  CHECK(migrated.query_text("PRAGMA user_version") == "2");
-  CHECK(fresh.query_text("PRAGMA user_version") == "2");
+  CHECK(migrated.query_text("PRAGMA user_version") == "3");
+  CHECK(fresh.query_text("PRAGMA user_version") == "3");
   const auto schema = fresh.query_text(schema_query);
   INFO(schema);
   CHECK(migrated.query_text(schema_query) == schema);
@@ -762,14 +774,15 @@ TEST_CASE("a schema-1 store is migrated to 2 on open and ends up with a fresh st
   CHECK(schema.find("messages_by_recipient") == std::string::npos);
   CHECK(migrated.query_text("SELECT group_concat(name, ',') FROM pragma_index_info('messages_by_arrival')") ==
         "recipient,ts_us,seq");
-  CHECK(migrated.query_text("SELECT count(*) FROM messages") == "6");
+  CHECK(migrated.query_text("SELECT count(*) FROM messages") == "0");
+  CHECK(migrated.query_text("SELECT count(*) FROM legacy_messages") == "6");
   CHECK(migrated.query_text("SELECT count(*) FROM clients") == "4");
   CHECK(migrated.query_text("PRAGMA integrity_check") == "ok");
 
-  // A second open finds version 2 and changes nothing.
+  // A second open finds version 3 and changes nothing.
   { auto store = open_sqlite_store(old_dir.string()); }
   CHECK(migrated.query_text(schema_query) == schema);
-  CHECK(migrated.query_text("SELECT count(*) FROM messages") == "6");
+  CHECK(migrated.query_text("SELECT count(*) FROM legacy_messages") == "6");
 }
 
 TEST_CASE("a migration that fails part-way leaves the schema-1 store as it was") {
