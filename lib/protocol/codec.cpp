@@ -1,17 +1,17 @@
-// Encoding and strict decoding of every datagram type (JSON over UDP).
+// Encoding and strict decoding of every datagram type: the binary wire format v2
+// (little-endian integers, length-prefixed strings; docs/PROTOCOL.md §1-§3).
 #include "protocol/codec.hpp"
 
 #include <arpa/inet.h>
 
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 
 #include <nlohmann/json.hpp>
 
 namespace chat::protocol {
 namespace {
-
-using json = nlohmann::json;
 
 template <class... Ts>
 struct overloaded : Ts... {
@@ -20,44 +20,50 @@ struct overloaded : Ts... {
 template <class... Ts>
 overloaded(Ts...) -> overloaded<Ts...>;  // clang 14 (the fuzz build) needs the guide
 
+// ---------------------------------------------------------------- type codes
+
+// The type code of each Message alternative, in variant order. Requests < 64, replies >= 64.
+constexpr std::uint8_t kCodes[] = {
+    1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11,  // Register .. Lookup
+    64, 65, 66, 67, 68, 69, 70, 71, 72,          // Ack .. Found
+};
+static_assert(std::size(kCodes) == std::variant_size_v<Message>);
+constexpr std::uint8_t kFirstReply = 64;
+constexpr std::size_t kHeader = 10;  // version, type, u64 id/re
+
+constexpr bool is_request_code(std::uint8_t c) { return c >= 1 && c <= 11; }
+
 // ---------------------------------------------------------------- encode
 
 // Where encoded bytes go: appended to a string (encode), or only counted (encoded_size and the
 // packing sizes), so that every size the codec reports comes from the very code that encodes.
 class StringSink {
  public:
-  StringSink() { out_.reserve(192); }
+  explicit StringSink(std::string& out) : out_(out) {}
   void put(char c) { out_ += c; }
-  void put(std::string_view s) { out_ += s; }
-  void fill(std::size_t n, char c) { out_.append(n, c); }
-  std::string take() { return std::move(out_); }
+  void put(std::string_view s) { out_.append(s); }
+  void put(const std::uint8_t* p, std::size_t n) { out_.append(reinterpret_cast<const char*>(p), n); }
 
  private:
-  std::string out_;
+  std::string& out_;
 };
 
 class CountSink {
  public:
   void put(char) { ++size_; }
   void put(std::string_view s) { size_ += s.size(); }
-  void fill(std::size_t n, char) { size_ += n; }
-  std::size_t take() const { return size_; }
+  void put(const std::uint8_t*, std::size_t n) { size_ += n; }
+  std::size_t size() const { return size_; }
 
  private:
   std::size_t size_ = 0;
 };
 
-template <class Sink, class T>
-void put_number(Sink& out, T v) {
-  char buf[24];
-  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
-  out.put(std::string_view(buf, static_cast<std::size_t>(end - buf)));
-}
-
-// Length of the well-formed UTF-8 sequence starting `s` (first byte >= 0x80), or 0.
+// Length of the well-formed UTF-8 sequence at the start of `s` (non-empty), or 0 if it is not one.
 std::size_t utf8_length(std::string_view s) {
   auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
   unsigned c = b(0);
+  if (c < 0x80) return 1;
   std::size_t n;
   unsigned min;
   if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
@@ -73,394 +79,480 @@ std::size_t utf8_length(std::string_view s) {
   return n;
 }
 
-// True for an ASCII byte JSON carries as it is (not a control character, quote or backslash).
-constexpr bool plain(unsigned char c) { return c >= 0x20 && c < 0x80 && c != '"' && c != '\\'; }
+constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
-// A JSON string; invalid UTF-8 becomes U+FFFD (one per bad byte), never an exception.
-template <class Sink>
-void put_string(Sink& out, std::string_view s) {
-  out.put('"');
+// Calls emit(piece) for each character of a reason as encode() carries it: invalid bytes
+// replaced by U+FFFD, and stopping before the character that would pass kMaxReason bytes.
+template <class Emit>
+void walk_reason(std::string_view s, Emit&& emit) {
+  std::size_t total = 0;
   std::size_t i = 0;
   while (i < s.size()) {
-    // Bytes that stand for themselves go in one run (the common case, and one count for CountSink).
-    std::size_t run = i;
-    while (run < s.size() && plain(static_cast<unsigned char>(s[run]))) ++run;
-    if (run > i) {
-      out.put(s.substr(i, run - i));
-      i = run;
-      continue;
-    }
-    auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x80) {
-      std::size_t n = utf8_length(s.substr(i));
-      if (n == 0) {
-        out.put("\xEF\xBF\xBD");
-        ++i;
-      } else {
-        out.put(s.substr(i, n));
-        i += n;
-      }
-      continue;
-    }
-    switch (c) {
-      case '"': out.put("\\\""); break;
-      case '\\': out.put("\\\\"); break;
-      case '\b': out.put("\\b"); break;
-      case '\f': out.put("\\f"); break;
-      case '\n': out.put("\\n"); break;
-      case '\r': out.put("\\r"); break;
-      case '\t': out.put("\\t"); break;
-      default:
-        if (c < 0x20) {
-          static constexpr char hex[] = "0123456789abcdef";
-          out.put("\\u00");
-          out.put(hex[c >> 4]);
-          out.put(hex[c & 0xF]);
-        } else {
-          out.put(static_cast<char>(c));
-        }
-    }
-    ++i;
+    std::size_t n = utf8_length(s.substr(i));
+    std::string_view piece = n == 0 ? kReplacement : s.substr(i, n);
+    if (total + piece.size() > kMaxReason) return;
+    emit(piece);
+    total += piece.size();
+    i += n == 0 ? 1 : n;
   }
-  out.put('"');
 }
 
-// One table row: ["name","ip",port,online].
-template <class Sink>
-void put_entry(Sink& out, const Entry& e) {
-  out.put('[');
-  put_string(out, e.name);
-  out.put(',');
-  put_string(out, e.ip);
-  out.put(',');
-  put_number(out, e.port);
-  out.put(e.online ? ",1]" : ",0]");
-}
-
-// One saved message: ["from",kind,ts_us,mid,"text"].
-template <class Sink>
-void put_item(Sink& out, const StoredItem& i) {
-  out.put('[');
-  put_string(out, i.from);
-  out.put(i.channel ? ",1," : ",0,");
-  put_number(out, i.ts_us);
-  out.put(',');
-  put_number(out, i.mid);
-  out.put(',');
-  put_string(out, i.text);
-  out.put(']');
-}
-
-// Writes one datagram straight into its sink: no JSON tree, one allocation. The output is the
-// JSON a tree would give (keys in another order), checked by the round-trip tests and fuzzer.
-// The header is always {"v":1,"t":"<tag>" and a request's id comes right after it, which is
-// what set_encoded_id relies on.
+// Writes the fields of one datagram into its sink. Lengths that do not fit their prefix are
+// saturated (the datagram is then refused, never misread: docs in codec.hpp).
 template <class Sink>
 class Writer {
  public:
-  explicit Writer(const char* type) {
-    out_.put("{\"v\":");
-    put_number(out_, kVersion);
-    out_.put(",\"t\":\"");
-    out_.put(type);
-    out_.put('"');
+  explicit Writer(Sink& out) : out_(out) {}
+
+  void u8(std::uint8_t v) { out_.put(static_cast<char>(v)); }
+  void u16(std::uint16_t v) {
+    const std::uint8_t b[2] = {static_cast<std::uint8_t>(v), static_cast<std::uint8_t>(v >> 8)};
+    out_.put(b, 2);
   }
-  Writer& u64(const char* key, std::uint64_t v) {
-    this->key(key);
-    put_number(out_, v);
-    return *this;
+  void u64(std::uint64_t v) {
+    std::uint8_t b[8];
+    for (int k = 0; k < 8; ++k) b[k] = static_cast<std::uint8_t>(v >> (8 * k));
+    out_.put(b, 8);
   }
-  Writer& boolean(const char* key, bool v) {
-    this->key(key);
-    out_.put(v ? "true" : "false");
-    return *this;
+  void i64(std::int64_t v) { u64(static_cast<std::uint64_t>(v)); }
+  void boolean(bool v) { u8(v ? 1 : 0); }
+  void name(std::string_view s) {
+    u8(static_cast<std::uint8_t>(std::min<std::size_t>(s.size(), 0xFF)));
+    out_.put(s);
   }
-  Writer& str(const char* key, std::string_view v) {
-    this->key(key);
-    put_string(out_, v);
-    return *this;
+  void bytes8(std::string_view s) { name(s); }
+  void bytes16(std::string_view s) {
+    u16(static_cast<std::uint16_t>(std::min<std::size_t>(s.size(), 0xFFFF)));
+    out_.put(s);
   }
-  // A string of `n` spaces.
-  Writer& blank(const char* key, std::size_t n) {
-    this->key(key);
-    out_.put('"');
-    out_.fill(n, ' ');
-    out_.put('"');
-    return *this;
+  void text(std::string_view s) {
+    std::size_t n = 0;
+    walk_reason(s, [&](std::string_view piece) { n += piece.size(); });
+    u16(static_cast<std::uint16_t>(n));
+    walk_reason(s, [&](std::string_view piece) { out_.put(piece); });
   }
-  Writer& entry(const char* key, const Entry& e) {
-    this->key(key);
-    put_entry(out_, e);
-    return *this;
+  void key(const Key& k) { out_.put(k.data(), k.size()); }
+  void sig(const Signature& s) { out_.put(s.data(), s.size()); }
+  void ip4(const std::string& ip) {
+    std::uint8_t b[4] = {0, 0, 0, 0};
+    in_addr a{};
+    // Network order is a first; anything but dotted IPv4 goes as 0.0.0.0.
+    if (valid_ipv4(ip) && inet_pton(AF_INET, ip.c_str(), &a) == 1) std::memcpy(b, &a, 4);
+    out_.put(b, 4);
   }
-  Writer& entries(const std::vector<Entry>& es) {
-    key("e");
-    out_.put('[');
-    for (std::size_t i = 0; i < es.size(); ++i) {
-      if (i > 0) out_.put(',');
-      put_entry(out_, es[i]);
-    }
-    out_.put(']');
-    return *this;
+  void entry(const Entry& e) {
+    name(e.name);
+    ip4(e.ip);
+    u16(e.port);
+    boolean(e.online);
+    key(e.key);
   }
-  Writer& items(const std::vector<StoredItem>& is) {
-    key("items");
-    out_.put('[');
-    for (std::size_t i = 0; i < is.size(); ++i) {
-      if (i > 0) out_.put(',');
-      put_item(out_, is[i]);
-    }
-    out_.put(']');
-    return *this;
+  // A row of a not-known Found: the name (possibly empty), the rest zero.
+  void bare_entry(const std::string& n) {
+    name(n);
+    static constexpr std::uint8_t zeros[4 + 2 + 1 + 32] = {};
+    out_.put(zeros, sizeof zeros);
   }
-  auto done() {
-    out_.put('}');
-    return out_.take();
+  void item(const StoredItem& i) {
+    name(i.from);
+    boolean(i.channel);
+    i64(i.ts_us);
+    u64(i.mid);
+    key(i.key);
+    bytes16(i.body);
+  }
+  void header(std::size_t index, std::uint64_t id) {
+    u8(kVersion);
+    u8(kCodes[index]);
+    u64(id);
   }
 
  private:
-  void key(const char* k) {
-    out_.put(",\"");
-    out_.put(k);
-    out_.put("\":");
-  }
-
-  Sink out_;
+  Sink& out_;
 };
 
-// The datagram for `m` into a Sink: the bytes for StringSink, their number for CountSink.
 template <class Sink>
-auto write_message(const Message& m) {
-  using W = Writer<Sink>;
-  return std::visit(
-      overloaded{
-          [](const Register& r) {
-            W w("register");
-            w.u64("id", r.id).str("name", r.name);
-            if (r.every_ms > 0) w.u64("every", r.every_ms);
-            if (r.pad > 0) w.blank("pad", std::min(r.pad, kMaxDatagram));
-            return w.done();
-          },
-          [](const Dereg& r) { return W("dereg").u64("id", r.id).str("name", r.name).done(); },
-          [](const Direct& r) {
-            return W("direct").u64("id", r.id).str("from", r.from).str("text", r.text).done();
-          },
-          [](const Save& r) {
-            return W("save")
-                .u64("id", r.id)
-                .str("from", r.from)
-                .str("to", r.to)
-                .u64("mid", r.mid)
-                .boolean("force", r.force)
-                .str("text", r.text)
-                .done();
-          },
-          [](const Channel& r) {
-            return W("channel").u64("id", r.id).str("from", r.from).str("text", r.text).done();
-          },
-          [](const Relay& r) {
-            return W("relay").u64("id", r.id).str("from", r.from).u64("mid", r.mid).str("text", r.text).done();
-          },
-          [](const Probe& r) { return W("probe").u64("id", r.id).done(); },
-          [](const Table& r) {
-            return W("table")
-                .u64("id", r.id)
-                .u64("epoch", r.epoch)
-                .u64("from", r.from)
-                .u64("to", r.to)
-                .boolean("more", r.more)
-                .entries(r.entries)
-                .done();
-          },
-          [](const Stored& r) { return W("stored").u64("id", r.id).items(r.items).done(); },
-          [](const KeepAlive& r) { return W("keepalive").u64("id", r.id).str("name", r.name).done(); },
-          [](const Lookup& r) { return W("lookup").u64("id", r.id).str("name", r.name).done(); },
-          [](const Ack& r) {
-            W w("ack");
-            w.u64("re", r.re);
-            if (r.epoch != 0 || r.have != 0) w.u64("epoch", r.epoch).u64("have", r.have);
-            if (r.missed != 0) w.u64("missed", r.missed);
-            return w.done();
-          },
-          [](const RegOk& r) {
-            W w("reg_ok");
-            w.u64("re", r.re).u64("epoch", r.epoch).u64("pending", r.pending);
-            return w.done();
-          },
-          [](const RegErr& r) { return W("reg_err").u64("re", r.re).str("reason", r.reason).done(); },
-          [](const Exists& r) { return W("exists").u64("re", r.re).str("name", r.name).done(); },
-          [](const Refused& r) { return W("refused").u64("re", r.re).str("reason", r.reason).done(); },
-          [](const Alive& r) { return W("alive").u64("re", r.re).boolean("live", r.live).done(); },
-          [](const Found& r) {
-            W w("found");
-            w.u64("re", r.re).boolean("known", r.known);
-            // An unknown name has no row to carry: at most the name that was asked for.
-            if (r.known) w.entry("e", r.entry);
-            else if (!r.entry.name.empty()) w.str("name", r.entry.name);
-            return w.done();
-          },
-      },
-      m);
+void write_message(Sink& sink, const Message& m) {
+  Writer<Sink> w(sink);
+  w.header(m.index(), request_id(m) | reply_to(m));  // exactly one is set (0 for the other)
+  std::visit(overloaded{
+                 [&](const Register& r) {
+                   w.name(r.name);
+                   w.key(r.key);
+                   w.u64(r.every_ms);
+                   w.bytes8(r.token);
+                   if (!r.token.empty()) w.sig(r.proof);
+                 },
+                 [&](const Dereg& r) { w.name(r.name); },
+                 [&](const Direct& r) {
+                   w.name(r.from);
+                   w.bytes16(r.body);
+                 },
+                 [&](const Save& r) {
+                   w.name(r.from);
+                   w.name(r.to);
+                   w.u64(r.mid);
+                   w.boolean(r.force);
+                   w.bytes16(r.body);
+                 },
+                 [&](const Channel& r) {
+                   w.name(r.from);
+                   w.bytes16(r.body);
+                 },
+                 [&](const Relay& r) {
+                   w.name(r.from);
+                   w.u64(r.mid);
+                   w.bytes16(r.body);
+                 },
+                 [&](const Probe&) {},
+                 [&](const Table& r) {
+                   w.u64(r.epoch);
+                   w.u64(r.from);
+                   w.u64(r.to);
+                   w.boolean(r.more);
+                   w.u16(static_cast<std::uint16_t>(std::min<std::size_t>(r.entries.size(), 0xFFFF)));
+                   for (const Entry& e : r.entries) w.entry(e);
+                 },
+                 [&](const Stored& r) {
+                   w.u16(static_cast<std::uint16_t>(std::min<std::size_t>(r.items.size(), 0xFFFF)));
+                   for (const StoredItem& i : r.items) w.item(i);
+                 },
+                 [&](const KeepAlive& r) { w.name(r.name); },
+                 [&](const Lookup& r) { w.name(r.name); },
+                 [&](const Ack& r) {
+                   w.u64(r.epoch);
+                   w.u64(r.have);
+                   w.u64(r.missed);
+                 },
+                 [&](const Challenge& r) { w.bytes8(r.token); },
+                 [&](const Receipt& r) { w.bytes16(r.body); },
+                 [&](const RegOk& r) {
+                   w.u64(r.epoch);
+                   w.u64(r.pending);
+                 },
+                 [&](const RegErr& r) { w.text(r.reason); },
+                 [&](const Exists& r) { w.name(r.name); },
+                 [&](const Refused& r) { w.text(r.reason); },
+                 [&](const Alive& r) { w.boolean(r.live); },
+                 [&](const Found& r) {
+                   w.boolean(r.known);
+                   if (r.known) w.entry(r.entry);
+                   else w.bare_entry(r.entry.name);
+                 },
+             },
+             m);
 }
 
 // ---------------------------------------------------------------- decode
 
-// Thrown only inside decode() to unwind a field check; never escapes it.
-struct Refuse {
-  DecodeError why;
+// Reads fields front to back, never past the end. The first failure sticks: every later read
+// gives a zero value and leaves the error as it is, so a decoder reads straight through and
+// asks error() once at the end.
+class Reader {
+ public:
+  explicit Reader(std::string_view s) : s_(s) {}
+
+  DecodeError error() const { return error_; }
+  bool ok() const { return error_ == DecodeError::none; }
+  void fail(DecodeError e) {
+    if (ok()) error_ = e;
+  }
+  // The datagram must end here.
+  void end() {
+    if (ok() && pos_ != s_.size()) fail(DecodeError::trailing);
+  }
+
+  std::string_view raw(std::size_t n) {
+    if (!ok()) return {};
+    if (s_.size() - pos_ < n) {
+      fail(DecodeError::truncated);
+      pos_ = s_.size();
+      return {};
+    }
+    std::string_view v = s_.substr(pos_, n);
+    pos_ += n;
+    return v;
+  }
+  std::uint8_t u8() {
+    std::string_view b = raw(1);
+    return b.empty() ? 0 : static_cast<std::uint8_t>(b[0]);
+  }
+  std::uint16_t u16() { return static_cast<std::uint16_t>(le(raw(2))); }
+  std::uint64_t u64() { return le(raw(8)); }
+  std::int64_t i64() { return static_cast<std::int64_t>(u64()); }
+  bool boolean() {
+    std::uint8_t v = u8();
+    if (v > 1) fail(DecodeError::bad_value);
+    return v == 1;
+  }
+  // A request id or a reply's re: 0 means "none" inside the program.
+  std::uint64_t id() {
+    std::uint64_t v = u64();
+    if (ok() && v == 0) fail(DecodeError::bad_value);
+    return v;
+  }
+  std::string name() {
+    std::string n = name_or_empty();
+    if (ok() && !valid_name(n)) fail(DecodeError::bad_name);
+    return n;
+  }
+  std::string name_or_empty() {
+    std::string_view n = raw(u8());
+    if (ok() && !n.empty() && !valid_name(n)) fail(DecodeError::bad_name);
+    return std::string(n);
+  }
+  std::string bytes8(std::size_t max) { return limited(u8(), max); }
+  std::string bytes16(std::size_t max) { return limited(u16(), max); }
+  std::string text(std::size_t max) {
+    std::string t = limited(u16(), max);
+    if (ok() && !valid_utf8(t)) fail(DecodeError::invalid_utf8);
+    return t;
+  }
+  template <std::size_t N>
+  std::array<std::uint8_t, N> fixed() {
+    std::array<std::uint8_t, N> a{};
+    std::string_view b = raw(N);
+    if (!b.empty()) std::memcpy(a.data(), b.data(), N);
+    return a;
+  }
+  std::string ip4() {
+    std::string_view b = raw(4);
+    if (b.empty()) return {};
+    char buf[16];
+    char* p = buf;
+    for (std::size_t k = 0; k < 4; ++k) {
+      if (k > 0) *p++ = '.';
+      p = std::to_chars(p, buf + sizeof buf, static_cast<unsigned char>(b[k])).ptr;
+    }
+    return std::string(buf, p);
+  }
+  Entry entry() {
+    Entry e;
+    e.name = name();
+    e.ip = ip4();
+    e.port = u16();
+    if (ok() && e.port == 0) fail(DecodeError::bad_value);
+    e.online = boolean();
+    e.key = fixed<32>();
+    return e;
+  }
+  // The row of a not-known Found: a name or none, and nothing else (all zero).
+  Entry bare_entry() {
+    Entry e;
+    e.name = name_or_empty();
+    std::string_view rest = raw(4 + 2 + 1 + 32);
+    if (ok() && std::any_of(rest.begin(), rest.end(), [](char c) { return c != 0; }))
+      fail(DecodeError::bad_value);
+    return e;
+  }
+  StoredItem item() {
+    StoredItem i;
+    i.from = name();
+    i.channel = boolean();
+    i.ts_us = i64();
+    if (ok() && i.ts_us < 0) fail(DecodeError::bad_value);
+    i.mid = u64();
+    i.key = fixed<32>();
+    i.body = bytes16(kMaxBody);
+    return i;
+  }
+
+ private:
+  static std::uint64_t le(std::string_view b) {
+    std::uint64_t v = 0;
+    for (std::size_t k = b.size(); k-- > 0;) v = v << 8 | static_cast<unsigned char>(b[k]);
+    return v;
+  }
+  std::string limited(std::size_t n, std::size_t max) {
+    if (ok() && n > max) fail(DecodeError::text_too_long);
+    return std::string(raw(n));
+  }
+
+  std::string_view s_;
+  std::size_t pos_ = 0;
+  DecodeError error_ = DecodeError::none;
 };
 
-const json& field(const json& j, const char* key) {
-  auto it = j.find(key);
-  if (it == j.end()) throw Refuse{DecodeError::missing_field};
-  return *it;
-}
-
-std::uint64_t get_u64(const json& j, const char* key) {
-  const json& v = field(j, key);
-  if (!v.is_number_unsigned()) throw Refuse{DecodeError::wrong_type};
-  return v.get<std::uint64_t>();
-}
-
-std::uint64_t get_id(const json& j, const char* key) {
-  std::uint64_t id = get_u64(j, key);
-  if (id == 0) throw Refuse{DecodeError::bad_value};  // 0 means "no id" internally
-  return id;
-}
-
-bool get_bool(const json& j, const char* key) {
-  const json& v = field(j, key);
-  if (!v.is_boolean()) throw Refuse{DecodeError::wrong_type};
-  return v.get<bool>();
-}
-
-const std::string& as_string(const json& v) {
-  if (!v.is_string()) throw Refuse{DecodeError::wrong_type};
-  return v.get_ref<const std::string&>();
-}
-
-std::string get_name(const json& v) {
-  const std::string& s = as_string(v);
-  if (!valid_name(s)) throw Refuse{DecodeError::bad_name};
-  return s;
-}
-
-std::string get_text(const json& v) {
-  const std::string& s = as_string(v);
-  // Both limits, as at the prompt: a text that passed could not be carried on (relay, delivery).
-  if (s.size() > kMaxText || escaped_size(s) > kMaxTextEncoded) throw Refuse{DecodeError::text_too_long};
-  return s;
-}
-
-std::string get_reason(const json& v) {
-  const std::string& s = as_string(v);
-  if (s.size() > kMaxReason) throw Refuse{DecodeError::text_too_long};
-  return s;
-}
-
-std::uint64_t element_u64(const json& v) {
-  if (!v.is_number_unsigned()) throw Refuse{DecodeError::wrong_type};
-  return v.get<std::uint64_t>();
-}
-
-Entry get_entry(const json& v) {
-  if (!v.is_array() || v.size() != 4) throw Refuse{DecodeError::wrong_type};
-  Entry e;
-  e.name = get_name(v[0]);
-  e.ip = as_string(v[1]);
-  if (!valid_ipv4(e.ip)) throw Refuse{DecodeError::bad_value};
-  std::uint64_t port = element_u64(v[2]);
-  if (port == 0 || port > 65535) throw Refuse{DecodeError::bad_value};
-  e.port = static_cast<std::uint16_t>(port);
-  std::uint64_t online = element_u64(v[3]);
-  if (online > 1) throw Refuse{DecodeError::bad_value};
-  e.online = online == 1;
-  return e;
-}
-
-StoredItem get_item(const json& v) {
-  if (!v.is_array() || v.size() != 5) throw Refuse{DecodeError::wrong_type};
-  StoredItem i;
-  i.from = get_name(v[0]);
-  std::uint64_t kind = element_u64(v[1]);
-  if (kind > 1) throw Refuse{DecodeError::bad_value};
-  i.channel = kind == 1;
-  std::uint64_t ts = element_u64(v[2]);
-  if (ts > static_cast<std::uint64_t>(INT64_MAX)) throw Refuse{DecodeError::bad_value};
-  i.ts_us = static_cast<std::int64_t>(ts);
-  i.mid = element_u64(v[3]);
-  i.text = get_text(v[4]);
-  return i;
-}
-
-const json& get_array(const json& j, const char* key) {
-  const json& v = field(j, key);
-  if (!v.is_array()) throw Refuse{DecodeError::wrong_type};
-  return v;
-}
-
-Message decode_body(const std::string& t, const json& j) {
-  if (t == "register") {
-    Register r{get_id(j, "id"), get_name(field(j, "name")), 0};
-    if (auto p = j.find("pad"); p != j.end()) r.pad = as_string(*p).size();
-    if (j.contains("every")) r.every_ms = get_u64(j, "every");  // absent from older clients
-    return r;
-  }
-  if (t == "dereg") return Dereg{get_id(j, "id"), get_name(field(j, "name"))};
-  if (t == "direct") return Direct{get_id(j, "id"), get_name(field(j, "from")), get_text(field(j, "text"))};
-  if (t == "save")
-    return Save{get_id(j, "id"),  get_name(field(j, "from")), get_name(field(j, "to")),
-                get_u64(j, "mid"), get_bool(j, "force"),        get_text(field(j, "text"))};
-  if (t == "channel") return Channel{get_id(j, "id"), get_name(field(j, "from")), get_text(field(j, "text"))};
-  if (t == "relay")
-    return Relay{get_id(j, "id"), get_name(field(j, "from")), get_u64(j, "mid"), get_text(field(j, "text"))};
-  if (t == "probe") return Probe{get_id(j, "id")};
-  if (t == "table") {
-    Table r{get_id(j, "id"), get_u64(j, "epoch"), get_u64(j, "from"), get_u64(j, "to"),
-            get_bool(j, "more"), {}};
-    if (r.to < r.from) throw Refuse{DecodeError::bad_value};
-    for (const auto& e : get_array(j, "e")) r.entries.push_back(get_entry(e));
-    return r;
-  }
-  if (t == "stored") {
-    Stored r{get_id(j, "id"), {}};
-    for (const auto& i : get_array(j, "items")) r.items.push_back(get_item(i));
-    return r;
-  }
-  if (t == "keepalive") return KeepAlive{get_id(j, "id"), get_name(field(j, "name"))};
-  if (t == "lookup") return Lookup{get_id(j, "id"), get_name(field(j, "name"))};
-  if (t == "ack") {
-    Ack r{get_id(j, "re"), 0, 0, 0};
-    if (j.contains("epoch") || j.contains("have")) {
-      r.epoch = get_u64(j, "epoch");
-      r.have = get_u64(j, "have");
+// The fields after the header, for type `code`; nullopt (with r's error set) if refused.
+// The fields of each message are read in their wire order by a braced initialiser, whose
+// clauses C++ evaluates left to right ([dcl.init.list]).
+std::optional<Message> read_body(Reader& r, std::uint8_t code, std::uint64_t id) {
+  switch (code) {
+    case 1: {
+      Register m{id, r.name(), r.fixed<32>(), r.u64(), r.bytes8(kMaxToken), {}};
+      if (!m.token.empty()) m.proof = r.fixed<64>();
+      return m;
     }
-    if (j.contains("missed")) r.missed = get_u64(j, "missed");  // absent in older senders' acks
-    return r;
-  }
-  if (t == "reg_ok") {
-    return RegOk{get_id(j, "re"), get_u64(j, "epoch"), get_u64(j, "pending")};
-  }
-  if (t == "reg_err") return RegErr{get_id(j, "re"), get_reason(field(j, "reason"))};
-  if (t == "exists") return Exists{get_id(j, "re"), get_name(field(j, "name"))};
-  if (t == "refused") return Refused{get_id(j, "re"), get_reason(field(j, "reason"))};
-  if (t == "alive") return Alive{get_id(j, "re"), get_bool(j, "live")};
-  if (t == "found") {
-    Found r{get_id(j, "re"), get_bool(j, "known"), {}};
-    // A row comes only with known, a bare name only without: either contradiction is refused.
-    if (r.known) {
-      if (j.contains("name")) throw Refuse{DecodeError::bad_value};
-      r.entry = get_entry(field(j, "e"));
-    } else {
-      if (j.contains("e")) throw Refuse{DecodeError::bad_value};
-      if (auto n = j.find("name"); n != j.end()) r.entry.name = get_name(*n);
+    case 2: return Dereg{id, r.name()};
+    case 3: return Direct{id, r.name(), r.bytes16(kMaxBody)};
+    case 4: return Save{id, r.name(), r.name(), r.u64(), r.boolean(), r.bytes16(kMaxBody)};
+    case 5: return Channel{id, r.name(), r.bytes16(kMaxBody)};
+    case 6: return Relay{id, r.name(), r.u64(), r.bytes16(kMaxBody)};
+    case 7: return Probe{id};
+    case 8: {
+      Table m{id, r.u64(), r.u64(), r.u64(), r.boolean(), {}};
+      if (r.ok() && m.to < m.from) r.fail(DecodeError::bad_value);
+      std::size_t n = r.u16();
+      for (std::size_t k = 0; k < n && r.ok(); ++k) m.entries.push_back(r.entry());
+      return m;
     }
-    return r;
+    case 9: {
+      Stored m{id, {}};
+      std::size_t n = r.u16();
+      for (std::size_t k = 0; k < n && r.ok(); ++k) m.items.push_back(r.item());
+      return m;
+    }
+    case 10: return KeepAlive{id, r.name()};
+    case 11: return Lookup{id, r.name()};
+    case 64: return Ack{id, r.u64(), r.u64(), r.u64()};
+    case 65: return Challenge{id, r.bytes8(kMaxToken)};
+    case 66: return Receipt{id, r.bytes16(kMaxBody)};
+    case 67: return RegOk{id, r.u64(), r.u64()};
+    case 68: return RegErr{id, r.text(kMaxReason)};
+    case 69: return Exists{id, r.name()};
+    case 70: return Refused{id, r.text(kMaxReason)};
+    case 71: return Alive{id, r.boolean()};
+    case 72: {
+      Found m{id, r.boolean(), {}};
+      m.entry = m.known ? r.entry() : r.bare_entry();
+      return m;
+    }
+    default: r.fail(DecodeError::unknown_type); return std::nullopt;
   }
-  throw Refuse{DecodeError::unknown_type};
 }
 
-// Nesting depth of brackets outside strings; stops counting once past the limit.
+}  // namespace
+
+std::string encode(const Message& m) {
+  std::string out;
+  out.reserve(encoded_size(m));
+  StringSink sink(out);
+  write_message(sink, m);
+  return out;
+}
+
+std::size_t encoded_size(const Message& m) {
+  CountSink sink;
+  write_message(sink, m);
+  return sink.size();
+}
+
+Decoded decode(std::string_view bytes) {
+  if (bytes.empty()) return {std::nullopt, DecodeError::empty};
+  if (bytes.size() > kMaxDatagram) return {std::nullopt, DecodeError::too_large};
+  if (bytes[0] == '{') return {std::nullopt, DecodeError::old_version};
+  if (static_cast<std::uint8_t>(bytes[0]) != kVersion) return {std::nullopt, DecodeError::bad_version};
+  Reader r(bytes);
+  r.u8();  // the version, checked above
+  const std::uint8_t code = r.u8();
+  if (!r.ok()) return {std::nullopt, r.error()};
+  if (!is_request_code(code) && (code < kFirstReply || code > 72))
+    return {std::nullopt, DecodeError::unknown_type};
+  const std::uint64_t id = r.id();
+  std::optional<Message> m = read_body(r, code, id);
+  r.end();
+  if (!r.ok()) return {std::nullopt, r.error()};
+  return {std::move(m), DecodeError::none};
+}
+
+bool set_encoded_id(std::string& bytes, std::uint64_t id) {
+  if (id == 0) return false;  // 0 means "no id" and would be refused on receipt
+  if (bytes.size() < kHeader || static_cast<std::uint8_t>(bytes[0]) != kVersion ||
+      !is_request_code(static_cast<std::uint8_t>(bytes[1])))
+    return false;
+  for (std::size_t k = 2; k < kHeader; ++k)
+    if (static_cast<std::uint8_t>(bytes[k]) != 0xFF) return false;  // kIdPlaceholder, LE
+  static_assert(kIdPlaceholder == UINT64_MAX);
+  for (std::size_t k = 0; k < 8; ++k) bytes[2 + k] = static_cast<char>(static_cast<std::uint8_t>(id >> (8 * k)));
+  return true;
+}
+
+std::size_t stored_item_size(const StoredItem& item) {
+  CountSink sink;
+  Writer<CountSink>(sink).item(item);
+  return sink.size();
+}
+
+std::size_t stored_overhead() { return encoded_size(Stored{kIdPlaceholder, {}}); }
+
+std::size_t entry_size(const Entry& e) {
+  CountSink sink;
+  Writer<CountSink>(sink).entry(e);
+  return sink.size();
+}
+
+std::size_t table_overhead() { return encoded_size(Table{kIdPlaceholder, 0, 0, 0, false, {}}); }
+
+const char* to_string(DecodeError e) {
+  switch (e) {
+    case DecodeError::none: return "none";
+    case DecodeError::empty: return "empty";
+    case DecodeError::too_large: return "too_large";
+    case DecodeError::old_version: return "old_version";
+    case DecodeError::bad_version: return "bad_version";
+    case DecodeError::unknown_type: return "unknown_type";
+    case DecodeError::truncated: return "truncated";
+    case DecodeError::trailing: return "trailing";
+    case DecodeError::bad_name: return "bad_name";
+    case DecodeError::text_too_long: return "text_too_long";
+    case DecodeError::invalid_utf8: return "invalid_utf8";
+    case DecodeError::bad_value: return "bad_value";
+    case DecodeError::count_: break;
+  }
+  return "unknown";
+}
+
+bool valid_name(std::string_view name) {
+  if (name.empty() || name.size() > kMaxName || name.front() == '.') return false;
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+bool valid_utf8(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    std::size_t n = utf8_length(s.substr(i));
+    if (n == 0) return false;
+    i += n;
+  }
+  return true;
+}
+
+bool valid_ipv4(std::string_view s) {
+  if (s.size() < 7 || s.size() > 15 || s.find('\0') != std::string_view::npos) return false;
+  char buf[16];
+  s.copy(buf, s.size());
+  buf[s.size()] = '\0';
+  in_addr a{};
+  return inet_pton(AF_INET, buf, &a) == 1;
+}
+
+std::string check_text(std::string_view text) {
+  if (!valid_utf8(text)) return "message is not valid UTF-8 (is the terminal set to UTF-8?)";
+  if (text.size() > kMaxText)
+    return std::string("message too long: ")
+        .append(std::to_string(text.size()))
+        .append(" bytes, the limit is ")
+        .append(std::to_string(kMaxText))
+        .append(" bytes");
+  return {};
+}
+
+namespace {
+
+// The request tags of protocol version 1 (its "t" values; the others were replies).
+bool v1_request_tag(std::string_view t) {
+  static constexpr std::string_view tags[] = {"register", "dereg", "direct", "save",      "channel", "relay",
+                                              "probe",    "table", "stored", "keepalive", "lookup"};
+  return std::find(std::begin(tags), std::end(tags), t) != std::end(tags);
+}
+
+// Bracket nesting outside strings within `limit` (version 1's own guard, kept so that no
+// input can make the JSON parser recurse deeply).
 bool nesting_within(std::string_view s, int limit) {
   int depth = 0;
   bool in_string = false;
@@ -482,180 +574,26 @@ bool nesting_within(std::string_view s, int limit) {
 
 }  // namespace
 
-std::string encode(const Message& m) { return write_message<StringSink>(m); }
-
-std::size_t encoded_size(const Message& m) { return write_message<CountSink>(m); }
-
-void pad_to(Register& r, std::size_t size) {
-  r.pad = 0;
-  const std::size_t bare = encoded_size(r);
-  size = std::min(size, kMaxDatagram);  // a longer datagram would be refused as too_large
-  if (bare >= size) return;
-  r.pad = 1;
-  const std::size_t field = encoded_size(r) - bare - 1;  // ,"pad":"" without its content
-  if (bare + field + 1 > size) {
-    // Less than the field itself short of `size`: no pad fits exactly. Overshoot (by at most 9
-    // bytes) rather than stay short, as padding is there to reach at least `size` (the server's
-    // amplification allowance), but never past kMaxDatagram.
-    if (bare + field + 1 > kMaxDatagram) r.pad = 0;
-    return;
-  }
-  r.pad = size - bare - field;
-}
-
-bool set_encoded_id(std::string& bytes, std::uint64_t id) {
-  if (id == 0) return false;  // 0 means "no id" and would be refused on receipt
-  // The id is looked for only where the encoder puts it, right after the type tag (a tag has
-  // no quote), so no string content, a text or a name, can ever be taken for it.
-  static const std::string head = "{\"v\":" + std::to_string(kVersion) + ",\"t\":\"";
-  static const std::string key = ",\"id\":";
-  static const std::string placeholder = std::to_string(kIdPlaceholder);
-  if (bytes.size() < head.size() || bytes.compare(0, head.size(), head) != 0) return false;
-  const std::size_t tag_end = bytes.find('"', head.size());
-  if (tag_end == std::string::npos) return false;
-  const std::size_t number_at = tag_end + 1 + key.size();
-  const std::size_t after = number_at + placeholder.size();
-  if (after >= bytes.size()) return false;
-  if (bytes.compare(tag_end + 1, key.size(), key) != 0 ||
-      bytes.compare(number_at, placeholder.size(), placeholder) != 0)
-    return false;
-  // The placeholder must be the whole number, not the start of a longer one.
-  if (bytes[after] != ',' && bytes[after] != '}') return false;
-  bytes.replace(number_at, placeholder.size(), std::to_string(id));
-  return true;
-}
-
-std::size_t stored_item_size(const StoredItem& item) {
-  CountSink out;
-  put_item(out, item);
-  return out.take() + 1;  // the comma before it (one more than needed, for the first item)
-}
-
-std::size_t stored_overhead() {
-  // Everything but the items, with the longest id.
-  static const std::size_t size = encoded_size(Stored{kIdPlaceholder, {}});
-  return size;
-}
-
-std::size_t entry_size(const Entry& e) {
-  CountSink out;
-  put_entry(out, e);
-  return out.take() + 1;  // the comma before it (one more than needed, for the first entry)
-}
-
-std::size_t table_overhead() {
-  // Everything but the entries, with the longest numbers and "false" (longer than "true").
-  static const std::size_t size = encoded_size(
-      Table{kIdPlaceholder, UINT64_MAX, UINT64_MAX, UINT64_MAX, false, {}});
-  return size;
-}
-
-Decoded decode(std::string_view bytes) {
-  if (bytes.empty()) return {std::nullopt, DecodeError::empty};
-  if (bytes.size() > kMaxDatagram) return {std::nullopt, DecodeError::too_large};
-  if (!valid_utf8(bytes)) return {std::nullopt, DecodeError::invalid_utf8};
-  if (!nesting_within(bytes, kMaxDepth)) return {std::nullopt, DecodeError::too_deep};
+std::optional<std::string> v1_refusal(std::string_view bytes) {
+  // Version 1 datagrams started with '{' and were at most kMaxDatagram bytes, nested 4 deep.
+  if (bytes.empty() || bytes[0] != '{' || bytes.size() > kMaxDatagram || !nesting_within(bytes, 4))
+    return std::nullopt;
+  using json = nlohmann::json;
   json j = json::parse(bytes, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return {std::nullopt, DecodeError::not_json};
-  if (!j.is_object()) return {std::nullopt, DecodeError::not_object};
+  if (j.is_discarded() || !j.is_object()) return std::nullopt;
   auto v = j.find("v");
-  if (v == j.end() || !v->is_number_unsigned() || v->get<std::uint64_t>() != kVersion)
-    return {std::nullopt, DecodeError::bad_version};
   auto t = j.find("t");
-  if (t == j.end() || !t->is_string()) return {std::nullopt, DecodeError::unknown_type};
-  try {
-    return {decode_body(t->get_ref<const std::string&>(), j), DecodeError::none};
-  } catch (const Refuse& r) {
-    return {std::nullopt, r.why};
-  } catch (const std::exception&) {  // defensive: nlohmann type errors
-    return {std::nullopt, DecodeError::wrong_type};
-  }
-}
-
-const char* to_string(DecodeError e) {
-  switch (e) {
-    case DecodeError::none: return "none";
-    case DecodeError::empty: return "empty";
-    case DecodeError::too_large: return "too_large";
-    case DecodeError::invalid_utf8: return "invalid_utf8";
-    case DecodeError::too_deep: return "too_deep";
-    case DecodeError::not_json: return "not_json";
-    case DecodeError::not_object: return "not_object";
-    case DecodeError::bad_version: return "bad_version";
-    case DecodeError::unknown_type: return "unknown_type";
-    case DecodeError::missing_field: return "missing_field";
-    case DecodeError::wrong_type: return "wrong_type";
-    case DecodeError::bad_name: return "bad_name";
-    case DecodeError::text_too_long: return "text_too_long";
-    case DecodeError::bad_value: return "bad_value";
-    case DecodeError::count_: break;
-  }
-  return "unknown";
-}
-
-bool valid_name(std::string_view name) {
-  if (name.empty() || name.size() > kMaxName || name.front() == '.') return false;
-  for (char c : name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '-' || c == '.';
-    if (!ok) return false;
-  }
-  return true;
-}
-
-bool valid_utf8(std::string_view s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const auto* end = p + s.size();
-  while (p < end) {
-    unsigned c = *p;
-    if (c < 0x80) { ++p; continue; }
-    int n;
-    unsigned min;
-    if ((c & 0xE0) == 0xC0) { n = 1; min = 0x80; c &= 0x1F; }
-    else if ((c & 0xF0) == 0xE0) { n = 2; min = 0x800; c &= 0x0F; }
-    else if ((c & 0xF8) == 0xF0) { n = 3; min = 0x10000; c &= 0x07; }
-    else return false;
-    if (end - p <= n) return false;
-    for (int k = 1; k <= n; ++k) {
-      if ((p[k] & 0xC0) != 0x80) return false;
-      c = (c << 6) | (p[k] & 0x3F);
-    }
-    if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return false;
-    p += n + 1;
-  }
-  return true;
-}
-
-bool valid_ipv4(std::string_view s) {
-  if (s.size() < 7 || s.size() > 15 || s.find('\0') != std::string_view::npos) return false;
-  char buf[16];
-  s.copy(buf, s.size());
-  buf[s.size()] = '\0';
-  in_addr a{};
-  return inet_pton(AF_INET, buf, &a) == 1;
-}
-
-std::size_t escaped_size(std::string_view text) {
-  std::size_t n = 0;
-  for (unsigned char c : text) {
-    if (c == '"' || c == '\\' || c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t') n += 2;
-    else if (c < 0x20) n += 6;
-    else ++n;
-  }
-  return n;
-}
-
-std::string check_text(std::string_view text) {
-  // encode() would replace each bad byte with a 3-byte U+FFFD: refuse instead of changing it.
-  if (!valid_utf8(text)) return "message is not valid UTF-8 (is the terminal set to UTF-8?)";
-  if (text.size() > kMaxText)
-    return "message too long: " + std::to_string(text.size()) + " bytes, the limit is " +
-           std::to_string(kMaxText) + " bytes";
-  // Only control characters can get here (each takes 6 bytes on the wire).
-  if (std::size_t n = escaped_size(text); n > kMaxTextEncoded)
-    return "message too long: its control characters take " + std::to_string(n) +
-           " bytes on the wire, the limit is " + std::to_string(kMaxTextEncoded);
-  return {};
+  auto id = j.find("id");
+  if (v == j.end() || !v->is_number_unsigned() || v->get<std::uint64_t>() != 1) return std::nullopt;
+  if (t == j.end() || !t->is_string() || !v1_request_tag(t->get_ref<const std::string&>())) return std::nullopt;
+  if (id == j.end() || !id->is_number_unsigned() || id->get<std::uint64_t>() == 0) return std::nullopt;
+  // Written by hand in version 1's own field order; the reason needs no escaping.
+  const bool reg = t->get_ref<const std::string&>() == "register";
+  return std::string(reg ? R"({"v":1,"t":"reg_err","re":)" : R"({"v":1,"t":"refused","re":)")
+      .append(std::to_string(id->get<std::uint64_t>()))
+      .append(R"(,"reason":")")
+      .append(kV1RefusalReason)
+      .append("\"}");
 }
 
 std::uint64_t request_id(const Message& m) {
@@ -677,10 +615,10 @@ std::uint64_t reply_to(const Message& m) {
 }
 
 const char* type_name(const Message& m) {
-  static constexpr const char* names[] = {"register", "dereg",   "direct",    "save",   "channel",
-                                          "relay",    "probe",   "table",     "stored", "keepalive",
-                                          "lookup",   "ack",     "reg_ok",    "reg_err", "exists",
-                                          "refused",  "alive",   "found"};
+  static constexpr const char* names[] = {"register", "dereg",     "direct",  "save",   "channel",
+                                          "relay",    "probe",     "table",   "stored", "keepalive",
+                                          "lookup",   "ack",       "challenge", "receipt", "reg_ok",
+                                          "reg_err",  "exists",    "refused", "alive",  "found"};
   static_assert(std::size(names) == std::variant_size_v<Message>);
   return names[m.index()];
 }

@@ -1,4 +1,5 @@
-// Encoding and strict, never-throwing decoding of datagrams.
+// Encoding and strict, never-throwing decoding of datagrams: the binary wire format v2
+// (docs/PROTOCOL.md §1-§3), and the answer given to a version-1 (JSON) request.
 #pragma once
 
 #include <cstddef>
@@ -14,19 +15,17 @@ namespace chat::protocol {
 /// Why a datagram was refused; each reason is counted separately.
 enum class DecodeError : std::uint8_t {
   none,
-  empty,
-  too_large,
-  invalid_utf8,
-  too_deep,
-  not_json,
-  not_object,
-  bad_version,
-  unknown_type,
-  missing_field,
-  wrong_type,
-  bad_name,
-  text_too_long,
-  bad_value,
+  empty,          // zero bytes
+  too_large,      // more than kMaxDatagram bytes
+  old_version,    // a version-1 (JSON) datagram: the first byte is '{'
+  bad_version,    // the first byte is neither kVersion nor '{'
+  unknown_type,   // a type code no message has
+  truncated,      // the datagram ends inside a field
+  trailing,       // bytes left after the last field
+  bad_name,       // a name that is not valid_name() (or empty where a name is required)
+  text_too_long,  // a length past its limit: body > kMaxBody, token > kMaxToken, reason > kMaxReason
+  invalid_utf8,   // a reason that is not well-formed UTF-8
+  bad_value,      // id/re 0, a bool not 0/1, Table to < from, port 0, ts_us < 0, a not-known Found with a row
   count_  // number of reasons; keep last
 };
 
@@ -40,33 +39,41 @@ struct Decoded {
   explicit operator bool() const { return message.has_value(); }
 };
 
-/// Encodes `m` as one datagram. Never throws: invalid UTF-8 in text is replaced (U+FFFD).
+/// Encodes `m` as one datagram. Never throws, and never changes what a caller must get right:
+/// nothing is clamped except a reason (ours, not the user's: cut to kMaxReason bytes at a
+/// character boundary, invalid UTF-8 in it replaced by U+FFFD). For every valid message
+/// (names valid_name(), bodies <= kMaxBody, tokens <= kMaxToken, Entry ports != 0, ts_us >= 0,
+/// ids != 0, Table from <= to) decode(encode(m)) == m. Callers check those limits first: an
+/// out-of-limit field is written as it is (a length past its prefix's range saturates it), so
+/// the datagram is refused by decode() with the field's reason, never read as another message.
+/// Normalised, not refused: an Entry ip that is not dotted IPv4 is sent as 0.0.0.0; a
+/// Register without a token carries no proof; a Found that is not known carries only the name.
 std::string encode(const Message& m);
-/// Decodes one datagram. Never throws; refuses anything that is not exactly a valid message.
+/// Decodes one datagram. Never throws, never reads outside `bytes`; refuses anything that is
+/// not exactly the encoding of one valid message (so encode(*decode(b).message) == b).
 Decoded decode(std::string_view bytes);
 
 /// Exactly encode(m).size(), counted by encode's own code without building the bytes (no allocation).
 std::size_t encoded_size(const Message& m);
-/// Sets r.pad so encode(r).size() == min(size, kMaxDatagram), or just past it where none fits exactly.
-void pad_to(Register& r, std::size_t size);
 
 /// Id for a request encoded once and sent as copies, each given its own id by set_encoded_id().
-/// (The longest u64, so writing the real id over it never makes the datagram longer.)
 inline constexpr std::uint64_t kIdPlaceholder = UINT64_MAX;
-/// Writes `id` (!= 0) over the kIdPlaceholder id of an encoded request; false, bytes unchanged, if not there.
+/// Writes `id` (!= 0) over the kIdPlaceholder id (bytes 2..9) of an encoded request; false,
+/// bytes unchanged, if `bytes` is not a v2 request header holding the placeholder.
 bool set_encoded_id(std::string& bytes, std::uint64_t id);
 
-// Packing sizes: for any id and items, encode(Stored{id, items}).size() <= stored_overhead() +
-// sum of stored_item_size(item), and likewise for a Table with table_overhead() and entry_size().
-// So a datagram is filled while that sum stays <= kMaxDatagram, with no byte counted by hand.
+// Packing sizes: for any id and items, encode(Stored{id, items}).size() == stored_overhead() +
+// sum of stored_item_size(item), and likewise for a Table with table_overhead() and entry_size()
+// (exact: every field has a fixed or length-prefixed size). So a datagram is filled while that
+// sum stays <= kMaxDatagram, with no byte counted by hand.
 
-/// Bytes `item` adds to a Stored datagram, its separating comma included.
+/// Bytes `item` adds to a Stored datagram.
 std::size_t stored_item_size(const StoredItem& item);
-/// Bytes of a Stored datagram besides its items, for the longest id.
+/// Bytes of a Stored datagram besides its items (header and count).
 std::size_t stored_overhead();
-/// Bytes `e` adds to a Table datagram, its separating comma included.
+/// Bytes `e` adds to a Table datagram.
 std::size_t entry_size(const Entry& e);
-/// Bytes of a Table datagram besides its entries, for the longest id, epoch, from, to and more.
+/// Bytes of a Table datagram besides its entries (header, epoch, from, to, more and count).
 std::size_t table_overhead();
 
 /// True if `name` is 1-32 of [A-Za-z0-9_.-], not starting with '.'.
@@ -75,9 +82,19 @@ bool valid_name(std::string_view name);
 bool valid_utf8(std::string_view s);
 /// True if `s` is a dotted-decimal IPv4 address.
 bool valid_ipv4(std::string_view s);
-/// Bytes `text` takes once JSON-escaped (without quotes), as encode() writes it.
-std::size_t escaped_size(std::string_view text);
-/// Why `text` cannot be carried, or an empty string if it can (checked at the prompt).
+/// Why `text` cannot be sent, or an empty string if it can (checked at the prompt): not valid
+/// UTF-8, or longer than kMaxText bytes. (Sealed with its envelope it then fits a Direct, a
+/// Save and a Stored item: docs/PROTOCOL.md §2.)
 std::string check_text(std::string_view text);
+
+/// The reason a version-1 peer is given.
+inline constexpr std::string_view kV1RefusalReason =
+    "this server speaks ChatApp protocol version 2: upgrade ChatApp";
+/// If `bytes` is a version-1 (JSON) request — an object with "v":1, a string "t" naming a v1
+/// request type and an unsigned "id" != 0 — the v1 JSON answer an old client shows: "reg_err"
+/// for a "register", "refused" for any other request, with "re" = its id and the reason
+/// kV1RefusalReason. nullopt for anything else (v1 replies, garbage, v2). The answer may be
+/// longer than a short request: a sender that must not amplify compares the sizes.
+std::optional<std::string> v1_refusal(std::string_view bytes);
 
 }  // namespace chat::protocol

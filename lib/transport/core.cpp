@@ -155,6 +155,7 @@ void Core::on_datagram(std::string_view bytes, const udp::endpoint& from) {
     if (spdlog::should_log(spdlog::level::debug) && log_allowed())
       spdlog::debug("dropped {} bytes from {}:{}: {}", n, from.address().to_string(), from.port(),
                     protocol::to_string(d.error));
+    if (d.error == protocol::DecodeError::old_version) refuse_v1(bytes, from);
     return;
   }
   const protocol::Message& m = *d.message;
@@ -189,6 +190,15 @@ void Core::on_datagram(std::string_view bytes, const udp::endpoint& from) {
       send_bytes(*cached, from);
       break;
   }
+}
+
+void Core::refuse_v1(std::string_view bytes, const udp::endpoint& from) {
+  // A version-1 request gets the v1 answer an old client shows ("upgrade ChatApp"). Only
+  // when that answer is no longer than the request (an old client pads its register to
+  // 1200 bytes), so a forged source gains nothing; this datagram already passed the rate
+  // limit, and send_bytes() applies the amplification limit as to anything else.
+  std::optional<std::string> answer = protocol::v1_refusal(bytes);
+  if (answer && answer->size() <= bytes.size()) send_bytes(*answer, from);
 }
 
 void Core::request(const protocol::Message& request, const udp::endpoint& to, Done done) {

@@ -161,6 +161,7 @@ class Core {
     Time refill{};
   };
 
+  void refuse_v1(std::string_view bytes, const udp::endpoint& from);
   void transmit(std::uint64_t id, Pending& p);
   void on_timeout(std::uint64_t id);
   void release(std::unordered_map<std::uint64_t, Pending>::iterator it);
