@@ -220,7 +220,8 @@ class EnvelopeTest(unittest.TestCase):
         path = os.path.join(d, "chatapp", "identities", "alice.key")
         self.alice.save(path)
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
-        self.assertEqual(os.stat(os.path.dirname(path)).st_mode & 0o777, 0o700)
+        for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+            self.assertEqual(os.stat(d).st_mode & 0o777, 0o700, d)  # identities/ and chatapp/
         with open(path) as f:
             self.assertEqual(f.read(), "chatapp-identity-v1\n" + "01" * 32 + "\n")
         self.assertEqual(Identity.load(path).pk, self.alice.pk)

@@ -407,6 +407,18 @@ def x25519_public(ed_pk):
     return out.raw
 
 
+def make_private_dirs(path):
+    """Creates every missing directory of `path` with mode 0700 (os.makedirs gives the
+    intermediate ones the umask's mode: ChatApp refuses a chatapp/ directory open to others)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+        os.chmod(d, 0o700)  # whatever the umask
+
+
 class Identity:
     """An Ed25519 key pair from a 32-byte seed (random if not given), with its X25519 pair."""
 
@@ -473,8 +485,7 @@ class Identity:
 
     def save(self, path):
         """Writes the identity file as the client does: parent dirs 0700, the file 0600, O_EXCL."""
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        make_private_dirs(os.path.dirname(os.path.abspath(path)))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.file_text())
