@@ -170,6 +170,22 @@ class Proc:
         self.proc.wait()
 
 
+def restore_env(key, value):
+    """Sets os.environ[key] back to `value` (None: unset)."""
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def isolated_env(directory, **extra):
+    """os.environ with XDG_DATA_HOME inside `directory` (made 0700), for ChatApp processes
+    started outside ChatTest: their identities and client state stay in the test's own place."""
+    xdg = os.path.join(directory, "xdg-data")
+    os.makedirs(xdg, mode=0o700, exist_ok=True)
+    return dict(os.environ, XDG_DATA_HOME=xdg, **extra)
+
+
 class ChatTest(unittest.TestCase):
     """Starts a server on a free port with a fresh data directory; clients on request."""
 
@@ -177,6 +193,14 @@ class ChatTest(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="chatapp-test-")
+        self.data_dir = os.path.join(self.dir, "data")
+        # Each test has its own identities and client state (SPEC §11: keys, pins, blocks,
+        # seen messages live under $XDG_DATA_HOME/chatapp): never the real home, never shared.
+        # Every process started from here on inherits it (Proc passes os.environ on).
+        self.xdg_data_home = os.path.join(self.dir, "xdg-data")
+        os.makedirs(self.xdg_data_home, mode=0o700)
+        self._old_xdg_data_home = os.environ.get("XDG_DATA_HOME")
+        os.environ["XDG_DATA_HOME"] = self.xdg_data_home
         self.procs = []
         self.server_port = free_port()
         self.server = self.start_server()
@@ -190,10 +214,32 @@ class ChatTest(unittest.TestCase):
                         stream.close()
                 except OSError:
                     pass
+        restore_env("XDG_DATA_HOME", self._old_xdg_data_home)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def run(self, result=None):
+        # tearDown does not run when setUp fails: put XDG_DATA_HOME back whatever happens.
+        old = os.environ.get("XDG_DATA_HOME")
+        try:
+            return super().run(result)
+        finally:
+            restore_env("XDG_DATA_HOME", old)
+
+    def identity_file(self, name):
+        """The identity file a client named `name` uses by default (SPEC §11)."""
+        return os.path.join(self.xdg_data_home, "chatapp", "identities", name + ".key")
+
+    def peers_db(self, name):
+        """The client state database of `name` (pins, verified marks, blocks, seen messages)."""
+        return os.path.join(self.xdg_data_home, "chatapp", "peers", name + ".db")
+
+    def db_files(self):
+        """The server's chat.db and its -wal and -shm in --data-dir, those that exist now."""
+        base = os.path.join(self.data_dir, "chat.db")
+        return [p for p in (base, base + "-wal", base + "-shm") if os.path.exists(p)]
+
     def start_server(self, extra=()):
-        s = Proc(["-s", str(self.server_port), "--data-dir", os.path.join(self.dir, "data")]
+        s = Proc(["-s", str(self.server_port), "--data-dir", self.data_dir]
                  + list(self.server_args) + list(extra), name="server", merge_stderr=True)
         self.procs.append(s)
         s.expect("server listening")
@@ -294,7 +340,7 @@ class NetnsChatTest(ChatTest):
         raise AssertionError(f"no rule udp spt:{sport} dpt:{dport} in {chain}:\n{out}")
 
     def start_server(self, extra=()):
-        s = Proc(["-s", str(self.server_port), "--data-dir", os.path.join(self.dir, "data")]
+        s = Proc(["-s", str(self.server_port), "--data-dir", self.data_dir]
                  + list(self.server_args) + list(extra), name="server", merge_stderr=True, prefix=self.prefix())
         self.procs.append(s)
         s.expect("server listening", timeout=30)

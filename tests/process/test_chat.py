@@ -9,6 +9,7 @@ import socket
 import time
 import unittest
 
+import wire
 from harness import DEADLINE, FAST, ChatTest, Proc, free_port
 
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -349,21 +350,30 @@ class BadDatagramTest(ChatBase):
 
     server_args = FAST + ["-v"]
 
+    K = bytes(range(32))
+    REG = {"t": "register", "id": 3, "name": "x3", "key": K}
+    # At most 20: the server logs at most 20 drops a second (a flood is summarised instead).
     JUNK = [
         b"",
-        b"\x00" * 16,
-        b"not json at all",
-        b"{}",
+        b"\x00" * 16,                                   # version 0
+        b"not json at all",                              # not a version byte
+        b"{}",                                           # version 1 (JSON), not even a request
         b"[1,2,3]",
-        b'{"v":99,"t":"register","id":1,"name":"x1"}',
-        b'{"v":1,"t":"frobnicate","id":2}',
-        b'{"v":1,"t":"register","id":3}',
-        b'{"v":1,"t":"register","id":4,"name":"../evil"}',
-        b'{"v":1,"t":"register","id":5,"name":"a/b"}',
-        b'{"v":1,"t":"register","id":6,"name":"\xff\xfe"}',
-        b'{"v":1,"t":"save","id":7,"from":"x","to":"../../evil","mid":1,"force":true,"text":"t"}',
-        b"[" * 5000,
-        b'{"v":1,"t":"register","id":8,"name":"' + b"y" * 1500 + b'"}',
+        wire.encode(dict(REG, id=1, v=99)),              # a version from the future
+        wire.header(12, 2),                              # an unknown type code
+        wire.encode(REG)[:20],                           # truncated inside the key
+        wire.encode(REG) + b"\x00",                      # one byte past the last field
+        wire.encode(dict(REG, id=4, name="../evil"), strict=False),
+        wire.encode(dict(REG, id=5, name="a/b"), strict=False),
+        wire.encode(dict(REG, id=6, name=b"\xff\xfe"), strict=False),
+        wire.encode(dict(REG, id=7, name="y" * 255), strict=False),
+        wire.encode({"t": "save", "id": 8, "from": "x", "to": "../../evil", "mid": 1, "force": True,
+                     "body": b"t"}, strict=False),
+        wire.encode({"t": "save", "id": 9, "from": "x", "to": "y", "mid": 1, "force": 2, "body": b"t"},
+                    strict=False),                       # a bool that is 2
+        wire.encode({"t": "channel", "id": 10, "from": "x", "body": b"b" * 1400}, strict=False),  # body > 1024
+        b"\x02" + b"[" * 4999,
+        wire.encode(REG) + b"\x00" * 1500,               # over the largest datagram
         b"z" * 60000,
     ]
 
@@ -404,12 +414,19 @@ class BadDatagramTest(ChatBase):
         for junk in self.JUNK:
             s.sendto(junk, ("127.0.0.1", c1.port))
         # A spoofed table (not from the server's address) claiming c2 moved must not be applied.
-        s.sendto(b'{"v":1,"t":"table","id":9,"epoch":1,"from":0,"to":99,"more":false,'
-                 b'"e":[["c2","127.0.0.1",9,1],["mallory","127.0.0.1",9,1]]}', ("127.0.0.1", c1.port))
-        # Well-formed direct messages from this socket claim names whose table address is not
-        # this one (or that are not in the table at all): dropped unanswered, never shown.
-        s.sendto(b'{"v":1,"t":"direct","id":10,"from":"eve","text":"ping"}', ("127.0.0.1", c1.port))
-        s.sendto(b'{"v":1,"t":"direct","id":11,"from":"c2","text":"forged"}', ("127.0.0.1", c1.port))
+        eve = wire.Identity()
+        s.sendto(wire.encode({"t": "table", "id": 9, "epoch": 1, "from": 0, "to": 99, "more": False, "entries": [
+            {"name": "c2", "ip": "127.0.0.1", "port": 9, "online": True, "key": eve.pk},
+            {"name": "mallory", "ip": "127.0.0.1", "port": 9, "online": True, "key": eve.pk}]}),
+            ("127.0.0.1", c1.port))
+        # Well-formed direct messages from this socket, sealed for c1 by a key of the forger's,
+        # claim names whose table address is not this one (or that are not in the table at
+        # all): dropped unanswered, never shown.
+        c1_key = wire.Identity.load(self.identity_file("c1")).pk
+        for mid, sender, text in ((10, "eve", "ping"), (11, "c2", "forged")):
+            s.sendto(wire.encode({"t": "direct", "id": mid, "from": sender,
+                                  "body": wire.seal_direct(eve, c1_key, mid, "c1", text)}),
+                     ("127.0.0.1", c1.port))
         # The real c2, sent after the junk: once it is shown, everything above was handled.
         self.chat(c2, c1, "real")
         s.settimeout(0.2)
@@ -428,15 +445,34 @@ class BadDatagramTest(ChatBase):
         c2 = self.start_client("c2")
         self.wait_table(c2, ["c1", "c2"])
         s = self.udp()
-        s.sendto(b'{"v":1,"t":"dereg","id":77,"name":"c1"}', ("127.0.0.1", self.server_port))
+        s.sendto(wire.encode({"t": "dereg", "id": 77, "name": "c1"}), ("127.0.0.1", self.server_port))
         reply, _ = s.recvfrom(4096)  # the server has handled it once it answers
-        self.assertNotRegex(reply, rb'"t":"ack"', reply)
+        self.assertNotEqual(wire.decode(reply)["t"], "ack", reply)
         # A fresh client gets the server's table: c1 is still online at its own address.
         c3 = self.start_client("c3")
         rows = self.wait_table(c3, ["c1", "c2", "c3"])
         self.assertIn(f"127.0.0.1:{c1.port}", [r.split()[1] for r in rows if r.startswith("c1 ")])
         self.assertEqual(c1.seen(r"Offline"), [])
         self.chat(c2, c1, "you are still on")
+
+    def test_version_1_register_gets_a_refusal_an_old_client_can_show(self):
+        """A ChatApp 1.x client registering with this server shows the server's reason, which
+        tells its user to upgrade: the answer is a version-1 JSON reg_err for its request."""
+        s = self.udp()
+        # As 1.x sent it: padded to 1200 bytes (the answer is never longer than the request).
+        reg = {"t": "register", "id": 4242, "name": "oldie", "every": 15000}
+        reg["pad"] = " " * (1200 - len(wire.v1_json(dict(reg, pad=""))))
+        self.assertEqual(len(wire.v1_json(reg)), 1200)
+        s.sendto(wire.v1_json(reg), ("127.0.0.1", self.server_port))
+        reply, _ = s.recvfrom(4096)
+        m = wire.decode_v1(reply)
+        self.assertEqual((m.get("t"), m.get("re")), ("reg_err", 4242), reply)
+        self.assertIn("upgrade ChatApp", m.get("reason", ""), reply)
+        self.assertServerAlive()
+        # Nothing was registered: a new client's table has no oldie.
+        c1 = self.start_client("c1")
+        rows = self.wait_table(c1, ["c1"])
+        self.assertEqual([r for r in rows if r.split()[0] == "oldie"], [], rows)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import unittest
 
-from harness import BIN
+from harness import BIN, isolated_env
 
 TIMEOUT = 5          # seconds for a command line that must be refused at once
 CRASH_CODES = (134, 139)  # abort / segfault as seen through a shell
@@ -27,8 +27,9 @@ class CliTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
 
     def run_app(self, args, timeout=TIMEOUT):
+        # A client that gets as far as starting makes its identity: in this test's directory.
         r = subprocess.run([BIN] + list(args), cwd=self.dir, stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=timeout)
+                           capture_output=True, timeout=timeout, env=isolated_env(self.dir))
         return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
 
     def assertNoCrash(self, code, err, what):

@@ -197,8 +197,10 @@ class SelfReregistrationTest(NetnsTest):
 
     def test_message_typed_right_after_registering_again_is_not_refused(self):
         c1, c2, c2_to_server = self.begin_reregistration()
-        # Table datagrams (IP length 120 and more) to c2 are held back; the welcome (at most 109) passes.
-        tables_to_c2 = ["INPUT", "-p", "udp", "--dport", str(c2.port), "-m", "length", "--length", "120:65535",
+        # Table datagrams to c2 are held back: IP length 106 and more (28 + a 10-byte header, 27
+        # bytes of table fields and at least one row of 41 or more). The challenge (28 + 11 + a
+        # token of at most 64 = 103 at most) and the welcome (RegOk: 54) pass.
+        tables_to_c2 = ["INPUT", "-p", "udp", "--dport", str(c2.port), "-m", "length", "--length", "104:65535",
                         "-j", "DROP"]
         self.iptables("-A", *tables_to_c2)
         self.iptables("-D", *c2_to_server)
@@ -214,8 +216,9 @@ class SelfReregistrationTest(NetnsTest):
 class LostProbeAfterRegistrationTest(NetnsTest):
     """A new client whose first probe from the server is lost (under loss: 3 tries inside one
     ACK timeout, lost with p = 0.36^3 = 5 % at 20 % loss, 0.64^3 = 26 % at 40 %) must still end up
-    in everyone's table. Deterministic: every datagram to the client shorter than 81 bytes (IP
-    length) is dropped; a probe is at most 73, the welcome and table datagrams are larger."""
+    in everyone's table. Deterministic: every datagram to the client of IP length 38 is dropped:
+    20 + 8 + a v2 Probe, which is the 10-byte header alone; every other v2 datagram has fields
+    (the challenge, the welcome, the table and the answers are all longer)."""
 
     TIMING = ["--ack-timeout", "100", "--retries", "5"]
 
@@ -223,7 +226,7 @@ class LostProbeAfterRegistrationTest(NetnsTest):
         c1 = self.start_client("c1")
         self.wait_table(c1, ["c1"])
         port = free_port()
-        self.iptables("-A", "INPUT", "-p", "udp", "--dport", str(port), "-m", "length", "--length", "0:80", "-j", "DROP")
+        self.iptables("-A", "INPUT", "-p", "udp", "--dport", str(port), "-m", "length", "--length", "38", "-j", "DROP")
         c2 = self.start_client("c2", port=port)
         self.wait_online(c2, ["c1", "c2"])
         self.wait_online(c1, ["c1", "c2"])

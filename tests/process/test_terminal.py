@@ -34,7 +34,9 @@ class TerminalTest(ChatTest):
     def start_tty_client(self, name):
         port = free_port()
         cmd = " ".join([BIN, "-c", name, "127.0.0.1", str(self.server_port), str(port)] + FAST)
-        env = f"XDG_STATE_HOME={self.state} TERM=xterm"
+        # The tmux server may be older than this test: its environment is not ours, so the
+        # test's own XDG_DATA_HOME (identities, client state) is passed explicitly.
+        env = f"XDG_STATE_HOME={self.state} XDG_DATA_HOME={self.xdg_data_home} TERM=xterm"
         # The shell stays after the client exits, to show its exit status on the screen.
         subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", "120", "-y", "30",
                         f"env {env} {cmd}; echo EXIT=$?; sleep 60"], check=True)

@@ -1,12 +1,12 @@
 """Robustness under abuse, with real server processes: crashes mid-stream, floods, spoofed
 registrations (amplification) and the storage/registration bounds.
 
-Simulated clients (`Sim`) speak the wire protocol (JSON over UDP, docs/PROTOCOL.md) from plain
-Python sockets, so that thousands of requests cost little; real ChatApp clients are used
-wherever what a user sees is the point. Every figure measured is printed to stderr.
+Simulated clients (`Sim`) speak the wire protocol (version 2, binary: wire.py) from plain
+Python sockets, with their own identities, so that thousands of requests cost little; real
+ChatApp clients are used wherever what a user sees is the point. Every figure measured is
+printed to stderr.
 """
 import collections
-import json
 import os
 import random
 import re
@@ -20,6 +20,7 @@ import threading
 import time
 import unittest
 
+import wire
 from harness import BIN, DEADLINE, FAST, ChatTest, Proc, free_port
 
 TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
@@ -32,10 +33,6 @@ def report(what, **figures):
     """One line of measured figures on stderr (shown by `python -m unittest`)."""
     text = ", ".join(f"{k}={v}" for k, v in figures.items())
     print(f"\n[torture] {what}: {text}", file=sys.stderr, flush=True)
-
-
-def encode(obj):
-    return json.dumps(dict(obj, v=1), separators=(",", ":")).encode()
 
 
 def new_id():
@@ -97,11 +94,13 @@ class Sim:
     """A simulated client on its own UDP socket: sends requests with retries and answers the
     server's requests (table updates with the right (epoch, have), probes, stored messages,
     relays) the way ChatApp's peer does. Driven either by a `Pool` thread or, unpooled, by
-    the thread waiting in `request`."""
+    the thread waiting in `request`. It registers as a peer does: Register with its key, the
+    server's Challenge, Register again with the token and the proof."""
 
-    def __init__(self, name, server, answer=True):
+    def __init__(self, name, server, answer=True, identity=None):
         self.name = name
         self.server = server
+        self.identity = identity or wire.Identity()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
@@ -113,16 +112,17 @@ class Sim:
         self.epoch = 0
         self.version = 0
         self.rows = {}
-        self.stored = []  # (from, channel, ts_us, mid, text) in arrival order
+        self.stored = []  # (from, channel, ts_us, mid, body) in arrival order
         self.tables = 0
         self.bytes_in = 0
 
     def close(self):
         self.sock.close()
 
-    def send(self, obj):
+    def send(self, m):
+        """Sends message dict `m` (wire.encode), or `m` as is if it is bytes."""
         try:
-            self.sock.sendto(encode(obj), self.server)
+            self.sock.sendto(m if isinstance(m, bytes) else wire.encode(m), self.server)
         except OSError:
             pass
 
@@ -153,11 +153,10 @@ class Sim:
 
     def on_datagram(self, data):
         self.bytes_in += len(data)
-        try:
-            m = json.loads(data)
-        except ValueError:
+        m = wire.try_decode(data)
+        if m is None:
             return
-        t = m.get("t")
+        t = m["t"]
         if "re" in m:
             with self.cond:
                 self.replies[m["re"]] = m
@@ -172,14 +171,14 @@ class Sim:
                     if m["from"] == 0:
                         self.rows, self.epoch, self.version = {}, m["epoch"], 0
                 if m["epoch"] == self.epoch and m["from"] <= self.version < m["to"]:
-                    for e in m["e"]:
-                        self.rows[e[0]] = e
+                    for e in m["entries"]:
+                        self.rows[e["name"]] = e
                     self.version = m["to"]
                 self.cond.notify_all()
             self.send({"t": "ack", "re": m["id"], "epoch": self.epoch, "have": self.version})
         elif t == "stored":
             with self.cond:
-                self.stored.extend(tuple(i) for i in m["items"])
+                self.stored.extend((i["from"], i["channel"], i["ts_us"], i["mid"], i["body"]) for i in m["items"])
                 self.cond.notify_all()
             self.send({"t": "ack", "re": m["id"]})
         elif t in ("probe", "relay"):
@@ -188,9 +187,10 @@ class Sim:
     def request(self, obj, timeout=ACK_TIMEOUT, deadline=DEADLINE):
         """Sends `obj` every `timeout` until its reply arrives; the reply, or None at `deadline`."""
         rid = obj["id"]
+        data = wire.encode(obj)
         end = time.monotonic() + deadline
         while time.monotonic() < end:
-            self.send(obj)
+            self.send(data)
             until = min(end, time.monotonic() + timeout)
             if self.pooled:
                 with self.cond:
@@ -204,16 +204,26 @@ class Sim:
                     return self.replies.pop(rid)
         return None
 
-    def register(self, deadline=DEADLINE, pad_to=0):
-        obj = {"t": "register", "id": new_id(), "name": self.name}
-        if pad_to:
-            obj["pad"] = " " * (pad_to - len(encode(dict(obj, pad=""))))
-        return self.request(obj, deadline=deadline)
+    def register(self, deadline=DEADLINE):
+        """Register without a token, then with the Challenge's token and the proof: the last
+        reply (reg_ok, reg_err, or the first one if it is not a challenge), or None at `deadline`."""
+        end = time.monotonic() + deadline
+        first = {"t": "register", "id": new_id(), "name": self.name, "key": self.identity.pk}
+        reply = self.request(first, deadline=deadline)
+        if reply is None or reply["t"] != "challenge":
+            return reply
+        token = reply["token"]
+        second = dict(first, id=new_id(), token=token, proof=wire.register_proof(self.identity, self.name, token))
+        return self.request(second, deadline=max(0.0, end - time.monotonic()))
 
     def keepalive(self):
         """One keep-alive, as a registered peer sends every interval (the answer is not awaited):
         it also makes the server resume a table update that stalled for want of an answer."""
         self.send({"t": "keepalive", "id": new_id(), "name": self.name})
+
+    def seal_for(self, to, key, mid, text):
+        """The Save/Direct body of `text` for `to` (identity key `key`), message id `mid`."""
+        return wire.seal_direct(self.identity, key, mid, to, text)
 
 
 class Pool:
@@ -264,9 +274,13 @@ class CrashTortureTest(ChatTest):
     def test_sigkill_during_save_stream_loses_nothing_and_duplicates_nothing(self):
         server_addr = ("127.0.0.1", self.server_port)
         recipients = [f"r{i}" for i in range(self.RECIPIENTS)]
+        # Each recipient's identity is in the file its real client will use later (SPEC §11).
+        ids = {name: wire.Identity() for name in recipients}
+        for name, ident in ids.items():
+            ident.save(self.identity_file(name))
         # Recipients register, then leave with dereg: offline in the table, with a mailbox.
         for name in recipients:
-            r = Sim(name, server_addr)
+            r = Sim(name, server_addr, identity=ids[name])
             self.assertEqual(r.register()["t"], "reg_ok")
             self.assertEqual(r.request({"t": "dereg", "id": new_id(), "name": name})["t"], "ack")
             r.close()  # never answers again: a probe of it fails
@@ -293,7 +307,7 @@ class CrashTortureTest(ChatTest):
             for to, mid, text in plan[sim.name]:
                 while not stop.is_set():
                     req = {"t": "save", "id": new_id(), "from": sim.name, "to": to, "mid": mid,
-                           "force": False, "text": text}
+                           "force": False, "body": sim.seal_for(to, ids[to].pk, mid, text)}
                     reply = sim.request(req, deadline=max(0.0, end - time.monotonic()))
                     if reply is None:
                         failures.append((text, "no answer within the budget"))
@@ -403,7 +417,7 @@ class CrashTortureTest(ChatTest):
         # duplicate): nothing is pending and nothing arrives.
         second = 0
         for name in recipients:
-            again = Sim(name, server_addr)
+            again = Sim(name, server_addr, identity=ids[name])
             ok = again.register()
             self.assertEqual(ok["t"], "reg_ok")
             self.assertEqual(ok["pending"], 0, f"{name}: messages pending after full delivery")
@@ -438,34 +452,41 @@ class CrashTortureTest(ChatTest):
 # ---------------------------------------------------------------------------------- 2. flood
 
 FLOODER = r'''
-import json, random, socket, sys, time
+import random, socket, sys, time
 port, count, limit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+import wire
 rnd = random.Random(1)
-def j(o):
-    return json.dumps(o, separators=(",", ":")).encode()
 def rid():
     return rnd.getrandbits(62) | 1
+def rb(n):
+    return bytes(rnd.getrandbits(8) for _ in range(n))
+def v2(m, strict=True):
+    return wire.encode(m, strict=strict)
 pool = []
 for i in range(4000):
     k = i % 16
-    if k == 0: pool.append(bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 200))))
-    elif k == 1: pool.append(b'{"v":1,"t":"save","id":')
+    if k == 0: pool.append(rb(rnd.randint(1, 200)))
+    elif k == 1: pool.append(v2({"t": "save", "id": rid(), "from": "nobody", "to": "a", "mid": 1,
+                                 "body": b"truncated"})[:rnd.randint(1, 20)])
     elif k == 2: pool.append(b"x" * 1600)
-    elif k == 3: pool.append(j({"v": 2, "t": "probe", "id": rid()}))
-    elif k == 4: pool.append(j({"v": 1, "t": "nonsense", "id": rid()}))
+    elif k == 3: pool.append(v2({"t": "probe", "id": rid(), "v": 3}))
+    elif k == 4 and i % 32 == 4: pool.append(wire.header(rnd.choice((12, 63, 73, 255)), rid()))
+    elif k == 4: pool.append(wire.v1_json({"t": "register", "id": rid(), "name": "old-flooder"}))
     elif k == 5: pool.append(b"[" * 50 + b"]" * 50)
-    elif k == 6: pool.append(j({"v": 1, "t": "save", "id": rid(), "from": "nobody", "to": "a",
-                                "mid": 1, "force": False, "text": "spam"}))
-    elif k == 7: pool.append(j({"v": 1, "t": "ack", "re": rid()}))
-    elif k == 8: pool.append(j({"v": 1, "t": "probe", "id": rid()}))
-    elif k == 9: pool.append(j({"v": 1, "t": "channel", "id": rid(), "from": "a", "text": "forged"}))
-    elif k == 10: pool.append(j({"v": 1, "t": "dereg", "id": rid(), "name": "b"}))
+    elif k == 6: pool.append(v2({"t": "save", "id": rid(), "from": "nobody", "to": "a", "mid": 1,
+                                 "force": False, "body": rb(60)}))
+    elif k == 7: pool.append(v2({"t": "ack", "re": rid()}))
+    elif k == 8: pool.append(v2({"t": "probe", "id": rid()}))
+    elif k == 9: pool.append(v2({"t": "channel", "id": rid(), "from": "a",
+                                 "body": bytes(64) + bytes(8) + b"forged"}))
+    elif k == 10: pool.append(v2({"t": "dereg", "id": rid(), "name": "b"}))
     elif k == 11: pool.append(b"\xff\xfe\xfd" * 10)
-    elif k == 12: pool.append(j({"v": 1, "t": "register", "id": rid(), "name": "../../etc"}))
-    elif k == 13: pool.append(j({"v": 1, "t": "register", "id": rid(), "name": "flooder"}))
+    elif k == 12: pool.append(v2({"t": "register", "id": rid(), "name": "../../etc"}, strict=False))
+    elif k == 13: pool.append(v2({"t": "register", "id": rid(), "name": "flooder", "key": rb(32)}))
     elif k == 14: pool.append(b"")
-    else: pool.append(j({"v": 1, "t": "save", "id": 0, "from": "a", "to": "b", "mid": 1,
-                         "force": True, "text": "x" * 700}))
+    else: pool.append(v2({"t": "save", "id": 0, "from": "a", "to": "b", "mid": 1, "force": True,
+                          "body": b"x" * 1100}, strict=False))
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect(("127.0.0.1", port))
 s.setblocking(False)
@@ -514,7 +535,7 @@ class FloodTest(ChatTest):
         drops_before = kernel_drops(self.server_port)
 
         flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(self.server_port), str(self.DATAGRAMS),
-                                    str(self.MAX_SECONDS)], stdout=subprocess.PIPE, text=True)
+                                    str(self.MAX_SECONDS), os.path.dirname(os.path.abspath(wire.__file__))], stdout=subprocess.PIPE, text=True)
         self.addCleanup(lambda: (flooder.poll() is None and flooder.kill(), flooder.wait()))
         self.assertEqual(flooder.stdout.readline().strip(), "start")
 
@@ -615,8 +636,8 @@ class AmplificationTest(ChatTest):
         results = [None] * len(sims)
 
         def reg(k):
-            # Padded as ChatApp pads it, so the server may send the table at once (no probe first).
-            results[k] = sims[k].register(deadline=30, pad_to=1200)
+            # Register, Challenge, Register with the proof: only then may the table come.
+            results[k] = sims[k].register(deadline=30)
 
         threads = [threading.Thread(target=reg, args=(k,)) for k in range(len(sims))]
         for t in threads:
@@ -638,19 +659,23 @@ class AmplificationTest(ChatTest):
                 lacking[0].cond.wait(1)  # or sooner, when its rows arrive
         for s in sims:
             self.assertEqual(len(s.rows), self.CLIENTS, f"{s.name} has {len(s.rows)} rows")
-        full_table = len(json.dumps([r for r in sims[0].rows.values()], separators=(",", ":")))
+        full_table = len(wire.encode({"t": "table", "id": 1, "entries": list(sims[0].rows.values())},
+                                     strict=False)) - len(wire.encode({"t": "table", "id": 1}))
 
-        # The victim: a socket that never answers, only counts.
+        # The victim: a socket that never answers, only counts. What a spoofer can send in its
+        # name: a first registration (no token), and the largest registration there is, with a
+        # token it made up and a proof by a key of its own (the token is not the server's).
         victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         victim.bind(("127.0.0.1", 0))
         self.addCleanup(victim.close)
-        unpadded = encode({"t": "register", "id": new_id(), "name": "victim-a"})
-        base = {"t": "register", "id": new_id(), "name": "victim-b"}
-        padded = encode(dict(base, pad=" " * (1200 - len(encode(dict(base, pad=""))))))
-        self.assertEqual(len(padded), 1200)
-        victim.sendto(unpadded, server_addr)
-        victim.sendto(padded, server_addr)
-        sent_bytes = len(unpadded) + len(padded)
+        forger = wire.Identity()
+        first = wire.encode({"t": "register", "id": new_id(), "name": "victim-a", "key": forger.pk})
+        token = wire.random_bytes(wire.MAX_TOKEN)
+        forged = wire.encode({"t": "register", "id": new_id(), "name": "victim-b", "key": forger.pk,
+                              "token": token, "proof": wire.register_proof(forger, "victim-b", token)})
+        victim.sendto(first, server_addr)
+        victim.sendto(forged, server_addr)
+        sent_bytes = len(first) + len(forged)
 
         # Everything the victim receives while the server retries: a window of
         # ack-timeout x (retries + 2), doubled for scheduling slack.
@@ -670,14 +695,13 @@ class AmplificationTest(ChatTest):
         kinds = collections.Counter()
         names = set()
         for d in got:
-            try:
-                m = json.loads(d)
-            except ValueError:
+            m = wire.try_decode(d)
+            if m is None:
                 kinds["?"] += 1
                 continue
-            kinds[m.get("t")] += 1
-            if m.get("t") == "table":
-                names.update(e[0] for e in m["e"])
+            kinds[m["t"]] += 1
+            if m["t"] == "table":
+                names.update(e["name"] for e in m["entries"])
         limit = 3 * sent_bytes + 256
         report("amplification", table_clients=self.CLIENTS + 2, full_table_bytes=full_table,
                victim_sent=sent_bytes, victim_received=received, limit=limit,
@@ -685,14 +709,15 @@ class AmplificationTest(ChatTest):
                table_rows_received=len(names))
         self.assertLessEqual(received, limit)
         self.assertLess(len(names), self.CLIENTS, "the victim received the whole table")
+        self.assertEqual(kinds["reg_ok"], 0, "a made-up token registered")
         self.assertIsNone(self.server.proc.poll())
 
-    def test_unpadded_registration_alone_gets_no_table(self):
+    def test_first_registration_alone_gets_no_table(self):
         server_addr = ("127.0.0.1", self.server_port)
         victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         victim.bind(("127.0.0.1", 0))
         self.addCleanup(victim.close)
-        reg = encode({"t": "register", "id": new_id(), "name": "victim-c"})
+        reg = wire.encode({"t": "register", "id": new_id(), "name": "victim-c", "key": wire.Identity().pk})
         victim.sendto(reg, server_addr)
         got = []
         end = time.monotonic() + 2 * ACK_TIMEOUT * (RETRIES + 2)
@@ -703,14 +728,19 @@ class AmplificationTest(ChatTest):
             except socket.timeout:
                 break
         received = sum(len(d) for d in got)
-        report("amplification, unpadded only", victim_sent=len(reg), victim_received=received,
-               limit=3 * len(reg) + 256, types=[json.loads(d).get("t") for d in got])
+        types = [(wire.try_decode(d) or {"t": "?"})["t"] for d in got]
+        report("amplification, first registration only", victim_sent=len(reg), victim_received=received,
+               limit=3 * len(reg) + 256, types=types)
         self.assertLessEqual(received, 3 * len(reg) + 256)
-        self.assertNotIn("table", [json.loads(d).get("t") for d in got])
+        self.assertNotIn("table", types)
 
-    # Padded, so that the amplification guard lets the server answer with the first table at
-    # once instead of probing the new client first.
-    def test_real_client_pads_its_registration(self):
+    # Version 1 padded its registration (to ~1200 bytes) to earn the server's allowance for
+    # the first table. Version 2 has no padding (a datagram ends after its last field): the
+    # address is proven by the Challenge's token instead. The real client's side of that,
+    # against a bare socket playing the server: a Register with its key and no token, then,
+    # on the Challenge, a new Register with the token and a proof that verifies with the key
+    # in its identity file.
+    def test_real_client_answers_the_challenge_with_a_proof(self):
         fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         fake.bind(("127.0.0.1", 0))
         fake.settimeout(DEADLINE)
@@ -718,11 +748,27 @@ class AmplificationTest(ChatTest):
         port = free_port()
         c = Proc(["-c", "padme", "127.0.0.1", str(fake.getsockname()[1]), str(port)] + FAST, name="padme")
         self.procs.append(c)
-        data, _ = fake.recvfrom(4096)
-        m = json.loads(data)
-        self.assertEqual((m["t"], m["name"]), ("register", "padme"))
+        data, addr = fake.recvfrom(4096)
+        m = wire.decode(data)
+        self.assertEqual((m["t"], m["name"], m["token"], m["proof"]), ("register", "padme", b"", b""))
         report("client register size", bytes=len(data))
-        self.assertGreaterEqual(len(data), 1200)
+        key = wire.Identity.load(self.identity_file("padme")).pk
+        self.assertEqual(m["key"], key, "the key registered is not the one in the identity file")
+        token = wire.random_bytes(40)
+        fake.sendto(wire.encode({"t": "challenge", "re": m["id"], "token": token}), addr)
+        end = time.monotonic() + DEADLINE
+        while True:
+            fake.settimeout(max(0.01, end - time.monotonic()))
+            data, addr2 = fake.recvfrom(4096)
+            second = wire.decode(data)
+            if second["t"] == "register" and second["token"]:
+                break
+            self.assertEqual(second["id"], m["id"], f"something else than a resend: {second}")
+        self.assertEqual(addr2, addr)
+        self.assertNotEqual(second["id"], m["id"], "the answer to the challenge is a new request")
+        self.assertEqual((second["name"], second["key"], second["token"]), ("padme", key, token))
+        self.assertTrue(wire.verify(key, wire.register_signed_data("padme", key, token), second["proof"]),
+                        "the proof does not verify")
 
 
 # ---------------------------------------------------------------------------------- 4. bounds
