@@ -22,7 +22,7 @@ enum class Kind : std::uint8_t { direct = 0, channel = 1 };
 struct NewMessage {
   std::string to;
   std::string from;
-  std::string from_key;  // the 32-byte identity `from` was bound to when it arrived
+  std::string from_key{};  // the 32-byte identity `from` was bound to when it arrived
   Kind kind = Kind::direct;
   std::int64_t ts_us = 0;  // server arrival time, microseconds since the Unix epoch
   std::uint64_t mid = 0;
@@ -42,7 +42,7 @@ struct Cursor {
 struct StoredMessage {
   std::int64_t seq = 0;
   std::string from;
-  std::string from_key;
+  std::string from_key{};
   Kind kind = Kind::direct;
   std::int64_t ts_us = 0;
   std::uint64_t mid = 0;
@@ -58,7 +58,7 @@ struct ClientRow {
   std::string ip;  // dotted-decimal IPv4
   std::uint16_t port = 0;
   bool online = false;
-  std::string key;  // the 32-byte identity the name is bound to (empty: not bound yet)
+  std::string key{};  // the 32-byte identity the name is bound to (empty: not bound yet)
 };
 
 /// What release() removed.

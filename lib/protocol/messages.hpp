@@ -55,7 +55,7 @@ struct Register {
   /// The client's keep-alive interval in ms (0 = not said): the server ends the session after
   /// 3 of them without a word.
   std::uint64_t every_ms = 0;
-  std::string token;  // empty, or the token of a Challenge
+  std::string token{};  // empty, or the token of a Challenge
   Signature proof{};  // on the wire only with a token
   bool operator==(const Register&) const = default;
 };

@@ -402,13 +402,13 @@ TEST_CASE("§3 direct chat: shown once, ACKed; the text kept as typed; sending t
   CHECK(w.store->count_for("bob") == 0);
 }
 
-TEST_CASE("§3 a lost ACK makes the sender send again; the receiver shows the message once") {
+TEST_CASE("§3 a lost receipt makes the sender send again; the receiver shows the message once") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
   int acks_dropped = 0;
   w.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const proto::Message& m) {
-    if (from == bob.at() && to == alice.at() && as<proto::Ack>(m) != nullptr && acks_dropped < 3) {
+    if (from == bob.at() && to == alice.at() && as<proto::Receipt>(m) != nullptr && acks_dropped < 3) {
       ++acks_dropped;
       return true;
     }

@@ -9,6 +9,8 @@
 #include <memory>
 #include <set>
 
+#include "identity/envelope.hpp"
+#include "identity/identity.hpp"
 #include "offline/store.hpp"
 #include "peer/local_table.hpp"
 #include "registry/server.hpp"
@@ -33,9 +35,9 @@ std::set<std::string> names_of(const chat::registry::Chunk& c) {
 TEST_CASE("every change bumps the version once; no-op updates do not") {
   Table t(7);
   CHECK(t.version() == 0);
-  CHECK(t.upsert("a", "127.0.0.1", 5000, true));
+  CHECK(t.upsert("a", "127.0.0.1", 5000, true, proto::Key{}));
   CHECK(t.version() == 1);
-  CHECK_FALSE(t.upsert("a", "127.0.0.1", 5000, true));
+  CHECK_FALSE(t.upsert("a", "127.0.0.1", 5000, true, proto::Key{}));
   CHECK(t.version() == 1);
   CHECK(t.set_online("a", false));
   CHECK(t.version() == 2);
@@ -49,7 +51,7 @@ TEST_CASE("every change bumps the version once; no-op updates do not") {
 TEST_CASE("registration admission") {
   Table t(1);
   CHECK(t.admit("new", "127.0.0.1", 4000) == Admit::accept);
-  t.upsert("a", "127.0.0.1", 4000, true);
+  t.upsert("a", "127.0.0.1", 4000, true, proto::Key{});
   SUBCASE("same name, same address: accepted (a restart on the same port)") {
     CHECK(t.admit("a", "127.0.0.1", 4000) == Admit::accept);
   }
@@ -65,7 +67,7 @@ TEST_CASE("registration admission") {
 
 TEST_CASE("changes_since gives exactly what a client lacks") {
   Table t(1);
-  for (int i = 0; i < 5; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true);  // v1..v5
+  for (int i = 0; i < 5; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true, proto::Key{});  // v1..v5
   SUBCASE("a snapshot is changes since 0") {
     auto c = t.changes_since(0, 100000);
     CHECK(c.from == 0);
@@ -112,7 +114,7 @@ TEST_CASE("changes_since gives exactly what a client lacks") {
 
 TEST_CASE("the client applies chunks in order, skips gaps, and takes a new epoch from 0") {
   Table t(42);
-  for (int i = 0; i < 4; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true);
+  for (int i = 0; i < 4; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true, proto::Key{});
   chat::peer::LocalTable local;
   auto as_msg = [&](const chat::registry::Chunk& c, std::uint64_t epoch) {
     return proto::Table{1, epoch, c.from, c.to, c.more, c.entries};
@@ -136,8 +138,8 @@ TEST_CASE("the client applies chunks in order, skips gaps, and takes a new epoch
   CHECK_FALSE(local.apply(as_msg(rest, 42)).changed);
   // A restarted server (new epoch) must start from 0.
   Table t2(43);
-  t2.upsert("z", "127.0.0.1", 6000, true);
-  t2.upsert("y", "127.0.0.1", 6001, true);
+  t2.upsert("z", "127.0.0.1", 6000, true, proto::Key{});
+  t2.upsert("y", "127.0.0.1", 6001, true, proto::Key{});
   auto mid = local.apply(proto::Table{2, 43, 1, 2, false, {}});
   CHECK_FALSE(mid.changed);
   CHECK(mid.have == 0);
@@ -165,11 +167,20 @@ struct SimPeer {
         ep.reply(from, proto::Ack{proto::request_id(m)});
       }
     });
-    ep.request(proto::Register{ep.next_id(), name}, server, [this](const proto::Message* r) {
-      registered = r != nullptr && std::holds_alternative<proto::RegOk>(*r);
-    });
+    // Register, then answer the challenge with the key's proof, as a real client does.
+    ep.request(proto::Register{ep.next_id(), name, me.public_key(), 0, {}, {}}, server,
+               [this, server](const proto::Message* r) {
+                 const auto* ch = r != nullptr ? std::get_if<proto::Challenge>(r) : nullptr;
+                 if (ch == nullptr) return;
+                 proto::Register proof{ep.next_id(), name, me.public_key(), 0, ch->token,
+                                       chat::identity::register_proof(me, name, ch->token)};
+                 ep.request(proof, server, [this](const proto::Message* ok) {
+                   registered = ok != nullptr && std::holds_alternative<proto::RegOk>(*ok);
+                 });
+               });
   }
   std::string name;
+  chat::identity::Identity me = chat::identity::Identity::generate();
   chat::transport::Socket ep;
   chat::peer::LocalTable table;
   bool registered = false;
