@@ -2,10 +2,12 @@
 // per test case, each checking what a user sees (the exact status lines) and what the server
 // holds (table, sessions, counters, the store). SPEC §2–§6 and §10. Simulated time only.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -53,6 +55,13 @@ const std::string back = ">>> [Server is back.]";
 const std::string already = ">>> [You are already registered.]";
 const std::string bye = ">>> [You are Offline. Bye.]";
 const std::string exiting = ">>> [Exiting]";
+std::string other_identity(const std::string& name) {
+  return std::string(">>> [Registration refused: the name ") + name + " belongs to another identity]";
+}
+std::string changed(const std::string& name) {
+  return std::string(">>> [Warning: the identity of ") + name + " changed. Compare fingerprints, then type trust " +
+         name + "]";
+}
 std::string received_by(const std::string& name) { return std::string(">>> [Message received by ") + name + ".]"; }
 std::string no_ack(const std::string& name) {
   return std::string(">>> [No ACK from ") + name + ", message sent to server.]";
@@ -186,6 +195,13 @@ struct World {
     return *peers[key];
   }
   Peer& start(const std::string& name) { return start(name, name, next_addr()); }
+  /// Starts a client with another key for its name (`variant`), or client state kept in a file.
+  Peer& start_with(const std::string& key, const std::string& name, const udp::endpoint& at, std::uint8_t variant,
+                   const std::string& state = ":memory:") {
+    peers[key] = std::make_unique<Peer>(net, name, at, kServerAt, transport::RetryPolicy{}, 15s, ++seeds, variant,
+                                        state);
+    return *peers[key];
+  }
   /// Starts a client and waits until every running client sees every online one online.
   Peer& join(const std::string& name) {
     Peer& p = start(name);
@@ -1481,6 +1497,231 @@ TEST_CASE("§10 a registration's keep-alive interval is clamped, whatever the wi
   CHECK(w.srv().has_session("zed"));
   w.net.run_for(2h);
   CHECK_FALSE(w.srv().has_session("zed"));
+}
+
+
+// ================================================================ §11 identities and encryption
+
+TEST_CASE("§11 a bound name is refused to another key, offline or online; the owner comes back with its own") {
+  World w;
+  w.join("bob");
+  Peer& alice = w.join("alice");
+  const udp::endpoint alice_at = alice.at();
+  REQUIRE(w.type_and_wait("alice", "dereg alice", say::bye));
+  // Offline: an impostor with another key, from another address.
+  Peer& impostor = w.start_with("impostor", "alice", w.next_addr(), 1);
+  REQUIRE(w.net.run_until([&] { return impostor.exit_code != -1; }, 10s));
+  CHECK(impostor.exit_code == 1);
+  CHECK(impostor.lines == std::vector<std::string>{say::other_identity("alice")});
+  CHECK(w.srv().server_counters().other_key == 1);
+  // The owner comes back (same key), then, online, an impostor at its very address.
+  REQUIRE(w.type_and_wait("alice", "reg alice", say::welcome));
+  w.kill("alice");
+  Peer& second = w.start_with("impostor2", "alice", alice_at, 2);
+  REQUIRE(w.net.run_until([&] { return second.exit_code != -1; }, 10s));
+  CHECK(second.lines == std::vector<std::string>{say::other_identity("alice")});
+  CHECK(w.srv().server_counters().other_key == 2);
+}
+
+TEST_CASE("§11 a registration proof is refused for another name, another address, a stale token, and when replayed") {
+  World w;
+  std::vector<proto::Register> proofs;
+  std::vector<proto::Message> to_victim;
+  const udp::endpoint victim = addr(50, 6000), thief = addr(51, 6000);
+  w.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const proto::Message& m) {
+    if (const auto* r = as<proto::Register>(m); r != nullptr && from == victim && r->name == "zed") proofs.push_back(*r);
+    if (to == victim || to == thief) to_victim.push_back(m);
+    return false;
+  };
+  auto reg_errs = [&] {
+    std::vector<std::string> out;
+    for (const auto& m : to_victim)
+      if (const auto* e = as<proto::RegErr>(m)) out.push_back(e->reason);
+    return out;
+  };
+  // A token minted for "zed" signed for "zed", but sent as "yan": the token does not match.
+  proto::Register other_name = proven_register(w, victim, "zed", 1);
+  other_name.name = "yan";
+  other_name.proof = identity::register_proof(identity_of("yan"), "yan", other_name.token);
+  other_name.key = identity_of("yan").public_key();
+  inject(w, victim, kServerAt, other_name);
+  // The same proof from another address: the token names the address it was sent to.
+  inject(w, thief, kServerAt, proven_register(w, victim, "zed", 2));
+  w.net.run_for(1s);
+  CHECK(reg_errs() == std::vector<std::string>(2, "the proof of identity did not check (stale or forged)"));
+  CHECK_FALSE(w.srv().has_session("yan"));
+  CHECK_FALSE(w.srv().has_session("zed"));
+  // A genuine one registers.
+  inject(w, victim, kServerAt, proven_register(w, victim, "zed", 3));
+  REQUIRE(w.net.run_until([&] { return w.srv().has_session("zed"); }, 1s));
+  REQUIRE(proofs.size() == 1);
+  // The same datagram again, past the duplicate window (so not just the cached answer): refused.
+  w.net.run_for(40s);
+  to_victim.clear();
+  w.net.send(victim, kServerAt, proto::encode(proofs[0]));
+  w.net.run_for(1s);
+  CHECK(reg_errs() == std::vector<std::string>{"this registration was already used"});
+  CHECK(w.srv().server_counters().replayed == 1);
+  // An hour later its token has expired, whatever else holds.
+  w.net.run_for(1h);
+  to_victim.clear();
+  proto::Register late = proofs[0];
+  late.id = 99;
+  w.net.send(victim, kServerAt, proto::encode(late));
+  w.net.run_for(1s);
+  CHECK(reg_errs() == std::vector<std::string>{"the proof of identity did not check (stale or forged)"});
+  CHECK(w.srv().server_counters().bad_proofs == 3);
+}
+
+TEST_CASE("§11 a direct message sealed by another key in a name's place is not shown and gets no receipt") {
+  World w;
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  bool receipt = false;
+  w.net.filter = [&](const udp::endpoint& from, const udp::endpoint&, const proto::Message& m) {
+    receipt = receipt || (from == bob.at() && as<proto::Receipt>(m) != nullptr);
+    return false;
+  };
+  // From alice's own address, claiming alice, sealed by mallory's key.
+  identity::Pair forged(identity_of("mallory"), identity_of("bob").public_key());
+  std::size_t mark = bob.lines.size();
+  inject(w, alice.at(), bob.at(),
+         proto::Direct{777, "alice", identity::seal_direct(forged, 777, 1, "bob", "i am alice")});
+  // And a genuine seal with its id changed: the sealed id must be the datagram's.
+  inject(w, alice.at(), bob.at(), proto::Direct{778, "alice", sealed(w, "alice", "bob", 779, "moved id")});
+  w.net.run_for(1s);
+  CHECK(since(bob, mark).empty());
+  CHECK_FALSE(receipt);
+  CHECK(bob.client.client_counters().unauthenticated == 2);
+}
+
+TEST_CASE("§11 a captured direct datagram replayed after the receiver restarted is not shown again") {
+  World w;
+  const auto state = std::filesystem::temp_directory_path() /
+                     (std::string("chatapp-cores-bob-").append(std::to_string(::getpid())).append(".db"));
+  std::filesystem::remove(state);
+  Peer& alice = w.join("alice");
+  const udp::endpoint bob_at = w.next_addr();
+  w.start_with("bob", "bob", bob_at, 0, state.string());
+  REQUIRE(w.net.run_until([&] { return w["bob"].reading && w.converged(); }, 10s));
+  std::vector<proto::Direct> captured;
+  w.net.filter = [&](const udp::endpoint&, const udp::endpoint& to, const proto::Message& m) {
+    if (const auto* d = as<proto::Direct>(m); d != nullptr && to == bob_at) captured.push_back(*d);
+    return false;
+  };
+  REQUIRE(w.type_and_wait("alice", "send bob pay 10 euros", say::received_by("bob")));
+  REQUIRE_FALSE(captured.empty());
+  // bob's process ends and starts again at the same address, with the same state file.
+  w.kill("bob");
+  Peer& bob = w.start_with("bob", "bob", bob_at, 0, state.string());
+  REQUIRE(w.net.run_until([&] { return bob.reading && w.converged(); }, 10s));
+  std::size_t mark = bob.lines.size();
+  w.net.send(alice.at(), bob_at, proto::encode(captured[0]));
+  w.net.run_for(1s);
+  // A minute later, with another id in the header (the core's duplicate window cannot help).
+  w.net.run_for(1min);
+  proto::Direct again = captured[0];
+  again.id += 1;
+  w.net.send(alice.at(), bob_at, proto::encode(again));
+  w.net.run_for(1s);
+  CHECK(since(bob, mark).empty());
+  CHECK(bob.client.client_counters().replayed == 1);
+  CHECK(bob.client.client_counters().unauthenticated == 1);  // the id changed: its seal does not match
+  w.kill("bob");
+  std::filesystem::remove(state);
+  std::filesystem::remove(state.string() + "-wal");
+  std::filesystem::remove(state.string() + "-shm");
+}
+
+TEST_CASE("§11 a key change is announced, blocks sending until trust, and trust lets messages through") {
+  World w;
+  Peer& bob = w.join("bob");
+  w.join("alice");
+  REQUIRE(w.type_and_wait("bob", "send alice hello", say::received_by("alice")));
+  REQUIRE(w.type_and_wait("alice", "dereg alice", say::bye));
+  // The operator releases the name with the server stopped; a new alice (another key) takes it.
+  w.stop_server();
+  CHECK(w.store->release("alice").found);
+  w.start_server();
+  w.kill("alice");
+  Peer& alice2 = w.start_with("alice2", "alice", w.next_addr(), 1);
+  REQUIRE(w.net.run_until([&] { return alice2.reading; }, 60s));
+  REQUIRE(w.net.run_until([&] { return bob.saw(say::changed("alice")); }, 60s));
+  CHECK(bob.count(say::changed("alice")) == 1);  // once, not with every update
+  std::size_t mark = bob.lines.size();
+  bob.type("send alice are you still you?");
+  w.net.run_for(2s);
+  CHECK(since(bob, mark) == std::vector<std::string>{say::changed("alice")});
+  CHECK(alice2.lines.end() == std::find_if(alice2.lines.begin(), alice2.lines.end(),
+                                           [](const std::string& l) { return l.find("still you") != std::string::npos; }));
+  CHECK(w.type_and_wait("bob", "trust alice", ">>> [You now trust the new identity of alice.]"));
+  CHECK(w.type_and_wait("bob", "send alice welcome back", say::received_by("alice")));
+  CHECK(alice2.saw(say::direct("bob", "welcome back")));
+  CHECK(w.type_and_wait("bob", "trust alice", ">>> [The identity of alice has not changed.]"));
+}
+
+TEST_CASE("§11 blocking hides direct, saved and channel messages of that key, and refuses sending to it") {
+  World w;
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  w.join("carol");
+  REQUIRE(w.type_and_wait("bob", "block alice", ">>> [alice is blocked.]"));
+  REQUIRE(w.type_and_wait("bob", "blocked", ">>> [Blocked: alice]"));
+  REQUIRE(w.type_and_wait("alice", "send bob live one", say::received_by("bob")));
+  REQUIRE(w.type_and_wait("alice", "send_all to everyone", say::by_server));
+  REQUIRE(w.type_and_wait("carol", "send bob from carol", say::received_by("bob")));
+  CHECK(bob.saw(say::direct("carol", "from carol")));
+  REQUIRE(w.type_and_wait("bob", "send alice hi", ">>> [Error: you blocked alice; type unblock alice to send to them]"));
+  // Saved for bob while he is away: acknowledged and dropped, so it does not come back.
+  REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
+  REQUIRE(w.net.run_until([&] { return !alice.sees_online("bob"); }, 10s));
+  REQUIRE(w.type_and_wait("alice", "send bob saved one", say::saved));
+  REQUIRE(w.type_and_wait("bob", "reg bob", say::welcome));
+  REQUIRE(w.net.run_until([&] { return w.store->count_for("bob") == 0; }, 10s));
+  w.net.run_for(1s);
+  for (const auto& l : bob.lines) CHECK(l.find("alice:") == std::string::npos);
+  CHECK(bob.client.client_counters().blocked == 3);
+  REQUIRE(w.type_and_wait("bob", "unblock alice", ">>> [alice is unblocked.]"));
+  REQUIRE(w.type_and_wait("bob", "blocked", ">>> [Nobody is blocked.]"));
+  REQUIRE(w.type_and_wait("alice", "send bob after unblock", say::received_by("bob")));
+  CHECK(bob.saw(say::direct("alice", "after unblock")));
+}
+
+TEST_CASE("§11 a channel message whose signature does not verify is shown by nobody, live or saved") {
+  World w;
+  w.join("alice");
+  Peer& bob = w.join("bob");
+  const std::uint64_t mid = 4242;
+  // Relayed as if from the server (it could be the server itself): signed by the wrong key.
+  std::string forged = identity::sign_channel(identity_of("mallory"), "alice", mid, 1, "alice says: send money");
+  std::size_t mark = bob.lines.size();
+  inject(w, kServerAt, bob.at(), proto::Relay{9191, "alice", mid, forged});
+  // A genuine signature over another id than the relay's.
+  inject(w, kServerAt, bob.at(),
+         proto::Relay{9192, "alice", mid + 1, identity::sign_channel(identity_of("alice"), "alice", mid, 1, "moved")});
+  proto::StoredItem item{"alice", true, w.net.clock.wall_us(), mid, identity_of("alice").public_key(), forged};
+  inject(w, kServerAt, bob.at(), proto::Stored{9193, {item}});
+  w.net.run_for(1s);
+  CHECK(since(bob, mark).empty());
+  CHECK(bob.client.client_counters().unauthenticated == 3);
+}
+
+TEST_CASE("§11 what the server stores for an offline recipient is ciphertext; the recipient opens it once") {
+  World w;
+  Peer& alice = w.join("alice");
+  w.join("bob");
+  REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
+  REQUIRE(w.net.run_until([&] { return !alice.sees_online("bob"); }, 10s));
+  REQUIRE(w.type_and_wait("alice", "send bob the password is hunter2", say::saved));
+  auto box = w.mailbox("bob");
+  REQUIRE(box.size() == 1);
+  CHECK(box[0].body.find("hunter2") == std::string::npos);
+  const proto::Key alice_key = identity_of("alice").public_key();
+  CHECK(box[0].from_key == std::string(alice_key.begin(), alice_key.end()));
+  CHECK(text_of(box[0], "bob") == "the password is hunter2");
+  CHECK(text_of(box[0], "carol").empty());  // sealed for bob alone
+  REQUIRE(w.type_and_wait("bob", "reg bob", say::have_messages));
+  REQUIRE(w.net.run_until([&] { return shown_direct(w["bob"], "alice", "the password is hunter2") == 1; }, 10s));
 }
 
 }  // TEST_SUITE
