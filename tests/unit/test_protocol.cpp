@@ -411,11 +411,11 @@ TEST_CASE("every refusal reason, with the exact reason") {
   }
   t.push_back({"a v1 register", R"({"v":1,"t":"register","id":7,"name":"alice"})", DecodeError::old_version});
   t.push_back({"a lone '{'", "{", DecodeError::old_version});
-  t.push_back({"'{' then binary", "{" + probe.substr(1), DecodeError::old_version});
+  t.push_back({"'{' then binary", std::string("{").append(probe.substr(1)), DecodeError::old_version});
   for (unsigned v : {0u, 1u, 3u, 0x7Au, 0x7Cu, 0xFFu}) {
     std::string b = probe;
     b[0] = static_cast<char>(v);
-    t.push_back({"version " + std::to_string(v), b, DecodeError::bad_version});
+    t.push_back({std::string("version ").append(std::to_string(v)), b, DecodeError::bad_version});
   }
   t.push_back({"plain text", "hello, server", DecodeError::bad_version});
   t.push_back({"a JSON array", "[1,2,3]", DecodeError::bad_version});
@@ -423,7 +423,7 @@ TEST_CASE("every refusal reason, with the exact reason") {
   t.push_back({"header without its id", probe.substr(0, 9), DecodeError::truncated});
   for (unsigned code = 0; code < 256; ++code) {
     if ((code >= 1 && code <= 11) || (code >= 64 && code <= 72)) continue;
-    t.push_back({"type code " + std::to_string(code), header(code, 1), DecodeError::unknown_type});
+    t.push_back({std::string("type code ").append(std::to_string(code)), header(code, 1), DecodeError::unknown_type});
   }
   t.push_back({"unknown type, header only two bytes", "\x02\x0C", DecodeError::unknown_type});
   t.push_back({"probe with one byte more", probe + "x", DecodeError::trailing});
@@ -485,7 +485,7 @@ TEST_CASE("every refusal reason, with the exact reason") {
   for (std::size_t at = 0; at < 39; ++at) {  // a not-known Found with anything but zeros after the name
     std::string rest(39, '\0');
     rest[at] = 1;
-    t.push_back({"found not known, byte " + std::to_string(at) + " of the row set",
+    t.push_back({std::string("found not known, byte ").append(std::to_string(at)).append(" of the row set"),
                  header(72, 1) + u8(0) + str8("bob") + rest, DecodeError::bad_value});
   }
 
@@ -966,7 +966,7 @@ TEST_CASE("v1_refusal answers a version-1 request as an old client understands i
       CHECK(j == json{{"v", 1}, {"t", "refused"}, {"re", 42}, {"reason", reason}});
     }
     // As the old client sent it: keys in any order, padded to 1200 bytes.
-    auto r = proto::v1_refusal(R"({"id":9,"name":"alice","pad":")" + std::string(1150, ' ') + R"(","t":"register","v":1})");
+    auto r = proto::v1_refusal(std::string(R"({"id":9,"name":"alice","pad":")").append(1150, ' ').append(R"(","t":"register","v":1})"));
     REQUIRE(r);
     json j = json::parse(*r);
     CHECK(j["t"] == "reg_err");
