@@ -5,7 +5,6 @@
 #include <arpa/inet.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cstring>
 
 #include <nlohmann/json.hpp>
@@ -318,13 +317,16 @@ class Reader {
   std::string ip4() {
     std::string_view b = raw(4);
     if (b.empty()) return {};
-    char buf[16];
-    char* p = buf;
+    std::string ip;
+    ip.reserve(15);
     for (std::size_t k = 0; k < 4; ++k) {
-      if (k > 0) *p++ = '.';
-      p = std::to_chars(p, buf + sizeof buf, static_cast<unsigned char>(b[k])).ptr;
+      const unsigned v = static_cast<unsigned char>(b[k]);
+      if (k > 0) ip += '.';
+      if (v >= 100) ip += static_cast<char>('0' + v / 100);
+      if (v >= 10) ip += static_cast<char>('0' + v / 10 % 10);
+      ip += static_cast<char>('0' + v % 10);
     }
-    return std::string(buf, p);
+    return ip;
   }
   Entry entry() {
     Entry e;

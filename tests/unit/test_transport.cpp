@@ -163,7 +163,7 @@ TEST_CASE("a request whose first two copies are lost completes on the third") {
 
   const std::uint64_t id = client.next_id();
   Outcome out;
-  client.request(proto::Register{id, "alice"}, peer.endpoint(), out.done());
+  client.request(proto::Register{id, "alice", {}, 0, "", {}}, peer.endpoint(), out.done());
   REQUIRE(run_until(io, [&] { return out.calls > 0; }));
   settle(io, kFast.timeout * 4);
 
@@ -320,7 +320,7 @@ TEST_CASE("forget(): a request left unanswered and forgotten is handed up again 
     server.forget(sender, proto::request_id(m));
   });
   RawPeer client(io);
-  const std::string request = proto::encode(proto::Register{99, "dave"});
+  const std::string request = proto::encode(proto::Register{99, "dave", {}, 0, "", {}});
 
   client.send_bytes(request, server.local_endpoint());
   REQUIRE(run_until(io, [&] { return handled == 1; }));
@@ -341,7 +341,7 @@ TEST_CASE("1000 requests in flight at once all complete with their own reply") {
   server.start([&](const proto::Message& m, const udp::endpoint& sender) {
     ++handled;
     const auto& d = std::get<proto::Direct>(m);
-    server.reply(sender, proto::Refused{d.id, "re:" + d.text});
+    server.reply(sender, proto::Refused{d.id, "re:" + d.body});
   });
   client.start(nullptr);
 
@@ -384,8 +384,11 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   RawPeer client(io);
   const udp::endpoint to = server.local_endpoint();
 
-  client.send_bytes("this is not JSON", to);
-  client.send_bytes(std::string(2000, 'x'), to);
+  const std::string probe = proto::encode(proto::Probe{77});
+  std::string bad_bool = proto::encode(proto::Save{55, "a", "b", 1, true, "x"});
+  bad_bool[10 + 2 + 2 + 8] = 2;  // force: neither 0 nor 1
+  client.send_bytes("this is not ChatApp", to);       // bad_version
+  client.send_bytes(std::string(2000, 'x'), to);      // too_large
   {
     std::mt19937 rng(7);
     std::uniform_int_distribution<int> byte(0, 255);
@@ -393,35 +396,68 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
     for (char& c : big) c = static_cast<char>(byte(rng));
     client.send_bytes(big, to);  // larger than the receive buffer: truncated, still too large
   }
-  client.send_bytes("", to);
+  client.send_bytes("", to);                                              // empty
+  client.send_bytes(probe.substr(0, 9), to);                              // truncated
+  client.send_bytes(probe + "x", to);                                     // trailing
+  client.send_bytes(proto::encode(proto::Probe{0}), to);                  // bad_value: id 0
+  client.send_bytes(bad_bool, to);                                        // bad_value: a bool of 2
+  client.send_bytes(std::string("\x02\x30", 2) + probe.substr(2), to);  // unknown_type
+  // Version 1 (JSON) datagrams that are no request get no answer either.
   client.send_bytes("{\"v\":1,\"t\":\"direct\",\"id\":1,\"from\":\"a\",\"text\":\"\xFF\"}", to);
-  client.send_bytes(R"({"v":2,"t":"probe","id":1})", to);
   client.send_bytes(R"({"v":1,"t":"probe","id":0})", to);
-  client.send_bytes(R"([1,2,3])", to);
-  client.send_bytes(proto::encode(proto::Ack{12345, 0, 0}), to);  // a reply nobody asked for
-  client.send_bytes(proto::encode(proto::Probe{4242}), to);       // and finally a valid request
+  client.send_bytes(R"({"v":1,"t":"ack","re":12})", to);
+  client.send_bytes(proto::encode(proto::Ack{12345, 0, 0, 0}), to);  // a reply nobody asked for
+  client.send_bytes(proto::encode(proto::Probe{4242}), to);          // and finally a valid request
 
   REQUIRE(run_until(io, [&] { return client.count() == 1; }));
-  CHECK(decode_ok(client.bytes(0)) == proto::Message{proto::Ack{4242, 0, 0}});
+  CHECK(decode_ok(client.bytes(0)) == proto::Message{proto::Ack{4242, 0, 0, 0}});
   REQUIRE(handed_up.size() == 1);
   CHECK(handed_up[0] == proto::Message{proto::Probe{4242}});
 
   using proto::DecodeError;
-  CHECK(refused(server, DecodeError::not_json) == 1);
+  CHECK(refused(server, DecodeError::bad_version) == 1);
   CHECK(refused(server, DecodeError::too_large) == 2);
   CHECK(refused(server, DecodeError::empty) == 1);
-  CHECK(refused(server, DecodeError::invalid_utf8) == 1);
-  CHECK(refused(server, DecodeError::bad_version) == 1);
-  CHECK(refused(server, DecodeError::bad_value) == 1);
-  CHECK(refused(server, DecodeError::not_object) == 1);
-  CHECK(server.counters().refused_total() == 8);
+  CHECK(refused(server, DecodeError::truncated) == 1);
+  CHECK(refused(server, DecodeError::trailing) == 1);
+  CHECK(refused(server, DecodeError::bad_value) == 2);
+  CHECK(refused(server, DecodeError::unknown_type) == 1);
+  CHECK(refused(server, DecodeError::old_version) == 3);
+  CHECK(server.counters().refused_total() == 12);
   CHECK(server.counters().unmatched_replies == 1);
-  CHECK(server.counters().received == 10);
+  CHECK(server.counters().received == 14);
 
   // Still serving after all that.
   client.send_bytes(proto::encode(proto::Probe{4243}), to);
   REQUIRE(run_until(io, [&] { return client.count() == 2; }));
   CHECK(decode_ok(client.bytes(1)) == proto::Message{proto::Ack{4243, 0, 0}});
+}
+
+TEST_CASE("a version-1 register gets the v1 reg_err an old client shows, with its id") {
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  int handled = 0;
+  server.start([&](const proto::Message&, const udp::endpoint&) { ++handled; });
+  RawPeer old_client(io);
+  // As a version-1 client sent it: padded to 1200 bytes.
+  const std::string reg = R"({"v":1,"t":"register","id":7301,"name":"alice","pad":")" + std::string(1130, ' ') + "\"}";
+  old_client.send_bytes(reg, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return old_client.count() == 1; }));
+  CHECK(old_client.bytes(0) == std::string(R"({"v":1,"t":"reg_err","re":7301,"reason":")")
+                                   .append(proto::kV1RefusalReason)
+                                   .append("\"}"));
+  CHECK(old_client.bytes(0).size() < reg.size());
+  CHECK(handled == 0);
+  CHECK(refused(server, proto::DecodeError::old_version) == 1);
+  // Any other v1 request is refused the same way.
+  const std::string save = R"({"v":1,"t":"save","id":12,"from":"alice","to":"bob","mid":1,"force":false,"text":")" +
+                           std::string(100, 'x') + "\"}";
+  old_client.send_bytes(save, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return old_client.count() == 2; }));
+  CHECK(old_client.bytes(1) == std::string(R"({"v":1,"t":"refused","re":12,"reason":")")
+                                   .append(proto::kV1RefusalReason)
+                                   .append("\"}"));
+  CHECK(refused(server, proto::DecodeError::old_version) == 2);
 }
 
 TEST_CASE("close() abandons pending requests without calling Done") {
@@ -610,7 +646,7 @@ using chat::transport::ManualClock;
 
 // A core whose datagrams land in `sent` instead of a socket.
 struct Bare {
-  explicit Bare(RetryPolicy p) : core(CoreOptions{p, {}, 42}, clock) {
+  explicit Bare(RetryPolicy p, chat::transport::Guard g = {}) : core(CoreOptions{p, g, 42}, clock) {
     core.set_output([this](const std::string& bytes, const udp::endpoint& to) {
       sent.emplace_back(bytes, to);
       return true;
@@ -706,6 +742,43 @@ TEST_CASE("core: timers fire in order, cancelled ones never; deferred work runs 
   b.advance(10ms);
   CHECK(fired.size() == 4);
   CHECK_FALSE(b.core.next_deadline().has_value());
+}
+
+TEST_CASE("core: a v1 request is answered only within the rate limit, and never with more bytes than it had") {
+  chat::transport::Guard guard;
+  guard.rate_limit = 3;
+  guard.amplification = 3;
+  Bare b(RetryPolicy{}, guard);
+  int handled = 0;
+  b.core.set_handler([&](const proto::Message&, const udp::endpoint&) { ++handled; });
+  const std::string reg =
+      R"({"v":1,"t":"register","id":99,"name":"alice","pad":")" + std::string(1100, ' ') + "\"}";
+  const auto reg_err = proto::v1_refusal(reg);
+  REQUIRE(reg_err);
+  for (int i = 0; i < 10; ++i) b.core.on_datagram(reg, kPeer);
+  // One second's burst of the rate limit is answered, the rest dropped before decoding.
+  REQUIRE(b.sent.size() == 3);
+  for (const auto& [bytes, to] : b.sent) {
+    CHECK(bytes == *reg_err);
+    CHECK(to == kPeer);
+  }
+  CHECK(b.core.counters().rate_limited == 7);
+  CHECK(b.core.counters().refused[static_cast<std::size_t>(proto::DecodeError::old_version)] == 3);
+  CHECK(handled == 0);
+
+  // A short v1 request would get a longer answer than it was: it gets none.
+  b.advance(2s);
+  const std::string probe = R"({"v":1,"t":"probe","id":5})";
+  REQUIRE(proto::v1_refusal(probe));
+  REQUIRE(proto::v1_refusal(probe)->size() > probe.size());
+  b.core.on_datagram(probe, kPeer);
+  CHECK(b.sent.size() == 3);
+  CHECK(b.core.counters().refused[static_cast<std::size_t>(proto::DecodeError::old_version)] == 4);
+  // A v1 reply, or a datagram that only starts with '{', gets none either.
+  b.core.on_datagram(R"({"v":1,"t":"ack","re":5})", kPeer);
+  b.core.on_datagram("{" + std::string(200, 'x'), kPeer);
+  CHECK(b.sent.size() == 3);
+  CHECK(b.core.counters().refused[static_cast<std::size_t>(proto::DecodeError::old_version)] == 6);
 }
 
 }  // TEST_SUITE
