@@ -142,7 +142,10 @@ void Client::run(const Command& c) {
   } else if (std::get_if<cmd::Help>(&c)) {
     show(help_text());
   } else if (std::get_if<cmd::List>(&c)) {
-    show(format_table(table_, me));
+    show(format_table(table_, me, [this](const std::string& name) -> std::string {
+      if (state_db_->changed(name)) return "  identity changed";
+      return state_db_->verified(name) ? "  verified" : "";
+    }));
   } else if (std::get_if<cmd::Quit>(&c)) {
     on_end_of_input();
   } else if (std::holds_alternative<cmd::Fingerprint>(c) || std::holds_alternative<cmd::Verify>(c) ||

@@ -30,7 +30,8 @@ const protocol::Entry* LocalTable::find(const std::string& name) const {
   return it == rows_.end() ? nullptr : &it->second;
 }
 
-std::string format_table(const LocalTable& t, const std::string& self) {
+std::string format_table(const LocalTable& t, const std::string& self,
+                         const std::function<std::string(const std::string&)>& mark) {
   // Built in place with append, not chained operator+: GCC 12 at -O3 reports a false
   // -Wrestrict inside `"literal" + std::string&&` (its insert at position 0).
   std::size_t w = 4;
@@ -56,6 +57,7 @@ std::string format_table(const LocalTable& t, const std::string& self) {
     field(out, address, 21);
     out.append("  ").append(e.online ? "online" : "offline");
     if (name == self) out.append(" (you)");
+    else if (mark) out.append(mark(name));
   }
   out.append("\n(").append(std::to_string(t.rows().size())).append(" clients, ");
   out.append(std::to_string(online)).append(" online)");

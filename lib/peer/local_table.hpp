@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 
@@ -37,8 +38,10 @@ class LocalTable {
   std::uint64_t version_ = 0;
 };
 
-/// `list` output: one line per row, aligned in columns.
-std::string format_table(const LocalTable& t, const std::string& self);
+/// `list` output: one line per row, aligned in columns; `mark(name)` is appended to a row
+/// (" verified", " identity changed", or nothing).
+std::string format_table(const LocalTable& t, const std::string& self,
+                         const std::function<std::string(const std::string&)>& mark = {});
 /// A server timestamp (microseconds since the epoch) in local time, "YYYY-MM-DD HH:MM:SS".
 std::string format_timestamp(std::int64_t ts_us);
 

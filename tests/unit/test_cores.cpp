@@ -1654,7 +1654,18 @@ TEST_CASE("§11 a key change is announced, blocks sending until trust, and trust
   CHECK(since(bob, mark) == std::vector<std::string>{say::changed("alice")});
   CHECK(alice2.lines.end() == std::find_if(alice2.lines.begin(), alice2.lines.end(),
                                            [](const std::string& l) { return l.find("still you") != std::string::npos; }));
+  auto alice_row = [&] {
+    std::string row;
+    for (const auto& l : bob.lines)
+      if (starts_with(l, "alice ")) row = l;
+    return row;
+  };
+  bob.type("list");
+  CHECK(ends_with(alice_row(), "online  identity changed"));
   CHECK(w.type_and_wait("bob", "trust alice", ">>> [You now trust the new identity of alice.]"));
+  CHECK(w.type_and_wait("bob", "verify alice", ">>> [You marked alice's fingerprint verified.]"));
+  bob.type("list");
+  CHECK(ends_with(alice_row(), "online  verified"));
   CHECK(w.type_and_wait("bob", "send alice welcome back", say::received_by("alice")));
   CHECK(alice2.saw(say::direct("bob", "welcome back")));
   CHECK(w.type_and_wait("bob", "trust alice", ">>> [The identity of alice has not changed.]"));
