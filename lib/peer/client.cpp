@@ -204,6 +204,10 @@ void Client::run_identity(const Command& c) {
   auto no_key = [this](const std::string& name) { say("[Error: no key known for " + name + "]"); };
   if (auto* f = std::get_if<cmd::Fingerprint>(&c)) {
     if (f->name.empty()) return say("[Your fingerprint: " + identity::fingerprint(me_.public_key()) + "]");
+    // After a key change the user compares the new key's digits before typing trust.
+    if (auto pending = state_db_->pending(f->name))
+      return say("[Fingerprint of " + f->name + "'s new identity: " + identity::fingerprint(*pending) +
+                 " (not trusted yet: type trust " + f->name + " once it matches)]");
     auto pin = state_db_->pinned(f->name);
     if (!pin) return no_key(f->name);
     return say("[Fingerprint of " + f->name + ": " + identity::fingerprint(*pin) +

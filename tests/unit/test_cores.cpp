@@ -1662,7 +1662,12 @@ TEST_CASE("§11 a key change is announced, blocks sending until trust, and trust
   };
   bob.type("list");
   CHECK(ends_with(alice_row(), "online  identity changed"));
+  const std::string new_fp = identity::fingerprint(identity_of("alice", 1).public_key());
+  CHECK(w.type_and_wait("bob", "fingerprint alice",
+                        ">>> [Fingerprint of alice's new identity: " + new_fp +
+                            " (not trusted yet: type trust alice once it matches)]"));
   CHECK(w.type_and_wait("bob", "trust alice", ">>> [You now trust the new identity of alice.]"));
+  CHECK(w.type_and_wait("bob", "fingerprint alice", ">>> [Fingerprint of alice: " + new_fp + "]"));
   CHECK(w.type_and_wait("bob", "verify alice", ">>> [You marked alice's fingerprint verified.]"));
   bob.type("list");
   CHECK(ends_with(alice_row(), "online  verified"));
