@@ -137,7 +137,7 @@ class PackagingTest(unittest.TestCase):
         self.assertRegex(self.field("Maintainer"), r".+ <[^@ ]+@[^@ ]+>")
         self.assertTrue(self.field("Description"), "no Description")
         depends = self.field("Depends")
-        for lib in ("libsqlite3-0", "libboost-program-options1.74.0", "libspdlog1.10", "libfmt9", "libc6"):
+        for lib in ("libsqlite3-0", "libsodium23", "libboost-program-options1.74.0", "libspdlog1.10", "libfmt9", "libc6"):
             self.assertIn(lib, depends, f"Depends lacks {lib}: {depends}")
         code, out, err = run(["dpkg-query", "-W", "-f=${Status} ${Version}", PACKAGE], check=True)
         self.assertEqual(out, f"install ok installed {self.version}")
