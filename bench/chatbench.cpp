@@ -1475,18 +1475,84 @@ bool bench_memory(const Options& o) {
   }
 }
 
+// wire: the encoded size (protocol::encode) of every datagram type for typical content: names
+// of 5 characters, texts of 20 and of 600 bytes, sealed or signed as the client does. No server.
+// docs/PERFORMANCE.md sets them beside the v1 (JSON) sizes of the same messages.
+bool bench_wire(const Options&) {
+  try {
+    constexpr std::uint64_t id = 0x1234567890abcdefull;  // ids are random u64s (transport::Core::next_id)
+    constexpr std::uint64_t epoch = 0x0fedcba987654321ull;
+    constexpr std::int64_t ts_us = 1'764'650'000'000'000;  // December 2025
+    const std::string me = "alice", peer = "bobby";
+    const ident::Identity me_id = peer_identity(0), peer_id = peer_identity(1);
+    const ident::Pair pair(me_id, peer_id.public_key());
+    const proto::Entry row{peer, "192.168.1.20", 50000, true, peer_id.public_key()};
+    const std::string token(ident::kTokenSize, 't');  // a server token is always kTokenSize bytes
+    auto size = [](const proto::Message& m) {
+      std::string bytes = proto::encode(m);
+      if (!proto::decode(bytes)) throw Failure(std::string("a ") + proto::type_name(m) + " did not decode");
+      return static_cast<double>(bytes.size());
+    };
+    // Text-independent types: n = 0.
+    const std::vector<std::pair<std::string, proto::Message>> fixed = {
+        {"register", proto::Register{id, me, me_id.public_key(), 15000, {}, {}}},
+        {"register_proof",
+         proto::Register{id, me, me_id.public_key(), 15000, token, ident::register_proof(me_id, me, token)}},
+        {"dereg", proto::Dereg{id, me}},
+        {"probe", proto::Probe{id}},
+        {"table_1_row", proto::Table{id, epoch, 41, 42, false, {row}}},
+        {"keepalive", proto::KeepAlive{id, me}},
+        {"lookup", proto::Lookup{id, peer}},
+        {"ack", proto::Ack{id}},
+        {"ack_table", proto::Ack{id, epoch, 42}},
+        {"challenge", proto::Challenge{id, token}},
+        {"receipt", proto::Receipt{id, ident::seal_receipt(pair, id, peer)}},
+        {"regok", proto::RegOk{id, epoch, 0}},
+        {"regerr", proto::RegErr{id, "the name alice belongs to another identity"}},
+        {"exists", proto::Exists{id, peer}},
+        {"refused", proto::Refused{id, "you are not registered from this address"}},
+        {"alive", proto::Alive{id, true}},
+        {"found", proto::Found{id, true, row}},
+    };
+    for (const auto& [label, m] : fixed) emit("wire", 0, label + "_bytes", size(m), "B", 0);
+    emit("wire", 0, "table_row_bytes", static_cast<double>(proto::entry_size(row)), "B", 0);
+    for (std::size_t len : {std::size_t{20}, std::size_t{600}}) {
+      std::string text;
+      while (text.size() < len) text += "lunch at noon? ";
+      text.resize(len);
+      const std::string sealed = ident::seal_direct(pair, id, 1'764'650'000'000, peer, text);
+      const std::string signed_body = ident::sign_channel(me_id, me, id, 1'764'650'000'000, text);
+      const std::vector<std::pair<std::string, proto::Message>> texts = {
+          {"direct", proto::Direct{id, me, sealed}},
+          {"save", proto::Save{id, me, peer, id, false, sealed}},
+          {"channel", proto::Channel{id, me, signed_body}},
+          {"relay", proto::Relay{id, me, id, signed_body}},
+          {"stored_1_item", proto::Stored{id, {proto::StoredItem{me, false, ts_us, id, me_id.public_key(), sealed}}}},
+      };
+      for (const auto& [label, m] : texts) emit("wire", len, label + "_bytes", size(m), "B", 0);
+      emit("wire", len, "sealed_body_bytes", static_cast<double>(sealed.size()), "B", 0);
+      emit("wire", len, "signed_body_bytes", static_cast<double>(signed_body.size()), "B", 0);
+    }
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("wire", 0, e.what());
+    return false;
+  }
+}
+
 struct Scenario {
   const char* name;
   bool (*run)(const Options&);
 };
 constexpr Scenario kScenarios[] = {{"direct", bench_direct}, {"register", bench_register}, {"fanout", bench_fanout},
-                                   {"store", bench_store},   {"drain", bench_drain},       {"memory", bench_memory}};
+                                   {"store", bench_store},   {"drain", bench_drain},       {"memory", bench_memory},
+                                   {"wire", bench_wire}};
 
 void usage(FILE* out) {
   std::fprintf(out,
                "usage: chatbench <scenario|all> [--quick] [--bin path/to/ChatApp] [--tmp dir] [--n N[,N...]]\n"
                "                 [--wrap 'cmd args'] [--server-arg arg]... [--start-timeout s] [--rounds n]\n"
-               "scenarios: direct register fanout store drain memory all\n");
+               "scenarios: direct register fanout store drain memory wire all\n");
 }
 
 std::vector<std::size_t> parse_sizes(const std::string& s) {
