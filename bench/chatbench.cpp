@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -40,6 +41,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "identity/envelope.hpp"
+#include "identity/identity.hpp"
 #include "peer/local_table.hpp"
 #include "protocol/codec.hpp"
 #include "transport/endpoint.hpp"
@@ -48,6 +51,7 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace proto = chat::protocol;
+namespace ident = chat::identity;
 namespace net = chat::net;
 using chat::udp;
 using Clock = std::chrono::steady_clock;
@@ -108,6 +112,22 @@ void emit_error(std::string_view bench, std::size_t n, const std::string& what) 
 
 void note(const std::string& what) {
   std::fprintf(stderr, "chatbench: %s\n", what.c_str());
+}
+
+/// The identity of simulated peer `i`: derived from its index, so every run uses the same keys.
+ident::Identity peer_identity(std::size_t i) {
+  ident::Seed seed{};
+  constexpr std::string_view tag = "chatbench peer";
+  std::memcpy(seed.data(), tag.data(), tag.size());
+  for (std::size_t b = 0; b < 8; ++b) seed[24 + b] = static_cast<std::uint8_t>(i >> (8 * b));
+  return ident::Identity::from_seed(seed);
+}
+
+/// The sender's clock in ms since the Unix epoch, as sealed and signed bodies carry it.
+std::uint64_t now_ms() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
 }
 
 double us(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
@@ -453,6 +473,18 @@ class ServerProcess {
 
 class Sim;
 
+/// The index of simulated peer `name` (simulated peers are named p<index>), if it is one.
+std::optional<std::size_t> peer_index(std::string_view name) {
+  std::size_t i = 0;
+  bool ok = name.size() > 1 && name.size() < 9 && name[0] == 'p';
+  for (std::size_t k = 1; ok && k < name.size(); ++k) {
+    ok = name[k] >= '0' && name[k] <= '9';
+    i = i * 10 + static_cast<std::size_t>(name[k] - '0');
+  }
+  if (!ok) return std::nullopt;
+  return i;
+}
+
 /// A peer's table, applied with exactly the rules of peer::LocalTable::apply but held as one
 /// byte per peer: N peers each holding N rows as std::map nodes would need ~14 GB at N=10,000.
 struct TableView {
@@ -479,17 +511,12 @@ struct TableView {
   }
 
   void set(const proto::Entry& e) {
-    // Simulated peers are named p<index>.
-    std::size_t i = 0;
-    bool ok = e.name.size() > 1 && e.name.size() < 9 && e.name[0] == 'p';
-    for (std::size_t k = 1; ok && k < e.name.size(); ++k) {
-      ok = e.name[k] >= '0' && e.name[k] <= '9';
-      i = i * 10 + static_cast<std::size_t>(e.name[k] - '0');
-    }
-    if (!ok) {
+    std::optional<std::size_t> index = peer_index(e.name);
+    if (!index) {
       ++unknown;
       return;
     }
+    std::size_t i = *index;
     if (i >= rows.size()) rows.resize(i + 1, 0);
     std::uint8_t now = e.online ? 2 : 1;
     std::uint8_t& was = rows[i];
@@ -503,10 +530,12 @@ struct TableView {
 struct Peer {
   Peer(net::io_context& io, std::size_t i)
       : index(i),
-        name("p" + std::to_string(i)),
+        name(std::string("p").append(std::to_string(i))),
+        id(peer_identity(i)),
         ep(io, udp::endpoint(net::ip::make_address_v4("127.0.0.1"), 0), kPeerPolicy) {}
   std::size_t index;
   std::string name;
+  ident::Identity id;  // its own key pair, as every real client has
   chat::transport::Socket ep;
   TableView view;
   std::unique_ptr<chat::peer::LocalTable> check;  // the real LocalTable, on the first kChecked peers
@@ -568,24 +597,58 @@ class Sim {
   const udp::endpoint& server() const { return server_; }
   std::size_t size() const { return peers_.size(); }
 
-  /// Sends a padded Register (as the real client does); `then` gets the RegOk or nullptr.
+  /// The key of simulated peer `name` (what the server's table binds it to), or nullptr.
+  const proto::Key* key_of(std::string_view name) const {
+    std::optional<std::size_t> i = peer_index(name);
+    if (!i || *i >= peers_.size()) return nullptr;
+    return &peers_[*i]->id.public_key();
+  }
+  /// The box key between `me` and `peer`, computed once and kept (as peer::Client::pair does).
+  const ident::Pair& pair(const Peer& me, const proto::Key& peer) {
+    auto k = std::make_pair(me.index, peer);
+    auto it = pairs_.find(k);
+    if (it == pairs_.end()) it = pairs_.emplace(k, ident::Pair(me.id, peer)).first;
+    return it->second;
+  }
+
+  /// Registers as the real client does (peer::Client::send_register, send_proof): a Register
+  /// without token, answered by a Challenge, then a second Register (a new id) carrying the
+  /// token and the identity's proof over it. `then` gets the RegOk, or nullptr on any failure.
   void register_peer(Peer& p, std::function<void(const proto::RegOk*)> then = nullptr) {
-    proto::Register reg{p.ep.next_id(), p.name, 0};
-    if (std::size_t n = proto::encode(reg).size() + 16; n < proto::kRegisterPadTo) reg.pad = proto::kRegisterPadTo - n;
     p.registered = false;
-    p.ep.request(reg, server_, [this, &p, then = std::move(then)](const proto::Message* r) {
-      const auto* ok = r != nullptr ? std::get_if<proto::RegOk>(r) : nullptr;
-      if (ok == nullptr) {
-        ++failed_;
-        last_failure_ = p.name + (r == nullptr ? ": register unanswered" : ": register refused");
-      } else {
-        p.registered = true;
-        p.pending = ok->pending;
-        p.registered_at = Clock::now();
-        ++registered_;
-        update(p);
+    auto fail = [this, &p](const std::string& why) {
+      ++failed_;
+      last_failure_ = p.name + ": " + why;
+    };
+    proto::Register hello{p.ep.next_id(), p.name, p.id.public_key(), 0, {}, {}};
+    p.ep.request(hello, server_, [this, &p, fail, then = std::move(then)](const proto::Message* r) mutable {
+      const auto* ch = r != nullptr ? std::get_if<proto::Challenge>(r) : nullptr;
+      if (ch == nullptr) {
+        const auto* no = r != nullptr ? std::get_if<proto::RegErr>(r) : nullptr;
+        fail(r == nullptr ? "register unanswered"
+             : no != nullptr ? "register refused: " + no->reason
+                             : std::string("register answered by ") + proto::type_name(*r));
+        if (then) then(nullptr);
+        return;
       }
-      if (then) then(ok);
+      proto::Register proof{p.ep.next_id(), p.name, p.id.public_key(), 0, ch->token,
+                            ident::register_proof(p.id, p.name, ch->token)};
+      p.ep.request(proof, server_, [this, &p, fail, then = std::move(then)](const proto::Message* r2) {
+        const auto* ok = r2 != nullptr ? std::get_if<proto::RegOk>(r2) : nullptr;
+        if (ok == nullptr) {
+          const auto* no = r2 != nullptr ? std::get_if<proto::RegErr>(r2) : nullptr;
+          fail(r2 == nullptr ? "proof unanswered"
+               : no != nullptr ? "proof refused: " + no->reason
+                               : std::string("proof answered by ") + proto::type_name(*r2));
+        } else {
+          p.registered = true;
+          p.pending = ok->pending;
+          p.registered_at = Clock::now();
+          ++registered_;
+          update(p);
+        }
+        if (then) then(ok);
+      });
     });
   }
 
@@ -653,8 +716,17 @@ class Sim {
   std::int64_t last_relay_arrival_ns = -1;  // latest kernel arrival of a Relay this round
   std::size_t relays_unstamped = 0;
 
+  // Relays: whether receivers check each signature (open_channel) before the Ack, as real
+  // clients do; how many were checked, how long that took, how many did not check.
+  bool verify_relays = true;
+  std::size_t verified = 0;
+  Clock::duration verify_time{};
+  std::size_t relays_unverified = 0;
+
   // Deliveries of saved messages.
   std::unordered_set<std::string> stored_seen;
+  std::size_t stored_unopened = 0;  // items that did not open as the message that was saved
+  Clock::duration stored_open_time{};
   std::size_t stored_dups = 0;
   std::size_t stored_datagrams = 0;
   std::uint64_t stored_sample_bytes = 0;  // of the first kSizeSample Stored datagrams
@@ -688,6 +760,16 @@ class Sim {
     } else if (const auto* r = std::get_if<proto::Relay>(&m)) {
       Clock::time_point got = Clock::now();
       std::int64_t arrived = last_arrival_ns(p.fd);  // before the Ack: a later read would replace it
+      if (verify_relays) {
+        // As peer::Client::on_relay: the signature checked with the sender's key, then the Ack.
+        auto t0 = Clock::now();
+        const proto::Key* key = key_of(r->from);
+        std::optional<ident::Opened> opened;
+        if (key != nullptr) opened = ident::open_channel(*key, r->from, r->mid, r->body);
+        verify_time += Clock::now() - t0;
+        ++verified;
+        if (!opened || opened->text != kText) ++relays_unverified;
+      }
       p.ep.reply(from, proto::Ack{r->id});
       if (r->mid == round && p.relay_round != round) {
         p.relay_round = round;
@@ -698,8 +780,19 @@ class Sim {
         last_relay_acked_at = Clock::now();
       }
     } else if (const auto* s = std::get_if<proto::Stored>(&m)) {
-      for (const auto& item : s->items)
-        if (!stored_seen.insert(item.from + '\n' + std::to_string(item.mid)).second) ++stored_dups;
+      for (const auto& item : s->items) {
+        if (!stored_seen.insert(std::string(item.from).append(1, '\n').append(std::to_string(item.mid))).second)
+          ++stored_dups;
+        // As peer::Client does with a delivery: opened with the pair of the key it was saved under.
+        auto t0 = Clock::now();
+        const proto::Key* key = key_of(item.from);
+        std::optional<ident::Opened> opened;
+        if (key != nullptr && *key == item.key)
+          opened = item.channel ? ident::open_channel(item.key, item.from, item.mid, item.body)
+                                : ident::open_direct(pair(p, item.key), item.body, p.name);
+        stored_open_time += Clock::now() - t0;
+        if (!opened || opened->mid != item.mid || opened->text != kText) ++stored_unopened;
+      }
       // Sizes from a sample only: encoding every datagram again would slow the measured drain.
       if (stored_datagrams++ < kSizeSample) stored_sample_bytes += proto::encode(m).size();
       p.ep.reply(from, proto::Ack{s->id});
@@ -713,6 +806,7 @@ class Sim {
   net::io_context& io_;
   udp::endpoint server_;
   std::vector<std::unique_ptr<Peer>> peers_;
+  std::map<std::pair<std::size_t, proto::Key>, ident::Pair> pairs_;
   std::size_t want_rows_ = SIZE_MAX;
   std::size_t want_online_ = SIZE_MAX;
   std::size_t converged_ = 0;
@@ -750,6 +844,12 @@ Clock::duration register_all(Sim& sim, std::size_t first, Clock::time_point dead
   if (sim.mismatches() > 0)
     throw Failure(what + ": the compact table view disagreed with peer::LocalTable " +
                   std::to_string(sim.mismatches()) + " times");
+  // The rows carry the keys the peers registered with (checked where a real LocalTable is kept).
+  for (std::size_t i = 0; i < std::min(n, kChecked); ++i)
+    if (const auto& check = sim.peer(i).check)
+      for (const auto& [name, e] : check->rows())
+        if (const proto::Key* key = sim.key_of(name); key == nullptr || *key != e.key)
+          throw Failure(what + ": " + sim.peer(i).name + "'s table gives " + name + " a key it did not register");
   return sim.last_converged_at() - start;
 }
 
@@ -765,9 +865,11 @@ std::vector<double> save_all(Sim& sim, const std::vector<Peer*>& senders, const 
   std::function<void(Peer&)> next = [&](Peer& s) {
     if (issued >= total) return;
     std::uint64_t mid = ++issued;
-    const std::string& dest = to[mid % to.size()]->name;
+    const Peer& dest = *to[mid % to.size()];
     auto sent = Clock::now();
-    s.ep.request(proto::Save{s.ep.next_id(), s.name, dest, mid, false, kText}, sim.server(),
+    // Sealed for the recipient as peer::Client::send_known does (the pair computed once per peer).
+    std::string body = ident::seal_direct(sim.pair(s, dest.id.public_key()), mid, now_ms(), dest.name, kText);
+    s.ep.request(proto::Save{s.ep.next_id(), s.name, dest.name, mid, false, std::move(body)}, sim.server(),
                  [&, sent](const proto::Message* r) {
                    if (r != nullptr && std::holds_alternative<proto::Ack>(*r)) {
                      ++acked;
@@ -807,9 +909,10 @@ std::vector<std::size_t> sizes_for(const Options& o, std::vector<std::size_t> fu
 
 udp::endpoint loopback0() { return {net::ip::make_address_v4("127.0.0.1"), 0}; }
 
-/// Wire bytes of one table row as the server encodes it (["name","ip",port,1] and a comma).
+/// Wire bytes of one table row as the server encodes it (protocol::entry_size: name, ip4, port,
+/// online flag and the 32-byte key).
 std::size_t row_bytes(const Peer& p) {
-  return p.name.size() + 9 + std::to_string(p.ep.local_endpoint().port()).size() + 11;
+  return proto::entry_size(proto::Entry{p.name, "127.0.0.1", p.ep.local_endpoint().port(), true, p.id.public_key()});
 }
 
 /// What went wrong under load, if anything: kernel drops on full receive buffers (system-wide,
@@ -839,57 +942,152 @@ long ack_timeout_ms(const Options& o, const std::vector<std::string>& scenario) 
   return 500;  // the product's default
 }
 
-// direct: sequential ACKed Direct requests between two Endpoints; baseline: raw UDP ping-pong.
+/// Raw ping-pong of `req` answered by `rep` between two blocking plain sockets: the round trip
+/// of one exchange with no event loop, codec or crypto (the baselines of bench_direct).
+class PingPong {
+ public:
+  PingPong(std::string req, std::string rep) : req_(std::move(req)), rep_(std::move(rep)) {}
+  double once() {
+    auto t = Clock::now();
+    s1_.send_to(req_, s2_);
+    s2_.receive();
+    s2_.send_to(rep_, s1_);
+    s1_.receive();
+    return us(Clock::now() - t);
+  }
+
+ private:
+  std::string req_, rep_;
+  PlainSocket s1_, s2_;
+};
+
+// direct: sequential Direct requests between two Endpoints, plain (answered by an Ack) and sealed
+// (answered by a sealed Receipt, as two real clients), alternating; baseline: raw UDP ping-pong.
 bool bench_direct(const Options& o) {
   const std::size_t n = sizes_for(o, {10000}, {1000}).front();
-  constexpr std::size_t warm = 200;  // not counted: first-touch costs (page faults, caches)
+  constexpr std::size_t warm = 200;  // of each kind, not counted: first-touch costs (page faults, caches)
   try {
     auto deadline = Clock::now() + 60s;
     net::io_context io(1);
+    // p0 sends; p1 answers the plain Directs with an Ack, as a v1 client did, and the sealed
+    // ones as peer::Client::on_direct does: open_direct, check the mid, seal_receipt.
+    const std::string a_name = "p0", b_name = "p1";
+    const ident::Identity a_id = peer_identity(0), b_id = peer_identity(1);
+    const ident::Pair a_pair(a_id, b_id.public_key());  // precomputed once per peer, as the client does
+    const ident::Pair b_pair(b_id, a_id.public_key());
     chat::transport::Socket a(io, loopback0(), kPeerPolicy);
-    chat::transport::Socket b(io, loopback0(), kPeerPolicy);
-    b.start([&b](const proto::Message& m, const udp::endpoint& from) { b.reply(from, proto::Ack{proto::request_id(m)}); });
+    chat::transport::Socket plain(io, loopback0(), kPeerPolicy);
+    chat::transport::Socket sealed(io, loopback0(), kPeerPolicy);
+    std::size_t unopened = 0;
+    plain.start([&plain](const proto::Message& m, const udp::endpoint& from) {
+      plain.reply(from, proto::Ack{proto::request_id(m)});
+    });
+    sealed.start([&](const proto::Message& m, const udp::endpoint& from) {
+      const auto* d = std::get_if<proto::Direct>(&m);
+      std::optional<ident::Opened> got;
+      if (d != nullptr && d->from == a_name) got = ident::open_direct(b_pair, d->body, b_name);
+      if (!got || got->mid != d->id || got->text != kText) {
+        ++unopened;
+        return sealed.forget(from, proto::request_id(m));
+      }
+      sealed.reply(from, proto::Receipt{d->id, ident::seal_receipt(b_pair, d->id, d->from)});
+    });
     a.start([](const proto::Message&, const udp::endpoint&) {});
-    const udp::endpoint to = b.local_endpoint();
-    std::vector<double> rtt;
+    const udp::endpoint to_plain = plain.local_endpoint(), to_sealed = sealed.local_endpoint();
+    std::vector<double> rtt, rtt_sealed;
     rtt.reserve(n);
-    std::size_t done = 0, lost = 0;
+    rtt_sealed.reserve(n);
+    std::size_t done = 0, lost = 0, bad_receipts = 0;
+    const std::size_t total = 2 * (warm + n);
     std::function<void()> next = [&] {
-      if (done >= warm + n) return;
+      if (done >= total) return;
+      const bool counted = done >= 2 * warm;
+      const std::uint64_t id = a.next_id();
       auto sent = Clock::now();
-      a.request(proto::Direct{a.next_id(), "p0", kText}, to, [&, sent](const proto::Message* r) {
+      if (done % 2 == 0) {
+        a.request(proto::Direct{id, a_name, kText}, to_plain, [&, sent, counted](const proto::Message* r) {
+          auto now = Clock::now();
+          if (r == nullptr || !std::holds_alternative<proto::Ack>(*r)) ++lost;
+          else if (counted) rtt.push_back(us(now - sent));
+          ++done;
+          next();
+        });
+        return;
+      }
+      // The sealed round trip includes the sender's crypto: seal before, check the receipt after.
+      std::string body = ident::seal_direct(a_pair, id, now_ms(), b_name, kText);
+      a.request(proto::Direct{id, a_name, std::move(body)}, to_sealed, [&, sent, counted, id](const proto::Message* r) {
+        const auto* receipt = r != nullptr ? std::get_if<proto::Receipt>(r) : nullptr;
+        bool ok = receipt != nullptr && ident::check_receipt(a_pair, receipt->body, id, a_name);
         auto now = Clock::now();
-        if (r == nullptr || !std::holds_alternative<proto::Ack>(*r)) ++lost;
-        else if (done >= warm) rtt.push_back(us(now - sent));
+        if (r == nullptr) ++lost;
+        else if (!ok) ++bad_receipts;
+        else if (counted) rtt_sealed.push_back(us(now - sent));
         ++done;
         next();
       });
     };
     next();
-    while (done < warm + n && Clock::now() < deadline) io.run_for(20ms);
-    if (done < warm + n) throw Failure("timed out after " + std::to_string(done) + " round trips");
-    if (lost > 0) throw Failure(std::to_string(lost) + " requests were never acked");
+    while (done < total && Clock::now() < deadline) io.run_for(20ms);
+    if (done < total) throw Failure("timed out after " + std::to_string(done) + " round trips");
+    if (lost > 0) throw Failure(std::to_string(lost) + " requests were never answered");
+    if (unopened > 0) throw Failure(std::to_string(unopened) + " sealed Directs did not open");
+    if (bad_receipts > 0) throw Failure(std::to_string(bad_receipts) + " receipts did not check");
     std::uint64_t retransmits = a.counters().retransmits;
-    emit("direct", n, "rtt_p50", percentile(rtt, 50), "us");
-    emit("direct", n, "rtt_p99", percentile(rtt, 99), "us");
+    const double p50 = percentile(rtt, 50), p99 = percentile(rtt, 99);
+    const double s50 = percentile(rtt_sealed, 50), s99 = percentile(rtt_sealed, 99);
+    emit("direct", n, "rtt_p50", p50, "us");
+    emit("direct", n, "rtt_p99", p99, "us");
+    emit("direct", n, "sealed_rtt_p50", s50, "us");
+    emit("direct", n, "sealed_rtt_p99", s99, "us");
+    emit("direct", n, "sealed_vs_plain_p50", s50 / p50, "x", 2);
+    emit("direct", n, "sealed_vs_plain_p99", s99 / p99, "x", 2);
     emit("direct", n, "retransmits", static_cast<double>(retransmits), "count", 0);
 
-    // Baseline: the same datagrams, blocking sockets, no event loop, no codec.
-    PlainSocket s1, s2;
-    const std::string req = proto::encode(proto::Direct{0x1234567890abcdefull, "p0", kText});
-    const std::string ack = proto::encode(proto::Ack{0x1234567890abcdefull});
-    std::vector<double> base;
+    // The crypto of one sealed exchange alone (seal, open, seal the receipt, check it), no network.
+    const std::size_t reps = o.quick ? 2000 : 20000;
+    std::size_t crypto_ok = 0;
+    auto c0 = Clock::now();
+    for (std::size_t i = 1; i <= reps; ++i) {
+      std::string body = ident::seal_direct(a_pair, i, now_ms(), b_name, kText);
+      auto got = ident::open_direct(b_pair, body, b_name);
+      std::string receipt = ident::seal_receipt(b_pair, i, a_name);
+      if (got && got->mid == i && ident::check_receipt(a_pair, receipt, i, a_name)) ++crypto_ok;
+    }
+    double crypto_us = us(Clock::now() - c0) / static_cast<double>(reps);
+    if (crypto_ok != reps) throw Failure("the crypto-only loop failed a check");
+    emit("direct", n, "crypto_us_per_exchange", crypto_us, "us", 2);
+
+    // Sizes of what went on the wire.
+    const std::string plain_req = proto::encode(proto::Direct{0x1234567890abcdefull, a_name, kText});
+    const std::string plain_rep = proto::encode(proto::Ack{0x1234567890abcdefull});
+    const std::string sealed_req = proto::encode(proto::Direct{
+        0x1234567890abcdefull, a_name, ident::seal_direct(a_pair, 0x1234567890abcdefull, now_ms(), b_name, kText)});
+    const std::string sealed_rep = proto::encode(
+        proto::Receipt{0x1234567890abcdefull, ident::seal_receipt(b_pair, 0x1234567890abcdefull, a_name)});
+    emit("direct", n, "plain_direct_bytes", static_cast<double>(plain_req.size()), "B", 0);
+    emit("direct", n, "plain_ack_bytes", static_cast<double>(plain_rep.size()), "B", 0);
+    emit("direct", n, "sealed_direct_bytes", static_cast<double>(sealed_req.size()), "B", 0);
+    emit("direct", n, "sealed_receipt_bytes", static_cast<double>(sealed_rep.size()), "B", 0);
+
+    // Baselines: the same datagrams (plain, and of the sealed sizes), blocking sockets, no event
+    // loop, no codec, no crypto; alternating too.
+    PingPong base_plain(plain_req, plain_rep), base_sealed(sealed_req, sealed_rep);
+    std::vector<double> base, base_s;
     base.reserve(n);
+    base_s.reserve(n);
     for (std::size_t i = 0; i < warm + n; ++i) {
-      auto t = Clock::now();
-      s1.send_to(req, s2);
-      s2.receive();
-      s2.send_to(ack, s1);
-      s1.receive();
-      if (i >= warm) base.push_back(us(Clock::now() - t));
+      double t1 = base_plain.once();
+      double t2 = base_sealed.once();
+      if (i >= warm) {
+        base.push_back(t1);
+        base_s.push_back(t2);
+      }
     }
     emit("direct", n, "baseline_rtt_p50", percentile(base, 50), "us");
     emit("direct", n, "baseline_rtt_p99", percentile(base, 99), "us");
+    emit("direct", n, "baseline_sealed_size_rtt_p50", percentile(base_s, 50), "us");
+    emit("direct", n, "baseline_sealed_size_rtt_p99", percentile(base_s, 99), "us");
     return true;
   } catch (const std::exception& e) {
     emit_error("direct", n, e.what());
@@ -978,11 +1176,18 @@ bool bench_register(const Options& o) {
   return all_ok;
 }
 
-// fanout: one Channel message to N online peers; baseline: N raw datagrams from one socket.
+// fanout: one signed Channel message to N online peers, whose copies the receivers verify (as
+// real clients do) in every other round and only ACK in the others; baseline: N raw datagrams
+// from one socket.
 bool bench_fanout(const Options& o) {
   const auto sizes = sizes_for(o, {10, 100, 1000}, {10, 100});
   raise_fd_limit(2 * *std::max_element(sizes.begin(), sizes.end()) + 512);
   bool all_ok = true;
+  // The rounds of one kind: receivers verifying each copy (kind 0), or only ACKing (kind 1).
+  struct Rounds {
+    std::vector<double> last_relay, last_arrival, all_acked, sender_ack;
+    double server_cpu = 0, bench_cpu = 0;
+  };
   for (std::size_t n : sizes) {
     std::optional<ServerProcess> srv;
     net::io_context io(1);
@@ -996,12 +1201,16 @@ bool bench_fanout(const Options& o) {
       register_all(*sim, 0, deadline, "registering " + std::to_string(n + 1));
       const std::size_t rounds = o.rounds > 0 ? o.rounds : o.quick ? 10 : (n >= 1000 ? 20 : 50);
       Peer& sender = sim->peer(0);
-      std::vector<double> last_relay, last_arrival, all_acked, sender_ack;
+      std::array<Rounds, 2> kind{};
+      Clock::duration sign_time{};
       sim->find_sockets();
       settle(*sim, *srv, 10s);
-      double scpu0 = srv->cpu_seconds(), bcpu0 = self_cpu_seconds();
-      for (std::size_t r = 0; r < rounds; ++r) {
-        sim->run_for(10ms);  // the previous round's ACKs reach the server first
+      sim->verified = 0;
+      sim->verify_time = {};
+      for (std::size_t r = 0; r < 2 * rounds; ++r) {
+        Rounds& k = kind[r % 2];
+        sim->verify_relays = r % 2 == 0;
+        double scpu0 = srv->cpu_seconds(), bcpu0 = self_cpu_seconds();
         std::uint64_t id = sender.ep.next_id();
         sim->round = id;
         sim->relays = 0;
@@ -1010,37 +1219,58 @@ bool bench_fanout(const Options& o) {
         Clock::time_point ack_at;
         std::int64_t start_wall = wall_ns();
         auto start = Clock::now();
-        sender.ep.request(proto::Channel{id, sender.name, kText}, srv->endpoint(), [&](const proto::Message* rep) {
-          ack_at = Clock::now();
-          answered = true;
-          ok = rep != nullptr && std::holds_alternative<proto::Ack>(*rep);
-        });
+        // Signed once per message, as peer::Client::send_channel does; part of the timed round.
+        std::string body = ident::sign_channel(sender.id, sender.name, id, now_ms(), kText);
+        sign_time += Clock::now() - start;
+        sender.ep.request(proto::Channel{id, sender.name, std::move(body)}, srv->endpoint(),
+                          [&](const proto::Message* rep) {
+                            ack_at = Clock::now();
+                            answered = true;
+                            ok = rep != nullptr && std::holds_alternative<proto::Ack>(*rep);
+                          });
         if (!sim->run_until([&] { return answered && sim->relays == n; }, deadline))
           throw Failure("round " + std::to_string(r) + " timed out: " + std::to_string(sim->relays) + "/" +
                         std::to_string(n) + " relays, sender " + (answered ? "acked" : "not acked"));
         if (!ok) throw Failure("the channel message was not acked");
-        last_relay.push_back(ms(sim->last_relay_at - start));
-        last_arrival.push_back(static_cast<double>(sim->last_relay_arrival_ns - start_wall) / 1e6);
-        all_acked.push_back(ms(sim->last_relay_acked_at - start));
-        sender_ack.push_back(ms(ack_at - start));
+        k.last_relay.push_back(ms(sim->last_relay_at - start));
+        k.last_arrival.push_back(static_cast<double>(sim->last_relay_arrival_ns - start_wall) / 1e6);
+        k.all_acked.push_back(ms(sim->last_relay_acked_at - start));
+        k.sender_ack.push_back(ms(ack_at - start));
+        sim->run_for(10ms);  // this round's ACKs reach the server (and count in its CPU) first
+        k.server_cpu += srv->cpu_seconds() - scpu0;
+        k.bench_cpu += self_cpu_seconds() - bcpu0;
       }
       settle(*sim, *srv, 10s);  // the server has taken every relay ACK
-      double server_cpu = (srv->cpu_seconds() - scpu0) / static_cast<double>(rounds);
-      double bench_cpu = (self_cpu_seconds() - bcpu0) / static_cast<double>(rounds);
       if (sim->converged() != n + 1)
         throw Failure("only " + std::to_string(sim->converged()) + " peers still see everyone online after the rounds");
       if (sim->relays_unstamped > 0)
         throw Failure(std::to_string(sim->relays_unstamped) + " relays had no kernel receive timestamp");
+      if (sim->relays_unverified > 0)
+        throw Failure(std::to_string(sim->relays_unverified) + " relays did not verify");
+      if (sim->verified < n * rounds)
+        throw Failure("only " + std::to_string(sim->verified) + " relays were verified, not " +
+                      std::to_string(n * rounds));
       // Arrival: in the last peer's socket (kernel timestamp), what a client on its own host sees.
-      // Handled: when the bench, one thread for all N peers, got to it (includes its queueing).
-      emit("fanout", n, "last_relay_arrival_ms", median(last_arrival), "ms", 3);
-      emit("fanout", n, "last_relay_arrival_max_ms", maximum(last_arrival), "ms", 3);
-      emit("fanout", n, "last_relay_ms", median(last_relay), "ms", 3);
-      emit("fanout", n, "last_relay_max_ms", maximum(last_relay), "ms", 3);
-      emit("fanout", n, "all_relay_acks_sent_ms", median(all_acked), "ms", 3);
-      emit("fanout", n, "sender_ack_ms", median(sender_ack), "ms", 3);
-      emit("fanout", n, "server_cpu_per_message_ms", server_cpu * 1000, "ms", 3);
-      emit("fanout", n, "bench_cpu_per_message_ms", bench_cpu * 1000, "ms", 3);
+      // Handled: when the bench, one thread for all N peers, got to it (includes its queueing,
+      // and with verification the N-1 signature checks of the copies before it).
+      for (std::size_t v = 0; v < 2; ++v) {
+        Rounds& k = kind[v];
+        const std::string pre = v == 0 ? "" : "noverify_";
+        const double per = static_cast<double>(rounds);
+        emit("fanout", n, pre + "last_relay_arrival_ms", median(k.last_arrival), "ms", 3);
+        emit("fanout", n, pre + "last_relay_arrival_max_ms", maximum(k.last_arrival), "ms", 3);
+        emit("fanout", n, pre + "last_relay_ms", median(k.last_relay), "ms", 3);
+        emit("fanout", n, pre + "last_relay_max_ms", maximum(k.last_relay), "ms", 3);
+        emit("fanout", n, pre + "all_relay_acks_sent_ms", median(k.all_acked), "ms", 3);
+        emit("fanout", n, pre + "sender_ack_ms", median(k.sender_ack), "ms", 3);
+        emit("fanout", n, pre + "bench_cpu_per_message_ms", k.bench_cpu / per * 1000, "ms", 3);
+      }
+      // The server does the same for both kinds; its CPU time comes in 10 ms ticks (/proc), too
+      // coarse to split between rounds a few ms long, so it is given over all of them.
+      emit("fanout", n, "server_cpu_per_message_ms",
+           (kind[0].server_cpu + kind[1].server_cpu) / static_cast<double>(2 * rounds) * 1000, "ms", 3);
+      emit("fanout", n, "sign_us_per_message", us(sign_time) / static_cast<double>(2 * rounds), "us", 2);
+      emit("fanout", n, "verify_us_per_copy", us(sim->verify_time) / static_cast<double>(sim->verified), "us", 2);
       emit("fanout", n, "server_resends_seen", static_cast<double>(sim->sum(&Counters::duplicates)), "count", 0);
       emit_health("fanout", n, &*srv, udp0);
       sim.reset();
@@ -1050,7 +1280,10 @@ bool bench_fanout(const Options& o) {
       PlainSocket from;
       std::vector<std::unique_ptr<PlainSocket>> to;
       for (std::size_t i = 0; i < n; ++i) to.push_back(std::make_unique<PlainSocket>());
-      const std::string relay = proto::encode(proto::Relay{0x1234567890abcdefull, "p0", 0x1234567890abcdefull, kText});
+      const ident::Identity p0 = peer_identity(0);
+      const std::string relay = proto::encode(proto::Relay{
+          0x1234567890abcdefull, "p0", 0x1234567890abcdefull,
+          ident::sign_channel(p0, "p0", 0x1234567890abcdefull, now_ms(), kText)});
       std::vector<double> base;
       for (std::size_t r = 0; r < rounds; ++r) {
         auto start = Clock::now();
@@ -1058,6 +1291,7 @@ bool bench_fanout(const Options& o) {
         for (auto& s : to) s->receive();
         base.push_back(ms(Clock::now() - start));
       }
+      emit("fanout", n, "relay_bytes", static_cast<double>(relay.size()), "B", 0);
       emit("fanout", n, "baseline_last_recv_ms", median(base), "ms", 3);
       emit("fanout", n, "baseline_last_recv_max_ms", maximum(base), "ms", 3);
     } catch (const std::exception& e) {
@@ -1138,6 +1372,7 @@ bool bench_drain(const Options& o) {
     save_all(sim, from, {&r}, m, deadline, fill);
 
     sim.stored_seen.clear();
+    sim.stored_open_time = {};
     std::optional<std::uint64_t> pending;
     Clock::time_point regok_at;
     auto start = Clock::now();
@@ -1151,6 +1386,8 @@ bool bench_drain(const Options& o) {
       throw Failure("timed out: " + std::to_string(sim.stored_seen.size()) + "/" + std::to_string(m) + " delivered");
     Clock::duration drained = sim.last_stored_acked_at - start;
     if (pending != m) throw Failure("RegOk said " + std::to_string(pending.value_or(0)) + " pending, not " + std::to_string(m));
+    if (sim.stored_unopened > 0)
+      throw Failure(std::to_string(sim.stored_unopened) + " delivered items did not open as the message saved");
     std::size_t datagrams = sim.stored_datagrams;
     std::size_t mean_size = sim.stored_sample_bytes / std::min(std::max<std::size_t>(datagrams, 1), Sim::kSizeSample);
     emit("drain", m, "drain_ms", ms(drained), "ms");
@@ -1158,6 +1395,8 @@ bool bench_drain(const Options& o) {
     emit("drain", m, "stored_datagrams", static_cast<double>(datagrams), "count", 0);
     emit("drain", m, "items_per_datagram", static_cast<double>(m) / static_cast<double>(datagrams), "count", 2);
     emit("drain", m, "duplicate_items", static_cast<double>(sim.stored_dups), "count", 0);
+    // The recipient opens every item (open_direct, as peer::Client does) before its Ack: included above.
+    emit("drain", m, "open_ms_total", ms(sim.stored_open_time), "ms", 3);
     emit_health("drain", m, &srv, udp0);
 
     // Confirm the server holds nothing more: leave and come back, RegOk must say 0 pending.
@@ -1236,18 +1475,84 @@ bool bench_memory(const Options& o) {
   }
 }
 
+// wire: the encoded size (protocol::encode) of every datagram type for typical content: names
+// of 5 characters, texts of 20 and of 600 bytes, sealed or signed as the client does. No server.
+// docs/PERFORMANCE.md sets them beside the v1 (JSON) sizes of the same messages.
+bool bench_wire(const Options&) {
+  try {
+    constexpr std::uint64_t id = 0x1234567890abcdefull;  // ids are random u64s (transport::Core::next_id)
+    constexpr std::uint64_t epoch = 0x0fedcba987654321ull;
+    constexpr std::int64_t ts_us = 1'764'650'000'000'000;  // December 2025
+    const std::string me = "alice", peer = "bobby";
+    const ident::Identity me_id = peer_identity(0), peer_id = peer_identity(1);
+    const ident::Pair pair(me_id, peer_id.public_key());
+    const proto::Entry row{peer, "192.168.1.20", 50000, true, peer_id.public_key()};
+    const std::string token(ident::kTokenSize, 't');  // a server token is always kTokenSize bytes
+    auto size = [](const proto::Message& m) {
+      std::string bytes = proto::encode(m);
+      if (!proto::decode(bytes)) throw Failure(std::string("a ") + proto::type_name(m) + " did not decode");
+      return static_cast<double>(bytes.size());
+    };
+    // Text-independent types: n = 0.
+    const std::vector<std::pair<std::string, proto::Message>> fixed = {
+        {"register", proto::Register{id, me, me_id.public_key(), 15000, {}, {}}},
+        {"register_proof",
+         proto::Register{id, me, me_id.public_key(), 15000, token, ident::register_proof(me_id, me, token)}},
+        {"dereg", proto::Dereg{id, me}},
+        {"probe", proto::Probe{id}},
+        {"table_1_row", proto::Table{id, epoch, 41, 42, false, {row}}},
+        {"keepalive", proto::KeepAlive{id, me}},
+        {"lookup", proto::Lookup{id, peer}},
+        {"ack", proto::Ack{id}},
+        {"ack_table", proto::Ack{id, epoch, 42}},
+        {"challenge", proto::Challenge{id, token}},
+        {"receipt", proto::Receipt{id, ident::seal_receipt(pair, id, peer)}},
+        {"regok", proto::RegOk{id, epoch, 0}},
+        {"regerr", proto::RegErr{id, "the name alice belongs to another identity"}},
+        {"exists", proto::Exists{id, peer}},
+        {"refused", proto::Refused{id, "you are not registered from this address"}},
+        {"alive", proto::Alive{id, true}},
+        {"found", proto::Found{id, true, row}},
+    };
+    for (const auto& [label, m] : fixed) emit("wire", 0, label + "_bytes", size(m), "B", 0);
+    emit("wire", 0, "table_row_bytes", static_cast<double>(proto::entry_size(row)), "B", 0);
+    for (std::size_t len : {std::size_t{20}, std::size_t{600}}) {
+      std::string text;
+      while (text.size() < len) text += "lunch at noon? ";
+      text.resize(len);
+      const std::string sealed = ident::seal_direct(pair, id, 1'764'650'000'000, peer, text);
+      const std::string signed_body = ident::sign_channel(me_id, me, id, 1'764'650'000'000, text);
+      const std::vector<std::pair<std::string, proto::Message>> texts = {
+          {"direct", proto::Direct{id, me, sealed}},
+          {"save", proto::Save{id, me, peer, id, false, sealed}},
+          {"channel", proto::Channel{id, me, signed_body}},
+          {"relay", proto::Relay{id, me, id, signed_body}},
+          {"stored_1_item", proto::Stored{id, {proto::StoredItem{me, false, ts_us, id, me_id.public_key(), sealed}}}},
+      };
+      for (const auto& [label, m] : texts) emit("wire", len, label + "_bytes", size(m), "B", 0);
+      emit("wire", len, "sealed_body_bytes", static_cast<double>(sealed.size()), "B", 0);
+      emit("wire", len, "signed_body_bytes", static_cast<double>(signed_body.size()), "B", 0);
+    }
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("wire", 0, e.what());
+    return false;
+  }
+}
+
 struct Scenario {
   const char* name;
   bool (*run)(const Options&);
 };
 constexpr Scenario kScenarios[] = {{"direct", bench_direct}, {"register", bench_register}, {"fanout", bench_fanout},
-                                   {"store", bench_store},   {"drain", bench_drain},       {"memory", bench_memory}};
+                                   {"store", bench_store},   {"drain", bench_drain},       {"memory", bench_memory},
+                                   {"wire", bench_wire}};
 
 void usage(FILE* out) {
   std::fprintf(out,
                "usage: chatbench <scenario|all> [--quick] [--bin path/to/ChatApp] [--tmp dir] [--n N[,N...]]\n"
                "                 [--wrap 'cmd args'] [--server-arg arg]... [--start-timeout s] [--rounds n]\n"
-               "scenarios: direct register fanout store drain memory all\n");
+               "scenarios: direct register fanout store drain memory wire all\n");
 }
 
 std::vector<std::size_t> parse_sizes(const std::string& s) {
