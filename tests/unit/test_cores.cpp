@@ -329,7 +329,7 @@ TEST_CASE("§2 registration: the welcome, the table reaches every client, list s
                               });
 }
 
-TEST_CASE("§2 a name held by an online client that answers the probe is refused; the newcomer exits 1") {
+TEST_CASE("§2 a name held by an online client that answers the probe is refused, the newcomer exits 1") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -371,7 +371,7 @@ TEST_CASE("§2 a name held by an online client that no longer answers goes to th
   CHECK(bob_b.count(say::direct("alice", "at B?")) == 1);
 }
 
-TEST_CASE("§2/§10 a table update lost six times keeps the session; the next keep-alive repairs it") {
+TEST_CASE("§2/§10 a table update lost six times keeps the session, the next keep-alive repairs it") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -405,7 +405,7 @@ TEST_CASE("§2/§10 a table update lost six times keeps the session; the next ke
 
 // ================================================================ §3 direct chat
 
-TEST_CASE("§3 direct chat: shown once, ACKed; the text kept as typed; sending to yourself works") {
+TEST_CASE("§3 direct chat: shown once, ACKed, the text kept as typed, sending to yourself works") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -418,7 +418,7 @@ TEST_CASE("§3 direct chat: shown once, ACKed; the text kept as typed; sending t
   CHECK(w.store->count_for("bob") == 0);
 }
 
-TEST_CASE("§3 a lost receipt makes the sender send again; the receiver shows the message once") {
+TEST_CASE("§3 a lost receipt makes the sender send again, the receiver shows the message once") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -478,7 +478,7 @@ TEST_CASE("§3 unverified: a direct message from an address not the table's for 
 
 // ================================================================ §4 leaving
 
-TEST_CASE("§4 dereg: offline and still running; others see it; reg brings it back") {
+TEST_CASE("§4 dereg: offline and still running, others see it, reg brings it back") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -895,7 +895,7 @@ TEST_CASE("§5 a dereg racing a delivery loses nothing: the next reg shows every
   }
 }
 
-TEST_CASE("§5 a delivery lost six times waits for the next keep-alive; nothing is lost") {
+TEST_CASE("§5 a delivery lost six times waits for the next keep-alive, nothing is lost") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -1110,7 +1110,7 @@ TEST_CASE("§10 keep-alive expiry: a killed client is marked offline after 3 int
   CHECK(alice.sees_online("bob"));
 }
 
-TEST_CASE("§10 server not responding: said once after 3 silent intervals, no exit; then the server is back") {
+TEST_CASE("§10 server not responding: said once after 3 silent intervals, no exit, then the server is back") {
   World w;
   Peer& alice = w.join("alice");
   Peer& bob = w.join("bob");
@@ -1502,7 +1502,7 @@ TEST_CASE("§10 a registration's keep-alive interval is clamped, whatever the wi
 
 // ================================================================ §11 identities and encryption
 
-TEST_CASE("§11 a bound name is refused to another key, offline or online; the owner comes back with its own") {
+TEST_CASE("§11 a bound name is refused to another key, offline or online, the owner comes back with its own") {
   World w;
   w.join("bob");
   Peer& alice = w.join("alice");
@@ -1722,7 +1722,7 @@ TEST_CASE("§11 a channel message whose signature does not verify is shown by no
   CHECK(bob.client.client_counters().unauthenticated == 3);
 }
 
-TEST_CASE("§11 what the server stores for an offline recipient is ciphertext; the recipient opens it once") {
+TEST_CASE("§11 what the server stores for an offline recipient is ciphertext, which the recipient opens once") {
   World w;
   Peer& alice = w.join("alice");
   w.join("bob");

@@ -653,7 +653,7 @@ TEST_CASE("server tokens: valid for their name, key and address for 60 s, from t
   CHECK_FALSE(minter.check(early, INT64_MAX, "alice", a.public_key(), ip, 4000));
 }
 
-TEST_CASE("seeded token minters are deterministic; different seeds and random minters differ") {
+TEST_CASE("seeded token minters are deterministic, different seeds and random minters differ") {
   const Key k = Identity::from_seed(seed_of(3)).public_key();
   const TokenMinter s1(1);
   const TokenMinter s1_again(1);

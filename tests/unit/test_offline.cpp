@@ -171,7 +171,7 @@ TYPE_TO_STRING(MemoryBackend);
 
 // ---------------------------------------------------------------- the contract, for both backends
 
-TEST_CASE_TEMPLATE("save keeps arrival order per recipient; pending_for honours the cursor and limit", Backend,
+TEST_CASE_TEMPLATE("save keeps arrival order per recipient, pending_for honours the cursor and limit", Backend,
                    SqliteBackend, MemoryBackend) {
   const Backend backend;
   auto store = backend.open();
@@ -419,7 +419,7 @@ TEST_CASE_TEMPLATE("a name's binding round-trips as bytes, and release removes i
   CHECK(again.messages == 0);
 }
 
-TEST_CASE_TEMPLATE("save reports per message whether it inserted it; a repeat (recipient, sender, mid) is kept once",
+TEST_CASE_TEMPLATE("save reports per message whether it inserted it, a repeat (recipient, sender, mid) is kept once",
                    Backend, SqliteBackend, MemoryBackend) {
   const Backend backend;
   auto store = backend.open();

@@ -216,11 +216,11 @@ void set_id(Message& m, std::uint64_t id) {
 
 TEST_SUITE("protocol") {
 
-TEST_CASE("every message type survives a round trip; every prefix is truncated, one byte more trailing") {
+TEST_CASE("every message type survives a round trip, every prefix is truncated, one byte more trailing") {
   for (const Message& m : one_of_each()) check_round_trip(m);
 }
 
-TEST_CASE("the samples cover every type; requests come before replies in the variant") {
+TEST_CASE("the samples cover every type, requests come before replies in the variant") {
   std::set<std::size_t> seen;
   for (const Message& m : one_of_each()) seen.insert(m.index());
   CHECK(seen.size() == std::variant_size_v<Message>);

@@ -32,7 +32,7 @@ std::set<std::string> names_of(const chat::registry::Chunk& c) {
 
 }  // namespace
 
-TEST_CASE("every change bumps the version once; no-op updates do not") {
+TEST_CASE("every change bumps the version once, no-op updates do not") {
   Table t(7);
   CHECK(t.version() == 0);
   CHECK(t.upsert("a", "127.0.0.1", 5000, true, proto::Key{}));
@@ -250,7 +250,7 @@ void raise_fd_limit(rlim_t want) {
 
 }  // namespace
 
-TEST_CASE("2,000 peers converge to the full table; one more registration costs O(N) bytes") {
+TEST_CASE("2,000 peers converge to the full table, one more registration costs O(N) bytes") {
   raise_fd_limit(4096);
   Scale small = run_scale(100);
   Scale big = run_scale(2000);

@@ -215,7 +215,7 @@ TEST_CASE("a per-request retry policy overrides the endpoint's") {
   CHECK(client.policy().retries == 9);
 }
 
-TEST_CASE("an ACK from the wrong address is ignored; the right one still completes the request") {
+TEST_CASE("an ACK from the wrong address is ignored, the right one still completes the request") {
   net::io_context io;
   Endpoint client(io, kAnyLoopbackPort, RetryPolicy{200ms, 20});
   client.start(nullptr);
@@ -283,7 +283,7 @@ TEST_CASE("a repeated request is handed up once and the cached reply is sent for
   CHECK(handled == 2);
 }
 
-TEST_CASE("a repeat of a request still being worked on is dropped; the reply later answers repeats") {
+TEST_CASE("a repeat of a request still being worked on is dropped, the reply later answers repeats") {
   net::io_context io;
   Endpoint server(io, kAnyLoopbackPort, kFast);
   int handled = 0;
@@ -491,7 +491,7 @@ TEST_CASE("next_id is never 0 and does not repeat") {
   CHECK(seen.size() == 100000);
 }
 
-TEST_CASE("a request reusing an id still in flight fails at once; the first is unaffected") {
+TEST_CASE("a request reusing an id still in flight fails at once, the first is unaffected") {
   net::io_context io;
   Endpoint client(io, kAnyLoopbackPort, RetryPolicy{10s, 0});
   client.start(nullptr);
@@ -721,7 +721,7 @@ TEST_CASE("core: a retry policy squeezed into a short wait never waits 0 ms") {
   CHECK(RetryPolicy{100ms, 5}.span() == 600ms);
 }
 
-TEST_CASE("core: timers fire in order, cancelled ones never; deferred work runs at the end of the turn") {
+TEST_CASE("core: timers fire in order, cancelled ones never, deferred work runs at the end of the turn") {
   Bare b(RetryPolicy{});
   std::vector<int> fired;
   b.core.after(30ms, [&] { fired.push_back(3); });
