@@ -150,6 +150,7 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     throw UsageError{"invalid --bind '" + c.bind + "': must be a dotted-decimal IPv4 address"};
   if (server) {
     if (!args.empty()) throw UsageError{"unexpected argument '" + args.front() + "' after -s <port>"};
+    if (!c.identity.empty()) throw UsageError{"--identity is a client option (-c)"};
     c.server = true;
     c.port = parse_port(vm["server"].as<std::string>(), "port");
     return c;
@@ -223,6 +224,10 @@ int run_server(const Config& c) {
 }
 
 int run_release(const Config& c) {
+  if (!std::filesystem::exists(std::filesystem::path(c.data_dir) / "chat.db")) {
+    std::cout << "released nothing: there is no store (chat.db) in " << c.data_dir << '\n';
+    return 1;
+  }
   std::unique_ptr<chat::offline::Store> store;
   try {
     store = chat::offline::open_sqlite_store(c.data_dir);

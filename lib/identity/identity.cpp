@@ -268,6 +268,18 @@ protocol::Signature Identity::sign(std::string_view msg) const {
   return sig;
 }
 
+bool usable(const protocol::Key& key) noexcept {
+  try {
+    init();
+  } catch (...) {
+    return false;
+  }
+  BoxKey box{};
+  bool ok = crypto_sign_ed25519_pk_to_curve25519(box.data(), key.data()) == 0;
+  sodium_memzero(box.data(), box.size());
+  return ok;
+}
+
 bool verify(const protocol::Key& key, std::string_view msg, const protocol::Signature& sig) noexcept {
   try {
     init();

@@ -65,6 +65,10 @@ class Identity {
 /// Whether `sig` is `key`'s signature of `msg`; false (never throws) for a key that is not a valid point.
 bool verify(const protocol::Key& key, std::string_view msg, const protocol::Signature& sig) noexcept;
 
+/// True if `key` is an Ed25519 public key messages can be sealed to (it converts to X25519);
+/// a key a server hands out that is not one is never pinned. Never throws.
+bool usable(const protocol::Key& key) noexcept;
+
 /// The key's fingerprint to compare by voice or on paper: 6 groups of 5 digits ("01234 56789 ...").
 std::string fingerprint(const protocol::Key& key);
 

@@ -12,6 +12,8 @@ namespace proto = chat::protocol;
 // The kinds of message the replay memory tells apart (a direct and a channel message may share an id).
 constexpr std::uint8_t kSeenDirect = 1;
 constexpr std::uint8_t kSeenChannel = 3;
+// Saved messages held for `trust` at most (the rest are dropped, as a full mailbox would).
+constexpr std::size_t kMaxHeld = 1000;
 
 udp::endpoint endpoint_of(const proto::Entry& e) {
   error_code ec;
@@ -214,13 +216,16 @@ void Client::run_identity(const Command& c) {
                (state_db_->verified(f->name) ? " (verified)]" : "]"));
   }
   if (auto* v = std::get_if<cmd::Verify>(&c)) {
+    // The mark belongs to a key: the new one must be trusted before it can be verified.
+    if (state_db_->changed(v->name))
+      return say("[Error: the identity of " + v->name + " changed; type trust " + v->name + " first]");
     if (!state_db_->verify(v->name)) return no_key(v->name);
     return say("[You marked " + v->name + "'s fingerprint verified.]");
   }
   if (auto* t = std::get_if<cmd::Trust>(&c)) {
     if (!state_db_->trust(t->name)) return say("[The identity of " + t->name + " has not changed.]");
-    pairs_.clear();
-    return say("[You now trust the new identity of " + t->name + ".]");
+    say("[You now trust the new identity of " + t->name + ".]");
+    return show_held(t->name);
   }
   if (auto* b = std::get_if<cmd::Block>(&c)) {
     auto pin = state_db_->pinned(b->name);
@@ -474,7 +479,7 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
     // trusted): not shown and not answered.
     ++stats_.unauthenticated;
     spdlog::debug("direct message claiming to be from {} did not authenticate", d.from);
-    if (state_db_->changed(d.from)) warn_changed(d.from);
+    if (state_db_->changed(d.from)) warn_once(d.from);
     return core_.forget(from, d.id);
   }
   if (state_db_->blocked(*key)) ++stats_.blocked;
@@ -532,35 +537,58 @@ void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {
     // The server says which key the sender had; a sender we never saw is pinned to it now,
     // like a table row. Anything else is checked against the pin.
     observe(proto::Entry{i.from, "", 0, false, i.key});
-    auto key = usable_key(i.from);
-    std::optional<identity::Opened> m;
-    if (key && i.channel) m = identity::open_channel(*key, i.from, i.mid, i.body);
-    else if (key) m = identity::open_direct(pair(*key), i.body, options_.name);
-    if (!m || (!i.channel && m->mid != i.mid)) {
-      ++stats_.unauthenticated;
+    // Sealed by the new key of a name whose change waits for `trust`: held until then.
+    if (auto pending = state_db_->pending(i.from); pending && *pending == i.key) {
+      if (held_.size() < kMaxHeld) held_.push_back(i);
       continue;
     }
-    if (state_db_->blocked(*key)) {
-      ++stats_.blocked;
-      continue;
-    }
-    if (!first_seen(*key, i.channel ? kSeenChannel : kSeenDirect, i.mid, m->sent_ms)) continue;
-    std::string ts = format_timestamp(i.ts_us);
-    if (i.channel) say("Channel_Message " + i.from + ": " + ts + " " + printable(m->text));
-    else say(i.from + ": " + ts + " " + printable(m->text));
+    show_stored(i);
   }
   // Acknowledged as a whole, shown or not: what did not authenticate or is blocked is
   // discarded, so it does not come back.
   core_.reply(from, proto::Ack{s.id});
 }
 
+void Client::show_held(const std::string& name) {
+  std::vector<proto::StoredItem> mine;
+  std::erase_if(held_, [&](const proto::StoredItem& i) {
+    if (i.from != name) return false;
+    mine.push_back(i);
+    return true;
+  });
+  for (const auto& i : mine) show_stored(i);
+}
+
+void Client::show_stored(const proto::StoredItem& i) {
+  auto key = usable_key(i.from);
+  std::optional<identity::Opened> m;
+  if (key && i.channel) m = identity::open_channel(*key, i.from, i.mid, i.body);
+  else if (key) m = identity::open_direct(pair(*key), i.body, options_.name);
+  if (!m || (!i.channel && m->mid != i.mid)) {
+    ++stats_.unauthenticated;
+    return;
+  }
+  if (state_db_->blocked(*key)) {
+    ++stats_.blocked;
+    return;
+  }
+  if (!first_seen(*key, i.channel ? kSeenChannel : kSeenDirect, i.mid, m->sent_ms)) return;
+  std::string ts = format_timestamp(i.ts_us);
+  if (i.channel) say("Channel_Message " + i.from + ": " + ts + " " + printable(m->text));
+  else say(i.from + ": " + ts + " " + printable(m->text));
+}
+
 // ---------------------------------------------------------------- identities
 
 void Client::observe(const proto::Entry& e) {
-  if (e.key == proto::Key{} || e.name == options_.name) return;
-  if (state_db_->observe(e.name, e.key) == identity::PeerState::Seen::changed &&
-      warned_.emplace(e.name, e.key).second)
-    warn_changed(e.name);
+  // A key nothing can be sealed to (a server's lie) is never pinned: the name stays keyless.
+  if (e.key == proto::Key{} || e.name == options_.name || !identity::usable(e.key)) return;
+  if (state_db_->observe(e.name, e.key) == identity::PeerState::Seen::changed) warn_once(e.name);
+}
+
+void Client::warn_once(const std::string& name) {
+  auto pending = state_db_->pending(name);
+  if (pending && warned_.emplace(name, *pending).second) warn_changed(name);
 }
 
 void Client::warn_changed(const std::string& name) {

@@ -131,6 +131,12 @@ class Client {
   /// The pairwise key with `peer` (computed once).
   const identity::Pair& pair(const protocol::Key& peer);
   void warn_changed(const std::string& name);
+  /// warn_changed() once per new key of `name`.
+  void warn_once(const std::string& name);
+  /// Shows one saved message if it opens (or verifies) as its sender's, is not blocked and is new.
+  void show_stored(const protocol::StoredItem& item);
+  /// After `trust name`: the saved messages its new key sealed, held until then.
+  void show_held(const std::string& name);
   /// True (and remembered, durably) the first time this message of `sender` is seen.
   bool first_seen(const protocol::Key& sender, std::uint8_t kind, std::uint64_t mid, std::uint64_t sent_ms);
   std::uint64_t now_ms() const;
@@ -150,6 +156,7 @@ class Client {
   std::unique_ptr<identity::PeerState> state_db_;
   std::map<protocol::Key, identity::Pair> pairs_;
   std::set<std::pair<std::string, protocol::Key>> warned_;  // key changes already announced
+  std::vector<protocol::StoredItem> held_;  // saved messages from a changed key, waiting for `trust`
   LocalTable table_;
   State state_ = State::registering;
   ClientCounters stats_;

@@ -59,7 +59,7 @@ struct Register {
   Signature proof{};  // on the wire only with a token
   bool operator==(const Register&) const = default;
 };
-/// Client -> server: notified leave of `name`; answered by Ack.
+/// Client -> server: notified leave of `name`; answered by Ack, or Refused if not from its address.
 struct Dereg {
   std::uint64_t id = 0;
   std::string name;
@@ -156,7 +156,7 @@ struct Ack {
   std::uint64_t re = 0;
   std::uint64_t epoch = 0;
   std::uint64_t have = 0;
-  std::uint64_t missed = 0;  // optional on the wire ("missed", absent = 0)
+  std::uint64_t missed = 0;
   bool operator==(const Ack&) const = default;
 };
 /// Answer to a Register without a token: sign this token to prove the key and the address.

@@ -314,7 +314,9 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
     if (ok) return welcome();
     core_.reply(from, proto::RegErr{r.id, "the server could not save the registration"});
     end_session(r.name);
-    set_online(r.name, false);
+    // Not durable, so not bound: the next registration of the name binds it again.
+    if (const Client* c = table_.find(r.name); c != nullptr && table_.upsert(r.name, c->ip, c->port, false, {}))
+      table_changed(r.name);
   });
   schedule_flush();
 }

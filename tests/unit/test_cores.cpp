@@ -1666,7 +1666,15 @@ TEST_CASE("§11 a key change is announced, blocks sending until trust, and trust
   CHECK(w.type_and_wait("bob", "fingerprint alice",
                         ">>> [Fingerprint of alice's new identity: " + new_fp +
                             " (not trusted yet: type trust alice once it matches)]"));
+  // The new alice writes before bob trusts her: bob does not answer, the server keeps it for
+  // him, and his client holds it until trust.
+  REQUIRE(w.type_and_wait("alice2", "send bob it is me, new laptop", say::saved, 20s));
+  w.net.run_for(2s);
+  CHECK(shown_direct(bob, "alice", "it is me, new laptop") == 0);
+  CHECK(w.type_and_wait("bob", "verify alice", ">>> [Error: the identity of alice changed; type trust alice first]"));
   CHECK(w.type_and_wait("bob", "trust alice", ">>> [You now trust the new identity of alice.]"));
+  CHECK(shown_direct(bob, "alice", "it is me, new laptop") == 1);
+  CHECK(bob.count(say::changed("alice")) == 2);  // the announcement and the refused send: the unanswered tries add none
   CHECK(w.type_and_wait("bob", "fingerprint alice", ">>> [Fingerprint of alice: " + new_fp + "]"));
   CHECK(w.type_and_wait("bob", "verify alice", ">>> [You marked alice's fingerprint verified.]"));
   bob.type("list");
@@ -1738,6 +1746,30 @@ TEST_CASE("§11 what the server stores for an offline recipient is ciphertext, w
   CHECK(text_of(box[0], "carol").empty());  // sealed for bob alone
   REQUIRE(w.type_and_wait("bob", "reg bob", say::have_messages));
   REQUIRE(w.net.run_until([&] { return shown_direct(w["bob"], "alice", "the password is hunter2") == 1; }, 10s));
+}
+
+TEST_CASE("§11 a key in a table row that nothing can be sealed to is never pinned, and sending to it is an error") {
+  World w;
+  Peer& bob = w.join("bob");
+  bool forged = false;
+  w.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const proto::Message& m) {
+    const auto* t = as<proto::Table>(m);
+    if (forged || t == nullptr || to != bob.at() || !has_entry(m, "eve")) return false;
+    // The server (or whoever speaks from its address) lies about eve's key.
+    proto::Table lie = *t;
+    for (auto& e : lie.entries)
+      if (e.name == "eve") e.key.fill(0xFF);
+    forged = true;
+    w.net.send(from, to, proto::encode(lie));
+    return true;
+  };
+  w.join("eve");
+  REQUIRE(forged);
+  REQUIRE(w.net.run_until([&] { return bob.sees_online("eve"); }, 10s));
+  CHECK_FALSE(identity::usable(bob.client.table().find("eve")->key));
+  CHECK(w.type_and_wait("bob", "send eve hello", ">>> [Error: no key known for eve]"));
+  CHECK(w.type_and_wait("bob", "fingerprint eve", ">>> [Error: no key known for eve]"));
+  CHECK(bob.exit_code == -1);
 }
 
 }  // TEST_SUITE
