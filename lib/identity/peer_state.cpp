@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "identity/identity.hpp"
+#include "sqlite/sqlite.hpp"
 
 namespace chat::identity {
 namespace {
@@ -56,141 +57,25 @@ CREATE TABLE seen (
 CREATE INDEX seen_by_time ON seen (sent_ms);
 )sql";
 
-struct DbCloser {
-  void operator()(sqlite3* db) const noexcept {
-    // Every statement is finalized before the handle goes, so close cannot be BUSY.
-    sqlite3_close(db);
+using sqlite::Statement;
+using sqlite::Use;
+
+/// A 32-byte key read from column `col` of the current row.
+protocol::Key column_key(const Use& u, int col) {
+  const auto bytes = u.column_blob_view(col);
+  protocol::Key k{};
+  if (bytes.size() != k.size()) {
+    throw std::runtime_error("peer state: a key in the database is not 32 bytes long; the file is damaged");
   }
-};
-using DbHandle = std::unique_ptr<sqlite3, DbCloser>;
-
-struct StmtFinalizer {
-  void operator()(sqlite3_stmt* stmt) const noexcept { sqlite3_finalize(stmt); }
-};
-
-[[noreturn]] void fail(sqlite3* db, std::string_view what) {
-  throw std::runtime_error("peer state: " + std::string(what) + ": " + sqlite3_errmsg(db));
-}
-
-/// A statement prepared once and reused for the life of the state.
-class Statement {
- public:
-  Statement(sqlite3* db, std::string_view sql) : db_(db) {
-    sqlite3_stmt* raw = nullptr;
-    if (sqlite3_prepare_v3(db, sql.data(), static_cast<int>(sql.size()), SQLITE_PREPARE_PERSISTENT, &raw, nullptr) !=
-        SQLITE_OK) {
-      fail(db, "prepare \"" + std::string(sql) + "\"");
-    }
-    stmt_.reset(raw);
-  }
-
-  sqlite3_stmt* get() const noexcept { return stmt_.get(); }
-  sqlite3* db() const noexcept { return db_; }
-
- private:
-  sqlite3* db_;
-  std::unique_ptr<sqlite3_stmt, StmtFinalizer> stmt_;
-};
-
-/// One use of a prepared statement: binds, steps, and on leaving (also by an exception) resets it,
-/// so a half-stepped statement never holds a read transaction open or a dangling bound pointer.
-class Use {
- public:
-  explicit Use(Statement& s) : s_(s) {}
-  Use(const Use&) = delete;
-  Use& operator=(const Use&) = delete;
-  ~Use() {
-    sqlite3_reset(s_.get());
-    sqlite3_clear_bindings(s_.get());
-  }
-
-  // SQLITE_STATIC is safe: the caller's value outlives this Use, and the bindings are cleared before it returns.
-  Use& text(int idx, const std::string& v) {
-    check(sqlite3_bind_text64(s_.get(), idx, v.data(), v.size(), SQLITE_STATIC, SQLITE_UTF8), "bind text");
-    return *this;
-  }
-  Use& key(int idx, const protocol::Key& k) {
-    check(sqlite3_bind_blob64(s_.get(), idx, k.data(), k.size(), SQLITE_STATIC), "bind key");
-    return *this;
-  }
-  Use& integer(int idx, std::int64_t v) {
-    check(sqlite3_bind_int64(s_.get(), idx, v), "bind integer");
-    return *this;
-  }
-
-  /// Steps once; true while a row is available.
-  bool step(std::string_view what) {
-    switch (sqlite3_step(s_.get())) {
-      case SQLITE_ROW:
-        return true;
-      case SQLITE_DONE:
-        return false;
-      default:
-        fail(s_.db(), what);
-    }
-  }
-  /// Steps a statement that returns no rows; the number of rows it changed.
-  std::int64_t run(std::string_view what) {
-    if (step(what)) throw std::runtime_error("peer state: " + std::string(what) + ": unexpected row");
-    return sqlite3_changes64(s_.db());
-  }
-
-  std::int64_t column_int(int col) const { return sqlite3_column_int64(s_.get(), col); }
-  bool column_null(int col) const { return sqlite3_column_type(s_.get(), col) == SQLITE_NULL; }
-  std::string column_text(int col) const {
-    // column_text before column_bytes: the byte count is of the converted value.
-    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s_.get(), col));
-    const auto n = static_cast<std::size_t>(sqlite3_column_bytes(s_.get(), col));
-    return p ? std::string(p, n) : std::string();
-  }
-  protocol::Key column_key(int col) const {
-    const auto* p = static_cast<const std::uint8_t*>(sqlite3_column_blob(s_.get(), col));
-    protocol::Key k{};
-    if (p == nullptr || static_cast<std::size_t>(sqlite3_column_bytes(s_.get(), col)) != k.size()) {
-      throw std::runtime_error("peer state: a key in the database is not 32 bytes long; the file is damaged");
-    }
-    std::memcpy(k.data(), p, k.size());
-    return k;
-  }
-
- private:
-  void check(int rc, std::string_view what) {
-    if (rc != SQLITE_OK) fail(s_.db(), what);
-  }
-
-  Statement& s_;
-};
-
-/// Runs SQL with no parameters and no rows wanted (schema, pragmas).
-void exec(sqlite3* db, std::string_view sql, std::string_view what) {
-  char* err = nullptr;
-  if (sqlite3_exec(db, std::string(sql).c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string msg = err ? err : sqlite3_errmsg(db);
-    sqlite3_free(err);
-    throw std::runtime_error("peer state: " + std::string(what) + ": " + msg);
-  }
-}
-
-/// The first column of the first row of a parameterless query.
-std::int64_t query_int(sqlite3* db, std::string_view sql) {
-  Statement s(db, sql);
-  Use u(s);
-  if (!u.step(sql)) throw std::runtime_error("peer state: no result from \"" + std::string(sql) + "\"");
-  return u.column_int(0);
-}
-
-std::string query_text(sqlite3* db, std::string_view sql) {
-  Statement s(db, sql);
-  Use u(s);
-  if (!u.step(sql)) throw std::runtime_error("peer state: no result from \"" + std::string(sql) + "\"");
-  return u.column_text(0);
+  std::memcpy(k.data(), bytes.data(), k.size());
+  return k;
 }
 
 /// Accepts our version and an empty file; a version-0 file that holds tables is someone else's,
 /// and a newer version is a newer build's.
-void check_version(sqlite3* db, std::int64_t found, const std::string& path) {
+void check_version(const sqlite::Database& db, std::int64_t found, const std::string& path) {
   if (found == schema_version) return;
-  if (found == 0 && query_int(db, "SELECT count(*) FROM sqlite_master") != 0) {
+  if (found == 0 && db.query_int("SELECT count(*) FROM sqlite_master") != 0) {
     throw std::runtime_error("peer state: " + path +
                              " holds tables but no schema version: it is not a ChatApp peer state; move it away");
   }
@@ -215,7 +100,7 @@ void create_private_file(const fs::path& file) {
   }
 }
 
-DbHandle open_db(const fs::path& file) {
+sqlite::Database open_db(const fs::path& file) {
   const std::string path = file.string();
   const bool in_memory = path == memory_path;
   if (!in_memory) {
@@ -223,15 +108,7 @@ DbHandle open_db(const fs::path& file) {
     create_private_file(file);
   }
 
-  sqlite3* raw = nullptr;
-  const int rc = sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
-  DbHandle db(raw);  // open_v2 hands back a handle even on failure; it must still be closed
-  if (rc != SQLITE_OK) {
-    throw std::runtime_error("peer state: cannot open " + path + ": " +
-                             (db ? sqlite3_errmsg(db.get()) : sqlite3_errstr(rc)));
-  }
-  sqlite3_extended_result_codes(db.get(), 1);
-  sqlite3_busy_timeout(db.get(), busy_timeout_ms);
+  sqlite::Database db("peer state", path, busy_timeout_ms);
 
   // Read the version before anything that could write the file: a file this build cannot read
   // (a newer build's, or not ours at all) is left exactly as found.
@@ -239,40 +116,35 @@ DbHandle open_db(const fs::path& file) {
   {
     sqlite3_stmt* probe = nullptr;
     const int prc = sqlite3_prepare_v2(db.get(), "PRAGMA user_version", -1, &probe, nullptr);
-    std::unique_ptr<sqlite3_stmt, StmtFinalizer> guard(probe);
+    std::unique_ptr<sqlite3_stmt, sqlite::StmtFinalizer> guard(probe);
     const int src = prc == SQLITE_OK ? sqlite3_step(probe) : prc;
     if (src != SQLITE_ROW) {
       if ((src & 0xff) == SQLITE_NOTADB) {
         throw std::runtime_error("peer state: " + path +
                                  " is not a ChatApp peer state (not an SQLite database): move it away");
       }
-      fail(db.get(), "read the schema version of " + path);
+      db.fail("read the schema version of " + path);
     }
     found = sqlite3_column_int64(probe, 0);
   }
-  check_version(db.get(), found, path);
+  check_version(db, found, path);
 
-  if (!in_memory && query_text(db.get(), "PRAGMA journal_mode=WAL") != "wal") {
+  if (!in_memory && db.query_text("PRAGMA journal_mode=WAL") != "wal") {
     throw std::runtime_error("peer state: " + path + ": cannot switch to WAL mode");
   }
   // NORMAL in WAL: a commit survives a crash of ChatApp; only a power loss may undo the last ones,
   // which at worst shows a message again or asks for trust again.
-  exec(db.get(), "PRAGMA synchronous=NORMAL", "set synchronous");
+  db.exec("PRAGMA synchronous=NORMAL", "set synchronous");
 
   // Another client on the same name may be creating the schema at the same moment: decide under the write lock.
-  exec(db.get(), "BEGIN IMMEDIATE", "begin schema transaction");
-  try {
-    const auto now_found = query_int(db.get(), "PRAGMA user_version");
-    check_version(db.get(), now_found, path);
+  db.schema_transaction([&] {
+    const auto now_found = db.query_int("PRAGMA user_version");
+    check_version(db, now_found, path);
     if (now_found == 0) {
-      exec(db.get(), schema_sql, "create schema");
-      exec(db.get(), "PRAGMA user_version=" + std::to_string(schema_version), "set schema version");
+      db.exec(schema_sql, "create schema");
+      db.exec("PRAGMA user_version=" + std::to_string(schema_version), "set schema version");
     }
-    exec(db.get(), "COMMIT", "commit schema");
-  } catch (...) {
-    if (!sqlite3_get_autocommit(db.get())) sqlite3_exec(db.get(), "ROLLBACK", nullptr, nullptr, nullptr);
-    throw;
-  }
+  });
   return db;
 }
 
@@ -289,23 +161,23 @@ std::int64_t as_sql(std::uint64_t v) { return std::bit_cast<std::int64_t>(v); }
 struct PeerState::Impl {
   explicit Impl(const fs::path& file)
       : db(open_db(file)),
-        select_pin(db.get(), "SELECT pinned, pending, verified FROM pins WHERE name = ?1"),
-        insert_pin(db.get(), "INSERT INTO pins (name, pinned) VALUES (?1, ?2)"),
-        set_pending(db.get(), "UPDATE pins SET pending = ?2 WHERE name = ?1"),
-        trust_pending(db.get(),
+        select_pin(db, "SELECT pinned, pending, verified FROM pins WHERE name = ?1"),
+        insert_pin(db, "INSERT INTO pins (name, pinned) VALUES (?1, ?2)"),
+        set_pending(db, "UPDATE pins SET pending = ?2 WHERE name = ?1"),
+        trust_pending(db,
                       "UPDATE pins SET pinned = pending, pending = NULL, verified = 0 "
                       "WHERE name = ?1 AND pending IS NOT NULL"),
-        mark_verified(db.get(), "UPDATE pins SET verified = 1 WHERE name = ?1"),
-        insert_block(db.get(),
+        mark_verified(db, "UPDATE pins SET verified = 1 WHERE name = ?1"),
+        insert_block(db,
                      "INSERT INTO blocks (blocked, name) VALUES (?1, ?2) "
                      "ON CONFLICT (blocked) DO UPDATE SET name = excluded.name"),
-        delete_blocks(db.get(), "DELETE FROM blocks WHERE name = ?1"),
-        select_block(db.get(), "SELECT 1 FROM blocks WHERE blocked = ?1"),
-        select_block_names(db.get(), "SELECT DISTINCT name FROM blocks ORDER BY name"),
-        insert_seen(db.get(),
+        delete_blocks(db, "DELETE FROM blocks WHERE name = ?1"),
+        select_block(db, "SELECT 1 FROM blocks WHERE blocked = ?1"),
+        select_block_names(db, "SELECT DISTINCT name FROM blocks ORDER BY name"),
+        insert_seen(db,
                     "INSERT INTO seen (sender, kind, mid, sent_ms) VALUES (?1, ?2, ?3, ?4) "
                     "ON CONFLICT DO NOTHING"),
-        prune_seen(db.get(), "DELETE FROM seen WHERE sent_ms < ?1") {}
+        prune_seen(db, "DELETE FROM seen WHERE sent_ms < ?1") {}
 
   /// Drops replay records older than the window at now_ms: such a message is refused by its time anyway.
   void prune(std::uint64_t now_ms) {
@@ -316,7 +188,7 @@ struct PeerState::Impl {
   }
 
   // Declared first so it is destroyed last, after every statement has been finalized.
-  DbHandle db;
+  sqlite::Database db;
   Statement select_pin;
   Statement insert_pin;
   Statement set_pending;
@@ -345,14 +217,14 @@ PeerState::Seen PeerState::observe(const std::string& name, const protocol::Key&
   {
     Use u(impl_->select_pin);
     u.text(1, name);
-    if (u.step("read pin")) pin = u.column_key(0);
+    if (u.step("read pin")) pin = column_key(u, 0);
   }
   if (!pin) {
-    Use(impl_->insert_pin).text(1, name).key(2, key).run("pin key");
+    Use(impl_->insert_pin).text(1, name).blob(2, key, "bind key").run("pin key");
     return Seen::first;
   }
   if (*pin == key) return Seen::same;
-  Use(impl_->set_pending).text(1, name).key(2, key).run("record changed key");
+  Use(impl_->set_pending).text(1, name).blob(2, key, "bind key").run("record changed key");
   return Seen::changed;
 }
 
@@ -360,14 +232,14 @@ std::optional<protocol::Key> PeerState::pinned(const std::string& name) const {
   Use u(impl_->select_pin);
   u.text(1, name);
   if (!u.step("read pin")) return std::nullopt;
-  return u.column_key(0);
+  return column_key(u, 0);
 }
 
 std::optional<protocol::Key> PeerState::pending(const std::string& name) const {
   Use u(impl_->select_pin);
   u.text(1, name);
   if (!u.step("read pin") || u.column_null(1)) return std::nullopt;
-  return u.column_key(1);
+  return column_key(u, 1);
 }
 
 bool PeerState::changed(const std::string& name) const { return pending(name).has_value(); }
@@ -387,7 +259,7 @@ bool PeerState::verified(const std::string& name) const {
 }
 
 void PeerState::block(const std::string& name, const protocol::Key& key) {
-  Use(impl_->insert_block).key(1, key).text(2, name).run("block");
+  Use(impl_->insert_block).blob(1, key, "bind key").text(2, name).run("block");
 }
 
 bool PeerState::unblock(const std::string& name) {
@@ -396,7 +268,7 @@ bool PeerState::unblock(const std::string& name) {
 
 bool PeerState::blocked(const protocol::Key& key) const {
   Use u(impl_->select_block);
-  u.key(1, key);
+  u.blob(1, key, "bind key");
   return u.step("read block");
 }
 
@@ -413,7 +285,11 @@ bool PeerState::first_seen(const protocol::Key& sender, std::uint8_t kind, std::
   if (sent_ms > now_ms && sent_ms - now_ms > kMaxClockAheadMs) return false;
   if (now_ms > sent_ms && now_ms - sent_ms > kMaxMessageAgeMs) return false;
   // In autocommit mode the insert is committed when run() returns.
-  return Use(impl_->insert_seen).key(1, sender).integer(2, kind).integer(3, as_sql(mid)).integer(4, as_sql(sent_ms))
+  return Use(impl_->insert_seen)
+             .blob(1, sender, "bind key")
+             .integer(2, kind)
+             .integer(3, as_sql(mid))
+             .integer(4, as_sql(sent_ms))
              .run("record seen message") == 1;
 }
 
