@@ -3,6 +3,9 @@
 // Per input: a fresh Server core on a fake clock whose core sends only to the fake network
 // (harness.hpp); the SQLite store is opened once per process in a temp
 // directory and emptied before each input, so an input behaves the same whenever it runs.
+// The server's ServerOptions.seed is fixed, so the harness's minter (seeded the same) mints
+// tokens it accepts: the cast's reg op registers properly (token and proof), the sealed and
+// channel ops save and send sealed and signed bodies.
 // The `extra` op makes the next 1-4 store calls throw StoreError (a full disk, an I/O error);
 // FUZZ_STORE_FAULTS=0 turns that op into a no-op (to fuzz the other paths alone).
 // Limits are small (6 clients, 4 saved messages per mailbox) so that "full" is reachable.
@@ -14,9 +17,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <memory>
+#include <set>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "harness.hpp"
@@ -75,6 +81,14 @@ class FaultyStore final : public offline::Store {
     check();
     return s_.load_clients();
   }
+  offline::Released release(const std::string& name) override {
+    check();
+    return s_.release(name);
+  }
+  std::size_t legacy_count() override {
+    check();
+    return s_.legacy_count();
+  }
 
  private:
   void check() {
@@ -95,9 +109,75 @@ std::string temp_root() {
   return "/tmp";
 }
 
-[[noreturn]] void fail(const std::string& what) {
-  std::fprintf(stderr, "fuzz_server: %s\n", what.c_str());
-  std::abort();
+[[noreturn]] void fail(const std::string& what) { fuzz::fail("fuzz_server", what); }
+
+using Binding = std::tuple<std::string, protocol::Key, std::string, std::uint16_t>;  // name, key, ip, port
+
+/// What the clients sent the server, for the checks of what it does with it.
+struct Seen {
+  /// Every (name, key, address) a Register proved: its token is the server's minter's MAC for
+  /// exactly these and its proof is the key's signature (fresh or not, used or not).
+  std::set<Binding> proven;
+  /// Every body sent in a Save (false, from, mid) or a Channel (true, from, id).
+  std::map<std::tuple<bool, std::string, std::uint64_t>, std::set<std::string>> bodies;
+  /// The key each name was first seen bound to in the table.
+  std::map<std::string, protocol::Key> bound;
+};
+
+void note_injected(Seen& seen, const identity::TokenMinter& minter, const std::string& bytes,
+                   const udp::endpoint& from) {
+  protocol::Decoded d = protocol::decode(bytes);
+  if (!d) return;
+  if (const auto* r = std::get_if<protocol::Register>(&*d.message)) {
+    if (r->token.size() != identity::kTokenSize || !from.address().is_v4()) return;
+    std::uint64_t ts = 0;
+    for (int i = 7; i >= 0; --i) ts = ts << 8 | static_cast<std::uint8_t>(r->token[static_cast<std::size_t>(i)]);
+    // Checked as of its own time: only whether it was minted for this name, key and address.
+    auto at = static_cast<std::int64_t>(ts);
+    if (minter.check(r->token, at, r->name, r->key, fuzz::ip4_of(from), from.port()) &&
+        identity::check_register_proof(r->key, r->name, r->token, r->proof))
+      seen.proven.emplace(r->name, r->key, from.address().to_string(), from.port());
+  } else if (const auto* s = std::get_if<protocol::Save>(&*d.message)) {
+    if (seen.bodies.size() < 100'000) seen.bodies[{false, s->from, s->mid}].insert(s->body);
+  } else if (const auto* c = std::get_if<protocol::Channel>(&*d.message)) {
+    if (seen.bodies.size() < 100'000) seen.bodies[{true, c->from, c->id}].insert(c->body);
+  }
+}
+
+/// Saved and relayed messages go out as they came in: the server never alters a body, invents
+/// one, or gives it another sender's key.
+void check_sent(const Seen& seen, const registry::Table& t, const protocol::Message& m) {
+  auto came_in = [&](bool channel, const std::string& from, std::uint64_t mid, const std::string& body) {
+    auto it = seen.bodies.find({channel, from, mid});
+    return it != seen.bodies.end() && it->second.contains(body);
+  };
+  if (const auto* s = std::get_if<protocol::Stored>(&m)) {
+    for (const auto& i : s->items) {
+      if (!came_in(i.channel, i.from, i.mid, i.body))
+        fail("delivered a saved " + std::string(i.channel ? "channel" : "direct") + " message from " + i.from +
+             " (mid " + std::to_string(i.mid) + ") whose body no client sent: " + fuzz::printable(i.body));
+      const registry::Client* c = t.find(i.from);
+      if (c == nullptr || c->key != i.key)
+        fail("delivered a saved message from " + i.from + " with a key that is not the one its name is bound to");
+    }
+  } else if (const auto* r = std::get_if<protocol::Relay>(&m)) {
+    if (!came_in(true, r->from, r->mid, r->body))
+      fail("relayed a channel message from " + r->from + " (mid " + std::to_string(r->mid) +
+           ") whose body no client sent: " + fuzz::printable(r->body));
+  }
+}
+
+/// Every row is bound to a key, for good, and sits at an address a Register proved for that
+/// name and key: no name is taken, or moved, without the server's token and the key's signature.
+void check_bindings(const registry::Table& t, Seen& seen) {
+  t.for_each([&](const registry::Client& c) {
+    if (!c.bound()) fail("a table row without a key: " + c.name);
+    if (!seen.proven.contains(Binding{c.name, c.key, c.ip, c.port}))
+      fail("client " + c.name + " is at " + c.ip + ":" + std::to_string(c.port) +
+           " with a key no registration from there proved");
+    auto [it, first] = seen.bound.try_emplace(c.name, c.key);
+    if (!first && it->second != c.key) fail("the name " + c.name + " was bound to another key");
+  });
 }
 
 /// What must hold of the table after every op.
@@ -148,6 +228,8 @@ void empty_store() {
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   fuzz::quiet_logs();
+  fuzz::use_fixed_randomness();
+  fuzz::Cast::get();
   if (const char* f = std::getenv("FUZZ_STORE_FAULTS"); f != nullptr && std::string(f) == "0") g_faults = false;
 
   g = new Process;
@@ -169,6 +251,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  fuzz::reset_randomness();
   empty_store();
   transport::ManualClock clock;
   registry::ServerOptions options;
@@ -179,7 +262,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto owned = std::make_unique<FaultyStore>(*g->store);
   FaultyStore& store = *owned;
   registry::Server server(options, std::move(owned), clock);
-  fuzz::FakeNetwork network(server.core(), clock);
+  fuzz::FakeNetwork network(server.core(), clock, options.seed);
+  Seen seen;
+  network.before_inject = [&](const std::string& bytes, const udp::endpoint& from) {
+    note_injected(seen, network.minter(), bytes, from);
+  };
+  network.on_sent = [&](const protocol::Message& m, const udp::endpoint&) { check_sent(seen, server.table(), m); };
   server.start();
   server.core().settle();
   const std::uint64_t epoch = server.table().epoch();
@@ -190,28 +278,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   while (!in.done()) {
     std::uint8_t b = in.byte();
     int src = b % fuzz::kSources;
-    switch (static_cast<fuzz::Op>(b / fuzz::kSources % static_cast<int>(fuzz::Op::count_))) {
-      case fuzz::Op::datagram: network.inject(in.bytes(in.u16()), src); break;
-      case fuzz::Op::answer: network.answer(src); break;
-      case fuzz::Op::answer_all: network.answer_all(); break;
-      case fuzz::Op::answer_with: network.answer_with(src, in.byte()); break;
-      case fuzz::Op::repeat: network.repeat(src); break;
-      case fuzz::Op::extra:
-        if (std::uint8_t n = in.byte(); g_faults) {
-          store.fail_next(n % 4 + 1);
-          faults = true;
-        }
-        break;
-      case fuzz::Op::advance: network.advance(in.byte()); break;
-      case fuzz::Op::count_: break;
+    fuzz::Op op = fuzz::op_of(b);
+    if (op == fuzz::Op::extra) {
+      if (std::uint8_t n = in.byte(); g_faults) {
+        store.fail_next(n % 4 + 1);
+        faults = true;
+      }
+    } else {
+      network.run(op, src, in);
     }
     check_table(server.table(), options, epoch, version);
+    check_bindings(server.table(), seen);
   }
 
   // Shut down as the process does on a signal: the last commit, then what it scheduled.
   store.fail_next(0);
   server.stop();
   check_table(server.table(), options, epoch, version);
+  check_bindings(server.table(), seen);
   check_store(server.table(), options, !faults);
   return 0;
 }

@@ -1,9 +1,10 @@
 // Writes the fuzz targets' seed corpora: encode()d v2 datagrams of every type, malformed ones
 // (one per refusal reason, version-1 JSON among them), and op scripts (harness.hpp) that walk
-// the server and the client through the protocol.
-// TODO(v2): the scripts' bodies are plain bytes, not sealed or signed (identity/envelope), and
-// their registrations stop at the first Register (no Challenge, token and proof); both follow
-// once the server and the client implement them.
+// the server and the client through the protocol with the cast's identities: proper
+// registrations (token and proof), direct messages sealed for their recipient, channel
+// messages signed by their sender, stored deliveries, receipts, and the same altered or
+// signed by the wrong key. libsodium's randomness is the harness's fixed sequence, so the
+// seeds come out the same on every run.
 //   build-fuzz/gen_corpus tests/fuzz/corpus
 #include <cstdio>
 #include <filesystem>
@@ -13,19 +14,28 @@
 #include <vector>
 
 #include "harness.hpp"
+#include "identity/envelope.hpp"
 #include "protocol/codec.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 namespace p = chat::protocol;
+namespace id = chat::identity;
+namespace it = chat::fuzz::item;
+namespace rg = chat::fuzz::reg;
+using chat::fuzz::Cast;
 using chat::fuzz::Op;
 using chat::fuzz::op_byte;
 
 using Seeds = std::vector<std::pair<std::string, std::string>>;
 
-/// A key per name (not a real Ed25519 key: the codec carries any 32 bytes).
+// The cast (harness.hpp): peer index = its source in the scripts (alice at 1, bob at 2, ...).
+constexpr int ME = 0, ALICE = 1, BOB = 2, CAROL = 3, DAVE = 4, ERIN = 5, FRANK = 6, GRACE = 7;
+
+/// The cast's key for a cast name, else 32 bytes made from the name (the codec carries any).
 p::Key key(const std::string& name) {
+  if (int i = Cast::get().index_of(name); i >= 0) return Cast::get().key(i);
   p::Key k{};
   for (std::size_t i = 0; i < k.size(); ++i) k[i] = static_cast<std::uint8_t>(name[i % name.size()] + i);
   return k;
@@ -33,6 +43,20 @@ p::Key key(const std::string& name) {
 
 /// `n` bytes standing for a sealed or signed body (opaque to the codec).
 std::string body(std::size_t n, char c = 'b') { return std::string(n, c); }
+
+/// The p byte of a sealed item from peer i to peer j.
+constexpr std::uint8_t from_to(int i, int j, std::uint8_t more = 0) {
+  return static_cast<std::uint8_t>((i & 7) | (j & 7) << 3 | more);
+}
+
+/// An item of the sealed, channel and stored ops (harness.hpp).
+struct Item {
+  std::uint8_t p = 0;
+  std::uint8_t f = 0;
+  std::uint16_t mid = 0;  // the message's mid is 1 + this
+  std::string text;
+  std::uint8_t k = 0;
+};
 
 // ---------------------------------------------------------------- op scripts
 
@@ -46,7 +70,7 @@ struct Script {
   }
   Script& send(int src, const p::Message& m) { return raw(src, p::encode(m)); }
   Script& raw(int src, const std::string& bytes) {
-    s += static_cast<char>(op_byte(Op::datagram, src));
+    op(Op::datagram, src);
     s += static_cast<char>(bytes.size() >> 8);
     s += static_cast<char>(bytes.size() & 0xFF);
     s += bytes;
@@ -54,41 +78,50 @@ struct Script {
   }
   Script& answer(int src) { return op(Op::answer, src); }
   Script& answer_all() { return op(Op::answer_all, 0); }
-  Script& answer_with(int src, std::uint8_t sel) {
-    op(Op::answer_with, src);
-    s += static_cast<char>(sel);
-    return *this;
-  }
+  Script& answer_with(int src, std::uint8_t sel) { return op(Op::answer_with, src).byte(sel); }
   Script& repeat(int src) { return op(Op::repeat, src); }
-  Script& fail_store(int n) {  // server: the next n (1-4) store calls throw
-    op(Op::extra, 0);
-    s += static_cast<char>(n - 1);
-    return *this;
-  }
+  Script& fail_store(int n) { return op(Op::extra, 0).byte(static_cast<std::uint8_t>(n - 1)); }  // server: n (1-4) store calls throw
   Script& line(const std::string& text) {  // client: types a line
-    op(Op::extra, 0);
-    s += static_cast<char>(text.size());
+    op(Op::extra, 0).byte(static_cast<std::uint8_t>(text.size()));
     s += text.substr(0, 255);
     return *this;
   }
   Script& eof() { return op(Op::extra, 7); }  // client: end of input
-  Script& advance(std::uint8_t t) {  // the fake clock moves on by advance_by(t)
-    op(Op::advance, 0);
-    s += static_cast<char>(t);
+  Script& advance(std::uint8_t t) { return op(Op::advance, 0).byte(t); }  // the clock moves on by advance_by(t)
+  // The cast's ops.
+  Script& reg(int src, int peer, std::uint8_t f = 0) { return op(Op::reg, src).byte(static_cast<std::uint8_t>(peer)).byte(f); }
+  Script& sealed(int src, const Item& i) { return op(Op::sealed, src).item(i); }
+  Script& channel(int src, const Item& i) { return op(Op::channel, src).item(i); }
+  Script& stored(int src, const std::vector<Item>& items) {
+    op(Op::stored, src).byte(static_cast<std::uint8_t>(items.size()));
+    for (const auto& i : items) item(i);
     return *this;
   }
+  Script& receipt(int src, std::uint8_t pb, std::uint8_t f = 0, std::uint8_t k = 0) {
+    return op(Op::receipt, src).byte(pb).byte(f).byte(k);
+  }
+  Script& table(int src, std::uint8_t mask, std::uint8_t imp = 0, std::uint8_t off = 0, std::uint8_t mode = 0) {
+    return op(Op::table, src).byte(mask).byte(imp).byte(off).byte(mode);
+  }
+  Script& replay(int src, std::uint8_t n) { return op(Op::replay, src).byte(n); }
 
  private:
-  Script& op(Op o, int src) {
-    s += static_cast<char>(op_byte(o, src));
+  Script& op(Op o, int src) { return byte(op_byte(o, src)); }
+  Script& byte(std::uint8_t b) {
+    s += static_cast<char>(b);
+    return *this;
+  }
+  Script& item(const Item& i) {
+    byte(i.p).byte(i.f).byte(static_cast<std::uint8_t>(i.mid & 0xFF)).byte(static_cast<std::uint8_t>(i.mid >> 8)).byte(i.k);
+    byte(static_cast<std::uint8_t>(i.text.size() >> 8)).byte(static_cast<std::uint8_t>(i.text.size() & 0xFF));
+    s += i.text;
     return *this;
   }
 };
 
 /// A first registration, as a client sends it: no token yet (the server answers with a
-/// Challenge). TODO(v2): the second Register, with the Challenge's token and the proof, once
-/// the server and the client implement it (the harness echoes no token yet).
-p::Register reg(std::uint64_t id, const std::string& name) { return p::Register{id, name, key(name), 15'000, "", {}}; }
+/// Challenge, whose token the reg op's rg::kServerToken signs).
+p::Register reg(std::uint64_t rid, const std::string& name) { return p::Register{rid, name, key(name), 15'000, "", {}}; }
 
 // ---------------------------------------------------------------- fuzz_decode
 
@@ -140,6 +173,25 @@ Seeds decode_seeds() {
   msg("found_unknown", p::Found{33, false, {"carol", "", 0, false, {}}});
   msg("found_unknown_no_name", p::Found{34, false, {}});
   msg("ids_max", p::Ack{UINT64_MAX, UINT64_MAX, UINT64_MAX, UINT64_MAX});
+  // With the cast's keys, sealed and signed as the design says (the decoder sees bytes only).
+  Cast& cast = Cast::get();
+  const std::uint64_t sent_ms = 1'767'225'600'000;
+  const std::string minted = id::TokenMinter(1).mint(3'600'000'000, "alice", cast.key(ALICE), 0x7F000002, 4001);
+  msg("real_register_proven", p::Register{40, "alice", cast.key(ALICE), 15'000, minted,
+                                          id::register_proof(cast.id(ALICE), "alice", minted)});
+  msg("real_challenge", p::Challenge{41, minted});
+  const std::string direct = id::seal_direct(cast.pair(ALICE, false, cast.key(ME)), 42, sent_ms, "me", "hello");
+  msg("real_direct", p::Direct{42, "alice", direct});
+  msg("real_save", p::Save{43, "alice", "me", 42, false, direct});
+  msg("real_receipt", p::Receipt{42, id::seal_receipt(cast.pair(ME, false, cast.key(ALICE)), 42, "alice")});
+  const std::string channel = id::sign_channel(cast.id(CAROL), "carol", 44, sent_ms, "hello all");
+  msg("real_channel", p::Channel{44, "carol", channel});
+  msg("real_relay", p::Relay{45, "carol", 44, channel});
+  msg("real_stored", p::Stored{46, {{"alice", false, 1'767'225'600'000'000, 42, cast.key(ALICE), direct},
+                                    {"carol", true, 1'767'225'601'000'000, 44, cast.key(CAROL), channel}}});
+  msg("real_table", p::Table{47, 7, 0, 3, false,
+                             {chat::fuzz::entry_of(ME, false, true), chat::fuzz::entry_of(ALICE, false, true),
+                              chat::fuzz::entry_of(CAROL, true, false)}});
 
   // Refused ones, one per reason at least.
   const std::string probe = p::encode(p::Probe{1});
@@ -178,72 +230,112 @@ Seeds decode_seeds() {
 
 // ---------------------------------------------------------------- fuzz_server
 
-// Fake clients: alice at source 1, bob at 2, carol at 3, dave at 4 (harness.hpp).
+/// A Save from peer i to peer j of `text`, sealed for j (mid 1 + m).
+Item save(int i, int j, std::uint16_t m, const std::string& text, bool force = false, std::uint8_t f = 0) {
+  return Item{from_to(i, j, static_cast<std::uint8_t>(it::kSave | (force ? it::kForce : 0))), f, m, text};
+}
+/// A Channel from peer i (mid 1 + m), signed.
+Item chan(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0) {
+  return Item{static_cast<std::uint8_t>(i), f, m, text};
+}
+
+// Fake clients: peer i at source i (alice at 1, bob at 2, carol at 3, dave at 4; harness.hpp).
 Seeds server_seeds() {
   Seeds out;
   auto add = [&](const std::string& name, const Script& s) { out.emplace_back(name, s.s); };
   auto three = [] {
     Script s;
-    s.send(1, reg(101, "alice")).send(2, reg(102, "bob")).send(3, reg(103, "carol"));
+    s.reg(1, ALICE).reg(2, BOB).reg(3, CAROL);
     s.answer_all().answer_all().answer_all();
     return s;
   };
   auto two = [] {
     Script s;
-    s.send(1, reg(101, "alice")).send(2, reg(102, "bob")).answer_all().answer_all();
+    s.reg(1, ALICE).reg(2, BOB).answer_all().answer_all();
     return s;
   };
-  const std::string text600 = body(690, 'y');  // 600 bytes of text, sealed for bob
+  const std::string text600(600, 'y');  // the longest text, sealed for bob
 
-  add("register_one", Script{}.send(1, reg(101, "alice")).answer(1));
+  add("register_one", Script{}.reg(1, ALICE).answer(1));
   add("register_three", three());
-  add("register_again_same_address", Script{}.send(1, reg(101, "alice")).answer(1).send(1, reg(111, "alice")).answer_all());
-  add("register_ipv6", Script{}.send(7, reg(101, "alice")).send(7, p::Save{102, "alice", "bob", 1, false, "x"}));
+  add("register_challenge", Script{}.send(1, reg(101, "alice")).reg(1, ALICE, rg::kServerToken).answer_all());
+  add("register_challenge_other_key",
+      Script{}.send(1, reg(101, "alice")).reg(1, ALICE | 8, rg::kServerToken).reg(1, ALICE, rg::kServerToken));
+  add("register_bad_proofs", Script{}
+                                 .reg(1, ALICE, rg::kStale).reg(1, ALICE, rg::kOtherAddress)
+                                 .reg(1, ALICE, rg::kBadProof).reg(1, ALICE, rg::kOtherName)
+                                 .reg(1, ALICE, rg::kNoToken | rg::kNoInterval).reg(1, ALICE).answer_all());
+  add("register_other_key", Script{}.reg(1, ALICE).answer_all().reg(3, ALICE | 8).reg(1, ALICE | 8).answer_all());
+  // Past the dedup window (30 s), within the token's lifetime (60 s): a replay; past it: stale.
+  add("register_replayed", Script{}
+                               .reg(1, ALICE).answer_all().advance(195).replay(1, 0).replay(2, 0)
+                               .advance(250).replay(1, 0).answer_all());
+  add("register_again_same_address", Script{}.reg(1, ALICE).answer(1).reg(1, ALICE).answer_all());
+  add("register_ipv6", Script{}.reg(7, ALICE).sealed(7, save(ALICE, BOB, 1, "x")));
   add("register_full", Script{}
-                           .send(1, reg(101, "a1")).send(1, reg(102, "a2")).send(2, reg(103, "a3"))
-                           .send(2, reg(104, "a4")).send(3, reg(105, "a5")).send(3, reg(106, "a6"))
-                           .send(4, reg(107, "a7")).answer_all().answer_all());
-  add("name_conflict_alive", Script{}.send(1, reg(101, "alice")).answer(1).send(3, reg(102, "alice")).answer(1));
-  add("name_conflict_refused_reply",
-      Script{}.send(1, reg(101, "alice")).answer(1).send(3, reg(102, "alice")).answer_with(1, 4).answer_all());
-  add("dereg", two().send(2, p::Dereg{201, "bob"}).answer_all().send(2, reg(202, "bob")).answer_all());
+                           .reg(0, ME).reg(1, ALICE).reg(2, BOB).reg(3, CAROL)
+                           .reg(4, DAVE).reg(5, ERIN).reg(6, FRANK).reg(6, GRACE).answer_all().answer_all());
+  add("name_conflict_alive", Script{}.reg(1, ALICE).answer(1).reg(3, ALICE).answer(1));
+  add("name_conflict_refused_reply", Script{}.reg(1, ALICE).answer(1).reg(3, ALICE).answer_with(1, 4).answer_all());
+  add("name_conflict_silent", Script{}.reg(1, ALICE).answer_all().reg(3, ALICE).advance(127).answer_all());
+  add("dereg", two().send(2, p::Dereg{201, "bob"}).answer_all().reg(2, BOB).answer_all());
   add("dereg_wrong_address", two().send(3, p::Dereg{201, "bob"}).send(2, p::Dereg{202, "zed"}));
-  add("duplicates", Script{}.send(1, reg(101, "alice")).repeat(1).repeat(1).answer(1).repeat(1).repeat(1));
+  add("duplicates", Script{}.reg(1, ALICE).repeat(1).repeat(1).answer(1).repeat(1).repeat(1));
   add("save_offline_then_deliver", two()
                                        .send(2, p::Dereg{201, "bob"}).answer_all()
-                                       .send(1, p::Save{301, "alice", "bob", 9, false, "while you were out"})
-                                       .send(1, p::Save{302, "alice", "bob", 10, false, "second"})
+                                       .sealed(1, save(ALICE, BOB, 9, "while you were out"))
+                                       .sealed(1, save(ALICE, BOB, 10, "second"))
                                        .answer_all()
-                                       .send(2, reg(401, "bob")).answer_all().answer_all().answer_all());
-  add("save_probe_exists", two().send(1, p::Save{301, "alice", "bob", 9, false, "hi"}).answer(2).answer_all());
-  add("save_force", two().send(1, p::Save{301, "alice", "bob", 9, true, "forced"}).answer_all());
-  add("save_spoofed", two().send(3, p::Save{301, "alice", "bob", 9, false, "spoof"})
+                                       .reg(2, BOB).answer_all().answer_all().answer_all());
+  add("save_replayed", two()
+                           .send(2, p::Dereg{201, "bob"}).answer_all()
+                           .sealed(1, save(ALICE, BOB, 9, "once")).answer_all()
+                           .replay(1, 4).advance(250).replay(1, 4).sealed(1, save(ALICE, BOB, 9, "once again"))
+                           .answer_all().reg(2, BOB).answer_all().answer_all());
+  add("save_probe_exists", two().sealed(1, save(ALICE, BOB, 9, "hi")).answer(2).answer_all());
+  add("save_force", two().sealed(1, save(ALICE, BOB, 9, "forced", true)).answer_all());
+  add("save_forged_bodies", two()
+                                .send(2, p::Dereg{201, "bob"}).answer_all()
+                                .sealed(1, save(ALICE, BOB, 1, "flipped", true, it::kFlip))
+                                .sealed(1, save(ALICE, BOB, 2, "impostor", true, it::kImpostor))
+                                .sealed(1, save(ALICE, BOB, 3, "old", true, 2 << it::kClockShift))
+                                .answer_all().reg(2, BOB).answer_all().answer_all());
+  add("save_spoofed", two().sealed(3, save(ALICE, BOB, 9, "spoof"))
                           .send(1, p::Save{302, "alice", "zed", 9, false, "unknown"}));
   add("save_mailbox_full", [&] {
     Script s = two();
     s.send(2, p::Dereg{201, "bob"}).answer_all();
-    for (int i = 0; i < 5; ++i) s.send(1, p::Save{static_cast<std::uint64_t>(301 + i), "alice", "bob", 9, false, "m"});
+    for (int i = 0; i < 5; ++i) s.sealed(1, save(ALICE, BOB, static_cast<std::uint16_t>(301 + i), "m"));
     return s.answer_all();
   }());
   add("delivery_in_two_datagrams", [&] {
     Script s = two();
     s.send(2, p::Dereg{201, "bob"}).answer_all();
-    for (int i = 0; i < 4; ++i) s.send(1, p::Save{static_cast<std::uint64_t>(301 + i), "alice", "bob", 9, false, text600});
-    s.send(2, reg(401, "bob"));
+    for (int i = 0; i < 4; ++i) s.sealed(1, save(ALICE, BOB, static_cast<std::uint16_t>(301 + i), text600));
+    s.reg(2, BOB);
     for (int i = 0; i < 5; ++i) s.answer_all();
     return s;
   }());
   add("channel", three()
                      .send(3, p::Dereg{201, "carol"}).answer_all()
-                     .send(1, p::Channel{301, "alice", "hello channel"}).answer(2).answer_all()
-                     .send(3, reg(401, "carol")).answer_all().answer_all().answer_all());
-  add("channel_unregistered", Script{}.send(1, p::Channel{301, "alice", "who am i"}));
-  add("table_ack_wrong_epoch", Script{}.send(1, reg(101, "alice")).answer_with(1, 2).answer(1).send(2, reg(102, "bob")).answer_all().answer_all());
-  add("table_ack_too_high", Script{}.send(1, reg(101, "alice")).answer_with(1, 3).send(2, reg(102, "bob")).answer_all().answer_all());
-  add("reply_from_wrong_address", Script{}.send(1, reg(101, "alice")).answer_with(1, chat::fuzz::kFromWrongAddress).answer_all());
+                     .channel(1, chan(ALICE, 301, "hello channel")).answer(2).answer_all()
+                     .reg(3, CAROL).answer_all().answer_all().answer_all());
+  add("channel_forged", three()
+                            .channel(1, chan(ALICE, 301, "impostor", it::kImpostor))
+                            .channel(1, chan(ALICE, 302, "flipped", it::kFlip))
+                            .channel(2, chan(ALICE, 303, "not from here"))
+                            .advance(127).advance(200).answer_all());
+  add("channel_unregistered", Script{}.channel(1, chan(ALICE, 301, "who am i")));
+  add("table_ack_wrong_epoch", Script{}.reg(1, ALICE).answer_with(1, 2).answer(1).reg(2, BOB).answer_all().answer_all());
+  add("table_ack_too_high", Script{}.reg(1, ALICE).answer_with(1, 3).reg(2, BOB).answer_all().answer_all());
+  add("reply_from_wrong_address", Script{}.reg(1, ALICE).answer_with(1, chat::fuzz::kFromWrongAddress).answer_all());
   add("store_fault_save", two().send(2, p::Dereg{201, "bob"}).answer_all().fail_store(1)
-                              .send(1, p::Save{301, "alice", "bob", 9, false, "x"}).answer_all());
-  add("store_fault_register", Script{}.fail_store(2).send(1, reg(101, "alice")).send(1, reg(101, "alice")).answer_all());
+                              .sealed(1, save(ALICE, BOB, 9, "x")).answer_all());
+  add("store_fault_register", Script{}.fail_store(2).reg(1, ALICE).reg(1, ALICE).answer_all());
+  add("store_fault_delivery", two()
+                                  .send(2, p::Dereg{201, "bob"}).answer_all()
+                                  .sealed(1, save(ALICE, BOB, 9, "x")).answer_all()
+                                  .fail_store(1).reg(2, BOB).answer_all().reg(2, BOB).answer_all().answer_all());
   add("garbage", Script{}
                      .raw(1, "hello")
                      .raw(2, R"({"t":"register","id":0,"name":"x","v":1})")
@@ -257,76 +349,152 @@ Seeds server_seeds() {
   add("keepalive_expiry", three().send(1, p::KeepAlive{150, "alice"}).advance(250).advance(250).advance(250));
   add("table_update_lost", three().advance(200).advance(200).send(2, p::KeepAlive{151, "bob"}).answer_all());
   add("keepalive_unknown", Script{}.send(1, p::KeepAlive{152, "nobody"}).send(1, p::Lookup{153, "nobody"}));
-  add("probe_timeout", two().send(1, p::Save{160, "alice", "bob", 1, false, "x"}).advance(127).answer_all());
-  add("relay_miss", three().send(1, p::Channel{170, "alice", "hi"}).advance(127).advance(200).answer_all());
+  add("token_expires", Script{}.send(1, reg(101, "alice")).advance(250).reg(1, ALICE, rg::kServerToken).reg(1, ALICE));
+  add("probe_timeout", two().sealed(1, save(ALICE, BOB, 1, "x")).advance(127).answer_all());
+  add("relay_miss", three().channel(1, chan(ALICE, 170, "hi")).advance(127).advance(200).answer_all());
   add("lookup", three().send(1, p::Lookup{180, "bob"}).send(4, p::Lookup{181, "alice"}));
   return out;
 }
 
 // ---------------------------------------------------------------- fuzz_client
 
-// The client "me"; its server is source 0; alice is at source 1 (online), bob at 2 (offline),
-// carol at 3 (online).
+// The client "me"; its server is source 0; the table op gives it the cast's rows (alice at
+// source 1, bob at 2, carol at 3, ... with their keys), bob offline.
+constexpr std::uint8_t kAll = 0x7F;        // me and peers 1-6 (grace, 7, has no row)
+constexpr std::uint8_t kBobOff = 1 << BOB;
+
+/// A Direct from peer i to me (mid 1 + m), sealed for me.
+Item dm(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0, std::uint8_t k = 0) {
+  return Item{from_to(i, ME), f, m, text, k};
+}
+/// A Relay of peer i's channel message (mid 1 + m), signed.
+Item relay(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0, std::uint8_t k = 0) {
+  return Item{static_cast<std::uint8_t>(i | it::kRelay), f, m, text, k};
+}
+/// A saved item: a direct from peer i to me, or a channel message of peer i.
+Item saved(int i, std::uint16_t m, const std::string& text, bool channel = false, std::uint8_t f = 0) {
+  return Item{from_to(i, ME, channel ? it::kChannelItem : 0), f, m, text};
+}
+
 p::Table table1() {
   return p::Table{100, 7, 0, 4, false,
-                  {{"me", "127.0.0.1", 5000, true}, {"alice", "127.0.0.2", 4001, true},
-                   {"bob", "127.0.0.3", 4002, false}, {"carol", "127.0.0.4", 4003, true}}};
+                  {chat::fuzz::entry_of(ME, false, true), chat::fuzz::entry_of(ALICE, false, true),
+                   chat::fuzz::entry_of(BOB, false, false), chat::fuzz::entry_of(CAROL, false, true)}};
 }
 
 Seeds client_seeds() {
   Seeds out;
   auto add = [&](const std::string& name, const Script& s) { out.emplace_back(name, s.s); };
-  auto online = [] { return std::move(Script{}.flags(0).send(0, table1())); };
+  auto online = [] { return std::move(Script{}.flags(0).table(0, kAll, 0, kBobOff)); };
 
   add("welcome", Script{}.flags(0));
+  add("welcome_pending", Script{}.flags(2).table(0, kAll));
+  add("welcome_without_challenge", Script{}.flags(4).table(0, kAll));
   add("registering_then_refused", Script{}.flags(1).send(0, table1()).answer_with(0, 5));
+  add("challenge_then_refused", Script{}.flags(1).answer(0).answer_with(0, 5));
   add("registering_then_other_reply", Script{}.flags(1).answer_with(0, 4).answer_with(0, 0));
   add("table", online());
+  add("table_raw", Script{}.flags(0).send(0, table1()));
   add("table_in_parts", Script{}.flags(0)
-                            .send(0, p::Table{101, 7, 0, 2, true, {{"me", "127.0.0.1", 5000, true}, {"alice", "127.0.0.2", 4001, true}}})
-                            .send(0, p::Table{102, 7, 2, 4, false, {{"bob", "127.0.0.3", 4002, false}, {"carol", "127.0.0.4", 4003, true}}})
+                            .table(0, 0x03, 0, 0, 2).table(0, 0x0C, 0, kBobOff, 1)
                             .send(0, p::Table{103, 7, 9, 10, false, {}})
-                            .send(0, p::Table{104, 7, 1, 2, false, {}})
-                            .send(0, p::Table{105, 8, 3, 4, false, {}})
-                            .send(0, p::Table{106, 8, 0, 1, false, {{"me", "127.0.0.1", 5000, true}}}));
-  add("table_not_from_server", Script{}.flags(0).send(1, table1()));
-  add("direct", online()
-                    .send(1, p::Direct{200, "alice", "hello"}).repeat(1)
-                    .send(2, p::Direct{201, "alice", "forged"})
-                    .send(1, p::Direct{202, "zed", "unknown"})
-                    .send(7, p::Direct{203, "alice", "v6"}));
-  add("relay_probe", online()
-                         .send(0, p::Relay{300, "alice", 9, "hi all"}).repeat(0)
-                         .send(0, p::Probe{301})
-                         .send(1, p::Probe{302})
-                         .send(1, p::Relay{303, "alice", 10, "not from server"}));
+                            .table(0, 0x7F).table(0, 0x01, 0, 0, 1));
+  add("table_not_from_server", Script{}.flags(0).table(1, kAll));
+  add("direct_sealed", online()
+                           .sealed(1, dm(ALICE, 199, "hello")).repeat(1)
+                           .sealed(3, dm(CAROL, 200, "hi \x1b[2J there\n"))
+                           .sealed(2, dm(ALICE, 201, "from bob's address"))
+                           .send(1, p::Direct{202, "zed", "unknown"})
+                           .sealed(7, dm(ALICE, 203, "v6")));
+  add("direct_forged", online()
+                           .sealed(1, dm(ALICE, 300, "flipped", it::kFlip, 7))
+                           .sealed(1, dm(ALICE, 301, "flipped nonce", it::kFlip, 0))
+                           .sealed(1, dm(ALICE, 302, "impostor", it::kImpostor))
+                           .sealed(1, dm(ALICE, 303, "other mid", it::kOtherMid))
+                           .sealed(1, dm(ALICE, 304, "reflected", it::kWrongName))
+                           .sealed(1, Item{from_to(ALICE, BOB), 0, 305, "sealed for bob"})
+                           .sealed(1, Item{from_to(ME, ALICE), it::kOtherFrom, 306, "my own, reflected"})
+                           .sealed(1, dm(BOB, 307, "bob's seal from alice", it::kOtherFrom))
+                           .sealed(1, dm(ALICE, 308, "too old", 2 << it::kClockShift))
+                           .sealed(1, dm(ALICE, 309, "from the future", 3 << it::kClockShift))
+                           .sealed(1, dm(ALICE, 310, "an hour ago", 1 << it::kClockShift)));
+  add("direct_replayed", online()
+                             .sealed(1, dm(ALICE, 400, "once"))
+                             .advance(250).advance(250)
+                             .replay(1, 3).sealed(1, dm(ALICE, 400, "same mid, new seal")).replay(2, 3));
+  add("relay_signed", online()
+                          .channel(0, relay(ALICE, 9, "hi all")).repeat(0)
+                          .channel(0, relay(CAROL, 10, "\x07 bell"))
+                          .channel(0, relay(ALICE, 11, "impostor", it::kImpostor))
+                          .channel(0, relay(ALICE, 12, "flipped", it::kFlip, 3))
+                          .channel(0, relay(ALICE, 13, "other mid", it::kOtherMid))
+                          .channel(0, relay(ALICE, 14, "other name", it::kWrongName))
+                          .channel(0, relay(ALICE, 15, "too old", 2 << it::kClockShift))
+                          .advance(250).advance(250).replay(0, 3)
+                          .channel(1, relay(ALICE, 16, "not from server"))
+                          .send(0, p::Probe{301}).send(1, p::Probe{302}));
   add("stored", Script{}.flags(2)
-                    .send(0, p::Stored{400, {{"alice", false, 1700000000000000, 5, key("alice"), "while you were out"},
-                                             {"carol", true, 1700000001000000, 6, key("carol"), "channel \x1b[2J"}}})
-                    .send(0, table1())
-                    .send(0, p::Stored{401, {{"alice", false, 1700000000000000, 5, key("alice"), "again"}}})
-                    .send(1, p::Stored{402, {}}));
+                    .stored(0, {saved(ALICE, 5, "while you were out"), saved(CAROL, 6, "channel \x1b[2J", true)})
+                    .table(0, kAll)
+                    .stored(0, {saved(ALICE, 5, "again"), saved(ALICE, 7, "flipped", false, it::kFlip),
+                                saved(CAROL, 8, "forged", true, it::kImpostor),
+                                Item{GRACE, it::kImpostor | it::kImpostorKey, 9, "a name first seen here"}})
+                    .stored(1, {}));
+  add("stored_then_live", online()
+                              .stored(0, {saved(ALICE, 77, "saved first"), saved(ALICE, 78, "and a channel", true)})
+                              .sealed(1, dm(ALICE, 77, "then live"))
+                              .channel(0, relay(ALICE, 78, "relayed too")));
+  add("live_then_stored", online()
+                              .sealed(1, dm(ALICE, 77, "live first"))
+                              .stored(0, {saved(ALICE, 77, "saved copy"), saved(ALICE, 77, "saved copy"),
+                                          saved(ME, 79, "from myself"), Item{from_to(ALICE, ME, it::kZeroKey), 0, 80, "no key"}}));
   add("send_direct", online().line("send alice hello there").answer(1));
+  add("send_receipts_forged", online()
+                                  .line("send alice one").receipt(1, ALICE, it::kFlip, 5)
+                                  .line("send alice two").receipt(1, ALICE, it::kImpostor)
+                                  .line("send alice three").receipt(1, ALICE, it::kOtherMid)
+                                  .line("send alice four").receipt(1, ALICE, it::kWrongName)
+                                  .line("send alice five").receipt(1, CAROL)
+                                  .line("send alice six").receipt(1, from_to(ALICE, CAROL))
+                                  .line("send alice seven").receipt(1, ALICE)
+                                  .answer_all());
   add("send_offline", online().line("send bob hi").answer(0));
   add("send_exists", online().line("send bob hi").answer_with(0, 7).answer(2));
   add("send_refused", online().line("send bob hi").answer_with(0, 4));
   add("send_all", online().line("send_all hello").answer(0).line("send_all x").answer_with(0, 4));
+  add("key_change", online()
+                        .table(0, 1 << ALICE, 1 << ALICE, 0, 1)
+                        .sealed(1, dm(ALICE, 500, "impostor before trust", it::kImpostor))
+                        .sealed(1, dm(ALICE, 501, "alice before trust"))
+                        .line("send alice hi")
+                        .line("fingerprint alice").line("trust alice").line("trust alice")
+                        .sealed(1, dm(ALICE, 502, "impostor after trust", it::kImpostor))
+                        .sealed(1, dm(ALICE, 503, "alice after trust"))
+                        .line("send alice hi").answer(1));
+  add("block", online()
+                   .line("block alice").sealed(1, dm(ALICE, 600, "blocked"))
+                   .channel(0, relay(ALICE, 601, "blocked too")).line("blocked").line("send alice x")
+                   .line("unblock alice").sealed(1, dm(ALICE, 602, "unblocked")).line("blocked"));
+  add("identity_commands", online()
+                               .line("fingerprint").line("fingerprint carol").line("verify carol")
+                               .line("fingerprint carol").line("verify zed").line("trust zed").line("block zed"));
+  add("lookup_then_send", Script{}.flags(0).table(0, 0x03).line("send erin hi").answer(0).answer(5));
   add("dereg_reg", online()
                        .line("dereg me").answer(0)
                        .line("send alice x")
-                       .line("reg me").answer(0)
-                       .send(0, p::Table{110, 9, 0, 1, false, {{"me", "127.0.0.1", 5000, true}}}));
+                       .line("reg me").answer(0).answer(0)
+                       .table(0, 0x01));
   add("dereg_refused", online().line("dereg me").answer_with(0, 4));
   add("commands", online()
                       .line("list").line("help").line("send").line("send nobody x").line("dereg bob")
                       .line("reg me").line("frobnicate").line("").line("   ").line("sned alice x")
                       .line("send_all " + std::string(240, '\x01')));
-  add("quit", online().line("quit").send(1, p::Direct{200, "alice", "after"}));
-  add("eof", online().eof().send(1, p::Direct{200, "alice", "after"}));
+  add("quit", online().line("quit").sealed(1, dm(ALICE, 700, "after")));
+  add("eof", online().eof().sealed(1, dm(ALICE, 700, "after")));
   add("self_offline", online()
-                          .send(0, p::Table{105, 7, 4, 5, false, {{"me", "127.0.0.1", 5000, false}}})
-                          .answer(0)
-                          .send(0, p::Table{106, 7, 0, 5, false, {{"me", "127.0.0.1", 5000, true}}}));
+                          .table(0, 0x01, 0, 0x01, 1)
+                          .answer(0).answer(0)
+                          .table(0, 0x01, 0, 0, 1));
   add("reply_from_wrong_address", online().line("send alice hi").answer_with(1, chat::fuzz::kFromWrongAddress));
   add("garbage", online()
                      .raw(0, "hello")
@@ -337,7 +505,7 @@ Seeds client_seeds() {
   // Time: retries run out, keep-alives go unanswered or say the server lost track.
   add("no_ack_fallback", online().line("send alice x").advance(160).answer(0));
   add("keepalive_unanswered", online().advance(160).advance(160).advance(160).advance(160).answer_all());
-  add("keepalive_lost_track", online().advance(160).answer_with(0, 7).answer(0).send(0, table1()));
+  add("keepalive_lost_track", online().advance(160).answer_with(0, 7).answer(0).answer(0).table(0, kAll));
   add("lookup_unknown_name", online().line("send zed hi").answer(0).answer(3).line("send nobody x").answer_with(0, 4));
   add("eof_in_flight", online().line("send alice x").line("send_all y").eof().advance(160).answer_all().advance(160));
   add("reg_while_online", online().line("reg me").answer(0).line("reg me").answer_with(0, 6));
@@ -363,6 +531,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   fs::path root = argv[1];
+  chat::fuzz::use_fixed_randomness();
+  chat::fuzz::reset_randomness();
   write(root, "fuzz_decode", decode_seeds());
   write(root, "fuzz_server", server_seeds());
   write(root, "fuzz_client", client_seeds());
