@@ -15,6 +15,13 @@ constexpr std::uint8_t kSeenChannel = 3;
 // Saved messages held for `trust` at most (the rest are dropped, as a full mailbox would).
 constexpr std::size_t kMaxHeld = 1000;
 
+/// `reply` if it is one of the answers its request can have, else nullptr: an answer of another
+/// type (a broken or lying peer) counts as none, never as success.
+template <class... T>
+const proto::Message* answer(const proto::Message* reply) {
+  return reply != nullptr && (std::holds_alternative<T>(*reply) || ...) ? reply : nullptr;
+}
+
 udp::endpoint endpoint_of(const proto::Entry& e) {
   error_code ec;
   return udp::endpoint(net::ip::make_address_v4(e.ip, ec), e.port);
@@ -168,7 +175,8 @@ void Client::run(const Command& c) {
     }
     // Our own re-registration would undo it when its answer comes.
     if (rejoining_) return say("[Registration in progress.]");
-    server_request(proto::Dereg{core_.next_id(), me}, [this](const proto::Message* reply) {
+    server_request(proto::Dereg{core_.next_id(), me}, [this](const proto::Message* any) {
+      const proto::Message* reply = answer<proto::Ack, proto::Refused>(any);
       if (reply == nullptr) return fail_and_exit("[Server not responding]");
       if (auto* no = std::get_if<proto::Refused>(reply)) return say("[Server refused: " + no->reason + "]");
       state_ = State::offline;
@@ -188,7 +196,8 @@ void Client::run(const Command& c) {
 void Client::send_channel(const std::string& text) {
   std::uint64_t id = core_.next_id();
   std::string body = identity::sign_channel(me_, options_.name, id, now_ms(), text);
-  server_request(proto::Channel{id, options_.name, std::move(body)}, [this](const proto::Message* reply) {
+  server_request(proto::Channel{id, options_.name, std::move(body)}, [this](const proto::Message* any) {
+      const proto::Message* reply = answer<proto::Ack, proto::Refused>(any);
       if (reply == nullptr) return say("[Server not responding.]");
       if (auto* no = std::get_if<proto::Refused>(reply)) {
         say("[Server refused the message: " + no->reason + "]");
@@ -298,7 +307,8 @@ void Client::send_direct(const std::string& to, const std::string& body, std::ui
 
 void Client::send_save(const std::string& to, const std::string& body, std::uint64_t mid, int round) {
   proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, body};
-  server_request(save, [this, to, body, mid, round](const proto::Message* reply) {
+  server_request(save, [this, to, body, mid, round](const proto::Message* any) {
+    const proto::Message* reply = answer<proto::Ack, proto::Exists, proto::Refused>(any);
     if (reply == nullptr) return say("[Server not responding.]");
     if (std::get_if<proto::Exists>(reply)) {
       say("[Client " + to + " exists!!]");
