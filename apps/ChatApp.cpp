@@ -178,15 +178,20 @@ std::chrono::milliseconds keepalive_of(const Config& c) {
   return std::chrono::milliseconds(static_cast<long long>(std::llround(c.keepalive_s * 1000)));
 }
 
-int run_server(const Config& c) {
-  chat::net::io_context io(1);
-  std::unique_ptr<chat::offline::Store> store;
+/// The store in --data-dir, or nullptr after saying on stderr why it cannot be opened.
+std::unique_ptr<chat::offline::Store> open_store(const Config& c) {
   try {
-    store = chat::offline::open_sqlite_store(c.data_dir);
+    return chat::offline::open_sqlite_store(c.data_dir);
   } catch (const std::exception& e) {
     std::cerr << "ChatApp: cannot open the store in " << c.data_dir << ": " << e.what() << '\n';
-    return 1;
+    return nullptr;
   }
+}
+
+int run_server(const Config& c) {
+  chat::net::io_context io(1);
+  std::unique_ptr<chat::offline::Store> store = open_store(c);
+  if (!store) return 1;
   chat::registry::ServerOptions opts;
   opts.policy = c.policy;
   opts.guard.rate_limit = c.rate_limit;
@@ -228,13 +233,8 @@ int run_release(const Config& c) {
     std::cout << "released nothing: there is no store (chat.db) in " << c.data_dir << '\n';
     return 1;
   }
-  std::unique_ptr<chat::offline::Store> store;
-  try {
-    store = chat::offline::open_sqlite_store(c.data_dir);
-  } catch (const std::exception& e) {
-    std::cerr << "ChatApp: cannot open the store in " << c.data_dir << ": " << e.what() << '\n';
-    return 1;
-  }
+  std::unique_ptr<chat::offline::Store> store = open_store(c);
+  if (!store) return 1;
   chat::offline::Released r = store->release(c.release_name);
   if (!r.found) {
     std::cout << "released nothing: " << c.release_name << " is not registered in " << c.data_dir << '\n';
