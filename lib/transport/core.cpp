@@ -187,7 +187,7 @@ void Core::on_datagram(std::string_view bytes, const udp::endpoint& from) {
       break;
     case DuplicateFilter::Seen::answered:
       ++counters_.duplicates;
-      send_bytes(*cached, from);
+      if (send_bytes(*cached, from)) counters_.bytes_resent += cached->size();
       break;
   }
 }
@@ -230,9 +230,10 @@ void Core::request_encoded(std::uint64_t id, std::string bytes, const udp::endpo
 }
 
 void Core::transmit(std::uint64_t id, Pending& p) {
-  if (p.tries > 0) ++counters_.retransmits;
+  bool again = p.tries > 0;
+  if (again) ++counters_.retransmits;
   ++p.tries;
-  send_bytes(p.bytes, p.to);
+  if (send_bytes(p.bytes, p.to) && again) counters_.bytes_resent += p.bytes.size();
   p.timer = after(p.policy.timeout, [this, id] { on_timeout(id); });
 }
 

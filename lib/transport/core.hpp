@@ -54,6 +54,7 @@ struct Counters {
   std::uint64_t received = 0;
   std::uint64_t sent = 0;
   std::uint64_t bytes_sent = 0;
+  std::uint64_t bytes_resent = 0;  // of bytes_sent: retransmissions and answers repeated to repeats
   std::uint64_t bytes_received = 0;
   std::uint64_t send_failed = 0;
   std::uint64_t retransmits = 0;

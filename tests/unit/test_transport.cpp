@@ -174,6 +174,8 @@ TEST_CASE("a request whose first two copies are lost completes on the third") {
   CHECK(peer.bytes(0) == peer.bytes(1));  // retransmissions are the same datagram
   CHECK(peer.bytes(1) == peer.bytes(2));
   CHECK(client.counters().retransmits == 2);
+  CHECK(client.counters().bytes_resent == 2 * peer.bytes(0).size());
+  CHECK(client.counters().bytes_sent == 3 * peer.bytes(0).size());
   CHECK(client.counters().gave_up == 0);
   CHECK(client.in_flight() == 0);
 }
@@ -275,6 +277,7 @@ TEST_CASE("a repeated request is handed up once and the cached reply is sent for
   CHECK(handled == 1);
   CHECK(client.bytes(2) == client.bytes(0));
   CHECK(server.counters().duplicates == 2);
+  CHECK(server.counters().bytes_resent == 2 * client.bytes(0).size());
 
   // The same id from another sender is another request.
   RawPeer someone_else(io);
