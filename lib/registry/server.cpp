@@ -14,6 +14,10 @@ namespace proto = chat::protocol;
 
 // Saved messages read per delivery step; the datagram takes as many as fit.
 constexpr std::size_t kDeliveryRead = 64;
+// ACKed messages are deleted in batches (a delete lost to a crash only means the message is
+// delivered again, and the client shows it once): at most this many wait, for at most this long.
+constexpr std::size_t kRemoveBatch = 1024;
+constexpr auto kRemoveDelay = std::chrono::milliseconds(200);
 // The keep-alive intervals a registration may ask for, in ms (the client's --keepalive range).
 constexpr std::uint64_t kShortestKeepaliveMs = 100;
 constexpr std::uint64_t kLongestKeepaliveMs = 3'600'000;
@@ -506,7 +510,23 @@ void Server::reach_client(const std::string& name, std::function<void(Session&)>
   });
 }
 
+void Server::schedule_removal(std::size_t more) {
+  undeleted_count_ += more;
+  if (undeleted_count_ >= kRemoveBatch) {
+    remove_delivered();
+    return;
+  }
+  if (removal_timer_ == 0)
+    removal_timer_ = core_.after(kRemoveDelay, [this] {
+      removal_timer_ = 0;
+      remove_delivered();
+    });
+}
+
 void Server::remove_delivered() {
+  if (removal_timer_ != 0) core_.cancel(removal_timer_);
+  removal_timer_ = 0;
+  undeleted_count_ = 0;
   std::unordered_map<std::string, std::vector<std::int64_t>> batch;
   batch.swap(undeleted_);
   for (const auto& [name, seqs] : batch) {
@@ -550,12 +570,16 @@ void Server::stall_sync(const std::string& name, Session& s) {
 void Server::deliver_batch(const std::string& name) {
   Session& s = *session(name);
   const Client* c = table_.find(name);
-  std::vector<offline::StoredMessage> rows;
-  try {
-    rows = store_->pending_for(name, s.delivered, kDeliveryRead);
-  } catch (const std::exception& e) {
-    spdlog::error("reading saved messages for {} failed: {}", name, e.what());
-    return stall_delivery(name, s, "store read failed");
+  auto& rows = s.ahead;
+  // Topped up before it runs short, so every datagram can be filled.
+  if (rows.size() < kDeliveryRead / 4) {
+    try {
+      auto read = store_->pending_for(name, rows.empty() ? s.delivered : rows.back().cursor(), kDeliveryRead);
+      rows.insert(rows.end(), std::make_move_iterator(read.begin()), std::make_move_iterator(read.end()));
+    } catch (const std::exception& e) {
+      spdlog::error("reading saved messages for {} failed: {}", name, e.what());
+      return stall_delivery(name, s, "store read failed");
+    }
   }
   if (rows.empty() && c != nullptr) {
     // Nothing after the cursor. What is still owed is what the store holds once the ACKed
@@ -576,6 +600,7 @@ void Server::deliver_batch(const std::string& name) {
     }
   }
   if (rows.empty() || c == nullptr) {
+    s.ahead.clear();
     s.delivery = Session::Delivery::none;
     s.rewound = false;
     if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);
@@ -587,9 +612,9 @@ void Server::deliver_batch(const std::string& name) {
   std::vector<std::int64_t> seqs;
   offline::Cursor last = s.delivered;
   std::size_t size = proto::stored_overhead();
-  for (auto& row : rows) {
-    proto::StoredItem item{std::move(row.from), row.kind == offline::Kind::channel, row.ts_us, row.mid, {},
-                           std::move(row.body)};
+  // Copied, not moved: an unanswered datagram leaves them in `ahead` for the next attempt.
+  for (const auto& row : rows) {
+    proto::StoredItem item{row.from, row.kind == offline::Kind::channel, row.ts_us, row.mid, {}, row.body};
     if (row.from_key.size() == item.key.size()) std::copy(row.from_key.begin(), row.from_key.end(), item.key.begin());
     std::size_t n = proto::stored_item_size(item);
     if (size + n > proto::kMaxDatagram && !msg.items.empty()) break;
@@ -608,10 +633,12 @@ void Server::deliver_batch(const std::string& name) {
     if (reply == nullptr) return stall_delivery(name, *session, "no answer");
     session->heard = core_.now();
     // Deleted only now that the client has them, so a lost datagram loses nothing; the delete
-    // joins the next group commit while the next batch is already on its way.
+    // waits for others (schedule_removal) while the next batch is already on its way.
     auto& undeleted = undeleted_[name];
     undeleted.insert(undeleted.end(), seqs.begin(), seqs.end());
-    schedule_flush();
+    schedule_removal(seqs.size());
+    auto& ahead = session->ahead;
+    ahead.erase(ahead.begin(), ahead.begin() + static_cast<std::ptrdiff_t>(std::min(ahead.size(), seqs.size())));
     session->delivered = last;
     session->delivered_count += seqs.size();
     std::size_t& box = mailbox(name);

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -90,6 +91,9 @@ class Server {
     transport::Duration keepalive{};  // the client's interval (its registration says), else ours
     transport::Time resumed{};     // last time a keep-alive restarted what had stalled
     std::uint64_t stored_request = 0;  // the Stored datagram in flight, if any
+    /// Saved messages read from the store after `delivered` and not yet ACKed, oldest first:
+    /// one read serves several Stored datagrams. The one in flight is its front part.
+    std::deque<offline::StoredMessage> ahead;
     std::uint64_t table_request = 0;   // the Table datagram in flight, if any
   };
   using SessionRef = std::weak_ptr<Session>;
@@ -158,6 +162,9 @@ class Server {
   void deliver_batch(const std::string& name);
   /// Deletes the saved messages clients ACKed since the last flush.
   void remove_delivered();
+  /// Deletes ACKed messages soon, in one transaction with others: at the next flush, after
+  /// kRemoveDelay, or at once when kRemoveBatch are waiting.
+  void schedule_removal(std::size_t more);
   /// Calls `then(true)` once `to` may be sent a full datagram: at once if it has proven it
   /// receives (or has budget), else after it answered a probe; `then(false)` if it did not.
   void reach(const udp::endpoint& to, std::function<void(bool)> then);
@@ -185,6 +192,8 @@ class Server {
   /// The newest token each name registered with (steady µs): an older or equal one is a replay.
   std::unordered_map<std::string, std::int64_t> last_token_;
   std::unordered_map<std::string, std::vector<std::int64_t>> undeleted_;  // ACKed, not yet deleted
+  std::size_t undeleted_count_ = 0;
+  transport::Core::TimerId removal_timer_ = 0;
   std::unordered_map<std::string, std::size_t> mailbox_;
   std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit
   ServerCounters stats_;
