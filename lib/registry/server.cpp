@@ -600,7 +600,7 @@ void Server::deliver_batch(const std::string& name) {
     }
   }
   if (rows.empty() || c == nullptr) {
-    s.ahead.clear();
+    s.ahead = {};  // and its capacity
     s.delivery = Session::Delivery::none;
     s.rewound = false;
     if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);

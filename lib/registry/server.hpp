@@ -5,7 +5,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -92,8 +91,9 @@ class Server {
     transport::Time resumed{};     // last time a keep-alive restarted what had stalled
     std::uint64_t stored_request = 0;  // the Stored datagram in flight, if any
     /// Saved messages read from the store after `delivered` and not yet ACKed, oldest first:
-    /// one read serves several Stored datagrams. The one in flight is its front part.
-    std::deque<offline::StoredMessage> ahead;
+    /// one read serves several Stored datagrams. The one in flight is its front part. (A
+    /// vector: empty, it costs no allocation, unlike a deque, in every idle session.)
+    std::vector<offline::StoredMessage> ahead;
     std::uint64_t table_request = 0;   // the Table datagram in flight, if any
   };
   using SessionRef = std::weak_ptr<Session>;
