@@ -1450,6 +1450,8 @@ bool bench_memory(const Options& o) {
       while (sim.size() < n) sim.add();
       register_all(sim, first, Clock::now() + std::chrono::seconds(30 + n / 50), "registering " + std::to_string(n));
       settle(sim, srv, 30s);  // steady state: the last ACKs have reached the server
+      // Quiet for a second, the server hands the heap the storm left free back (ServerOptions::on_quiet).
+      sim.run_for(1500ms);
       if (std::getenv("CHATBENCH_TRACE") != nullptr) {
         auto r0 = sim.sum(&Counters::received), d0 = sim.sum(&Counters::duplicates);
         sim.run_for(3s);

@@ -18,6 +18,8 @@ constexpr std::size_t kDeliveryRead = 64;
 // delivered again, and the client shows it once): at most this many wait, for at most this long.
 constexpr std::size_t kRemoveBatch = 1024;
 constexpr auto kRemoveDelay = std::chrono::milliseconds(200);
+// How often the server looks whether it has gone quiet (ServerOptions::on_quiet).
+constexpr auto kQuietCheck = std::chrono::seconds(1);
 // The keep-alive intervals a registration may ask for, in ms (the client's --keepalive range).
 constexpr std::uint64_t kShortestKeepaliveMs = 100;
 constexpr std::uint64_t kLongestKeepaliveMs = 3'600'000;
@@ -60,6 +62,16 @@ void Server::start() {
                  "never delivered", legacy);
   log_stats();
   core_.after(options_.keepalive, [this] { expire_silent(); });
+  if (options_.on_quiet) core_.after(kQuietCheck, [this] { check_quiet(); });
+}
+
+void Server::check_quiet() {
+  std::uint64_t received = core_.counters().received;
+  if (core_.in_flight() == 0 && received != quiet_at_received_) {
+    quiet_at_received_ = received;
+    options_.on_quiet();
+  }
+  core_.after(kQuietCheck, [this] { check_quiet(); });
 }
 
 void Server::log_stats() {

@@ -36,6 +36,10 @@ struct ServerOptions {
   std::chrono::seconds stats_interval{10};
   /// Seeds the core's ids and the table epoch; 0 = random (simulations pass their own).
   std::uint64_t seed = 0;
+  /// Called when the server has gone quiet after work (nothing in flight, something received
+  /// since the last call), checked every second: ChatApp returns the heap a burst (a
+  /// registration storm's table chunks) left free to the system there. Empty: nothing.
+  std::function<void()> on_quiet;
 };
 
 /// Keep-alive intervals without a word from a client before its session ends (SPEC §10).
@@ -178,6 +182,7 @@ class Server {
   /// commit (accepted but not yet saved).
   bool mailbox_full(const std::string& name);
   void log_stats();
+  void check_quiet();
 
   ServerOptions options_;
   std::unique_ptr<offline::Store> store_;
@@ -198,6 +203,7 @@ class Server {
   std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit
   ServerCounters stats_;
   transport::Counters last_logged_;
+  std::uint64_t quiet_at_received_ = 0;  // the core's `received` count at the last on_quiet
   bool flush_scheduled_ = false;
   bool sync_scheduled_ = false;
 };
