@@ -1773,3 +1773,20 @@ TEST_CASE("§11 a key in a table row that nothing can be sealed to is never pinn
 }
 
 }  // TEST_SUITE
+
+TEST_CASE("on_quiet is called once the server has gone quiet after work, and not again while nothing comes") {
+  registry::ServerOptions o;
+  int calls = 0;
+  o.on_quiet = [&calls] { ++calls; };
+  World w(o);
+  w.net.run_for(3s);
+  CHECK(calls == 0);  // nothing received yet: nothing to give back
+  w.join("alice");
+  w.join("bob");
+  REQUIRE(w.net.run_until([&] { return calls == 1; }, 5s));
+  CHECK(w.srv().core().in_flight() == 0);
+  // Keep-alives come every 15 s: each is work again, the quiet after it one call.
+  w.net.run_for(40s);
+  CHECK(calls >= 2);
+  CHECK(calls <= 6);
+}
