@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -70,6 +71,7 @@ struct Options {
   std::string tmp = "/tmp";
   std::size_t n = 0;  // 0: 10,000, or 1,000 with --quick
   std::optional<std::size_t> window;  // throughput: lines typed ahead of the receipts (0: all)
+  std::vector<std::string> wrap_bob;  // --wrap-bob: a command bob's client runs under (valgrind ...)
   std::chrono::seconds start_timeout{10};
 };
 
@@ -213,7 +215,7 @@ class Child {
       ::dup2(out[1], 1);
       ::dup2(err[1], 2);
       ::close_range(3, ~0U, 0);
-      ::execve(argv[0], argv.data(), envp.data());
+      ::execvpe(argv[0], argv.data(), envp.data());
       ::dprintf(2, "exec %s: %s\n", argv[0], std::strerror(errno));
       ::_exit(127);
     }
@@ -504,10 +506,11 @@ class Session {
     std::unique_ptr<Child>& slot = name == "alice" ? alice_ : bob_;
     for (int attempt = 0; attempt < 3 && !slot; ++attempt) {
       std::uint16_t port = free_udp_port();
-      slot = std::make_unique<Child>(name,
-                                     std::vector<std::string>{opts_.bin, "-c", name, "127.0.0.1",
-                                                              std::to_string(server_port_), std::to_string(port)},
-                                     env);
+      std::vector<std::string> args = name == "bob" ? opts_.wrap_bob : std::vector<std::string>{};
+      for (std::string a : {opts_.bin, std::string("-c"), name, std::string("127.0.0.1"),
+                            std::to_string(server_port_), std::to_string(port)})
+        args.push_back(std::move(a));
+      slot = std::make_unique<Child>(name, std::move(args), env);
       try {
         pump_until([&] { return screen.welcome && screen.tables > 0; }, Clock::now() + opts_.start_timeout,
                    name + "'s welcome and table");
@@ -934,7 +937,8 @@ bool run(const Options& o) {
 
 void usage(FILE* out) {
   std::fprintf(out,
-               "usage: bench_product [--quick] [--n N] [--window W] [--bin path/to/ChatApp] [--tmp dir] [--start-timeout s]\n");
+               "usage: bench_product [--quick] [--n N] [--window W] [--bin path/to/ChatApp] [--tmp dir] [--start-timeout s]\n"
+               "                     [--wrap-bob 'cmd args']  (bob's client runs under cmd, e.g. valgrind)\n");
 }
 
 }  // namespace
@@ -956,6 +960,10 @@ int main(int argc, char** argv) {
       else if (a == "--tmp") o.tmp = value();
       else if (a == "--n") o.n = std::stoul(value());
       else if (a == "--window") o.window = std::stoul(value());
+      else if (a == "--wrap-bob") {
+        std::stringstream in(value());
+        for (std::string w; in >> w;) o.wrap_bob.push_back(w);
+      }
       else if (a == "--start-timeout") o.start_timeout = std::chrono::seconds(std::stol(value()));
       else if (a == "-h" || a == "--help") {
         usage(stdout);
