@@ -203,6 +203,41 @@ class PlainSocket {
   std::array<char, 2048> buf_{};
 };
 
+/// CPU time of this thread, in seconds (the cost of the calls it made, not of waiting).
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+/// What the machine charges for one datagram, measured now: `datagrams` of `size` bytes sent
+/// from one plain socket round-robin to `sockets` plain sockets, in bursts of one per socket,
+/// each burst received before the next (so no buffer overflows).
+struct RawCost {
+  double sendto_cpu_us = 0;    // this thread's CPU per sendto() call
+  double datagram_wall_us = 0;  // wall time per datagram, send and receive included
+};
+RawCost raw_send_cost(std::size_t sockets, std::size_t datagrams, std::size_t size) {
+  PlainSocket from;
+  std::vector<std::unique_ptr<PlainSocket>> to;
+  for (std::size_t i = 0; i < std::max<std::size_t>(sockets, 1); ++i) to.push_back(std::make_unique<PlainSocket>());
+  const std::string bytes(size, 'x');
+  double send_cpu = 0;
+  std::size_t sent = 0;
+  auto start = Clock::now();
+  while (sent < datagrams) {
+    std::size_t burst = std::min(to.size(), datagrams - sent);
+    double c0 = thread_cpu_seconds();
+    for (std::size_t i = 0; i < burst; ++i) from.send_to(bytes, *to[i]);
+    send_cpu += thread_cpu_seconds() - c0;
+    for (std::size_t i = 0; i < burst; ++i) to[i]->receive();
+    sent += burst;
+  }
+  double wall = us(Clock::now() - start);
+  double n = static_cast<double>(std::max<std::size_t>(datagrams, 1));
+  return {send_cpu * 1e6 / n, wall / n};
+}
+
 /// The kernel's UDP counters (system-wide, /proc/net/snmp): datagrams dropped on a full receive buffer.
 std::uint64_t udp_rcvbuf_errors() {
   std::ifstream in("/proc/net/snmp");
@@ -1097,8 +1132,8 @@ bool bench_direct(const Options& o) {
 
 // register: N peers register at once; time until all hold the full table, and the bytes it took.
 bool bench_register(const Options& o) {
-  const auto sizes = sizes_for(o, {1000, 10000}, {200, 1000});
-  raise_fd_limit(*std::max_element(sizes.begin(), sizes.end()) + 512);
+  const auto sizes = sizes_for(o, {1000, 3000, 10000}, {200, 500, 1000});
+  raise_fd_limit(*std::max_element(sizes.begin(), sizes.end()) + 1600);
   bool all_ok = true;
   std::vector<std::pair<std::size_t, double>> per_reg;
   for (std::size_t n : sizes) {
@@ -1149,6 +1184,12 @@ bool bench_register(const Options& o) {
            "B", 0);
       sim.reset();
       srv->stop();
+      // What the machine charges for the datagrams the server sent, measured now: each at the
+      // mean size the peers received, to as many sockets (up to 1,000), at most 200,000 of them.
+      std::size_t mean = datagrams > 0 ? static_cast<std::size_t>(total / datagrams) : 0;
+      RawCost raw = raw_send_cost(std::min<std::size_t>(n, 1000), std::min<std::uint64_t>(datagrams, 200000), mean);
+      emit("register", n, "baseline_sendto_cpu_us", raw.sendto_cpu_us, "us", 3);
+      emit("register", n, "baseline_datagram_wall_us", raw.datagram_wall_us, "us", 3);
     } catch (const std::exception& e) {
       if (sim) {
         emit("register", n, "registered_peers", static_cast<double>(sim->registered()), "count", 0);
@@ -1285,12 +1326,16 @@ bool bench_fanout(const Options& o) {
           0x1234567890abcdefull, "p0", 0x1234567890abcdefull,
           ident::sign_channel(p0, "p0", 0x1234567890abcdefull, now_ms(), kText)});
       std::vector<double> base;
+      double send_cpu = 0;
       for (std::size_t r = 0; r < rounds; ++r) {
         auto start = Clock::now();
+        double c0 = thread_cpu_seconds();
         for (auto& s : to) from.send_to(relay, *s);
+        send_cpu += thread_cpu_seconds() - c0;
         for (auto& s : to) s->receive();
         base.push_back(ms(Clock::now() - start));
       }
+      emit("fanout", n, "baseline_sendto_cpu_us", send_cpu * 1e6 / static_cast<double>(rounds * n), "us", 3);
       emit("fanout", n, "relay_bytes", static_cast<double>(relay.size()), "B", 0);
       emit("fanout", n, "baseline_last_recv_ms", median(base), "ms", 3);
       emit("fanout", n, "baseline_last_recv_max_ms", maximum(base), "ms", 3);
@@ -1315,8 +1360,16 @@ void register_then_leave(Sim& sim, const std::vector<Peer*>& leaving, Clock::tim
 }
 
 // store: Save requests from 100 registered senders to offline recipients, counted on their Ack.
+bool bench_store_once(const Options& o, std::size_t total);
+
 bool bench_store(const Options& o) {
-  const std::size_t total = sizes_for(o, {20000}, {2000}).front();
+  bool all_ok = true;
+  for (std::size_t total : sizes_for(o, {5000, 20000, 50000}, {2000}))
+    if (!bench_store_once(o, total)) all_ok = false;
+  return all_ok;
+}
+
+bool bench_store_once(const Options& o, std::size_t total) {
   constexpr std::size_t senders = 100, recipients = 10;
   try {
     auto deadline = Clock::now() + 60s;
@@ -1355,8 +1408,16 @@ bool bench_store(const Options& o) {
 }
 
 // drain: a recipient with M saved messages registers; time until all are delivered and ACKed.
+bool bench_drain_once(const Options& o, std::size_t m);
+
 bool bench_drain(const Options& o) {
-  const std::size_t m = sizes_for(o, {10000}, {1000}).front();
+  bool all_ok = true;
+  for (std::size_t m : sizes_for(o, {1000, 10000, 30000}, {1000}))
+    if (!bench_drain_once(o, m)) all_ok = false;
+  return all_ok;
+}
+
+bool bench_drain_once(const Options& o, std::size_t m) {
   constexpr std::size_t senders = 10;
   try {
     auto deadline = Clock::now() + 90s;
@@ -1433,7 +1494,7 @@ bool bench_drain(const Options& o) {
 
 // memory: server RSS empty, then with N registered clients whose tables have converged.
 bool bench_memory(const Options& o) {
-  const auto sizes = sizes_for(o, {1000, 10000}, {1000});
+  const auto sizes = sizes_for(o, {1000, 3000, 10000}, {1000});
   raise_fd_limit(*std::max_element(sizes.begin(), sizes.end()) + 512);
   std::size_t n = 0;
   try {
