@@ -2,10 +2,9 @@
 // (little-endian integers, length-prefixed strings; docs/PROTOCOL.md §1-§3).
 #include "protocol/codec.hpp"
 
-#include <arpa/inet.h>
-
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -57,6 +56,25 @@ class CountSink {
  private:
   std::size_t size_ = 0;
 };
+
+// Dotted-quad IPv4 as inet_pton(AF_INET) accepts it (four decimal octets 0-255, no leading
+// zeros, nothing else) into `out`, in one pass with no copy: every table row is encoded with it.
+bool parse_ipv4(std::string_view s, std::uint8_t out[4]) {
+  std::size_t i = 0;
+  for (int k = 0; k < 4; ++k) {
+    if (k > 0) {
+      if (i >= s.size() || s[i] != '.') return false;
+      ++i;
+    }
+    const std::size_t start = i;
+    unsigned v = 0;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9' && i - start < 3) v = v * 10 + static_cast<unsigned>(s[i++] - '0');
+    const std::size_t digits = i - start;
+    if (digits == 0 || v > 255 || (digits > 1 && s[start] == '0')) return false;
+    out[k] = static_cast<std::uint8_t>(v);
+  }
+  return i == s.size();
+}
 
 // Length of the well-formed UTF-8 sequence at the start of `s` (non-empty), or 0 if it is not one.
 std::size_t utf8_length(std::string_view s) {
@@ -134,9 +152,11 @@ class Writer {
   void sig(const Signature& s) { out_.put(s.data(), s.size()); }
   void ip4(const std::string& ip) {
     std::uint8_t b[4] = {0, 0, 0, 0};
-    in_addr a{};
-    // Network order is a first; anything but dotted IPv4 goes as 0.0.0.0.
-    if (valid_ipv4(ip) && inet_pton(AF_INET, ip.c_str(), &a) == 1) std::memcpy(b, &a, 4);
+    // Counting needs only the size: no parse (encode() counts before it writes).
+    if constexpr (!std::is_same_v<Sink, CountSink>) {
+      // Network order, first octet first; anything but dotted IPv4 goes as 0.0.0.0.
+      if (!parse_ipv4(ip, b)) std::fill(std::begin(b), std::end(b), 0);
+    }
     out_.put(b, 4);
   }
   void entry(const Entry& e) {
@@ -525,12 +545,8 @@ bool valid_utf8(std::string_view s) {
 }
 
 bool valid_ipv4(std::string_view s) {
-  if (s.size() < 7 || s.size() > 15 || s.find('\0') != std::string_view::npos) return false;
-  char buf[16];
-  s.copy(buf, s.size());
-  buf[s.size()] = '\0';
-  in_addr a{};
-  return inet_pton(AF_INET, buf, &a) == 1;
+  std::uint8_t b[4];
+  return parse_ipv4(s, b);
 }
 
 std::string check_text(std::string_view text) {

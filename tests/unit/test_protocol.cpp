@@ -1,5 +1,6 @@
 // Unit tests of the binary wire codec (v2): round trips, exact byte layouts, every refusal,
 // sizes and packing, id rewriting, the validators, and the answer to a version-1 request.
+#include <arpa/inet.h>
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -913,6 +914,28 @@ TEST_CASE("valid_ipv4") {
   CHECK_FALSE(proto::valid_ipv4("100.100.100.1000"));  // 16 characters
   CHECK_FALSE(proto::valid_ipv4(std::string(100, '1')));
   CHECK_FALSE(proto::valid_ipv4(std::string("1.2.3.4\0junk", 12)));
+  // The same verdict as inet_pton(AF_INET), on strings made of what an address is made of.
+  std::mt19937 rng(12345);
+  const std::string alphabet = "0123456789.....x ";
+  for (int i = 0; i < 200000; ++i) {
+    std::string t(std::uniform_int_distribution<int>(0, 17)(rng), ' ');
+    for (auto& c : t) c = alphabet[std::uniform_int_distribution<std::size_t>(0, alphabet.size() - 1)(rng)];
+    in_addr a{};
+    const bool libc = t.size() <= 15 && inet_pton(AF_INET, t.c_str(), &a) == 1;
+    REQUIRE_MESSAGE(proto::valid_ipv4(t) == libc, "\"" << t << "\"");
+  }
+  // And on near-addresses: four numbers up to 300, some with leading zeros.
+  for (int i = 0; i < 100000; ++i) {
+    std::string t;
+    for (int k = 0; k < 4; ++k) {
+      if (k > 0) t += '.';
+      if (std::uniform_int_distribution<int>(0, 9)(rng) == 0) t += '0';
+      t += std::to_string(std::uniform_int_distribution<int>(0, 300)(rng));
+    }
+    in_addr a{};
+    const bool libc = inet_pton(AF_INET, t.c_str(), &a) == 1;
+    REQUIRE_MESSAGE(proto::valid_ipv4(t) == libc, "\"" << t << "\"");
+  }
 }
 
 TEST_CASE("valid_utf8") {
