@@ -1309,7 +1309,7 @@ TEST_CASE("unexpected datagram types are dropped and counted, unanswered, by the
     return false;
   };
   inject(w, stranger, kServerAt, proto::Direct{5151, "mallory", "to the server?"});
-  inject(w, stranger, kServerAt, proto::Relay{5152, "mallory", 1, "relay to the server?"});
+  inject(w, stranger, kServerAt, proto::Relay{5152, "server", "mallory", 1, "relay to the server?"});
   w.net.run_for(1s);
   CHECK(w.srv().server_counters().unexpected == 2);
   std::size_t mark = alice.lines.size();
@@ -1719,12 +1719,12 @@ TEST_CASE("§11 a channel message whose signature does not verify is shown by no
   // Relayed as if from the server (it could be the server itself): signed by the wrong key.
   std::string forged = identity::sign_channel(identity_of("mallory"), "alice", mid, 1, "alice says: send money");
   std::size_t mark = bob.lines.size();
-  inject(w, kServerAt, bob.at(), proto::Relay{9191, "alice", mid, forged});
+  inject(w, kServerAt, bob.at(), proto::Relay{9191, "bob", "alice", mid, forged});
   // A genuine signature over another id than the relay's.
   inject(w, kServerAt, bob.at(),
-         proto::Relay{9192, "alice", mid + 1, identity::sign_channel(identity_of("alice"), "alice", mid, 1, "moved")});
+         proto::Relay{9192, "bob", "alice", mid + 1, identity::sign_channel(identity_of("alice"), "alice", mid, 1, "moved")});
   proto::StoredItem item{"alice", true, w.net.clock.wall_us(), mid, identity_of("alice").public_key(), forged};
-  inject(w, kServerAt, bob.at(), proto::Stored{9193, {item}});
+  inject(w, kServerAt, bob.at(), proto::Stored{9193, "bob", {item}});
   w.net.run_for(1s);
   CHECK(since(bob, mark).empty());
   CHECK(bob.client.client_counters().unauthenticated == 3);
