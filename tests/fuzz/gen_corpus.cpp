@@ -375,6 +375,10 @@ Item dm(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0, std
 Item relay(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0, std::uint8_t k = 0) {
   return Item{static_cast<std::uint8_t>(i | it::kRelay), f, m, text, k};
 }
+/// The same relayed for peer `to` instead (the relay's recipient is the item's j).
+Item relay_for(int to, int i, std::uint16_t m, const std::string& text) {
+  return Item{from_to(i, to, it::kRelay), 0, m, text};
+}
 /// A saved item: a direct from peer i to me, or a channel message of peer i.
 Item saved(int i, std::uint16_t m, const std::string& text, bool channel = false, std::uint8_t f = 0) {
   return Item{from_to(i, ME, channel ? it::kChannelItem : 0), f, m, text};
@@ -437,6 +441,14 @@ Seeds client_seeds() {
                           .advance(250).advance(250).replay(0, 3)
                           .channel(1, relay(ALICE, 16, "not from server"))
                           .send(0, p::Probe{301, "me"}).send(1, p::Probe{302, "me"}));
+  // The server's requests for another client (one that had this address before): unanswered.
+  add("not_for_me", online()
+                        .send(0, p::Probe{303, "alice"})
+                        .channel(0, relay_for(ALICE, CAROL, 17, "for alice"))
+                        .stored(0, {saved(ALICE, 18, "alice's saved message")}, BOB)
+                        .table(0, kAll, 0, 0, 0x10)
+                        .send(0, p::Probe{304, "me"})
+                        .channel(0, relay(CAROL, 19, "for me")));
   add("stored", Script{}.flags(2)
                     .stored(0, {saved(ALICE, 5, "while you were out"), saved(CAROL, 6, "channel \x1b[2J", true)})
                     .table(0, kAll)
