@@ -206,7 +206,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   network.on_sent = [&](const protocol::Message& m, const udp::endpoint& to) {
     const auto* ack = std::get_if<protocol::Ack>(&m);
     if (ack != nullptr && not_for_me.contains({fuzz::source_index(to), ack->re}))
-      fail("acknowledged a server request that names another client (id " + std::to_string(ack->re) + ")");
+      fail(std::string("acknowledged a server request that names another client (id ")
+               .append(std::to_string(ack->re))
+               .append(")"));
   };
   network.after_inject = [&](const std::string& bytes) {
     if (const auto* expect = network.crafted(bytes)) oracle.check(*expect, printed, mark);
