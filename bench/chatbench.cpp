@@ -736,6 +736,8 @@ class Sim {
   std::size_t failed() const { return failed_; }
   const std::string& last_failure() const { return last_failure_; }
   std::size_t mismatches() const { return mismatches_; }
+  /// Server requests a peer received naming another peer (never answered, as by peer::Client).
+  std::size_t not_for_me() const { return not_for_me_; }
 
   /// Sum over the peers of an Endpoint counter.
   std::uint64_t sum(std::uint64_t chat::transport::Counters::*field) const {
@@ -782,6 +784,17 @@ class Sim {
   }
 
   void on_request(Peer& p, const proto::Message& m, const udp::endpoint& from) {
+    // As peer::Client::for_me: a server request for another client's name is not answered.
+    const std::string* recipient = std::visit(
+        [](const auto& x) -> const std::string* {
+          if constexpr (requires { x.recipient; }) return &x.recipient;
+          else return nullptr;
+        },
+        m);
+    if (recipient != nullptr && *recipient != p.name) {
+      ++not_for_me_;
+      return p.ep.forget(from, proto::request_id(m));
+    }
     if (const auto* t = std::get_if<proto::Table>(&m)) {
       chat::peer::Applied a = p.view.apply(*t);
       if (p.check) {
@@ -848,6 +861,7 @@ class Sim {
   std::size_t registered_ = 0;
   std::size_t failed_ = 0;
   std::size_t mismatches_ = 0;
+  std::size_t not_for_me_ = 0;
   std::string last_failure_;
   Clock::time_point last_converged_at_;
 };
@@ -879,6 +893,9 @@ Clock::duration register_all(Sim& sim, std::size_t first, Clock::time_point dead
   if (sim.mismatches() > 0)
     throw Failure(what + ": the compact table view disagreed with peer::LocalTable " +
                   std::to_string(sim.mismatches()) + " times");
+  if (sim.not_for_me() > 0)
+    throw Failure(what + ": the server sent " + std::to_string(sim.not_for_me()) +
+                  " requests to a peer that named another peer");
   // The rows carry the keys the peers registered with (checked where a real LocalTable is kept).
   for (std::size_t i = 0; i < std::min(n, kChecked); ++i)
     if (const auto& check = sim.peer(i).check)
@@ -1323,7 +1340,7 @@ bool bench_fanout(const Options& o) {
       for (std::size_t i = 0; i < n; ++i) to.push_back(std::make_unique<PlainSocket>());
       const ident::Identity p0 = peer_identity(0);
       const std::string relay = proto::encode(proto::Relay{
-          0x1234567890abcdefull, "p0", 0x1234567890abcdefull,
+          0x1234567890abcdefull, "p1", "p0", 0x1234567890abcdefull,
           ident::sign_channel(p0, "p0", 0x1234567890abcdefull, now_ms(), kText)});
       std::vector<double> base;
       double send_cpu = 0;
@@ -1562,8 +1579,8 @@ bool bench_wire(const Options&) {
         {"register_proof",
          proto::Register{id, me, me_id.public_key(), 15000, token, ident::register_proof(me_id, me, token)}},
         {"dereg", proto::Dereg{id, me}},
-        {"probe", proto::Probe{id}},
-        {"table_1_row", proto::Table{id, epoch, 41, 42, false, {row}}},
+        {"probe", proto::Probe{id, peer}},
+        {"table_1_row", proto::Table{id, peer, epoch, 41, 42, false, {row}}},
         {"keepalive", proto::KeepAlive{id, me}},
         {"lookup", proto::Lookup{id, peer}},
         {"ack", proto::Ack{id}},
@@ -1589,8 +1606,8 @@ bool bench_wire(const Options&) {
           {"direct", proto::Direct{id, me, sealed}},
           {"save", proto::Save{id, me, peer, id, false, sealed}},
           {"channel", proto::Channel{id, me, signed_body}},
-          {"relay", proto::Relay{id, me, id, signed_body}},
-          {"stored_1_item", proto::Stored{id, {proto::StoredItem{me, false, ts_us, id, me_id.public_key(), sealed}}}},
+          {"relay", proto::Relay{id, peer, me, id, signed_body}},
+          {"stored_1_item", proto::Stored{id, peer, {proto::StoredItem{me, false, ts_us, id, me_id.public_key(), sealed}}}},
       };
       for (const auto& [label, m] : texts) emit("wire", len, label + "_bytes", size(m), "B", 0);
       emit("wire", len, "sealed_body_bytes", static_cast<double>(sealed.size()), "B", 0);

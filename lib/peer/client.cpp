@@ -498,9 +498,23 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
   core_.reply(from, proto::Receipt{d.id, identity::seal_receipt(pair(*key), d.id, d.from)});
 }
 
+bool Client::for_me(const char* type, const std::string& recipient, const udp::endpoint& from) {
+  if (from != options_.server) {
+    ++stats_.not_from_server;
+    return false;
+  }
+  if (recipient != options_.name) {
+    // Meant for another client, e.g. one that had our address before us: an answer would tell
+    // the server that client is still here (and, for a delivery, let it delete its messages).
+    ++stats_.not_for_me;
+    spdlog::debug("ignored {} for {}: we are {}", type, recipient, options_.name);
+    return false;
+  }
+  return state_ == State::online;
+}
+
 void Client::on_relay(const proto::Relay& r, const udp::endpoint& from) {
-  if (from != options_.server) ++stats_.not_from_server;
-  if (state_ != State::online || from != options_.server) return core_.forget(from, r.id);
+  if (!for_me("relay", r.recipient, from)) return core_.forget(from, r.id);
   auto key = usable_key(r.from);
   std::optional<identity::Opened> m;
   if (key) m = identity::open_channel(*key, r.from, r.mid, r.body);
@@ -513,15 +527,13 @@ void Client::on_relay(const proto::Relay& r, const udp::endpoint& from) {
 }
 
 void Client::on_probe(const proto::Probe& p, const udp::endpoint& from) {
-  if (from != options_.server) ++stats_.not_from_server;
-  if (state_ != State::online || from != options_.server) return core_.forget(from, p.id);
+  if (!for_me("probe", p.recipient, from)) return core_.forget(from, p.id);
   core_.reply(from, proto::Ack{p.id});
 }
 
 void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
-  if (from != options_.server) ++stats_.not_from_server;
   // Only the server's own address may change the table; before the welcome, wait for it.
-  if (from != options_.server || state_ != State::online) return core_.forget(from, t.id);
+  if (!for_me("table", t.recipient, from)) return core_.forget(from, t.id);
   // Our own registration is on its way: the update is taken after its welcome (the server
   // sends it again), so "[Client table updated.]" never comes before "[Welcome, ...]".
   if (rejoining_) return core_.forget(from, t.id);
@@ -541,8 +553,8 @@ void Client::on_table(const proto::Table& t, const udp::endpoint& from) {
 }
 
 void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {
-  if (from != options_.server) ++stats_.not_from_server;
-  if (from != options_.server || state_ != State::online) return core_.forget(from, s.id);
+  // Acknowledged, they are deleted: only ever by the client they were saved for.
+  if (!for_me("stored", s.recipient, from)) return core_.forget(from, s.id);
   for (const auto& i : s.items) {
     // The server says which key the sender had; a sender we never saw is pinned to it now,
     // like a table row. Anything else is checked against the pin.

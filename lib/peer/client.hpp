@@ -50,6 +50,7 @@ struct ClientCounters {
   std::uint64_t unexpected = 0;  // datagram types a peer is never sent
   std::uint64_t unverified = 0;  // direct messages whose source is not the sender's table address
   std::uint64_t not_from_server = 0;  // server-only datagrams (table, relay, ...) from elsewhere
+  std::uint64_t not_for_me = 0;  // server requests (table, relay, probe, stored) naming another client
   std::uint64_t unauthenticated = 0;  // messages and receipts that did not open or verify as their sender's
   std::uint64_t replayed = 0;  // messages already shown (or too old to tell), not shown again
   std::uint64_t blocked = 0;   // messages from a sender the user blocked
@@ -120,6 +121,9 @@ class Client {
   void on_direct(const protocol::Direct& d, const udp::endpoint& from);
   void on_relay(const protocol::Relay& r, const udp::endpoint& from);
   void on_probe(const protocol::Probe& p, const udp::endpoint& from);
+  /// True if a server request (of `type`, for logs) is to be answered: it came from the
+  /// server's address, names us as its `recipient`, and we are online. Counts the first two failures.
+  bool for_me(const char* type, const std::string& recipient, const udp::endpoint& from);
   void on_table(const protocol::Table& t, const udp::endpoint& from);
   void on_stored(const protocol::Stored& s, const udp::endpoint& from);
   void unexpected(const protocol::Message& m, const udp::endpoint& from);

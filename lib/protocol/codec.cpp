@@ -219,12 +219,14 @@ void write_message(Sink& sink, const Message& m) {
                    w.bytes16(r.body);
                  },
                  [&](const Relay& r) {
+                   w.name(r.recipient);
                    w.name(r.from);
                    w.u64(r.mid);
                    w.bytes16(r.body);
                  },
-                 [&](const Probe&) {},
+                 [&](const Probe& r) { w.name(r.recipient); },
                  [&](const Table& r) {
+                   w.name(r.recipient);
                    w.u64(r.epoch);
                    w.u64(r.from);
                    w.u64(r.to);
@@ -233,6 +235,7 @@ void write_message(Sink& sink, const Message& m) {
                    for (const Entry& e : r.entries) w.entry(e);
                  },
                  [&](const Stored& r) {
+                   w.name(r.recipient);
                    w.u16(static_cast<std::uint16_t>(std::min<std::size_t>(r.items.size(), 0xFFFF)));
                    for (const StoredItem& i : r.items) w.item(i);
                  },
@@ -409,17 +412,17 @@ std::optional<Message> read_body(Reader& r, std::uint8_t code, std::uint64_t id)
     case 3: return Direct{id, r.name(), r.bytes16(kMaxBody)};
     case 4: return Save{id, r.name(), r.name(), r.u64(), r.boolean(), r.bytes16(kMaxBody)};
     case 5: return Channel{id, r.name(), r.bytes16(kMaxBody)};
-    case 6: return Relay{id, r.name(), r.u64(), r.bytes16(kMaxBody)};
-    case 7: return Probe{id};
+    case 6: return Relay{id, r.name(), r.name(), r.u64(), r.bytes16(kMaxBody)};
+    case 7: return Probe{id, r.name()};
     case 8: {
-      Table m{id, r.u64(), r.u64(), r.u64(), r.boolean(), {}};
+      Table m{id, r.name(), r.u64(), r.u64(), r.u64(), r.boolean(), {}};
       if (r.ok() && m.to < m.from) r.fail(DecodeError::bad_value);
       std::size_t n = r.u16();
       for (std::size_t k = 0; k < n && r.ok(); ++k) m.entries.push_back(r.entry());
       return m;
     }
     case 9: {
-      Stored m{id, {}};
+      Stored m{id, r.name(), {}};
       std::size_t n = r.u16();
       for (std::size_t k = 0; k < n && r.ok(); ++k) m.items.push_back(r.item());
       return m;
@@ -495,7 +498,9 @@ std::size_t stored_item_size(const StoredItem& item) {
   return sink.size();
 }
 
-std::size_t stored_overhead() { return encoded_size(Stored{kIdPlaceholder, {}}); }
+std::size_t stored_overhead(std::string_view recipient) {
+  return encoded_size(Stored{kIdPlaceholder, std::string(recipient), {}});
+}
 
 std::size_t entry_size(const Entry& e) {
   CountSink sink;
@@ -503,7 +508,9 @@ std::size_t entry_size(const Entry& e) {
   return sink.size();
 }
 
-std::size_t table_overhead() { return encoded_size(Table{kIdPlaceholder, 0, 0, 0, false, {}}); }
+std::size_t table_overhead(std::string_view recipient) {
+  return encoded_size(Table{kIdPlaceholder, std::string(recipient), 0, 0, 0, false, {}});
+}
 
 const char* to_string(DecodeError e) {
   switch (e) {

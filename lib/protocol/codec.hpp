@@ -62,19 +62,20 @@ inline constexpr std::uint64_t kIdPlaceholder = UINT64_MAX;
 /// bytes unchanged, if `bytes` is not a v2 request header holding the placeholder.
 bool set_encoded_id(std::string& bytes, std::uint64_t id);
 
-// Packing sizes: for any id and items, encode(Stored{id, items}).size() == stored_overhead() +
-// sum of stored_item_size(item), and likewise for a Table with table_overhead() and entry_size()
-// (exact: every field has a fixed or length-prefixed size). So a datagram is filled while that
-// sum stays <= kMaxDatagram, with no byte counted by hand.
+// Packing sizes: for any id and items, encode(Stored{id, recipient, items}).size() ==
+// stored_overhead(recipient) + sum of stored_item_size(item), and likewise for a Table with
+// table_overhead(recipient) and entry_size() (exact: every field has a fixed or length-prefixed
+// size). So a datagram is filled while that sum stays <= kMaxDatagram, with no byte counted by hand.
 
 /// Bytes `item` adds to a Stored datagram.
 std::size_t stored_item_size(const StoredItem& item);
-/// Bytes of a Stored datagram besides its items (header and count).
-std::size_t stored_overhead();
+/// Bytes of a Stored datagram for `recipient` besides its items (header, recipient and count).
+std::size_t stored_overhead(std::string_view recipient);
 /// Bytes `e` adds to a Table datagram.
 std::size_t entry_size(const Entry& e);
-/// Bytes of a Table datagram besides its entries (header, epoch, from, to, more and count).
-std::size_t table_overhead();
+/// Bytes of a Table datagram for `recipient` besides its entries (header, recipient, epoch,
+/// from, to, more and count).
+std::size_t table_overhead(std::string_view recipient);
 
 /// True if `name` is 1-32 of [A-Za-z0-9_.-], not starting with '.'.
 bool valid_name(std::string_view name);

@@ -44,6 +44,9 @@ struct Entry {
 };
 
 // ---- Requests: carry an `id`, are sent reliably and answered by one reply carrying `re`. ----
+// The server's requests to a client (Relay, Probe, Table, Stored) name their `recipient`, right
+// after the header: a client answers only those meant for its own name, so a process that took
+// over another client's old address never answers (and never ACKs away) what was meant for it.
 
 /// Client -> server: register (or come back online) under `name` with identity `key`. Without
 /// a token it is answered by Challenge (or RegErr); with the challenge's token and `proof`, the
@@ -96,14 +99,16 @@ struct Channel {
 /// Server -> client: a channel message relayed as signed; answered by Ack. `mid` is the sender's id.
 struct Relay {
   std::uint64_t id = 0;
+  std::string recipient{};  // the member it is relayed to
   std::string from;
   std::uint64_t mid = 0;
   std::string body;
   bool operator==(const Relay&) const = default;
 };
-/// Server -> client: are you there? Answered by Ack.
+/// Server -> client: are you there, `recipient`? Answered by Ack.
 struct Probe {
   std::uint64_t id = 0;
+  std::string recipient{};  // the client the server believes is at the address probed
   bool operator==(const Probe&) const = default;
 };
 /// Server -> client: every table entry whose last change has a version in (`from`, `to`] of
@@ -111,6 +116,7 @@ struct Probe {
 /// Ack carrying the client's (epoch, have) after applying it.
 struct Table {
   std::uint64_t id = 0;
+  std::string recipient{};  // the client whose table this updates
   std::uint64_t epoch = 0;
   std::uint64_t from = 0;
   std::uint64_t to = 0;
@@ -131,6 +137,7 @@ struct StoredItem {
 /// Server -> client: saved messages, oldest first; answered by Ack, after which they are deleted.
 struct Stored {
   std::uint64_t id = 0;
+  std::string recipient{};  // the client the messages were saved for
   std::vector<StoredItem> items;
   bool operator==(const Stored&) const = default;
 };

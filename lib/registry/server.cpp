@@ -282,7 +282,7 @@ void Server::on_proven(const proto::Register& r, const udp::endpoint& from) {
   }
   // The name is online elsewhere: refuse only if that holder still answers.
   udp::endpoint old = endpoint_of(*c);
-  probe(old, [this, r, from, old](bool alive) {
+  probe(r.name, old, [this, r, from, old](bool alive) {
     const Client* holder = table_.find(r.name);
     if (holder != nullptr && holder->bound() && holder->key != r.key) {
       core_.reply(from, proto::RegErr{r.id, "the name " + r.name + " belongs to another identity"});
@@ -355,10 +355,10 @@ udp::endpoint Server::endpoint_of(const Client& c) {
   return udp::endpoint(addr, c.port);
 }
 
-void Server::probe(const udp::endpoint& to, std::function<void(bool alive)> then) {
+void Server::probe(const std::string& name, const udp::endpoint& to, std::function<void(bool alive)> then) {
   transport::RetryPolicy p = transport::RetryPolicy{options_.policy.timeout, options_.relay_retries}.within(
       options_.policy.timeout);
-  core_.request(proto::Probe{core_.next_id()}, to,
+  core_.request(proto::Probe{core_.next_id(), name}, to,
                 [then = std::move(then)](const proto::Message* reply) { then(reply != nullptr); }, p);
 }
 
@@ -395,7 +395,7 @@ void Server::on_save(const proto::Save& r, const udp::endpoint& from) {
   // The table says online: believe it only if the recipient answers (SPEC §5).
   udp::endpoint holder = endpoint_of(*target);
   SessionRef ref = sessions_.contains(r.to) ? SessionRef(sessions_[r.to]) : SessionRef();
-  probe(holder, [this, r, from, store_it, holder, ref](bool alive) {
+  probe(r.to, holder, [this, r, from, store_it, holder, ref](bool alive) {
     if (alive) {
       core_.reply(from, proto::Exists{r.id, r.to});
       sync(r.from);  // "plus the current table"
@@ -507,17 +507,17 @@ void Server::flush() {
   if (saved > 0) spdlog::info("saved {} message{} in one commit", saved, saved == 1 ? "" : "s");
 }
 
-void Server::reach(const udp::endpoint& to, std::function<void(bool)> then) {
+void Server::reach(const std::string& name, const udp::endpoint& to, std::function<void(bool)> then) {
   if (core_.allowance(to) >= proto::kMaxDatagram) return then(true);
   // Not yet proven to receive (a spoofed registration?): a small probe first, so the server
   // never sends an address much more than it received from it.
-  probe(to, std::move(then));
+  probe(name, to, std::move(then));
 }
 
 void Server::reach_client(const std::string& name, std::function<void(Session&)> then,
                           std::function<void(Session&)> failed) {
   SessionRef ref = sessions_[name];
-  reach(endpoint_of(*table_.find(name)), [ref, then = std::move(then), failed = std::move(failed)](bool ok) {
+  reach(name, endpoint_of(*table_.find(name)), [ref, then = std::move(then), failed = std::move(failed)](bool ok) {
     // sessions_ holds a session's only strong reference: replaced or ended, it is gone here.
     auto s = ref.lock();
     if (s == nullptr) return;  // a new session or a leave since
@@ -624,10 +624,10 @@ void Server::deliver_batch(const std::string& name) {
     set_online(name, true);
     return;
   }
-  proto::Stored msg{core_.next_id(), {}};
+  proto::Stored msg{core_.next_id(), name, {}};
   std::vector<std::int64_t> seqs;
   offline::Cursor last = s.delivered;
-  std::size_t size = proto::stored_overhead();
+  std::size_t size = proto::stored_overhead(name);
   // Copied, not moved: an unanswered datagram leaves them in `ahead` for the next attempt.
   for (const auto& row : rows) {
     proto::StoredItem item{row.from, row.kind == offline::Kind::channel, row.ts_us, row.mid, {}, row.body};
@@ -671,9 +671,8 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
     return;
   }
   std::int64_t ts = core_.wall_us();
-  // One copy of the message for the whole fan-out, encoded once; each relay only sets its id.
-  auto fan = std::make_shared<const Fanout>(
-      Fanout{r, ts, key_of(r.from), proto::encode(proto::Relay{proto::kIdPlaceholder, r.from, r.id, r.body})});
+  // One copy of the message for the whole fan-out; each relay is encoded for its member.
+  auto fan = std::make_shared<const Fanout>(Fanout{r, ts, key_of(r.from)});
   std::vector<std::string> absent;
   table_.for_each([&](const Client& c) {
     if (c.name == r.from) return;
@@ -716,18 +715,16 @@ void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
       save({to, ch.from, fan->from_key, offline::Kind::channel, fan->ts_us, ch.id, ch.body}, nullptr);
     else ++stats_.channel_missed;
   };
-  reach(ep, [this, ep, fan, missed](bool ok) {
+  reach(to, ep, [this, to, ep, fan, missed](bool ok) {
     if (!ok) return missed();
     transport::RetryPolicy p = transport::RetryPolicy{options_.policy.timeout, options_.relay_retries}.within(
         options_.policy.timeout);
-    std::uint64_t id = core_.next_id();
-    std::string bytes = fan->relay;
-    proto::set_encoded_id(bytes, id);
-    core_.request_encoded(id, std::move(bytes), ep,
-                          [missed](const proto::Message* reply) {
-                            if (reply == nullptr) missed();
-                          },
-                          p);
+    const proto::Channel& ch = fan->channel;
+    core_.request(proto::Relay{core_.next_id(), to, ch.from, ch.id, ch.body}, ep,
+                  [missed](const proto::Message* reply) {
+                    if (reply == nullptr) missed();
+                  },
+                  p);
   });
 }
 
@@ -774,8 +771,8 @@ void Server::send_table(const std::string& name) {
   Session& s = *session(name);
   const Client* c = table_.find(name);
   // Built now, not when the sync was asked for: it carries every change up to this moment.
-  Chunk chunk = table_.changes_since(s.have, proto::kMaxDatagram - proto::table_overhead());
-  proto::Table msg{core_.next_id(), table_.epoch(), chunk.from, chunk.to, chunk.more, std::move(chunk.entries)};
+  Chunk chunk = table_.changes_since(s.have, proto::kMaxDatagram - proto::table_overhead(name));
+  proto::Table msg{core_.next_id(), name, table_.epoch(), chunk.from, chunk.to, chunk.more, std::move(chunk.entries)};
   SessionRef ref = sessions_[name];
   s.table_request = msg.id;
   core_.request(msg, endpoint_of(*c), [this, name, ref](const proto::Message* reply) {

@@ -126,14 +126,15 @@ class Server {
   /// True if the server holds a live session for `name` at `from` (what a keep-alive asks).
   bool live(const std::string& name, const udp::endpoint& from);
   static udp::endpoint endpoint_of(const Client& c);
-  /// Asks `to` whether it is alive, within one ACK timeout.
-  void probe(const udp::endpoint& to, std::function<void(bool alive)> then);
-  /// One channel message on its way to every member: shared by all the relays.
+  /// Asks client `name`, believed to be at `to`, whether it is alive, within one ACK timeout.
+  /// The probe names it: another client that took over the address does not answer for it.
+  void probe(const std::string& name, const udp::endpoint& to, std::function<void(bool alive)> then);
+  /// One channel message on its way to every member: shared by all the relays, each of which
+  /// is encoded for its own member (a Relay names its recipient).
   struct Fanout {
     protocol::Channel channel;
-    std::int64_t ts_us;
+    std::int64_t ts_us = 0;
     std::string from_key;  // the sender's identity, kept with each saved copy
-    std::string relay;  // the Relay datagram, encoded with protocol::kIdPlaceholder as its id
   };
   void relay(const std::string& to, std::shared_ptr<const Fanout> fan);
   /// True if `name`'s session is still the one `ref` was taken from (none then, none now included).
@@ -169,9 +170,10 @@ class Server {
   /// Deletes ACKed messages soon, in one transaction with others: at the next flush, after
   /// kRemoveDelay, or at once when kRemoveBatch are waiting.
   void schedule_removal(std::size_t more);
-  /// Calls `then(true)` once `to` may be sent a full datagram: at once if it has proven it
-  /// receives (or has budget), else after it answered a probe; `then(false)` if it did not.
-  void reach(const udp::endpoint& to, std::function<void(bool)> then);
+  /// Calls `then(true)` once client `name` at `to` may be sent a full datagram: at once if the
+  /// address has proven it receives (or has budget), else after `name` answered a probe there;
+  /// `then(false)` if it did not.
+  void reach(const std::string& name, const udp::endpoint& to, std::function<void(bool)> then);
   /// reach() for a registered client's session: `then(session)` if reachable, `failed(session)`
   /// if not; nothing if its session changed meanwhile.
   void reach_client(const std::string& name, std::function<void(Session&)> then,

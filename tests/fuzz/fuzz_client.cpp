@@ -16,7 +16,9 @@
 // it through: not altered, sealed for "me" with the mid of its datagram, sealed (or signed) by
 // the key pinned for the name it claims (the key a box between "me" and that key needs), sent
 // within the replay window; and no (sender key, kind, mid) is shown twice. A "[Message received
-// by X.]" after a receipt the harness sealed needs the same of the receipt, with X's key.
+// by X.]" after a receipt the harness sealed needs the same of the receipt, with X's key. A
+// relay, probe, table or stored naming another recipient than "me" is never acknowledged (the
+// first time its (source, id) is seen: a repeat of an id answered before is answered again).
 #include <cstdio>
 #include <cstdlib>
 #include <set>
@@ -183,7 +185,31 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::FakeNetwork network(client.core(), clock, 1);
   Oracle oracle(pins, clock);
   std::size_t mark = 0;
-  network.before_inject = [&](const std::string&, const udp::endpoint&) { mark = printed.size(); };
+  // (source, id) of the server requests injected for another client, never seen before.
+  std::set<std::pair<int, std::uint64_t>> seen_ids, not_for_me;
+  network.before_inject = [&](const std::string& bytes, const udp::endpoint& from) {
+    mark = printed.size();
+    protocol::Decoded d = protocol::decode(bytes);
+    const std::uint64_t id = d ? protocol::request_id(*d.message) : 0;
+    if (id == 0) return;
+    const std::pair<int, std::uint64_t> key{fuzz::source_index(from), id};
+    const std::string* recipient = std::visit(
+        [](const auto& x) -> const std::string* {
+          if constexpr (requires { x.recipient; }) return &x.recipient;
+          else return nullptr;
+        },
+        *d.message);
+    if (recipient != nullptr && *recipient != fuzz::kNames[0] && !seen_ids.contains(key)) not_for_me.insert(key);
+    else not_for_me.erase(key);
+    seen_ids.insert(key);
+  };
+  network.on_sent = [&](const protocol::Message& m, const udp::endpoint& to) {
+    const auto* ack = std::get_if<protocol::Ack>(&m);
+    if (ack != nullptr && not_for_me.contains({fuzz::source_index(to), ack->re}))
+      fail(std::string("acknowledged a server request that names another client (id ")
+               .append(std::to_string(ack->re))
+               .append(")"));
+  };
   network.after_inject = [&](const std::string& bytes) {
     if (const auto* expect = network.crafted(bytes)) oracle.check(*expect, printed, mark);
   };

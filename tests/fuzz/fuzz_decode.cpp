@@ -87,12 +87,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // The codec's sizes, which the roles pack by, agree with what it writes.
   if (proto::encoded_size(m) != once.size()) fail("encoded_size is not the encoded size", bytes, once);
   if (const auto* s = std::get_if<proto::Stored>(&m)) {
-    std::size_t sum = proto::stored_overhead();
+    std::size_t sum = proto::stored_overhead(s->recipient);
     for (const auto& item : s->items) sum += proto::stored_item_size(item);
     if (once.size() != sum) fail("stored datagram size is not overhead + item sizes", bytes, once);
   }
   if (const auto* t = std::get_if<proto::Table>(&m)) {
-    std::size_t sum = proto::table_overhead();
+    std::size_t sum = proto::table_overhead(t->recipient);
     for (const auto& e : t->entries) sum += proto::entry_size(e);
     if (once.size() != sum) fail("table datagram size is not overhead + entry sizes", bytes, once);
   }

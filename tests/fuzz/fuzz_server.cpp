@@ -144,9 +144,30 @@ void note_injected(Seen& seen, const identity::TokenMinter& minter, const std::s
   }
 }
 
+/// The name a server request is for, or nullptr for a message that names none.
+const std::string* recipient_of(const protocol::Message& m) {
+  return std::visit(
+      [](const auto& x) -> const std::string* {
+        if constexpr (requires { x.recipient; }) return &x.recipient;
+        else return nullptr;
+      },
+      m);
+}
+
 /// Saved and relayed messages go out as they came in: the server never alters a body, invents
-/// one, or gives it another sender's key.
-void check_sent(const Seen& seen, const registry::Table& t, const protocol::Message& m) {
+/// one, or gives it another sender's key. A relay, probe, table or stored names the client it
+/// is for, and goes to an address a Register proved for that name (a resend may follow the
+/// row's move, so not necessarily where the row is now).
+void check_sent(const Seen& seen, const registry::Table& t, const protocol::Message& m, const udp::endpoint& to) {
+  if (const std::string* r = recipient_of(m)) {
+    const std::string ip = to.address().to_string();
+    bool proven = false;
+    for (const auto& [name, key, at, port] : seen.proven)
+      if (name == *r && at == ip && port == to.port()) proven = true;
+    if (!proven)
+      fail(std::string("sent a ") + protocol::type_name(m) + " for " + *r + " to " + ip + ":" +
+           std::to_string(to.port()) + ", an address no registration of that name proved");
+  }
   auto came_in = [&](bool channel, const std::string& from, std::uint64_t mid, const std::string& body) {
     auto it = seen.bodies.find({channel, from, mid});
     return it != seen.bodies.end() && it->second.contains(body);
@@ -267,7 +288,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   network.before_inject = [&](const std::string& bytes, const udp::endpoint& from) {
     note_injected(seen, network.minter(), bytes, from);
   };
-  network.on_sent = [&](const protocol::Message& m, const udp::endpoint&) { check_sent(seen, server.table(), m); };
+  network.on_sent = [&](const protocol::Message& m, const udp::endpoint& to) { check_sent(seen, server.table(), m, to); };
   server.start();
   server.core().settle();
   const std::uint64_t epoch = server.table().epoch();

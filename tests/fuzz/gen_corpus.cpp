@@ -92,8 +92,8 @@ struct Script {
   Script& reg(int src, int peer, std::uint8_t f = 0) { return op(Op::reg, src).byte(static_cast<std::uint8_t>(peer)).byte(f); }
   Script& sealed(int src, const Item& i) { return op(Op::sealed, src).item(i); }
   Script& channel(int src, const Item& i) { return op(Op::channel, src).item(i); }
-  Script& stored(int src, const std::vector<Item>& items) {
-    op(Op::stored, src).byte(static_cast<std::uint8_t>(items.size()));
+  Script& stored(int src, const std::vector<Item>& items, int to = ME) {  // for peer `to`
+    op(Op::stored, src).byte(static_cast<std::uint8_t>(items.size() | static_cast<std::size_t>(to) << 4));
     for (const auto& i : items) item(i);
     return *this;
   }
@@ -146,17 +146,18 @@ Seeds decode_seeds() {
   msg("save", p::Save{8, "alice", "bob", 77, false, body(60)});
   msg("save_force", p::Save{9, "alice", "bob", 78, true, sealed600});
   msg("channel", p::Channel{10, "alice", body(64 + 8 + 11)});
-  msg("relay", p::Relay{11, "alice", 12, body(64 + 8 + 7)});
-  msg("probe", p::Probe{13});
-  msg("table_empty", p::Table{14, 5, 0, 0, false, {}});
-  msg("table", p::Table{15, 5, 0, 3, false,
+  msg("relay", p::Relay{11, "bob", "alice", 12, body(64 + 8 + 7)});
+  msg("probe", p::Probe{13, "bob"});
+  msg("probe_max_name", p::Probe{UINT64_MAX, std::string(32, 'p')});
+  msg("table_empty", p::Table{14, "bob", 5, 0, 0, false, {}});
+  msg("table", p::Table{15, "bob", 5, 0, 3, false,
                         {{"alice", "127.0.0.2", 4001, true, key("alice")}, {"bob", "127.0.0.3", 4002, false, key("bob")},
                          {"c", "255.255.255.255", 65535, true, key("c")}}});
-  msg("table_more", p::Table{16, 5, 3, 9, true, {{"dave", "10.1.2.3", 1024, true, key("dave")}}});
-  msg("stored", p::Stored{17, {{"alice", false, 1700000000000000, 5, key("alice"), body(80)},
+  msg("table_more", p::Table{16, "bob", 5, 3, 9, true, {{"dave", "10.1.2.3", 1024, true, key("dave")}}});
+  msg("stored", p::Stored{17, "bob", {{"alice", false, 1700000000000000, 5, key("alice"), body(80)},
                                {"bob", true, 1700000001000000, 6, key("bob"), body(90)}}});
-  msg("stored_sealed_600", p::Stored{18, {{std::string(32, 's'), false, INT64_MAX, UINT64_MAX, key("s"), sealed600}}});
-  msg("stored_empty", p::Stored{19, {}});
+  msg("stored_sealed_600", p::Stored{18, std::string(32, 't'), {{std::string(32, 's'), false, INT64_MAX, UINT64_MAX, key("s"), sealed600}}});
+  msg("stored_empty", p::Stored{19, "bob", {}});
   msg("keepalive", p::KeepAlive{20, "alice"});
   msg("lookup", p::Lookup{21, "carol"});
   msg("ack", p::Ack{22, 0, 0, 0});
@@ -186,15 +187,15 @@ Seeds decode_seeds() {
   msg("real_receipt", p::Receipt{42, id::seal_receipt(cast.pair(ME, false, cast.key(ALICE)), 42, "alice")});
   const std::string channel = id::sign_channel(cast.id(CAROL), "carol", 44, sent_ms, "hello all");
   msg("real_channel", p::Channel{44, "carol", channel});
-  msg("real_relay", p::Relay{45, "carol", 44, channel});
-  msg("real_stored", p::Stored{46, {{"alice", false, 1'767'225'600'000'000, 42, cast.key(ALICE), direct},
+  msg("real_relay", p::Relay{45, "me", "carol", 44, channel});
+  msg("real_stored", p::Stored{46, "me", {{"alice", false, 1'767'225'600'000'000, 42, cast.key(ALICE), direct},
                                     {"carol", true, 1'767'225'601'000'000, 44, cast.key(CAROL), channel}}});
-  msg("real_table", p::Table{47, 7, 0, 3, false,
+  msg("real_table", p::Table{47, "me", 7, 0, 3, false,
                              {chat::fuzz::entry_of(ME, false, true), chat::fuzz::entry_of(ALICE, false, true),
                               chat::fuzz::entry_of(CAROL, true, false)}});
 
   // Refused ones, one per reason at least.
-  const std::string probe = p::encode(p::Probe{1});
+  const std::string probe = p::encode(p::Probe{1, "me"});
   const std::string save = p::encode(p::Save{1, "a", "b", 1, false, "x"});
   auto patched = [](std::string b, std::size_t at, char c) {
     b[at] = c;
@@ -212,7 +213,10 @@ Seeds decode_seeds() {
   raw("bad_truncated_header", probe.substr(0, 6));
   raw("bad_truncated", save.substr(0, save.size() - 1));
   raw("bad_trailing", probe + "x");
-  raw("bad_id_zero", p::encode(p::Probe{0}));
+  raw("bad_id_zero", p::encode(p::Probe{0, "me"}));
+  raw("bad_probe_no_recipient", probe.substr(0, 10));
+  raw("bad_probe_empty_recipient", probe.substr(0, 10) + '\0');
+  raw("bad_relay_recipient", p::encode(p::Relay{1, "../me", "alice", 1, "x"}));
   raw("bad_bool", patched(save, 10 + 2 + 2 + 8, 2));
   raw("bad_name_dotdot", p::encode(p::Dereg{1, "../x"}));
   raw("bad_name_empty", p::encode(p::Dereg{1, ""}));
@@ -221,9 +225,9 @@ Seeds decode_seeds() {
   raw("bad_body_too_long", p::encode(p::Direct{1, "a", body(p::kMaxBody + 1)}));
   raw("bad_token_too_long", p::encode(p::Challenge{1, std::string(p::kMaxToken + 1, 't')}));
   raw("bad_reason_utf8", std::string(p::encode(p::RegErr{1, "ab"})).replace(12, 1, "\xFF"));
-  raw("bad_entry_port_0", p::encode(p::Table{1, 1, 0, 1, false, {{"a", "1.2.3.4", 0, true, {}}}}));
-  raw("bad_table_to_before_from", p::encode(p::Table{1, 1, 5, 1, false, {}}));
-  raw("bad_stored_ts", p::encode(p::Stored{1, {{"a", false, -1, 1, {}, "x"}}}));
+  raw("bad_entry_port_0", p::encode(p::Table{1, "me", 1, 0, 1, false, {{"a", "1.2.3.4", 0, true, {}}}}));
+  raw("bad_table_to_before_from", p::encode(p::Table{1, "me", 1, 5, 1, false, {}}));
+  raw("bad_stored_ts", p::encode(p::Stored{1, "me", {{"a", false, -1, 1, {}, "x"}}}));
   raw("bad_found_unknown_with_row", patched(p::encode(p::Found{1, false, {"a", "", 0, false, {}}}), 13, 1));
   return out;
 }
@@ -343,8 +347,8 @@ Seeds server_seeds() {
                      .raw(3, std::string(1500, '{'))
                      .raw(4, "\xFF\xFE")
                      .raw(5, p::encode(p::Ack{12345}))
-                     .raw(6, p::encode(p::Probe{5}))
-                     .raw(0, p::encode(p::Table{1, 1, 0, 1, false, {{"x", "1.2.3.4", 5, true}}})));
+                     .raw(6, p::encode(p::Probe{5, "alice"}))
+                     .raw(0, p::encode(p::Table{1, "alice", 1, 0, 1, false, {{"x", "1.2.3.4", 5, true}}})));
   // Time: sessions expire without keep-alives; stalled updates resume on the next one.
   add("keepalive_expiry", three().send(1, p::KeepAlive{150, "alice"}).advance(250).advance(250).advance(250));
   add("table_update_lost", three().advance(200).advance(200).send(2, p::KeepAlive{151, "bob"}).answer_all());
@@ -367,9 +371,13 @@ constexpr std::uint8_t kBobOff = 1 << BOB;
 Item dm(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0, std::uint8_t k = 0) {
   return Item{from_to(i, ME), f, m, text, k};
 }
-/// A Relay of peer i's channel message (mid 1 + m), signed.
+/// A Relay of peer i's channel message (mid 1 + m), signed, for me.
 Item relay(int i, std::uint16_t m, const std::string& text, std::uint8_t f = 0, std::uint8_t k = 0) {
   return Item{static_cast<std::uint8_t>(i | it::kRelay), f, m, text, k};
+}
+/// The same relayed for peer `to` instead (the relay's recipient is the item's j).
+Item relay_for(int to, int i, std::uint16_t m, const std::string& text) {
+  return Item{from_to(i, to, it::kRelay), 0, m, text};
 }
 /// A saved item: a direct from peer i to me, or a channel message of peer i.
 Item saved(int i, std::uint16_t m, const std::string& text, bool channel = false, std::uint8_t f = 0) {
@@ -377,7 +385,7 @@ Item saved(int i, std::uint16_t m, const std::string& text, bool channel = false
 }
 
 p::Table table1() {
-  return p::Table{100, 7, 0, 4, false,
+  return p::Table{100, "me", 7, 0, 4, false,
                   {chat::fuzz::entry_of(ME, false, true), chat::fuzz::entry_of(ALICE, false, true),
                    chat::fuzz::entry_of(BOB, false, false), chat::fuzz::entry_of(CAROL, false, true)}};
 }
@@ -397,7 +405,7 @@ Seeds client_seeds() {
   add("table_raw", Script{}.flags(0).send(0, table1()));
   add("table_in_parts", Script{}.flags(0)
                             .table(0, 0x03, 0, 0, 2).table(0, 0x0C, 0, kBobOff, 1)
-                            .send(0, p::Table{103, 7, 9, 10, false, {}})
+                            .send(0, p::Table{103, "me", 7, 9, 10, false, {}})
                             .table(0, 0x7F).table(0, 0x01, 0, 0, 1));
   add("table_not_from_server", Script{}.flags(0).table(1, kAll));
   add("direct_sealed", online()
@@ -432,7 +440,15 @@ Seeds client_seeds() {
                           .channel(0, relay(ALICE, 15, "too old", 2 << it::kClockShift))
                           .advance(250).advance(250).replay(0, 3)
                           .channel(1, relay(ALICE, 16, "not from server"))
-                          .send(0, p::Probe{301}).send(1, p::Probe{302}));
+                          .send(0, p::Probe{301, "me"}).send(1, p::Probe{302, "me"}));
+  // The server's requests for another client (one that had this address before): unanswered.
+  add("not_for_me", online()
+                        .send(0, p::Probe{303, "alice"})
+                        .channel(0, relay_for(ALICE, CAROL, 17, "for alice"))
+                        .stored(0, {saved(ALICE, 18, "alice's saved message")}, BOB)
+                        .table(0, kAll, 0, 0, 0x10)
+                        .send(0, p::Probe{304, "me"})
+                        .channel(0, relay(CAROL, 19, "for me")));
   add("stored", Script{}.flags(2)
                     .stored(0, {saved(ALICE, 5, "while you were out"), saved(CAROL, 6, "channel \x1b[2J", true)})
                     .table(0, kAll)

@@ -31,8 +31,10 @@
 //                             from the input. p: i = p & 7, j = (p >> 3) & 7, 0x40 a Save instead
 //                             of a Direct, 0x80 Save.force
 //   9 channel      [b] item   a Channel (to the server) or a Relay (from it) signed by peer i.
-//                             p: i = p & 7, 0x40 a Relay instead of a Channel
-//  10 stored       [b][n] n%5 items   a Stored delivery of sealed (direct) or signed (channel)
+//                             p: i = p & 7, 0x40 a Relay instead of a Channel, whose recipient
+//                             is peer (p >> 3) & 7 (0: "me", the client target)
+//  10 stored       [b][n] (n & 15) % 5 items   a Stored delivery for peer (n >> 4) & 7 (0: "me")
+//                             of sealed (direct) or signed (channel)
 //                             items; per item p: i = p & 7, j = (p >> 3) & 7, 0x40 a channel item,
 //                             0x80 the item's key is zero; f (below) 0x40: the item's key is the
 //                             impostor's (else i's), 0x80: the item says it is from peer i ^ 1
@@ -42,7 +44,9 @@
 //                             address (peer 0 at 127.0.0.1:5000, 1-6 at sources 1-6, 7 at
 //                             127.0.0.8:4007) with its key (the impostor's for peers in `imp`),
 //                             online unless in `off`; mode 1: continue the last one (same epoch,
-//                             from its `to`) instead of a snapshot in a new epoch; mode 2: more
+//                             from its `to`) instead of a snapshot in a new epoch; mode 2: more;
+//                             (mode >> 4) & 7: its recipient, peer 0 ("me") or another one (a
+//                             table for another client changes nothing the harness tracks)
 //  13 replay      [b][n]     inject again, from the source, the (n & 127)-th (modulo) of the last
 //                             128 datagrams injected so far, or (n & 0x80) that the core sent
 // item = [p][f][mid lo][mid hi][k][len hi][len lo][len bytes of text]: mid = 1 + (hi << 8 | lo);
@@ -730,14 +734,16 @@ class FakeNetwork {
     const int i = it.p & 7;
     Expect e;
     std::string body = sign_item(it, i, cast.name((it.f & item::kOtherFrom) != 0 ? i ^ 1 : i), e);
-    if ((it.p & item::kRelay) != 0) inject_crafted(protocol::Relay{next_id(), e.from, it.mid, body}, {e}, src);
+    if ((it.p & item::kRelay) != 0)
+      inject_crafted(protocol::Relay{next_id(), cast.name((it.p >> 3) & 7), e.from, it.mid, body}, {e}, src);
     else inject_crafted(protocol::Channel{it.mid, e.from, body}, {}, src);
   }
 
   void stored_op(int src, Reader& in) {
     Cast& cast = Cast::get();
-    const int n = in.byte() % 5;
-    protocol::Stored s{next_id(), {}};
+    const std::uint8_t c = in.byte();
+    const int n = (c & 15) % 5;
+    protocol::Stored s{next_id(), cast.name(c >> 4), {}};
     std::vector<Expect> expect;
     for (int k = 0; k < n; ++k) {
       Item it = read_item(in);
@@ -806,16 +812,19 @@ class FakeNetwork {
     const std::uint8_t imp = in.byte();
     const std::uint8_t off = in.byte();
     const std::uint8_t mode = in.byte();
-    if ((mode & 1) == 0 || !table_sent_) {
-      if (table_sent_) ++epoch_;
-      version_ = 0;
-    }
-    protocol::Table t{next_id(), epoch_, version_, 0, (mode & 2) != 0, {}};
+    // One for another client (which "me" does not apply) leaves the table the harness tracks.
+    const int recipient = (mode >> 4) & 7;
+    const std::uint64_t epoch = (mode & 1) == 0 && table_sent_ ? epoch_ + 1 : epoch_;
+    const std::uint64_t from = (mode & 1) == 0 || !table_sent_ ? 0 : version_;
+    protocol::Table t{next_id(), Cast::get().name(recipient), epoch, from, 0, (mode & 2) != 0, {}};
     for (int i = 0; i < kPeers; ++i)
       if ((mask >> i & 1) != 0) t.entries.push_back(entry_of(i, (imp >> i & 1) != 0, (off >> i & 1) == 0));
-    t.to = version_ + std::max<std::uint64_t>(1, t.entries.size());
-    version_ = t.to;
-    table_sent_ = true;
+    t.to = from + std::max<std::uint64_t>(1, t.entries.size());
+    if (recipient == 0) {
+      epoch_ = epoch;
+      version_ = t.to;
+      table_sent_ = true;
+    }
     inject_crafted(t, {}, src);
   }
 

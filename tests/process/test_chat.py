@@ -415,7 +415,7 @@ class BadDatagramTest(ChatBase):
             s.sendto(junk, ("127.0.0.1", c1.port))
         # A spoofed table (not from the server's address) claiming c2 moved must not be applied.
         eve = wire.Identity()
-        s.sendto(wire.encode({"t": "table", "id": 9, "epoch": 1, "from": 0, "to": 99, "more": False, "entries": [
+        s.sendto(wire.encode({"t": "table", "id": 9, "recipient": "c1", "epoch": 1, "from": 0, "to": 99, "more": False, "entries": [
             {"name": "c2", "ip": "127.0.0.1", "port": 9, "online": True, "key": eve.pk},
             {"name": "mallory", "ip": "127.0.0.1", "port": 9, "online": True, "key": eve.pk}]}),
             ("127.0.0.1", c1.port))

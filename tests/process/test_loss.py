@@ -30,6 +30,7 @@ import time
 import unittest
 
 from harness import BIN, DEADLINE, ChatTest, NetnsChatTest, Proc, free_port, udp_rx_queue
+import wire
 
 TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -216,17 +217,19 @@ class SelfReregistrationTest(NetnsTest):
 class LostProbeAfterRegistrationTest(NetnsTest):
     """A new client whose first probe from the server is lost (under loss: 3 tries inside one
     ACK timeout, lost with p = 0.36^3 = 5 % at 20 % loss, 0.64^3 = 26 % at 40 %) must still end up
-    in everyone's table. Deterministic: every datagram to the client of IP length 38 is dropped:
-    20 + 8 + a v2 Probe, which is the 10-byte header alone; every other v2 datagram has fields
-    (the challenge, the welcome, the table and the answers are all longer)."""
+    in everyone's table. Deterministic: every datagram to the client of IP length 41 is dropped:
+    20 + 8 + a v2 Probe for "c2", which is the 10-byte header and the recipient's name (1 + 2);
+    nothing else sent to a client is 13 bytes (the challenge, the welcome, the table and the
+    answers are all longer)."""
 
     TIMING = ["--ack-timeout", "100", "--retries", "5"]
 
     def test_client_whose_first_probe_is_lost_still_gets_the_table(self):
+        PROBE_FOR_C2 = len(wire.encode({"t": "probe", "id": 1, "recipient": "c2"}))
         c1 = self.start_client("c1")
         self.wait_table(c1, ["c1"])
         port = free_port()
-        self.iptables("-A", "INPUT", "-p", "udp", "--dport", str(port), "-m", "length", "--length", "38", "-j", "DROP")
+        self.iptables("-A", "INPUT", "-p", "udp", "--dport", str(port), "-m", "length", "--length", str(20 + 8 + PROBE_FOR_C2), "-j", "DROP")
         c2 = self.start_client("c2", port=port)
         self.wait_online(c2, ["c1", "c2"])
         self.wait_online(c1, ["c1", "c2"])

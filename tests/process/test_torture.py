@@ -93,7 +93,7 @@ def kernel_drops(port):
 class Sim:
     """A simulated client on its own UDP socket: sends requests with retries and answers the
     server's requests (table updates with the right (epoch, have), probes, stored messages,
-    relays) the way ChatApp's peer does. Driven either by a `Pool` thread or, unpooled, by
+    relays) the way ChatApp's peer does: only those that name it as their recipient. Driven either by a `Pool` thread or, unpooled, by
     the thread waiting in `request`. It registers as a peer does: Register with its key, the
     server's Challenge, Register again with the token and the proof."""
 
@@ -114,6 +114,7 @@ class Sim:
         self.rows = {}
         self.stored = []  # (from, channel, ts_us, mid, body) in arrival order
         self.tables = 0
+        self.not_for_me = 0  # server requests naming another client: not answered
         self.bytes_in = 0
 
     def close(self):
@@ -163,6 +164,11 @@ class Sim:
                 self.cond.notify_all()
             return
         if not self.answer:
+            return
+        if m.get("recipient", self.name) != self.name:
+            # As a real client: the server's requests for another name are not answered.
+            with self.cond:
+                self.not_for_me += 1
             return
         if t == "table":
             with self.cond:
@@ -470,14 +476,14 @@ for i in range(4000):
     elif k == 1: pool.append(v2({"t": "save", "id": rid(), "from": "nobody", "to": "a", "mid": 1,
                                  "body": b"truncated"})[:rnd.randint(1, 20)])
     elif k == 2: pool.append(b"x" * 1600)
-    elif k == 3: pool.append(v2({"t": "probe", "id": rid(), "v": 3}))
+    elif k == 3: pool.append(v2({"t": "probe", "id": rid(), "recipient": "a", "v": 3}))
     elif k == 4 and i % 32 == 4: pool.append(wire.header(rnd.choice((12, 63, 73, 255)), rid()))
     elif k == 4: pool.append(wire.v1_json({"t": "register", "id": rid(), "name": "old-flooder"}))
     elif k == 5: pool.append(b"[" * 50 + b"]" * 50)
     elif k == 6: pool.append(v2({"t": "save", "id": rid(), "from": "nobody", "to": "a", "mid": 1,
                                  "force": False, "body": rb(60)}))
     elif k == 7: pool.append(v2({"t": "ack", "re": rid()}))
-    elif k == 8: pool.append(v2({"t": "probe", "id": rid()}))
+    elif k == 8: pool.append(v2({"t": "probe", "id": rid(), "recipient": "a"}))
     elif k == 9: pool.append(v2({"t": "channel", "id": rid(), "from": "a",
                                  "body": bytes(64) + bytes(8) + b"forged"}))
     elif k == 10: pool.append(v2({"t": "dereg", "id": rid(), "name": "b"}))
@@ -659,8 +665,9 @@ class AmplificationTest(ChatTest):
                 lacking[0].cond.wait(1)  # or sooner, when its rows arrive
         for s in sims:
             self.assertEqual(len(s.rows), self.CLIENTS, f"{s.name} has {len(s.rows)} rows")
-        full_table = len(wire.encode({"t": "table", "id": 1, "entries": list(sims[0].rows.values())},
-                                     strict=False)) - len(wire.encode({"t": "table", "id": 1}))
+            self.assertEqual(s.not_for_me, 0, f"{s.name} was sent requests for another client")
+        full_table = len(wire.encode({"t": "table", "id": 1, "recipient": "a", "entries": list(sims[0].rows.values())},
+                                     strict=False)) - len(wire.encode({"t": "table", "id": 1, "recipient": "a"}))
 
         # The victim: a socket that never answers, only counts. What a spoofer can send in its
         # name: a first registration (no token), and the largest registration there is, with a

@@ -20,13 +20,13 @@ SAMPLES = [
     {"t": "direct", "id": 4, "from": "a.b-c_d", "body": b"\x00\xff" * 100},
     {"t": "save", "id": 5, "from": "a", "to": "b", "mid": 2**64 - 1, "force": True, "body": b"sealed"},
     {"t": "channel", "id": 6, "from": "carol", "body": b"x" * wire.MAX_BODY},
-    {"t": "relay", "id": 7, "from": "carol", "mid": 99, "body": b""},
-    {"t": "probe", "id": 8},
-    {"t": "table", "id": 9, "epoch": 3, "from": 0, "to": 2, "more": False, "entries": [
+    {"t": "relay", "id": 7, "recipient": "bob", "from": "carol", "mid": 99, "body": b""},
+    {"t": "probe", "id": 8, "recipient": "m04"},
+    {"t": "table", "id": 9, "recipient": "alice", "epoch": 3, "from": 0, "to": 2, "more": False, "entries": [
         {"name": "alice", "ip": "127.0.0.1", "port": 5000, "online": True, "key": K1},
         {"name": "bob", "ip": "198.123.75.45", "port": 65535, "online": False, "key": K2}]},
-    {"t": "table", "id": 10, "epoch": 1, "from": 5, "to": 9, "more": True, "entries": []},
-    {"t": "stored", "id": 11, "items": [
+    {"t": "table", "id": 10, "recipient": "y" * 32, "epoch": 1, "from": 5, "to": 9, "more": True, "entries": []},
+    {"t": "stored", "id": 11, "recipient": "dave", "items": [
         {"from": "bob", "channel": False, "ts_us": 1_700_000_000_000_000, "mid": 12, "key": K2, "body": b"b"},
         {"from": "carol", "channel": True, "ts_us": -1, "mid": 13, "key": K1, "body": b"c" * 300}]},
     {"t": "keepalive", "id": 12, "name": "alice"},
@@ -61,8 +61,8 @@ class CodecTest(unittest.TestCase):
 
     def test_header_bytes(self):
         self.assertEqual(wire.header(7, 0x0102030405060708), b"\x02\x07\x08\x07\x06\x05\x04\x03\x02\x01")
-        self.assertEqual(wire.encode({"t": "probe", "id": 0x0102030405060708}),
-                         b"\x02\x07\x08\x07\x06\x05\x04\x03\x02\x01")
+        self.assertEqual(wire.encode({"t": "probe", "id": 0x0102030405060708, "recipient": "m04"}),
+                         b"\x02\x07\x08\x07\x06\x05\x04\x03\x02\x01\x03m04")
         self.assertEqual(wire.encode({"t": "ack", "re": 1}), b"\x02\x40\x01" + bytes(7) + bytes(24))
 
     def test_exact_bytes_of_small_datagrams(self):
@@ -75,11 +75,16 @@ class CodecTest(unittest.TestCase):
                          b"\x02\x01" + struct.pack("<Q", 1) + b"\x01a" + K1 + bytes(8) + b"\x02tk" + SIG)
         self.assertEqual(wire.encode({"t": "reg_err", "re": 5, "reason": "no"}),
                          b"\x02\x44\x05" + bytes(7) + b"\x02\x00no")
-        self.assertEqual(wire.encode({"t": "table", "id": 1, "epoch": 2, "from": 3, "to": 4, "more": True,
-                                      "entries": [{"name": "x", "ip": "1.2.3.4", "port": 0x1234,
-                                                   "online": True, "key": K1}]}),
-                         b"\x02\x08" + struct.pack("<QQQQ", 1, 2, 3, 4) + b"\x01\x01\x00"
+        self.assertEqual(wire.encode({"t": "table", "id": 1, "recipient": "me", "epoch": 2, "from": 3, "to": 4,
+                                      "more": True, "entries": [{"name": "x", "ip": "1.2.3.4", "port": 0x1234,
+                                                                 "online": True, "key": K1}]}),
+                         b"\x02\x08" + struct.pack("<Q", 1) + b"\x02me" + struct.pack("<QQQ", 2, 3, 4)
+                         + b"\x01\x01\x00"
                          + b"\x01x\x01\x02\x03\x04\x34\x12\x01" + K1)
+        self.assertEqual(wire.encode({"t": "relay", "id": 1, "recipient": "b", "from": "a", "mid": 9, "body": b"x"}),
+                         b"\x02\x06" + struct.pack("<Q", 1) + b"\x01b\x01a" + struct.pack("<QH", 9, 1) + b"x")
+        self.assertEqual(wire.encode({"t": "stored", "id": 1, "recipient": "b", "items": []}),
+                         b"\x02\x09" + struct.pack("<Q", 1) + b"\x01b\x00\x00")
         self.assertEqual(wire.encode({"t": "alive", "re": 3, "live": False}), b"\x02\x47\x03" + bytes(7) + b"\x00")
 
     def refused(self, data, reason):
@@ -108,7 +113,13 @@ class CodecTest(unittest.TestCase):
         self.refused(wire.encode({"t": "refused", "re": 1, "reason": "r" * 201}, strict=False), "too_long")
         self.refused(wire.encode({"t": "challenge", "re": 1, "token": b"t" * 65}, strict=False), "too_long")
         # A Table row's name must be valid; an unknown Found may carry an empty one only.
-        self.refused(wire.encode({"t": "table", "id": 1, "entries": [{"name": ""}]}, strict=False), "bad_name")
+        self.refused(wire.encode({"t": "table", "id": 1, "recipient": "a", "entries": [{"name": ""}]}, strict=False),
+                     "bad_name")
+        # The server's requests must name their recipient.
+        for t in ("relay", "probe", "table", "stored"):
+            sender = {"from": "a"} if t == "relay" else {}
+            self.refused(wire.encode({"t": t, "id": 1, **sender}, strict=False), "bad_name")
+            self.refused(wire.encode({"t": t, "id": 1, "recipient": "../a", **sender}, strict=False), "bad_name")
         self.refused(wire.encode({"t": "found", "re": 1, "known": True, "entry": {"name": ""}}, strict=False),
                      "bad_name")
         # A register without a token carries no proof: 64 more bytes are trailing.
@@ -119,6 +130,7 @@ class CodecTest(unittest.TestCase):
         for m in ({"t": "dereg", "id": 1, "name": "a/b"}, {"t": "direct", "id": 1, "from": "a", "body": b"x" * 1025},
                   {"t": "register", "id": 1, "name": "a", "key": b"short"},
                   {"t": "register", "id": 1, "name": "a", "key": K1, "proof": SIG},
+                  {"t": "probe", "id": 1}, {"t": "stored", "id": 1, "recipient": ".x"},
                   {"t": "reg_err", "re": 1, "reason": "r" * 201}):
             with self.subTest(m=m["t"]):
                 with self.assertRaises(wire.EncodeError):

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <set>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -1309,7 +1310,7 @@ TEST_CASE("unexpected datagram types are dropped and counted, unanswered, by the
     return false;
   };
   inject(w, stranger, kServerAt, proto::Direct{5151, "mallory", "to the server?"});
-  inject(w, stranger, kServerAt, proto::Relay{5152, "mallory", 1, "relay to the server?"});
+  inject(w, stranger, kServerAt, proto::Relay{5152, "server", "mallory", 1, "relay to the server?"});
   w.net.run_for(1s);
   CHECK(w.srv().server_counters().unexpected == 2);
   std::size_t mark = alice.lines.size();
@@ -1322,6 +1323,110 @@ TEST_CASE("unexpected datagram types are dropped and counted, unanswered, by the
   // Both keep serving.
   w.join("bob");
   CHECK(w.type_and_wait("alice", "send bob fine", say::received_by("bob")));
+}
+
+TEST_CASE("§8 a client answers only the server requests that name it: another name's probe, relay, table and stored go unanswered") {
+  World w;
+  w.join("alice");
+  Peer& bob = w.join("bob");
+  // What bob answers, by request id.
+  std::set<std::uint64_t> acked;
+  w.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const proto::Message& m) {
+    if (from == bob.at() && to == kServerAt)
+      if (const auto* a = as<proto::Ack>(m)) acked.insert(a->re);
+    return false;
+  };
+  const std::uint64_t epoch = bob.client.table().epoch(), version = bob.client.table().version();
+  const auto sent_ms = static_cast<std::uint64_t>(w.net.clock.wall_us() / 1000);
+  const std::uint64_t mid = 5150;
+  const std::string signed_by_alice = identity::sign_channel(identity_of("alice"), "alice", mid, sent_ms, "for m04");
+  const proto::StoredItem saved_for_m04{"alice", false, w.net.clock.wall_us(), mid + 1, identity_of("alice").public_key(),
+                                        sealed(w, "alice", "m04", mid + 1, "saved for m04")};
+  const proto::Entry moved{"alice", "10.9.9.9", 9999, true, identity_of("alice").public_key()};
+  std::size_t mark = bob.lines.size();
+  // From the server's own address, for the client that had bob's address before him.
+  inject(w, kServerAt, bob.at(), proto::Probe{7001, "m04"});
+  inject(w, kServerAt, bob.at(), proto::Relay{7002, "m04", "alice", mid, signed_by_alice});
+  inject(w, kServerAt, bob.at(), proto::Table{7003, "m04", epoch, version, version + 1, false, {moved}});
+  inject(w, kServerAt, bob.at(), proto::Stored{7004, "m04", {saved_for_m04}});
+  w.net.run_for(2s);
+  CHECK(acked.empty());
+  CHECK(bob.client.client_counters().not_for_me == 4);
+  CHECK(bob.client.client_counters().not_from_server == 0);
+  CHECK(since(bob, mark).empty());
+  // Nothing of them was taken: the table is where it was, alice where she is.
+  CHECK(bob.client.table().version() == version);
+  REQUIRE(bob.client.table().find("alice") != nullptr);
+  CHECK(bob.client.table().find("alice")->ip == w["alice"].at().address().to_string());
+  // The same requests naming bob are answered.
+  const std::string for_bob = identity::sign_channel(identity_of("alice"), "alice", mid + 2, sent_ms, "for bob");
+  inject(w, kServerAt, bob.at(), proto::Probe{7101, "bob"});
+  inject(w, kServerAt, bob.at(), proto::Relay{7102, "bob", "alice", mid + 2, for_bob});
+  inject(w, kServerAt, bob.at(), proto::Table{7103, "bob", epoch, version, version, false, {}});
+  inject(w, kServerAt, bob.at(), proto::Stored{7104, "bob", {}});
+  w.net.run_for(2s);
+  CHECK(acked == std::set<std::uint64_t>{7101, 7102, 7103, 7104});
+  CHECK(bob.client.client_counters().not_for_me == 4);
+  CHECK(bob.saw(say::channel("alice", "for bob")));
+  CHECK_FALSE(bob.saw(say::channel("alice", "for m04")));
+}
+
+TEST_CASE("§2 a restarted client on the port another name used does not answer the probe for that name, which re-registers") {
+  // The load test's failure: m04 is killed, m07 starts on the port m04 had, and m04 comes back
+  // on another port. The server, which still has m04 online at the old port, probes it there.
+  World w;
+  Peer& alice = w.join("alice");
+  const udp::endpoint old_port = w.join("m04").at();
+  w.kill("m04");
+  REQUIRE(w.server_has_online("m04", old_port));
+  Peer& m07 = w.start("m07", "m07", old_port);
+  REQUIRE(w.net.run_until([&] { return m07.reading; }, 5s));
+  REQUIRE(w.server_has_online("m04", old_port));  // nothing told the server m04 is gone
+  Peer& m04 = w.start("m04", "m04", w.next_addr());
+  REQUIRE(w.net.run_until([&] { return m04.exit_code != -1 || m04.reading; }, 5s));
+  INFO(transcript(m04));
+  CHECK(m04.exit_code == -1);
+  CHECK(m04.lines == std::vector<std::string>{say::welcome, say::updated});
+  CHECK(w.server_has_online("m04", m04.at()));
+  CHECK(w.server_has_online("m07", old_port));
+  // m07 was asked for m04 (the probe, and the table updates m04's session was still sent) and
+  // answered none of it; it is itself still fine.
+  CHECK(m07.client.client_counters().not_for_me >= 1);
+  CHECK(m07.exit_code == -1);
+  CHECK(w.type_and_wait("alice", "send m04 you are back", say::received_by("m04")));
+  CHECK(w.type_and_wait("alice", "send m07 and you", say::received_by("m07")));
+  CHECK(m04.count(say::direct("alice", "you are back")) == 1);
+  CHECK(alice.exit_code == -1);
+}
+
+TEST_CASE("§5 saved messages delivered to a client's old address are not acknowledged by the client now there") {
+  // A Stored batch for m04 that reaches m07 (on the port m04 had) must not be ACKed: the server
+  // deletes what is ACKed, and m07 cannot open it. The messages wait for the real m04.
+  World w;
+  w.net.min_delay = w.net.max_delay = 1ms;
+  w.join("alice");
+  const udp::endpoint old_port = w.join("m04").at();
+  w.kill("m04");
+  Peer& m07 = w.start("m07", "m07", old_port);
+  REQUIRE(w.net.run_until([&] { return m07.reading; }, 5s));
+  // alice's message is saved for m04 (it does not answer at the old port), then the server
+  // delivers what it holds for m04's session there: m07 gets the Stored datagrams.
+  bool delivered_to_old_port = false;
+  w.net.filter = [&](const udp::endpoint&, const udp::endpoint& to, const proto::Message& m) {
+    if (const auto* st = as<proto::Stored>(m); st != nullptr && to == old_port && st->recipient == "m04")
+      delivered_to_old_port = true;
+    return false;
+  };
+  REQUIRE(w.type_and_wait("alice", "send m04 keep this for me", say::saved));
+  REQUIRE(w.net.run_until([&] { return delivered_to_old_port; }, 5s));
+  w.net.run_for(5s);
+  CHECK(w.store->count_for("m04") == 1);
+  CHECK(m07.client.client_counters().not_for_me >= 1);
+  // The real m04 comes back elsewhere and gets it.
+  Peer& m04 = w.start("m04", "m04", w.next_addr());
+  REQUIRE(w.net.run_until([&] { return w.store->count_for("m04") == 0; }, 10s));
+  INFO(transcript(m04));
+  CHECK(shown_direct(m04, "alice", "keep this for me") == 1);
 }
 
 // Two saves that waited for a probe commit behind the delivery cursor during ONE drain: the
@@ -1719,12 +1824,12 @@ TEST_CASE("§11 a channel message whose signature does not verify is shown by no
   // Relayed as if from the server (it could be the server itself): signed by the wrong key.
   std::string forged = identity::sign_channel(identity_of("mallory"), "alice", mid, 1, "alice says: send money");
   std::size_t mark = bob.lines.size();
-  inject(w, kServerAt, bob.at(), proto::Relay{9191, "alice", mid, forged});
+  inject(w, kServerAt, bob.at(), proto::Relay{9191, "bob", "alice", mid, forged});
   // A genuine signature over another id than the relay's.
   inject(w, kServerAt, bob.at(),
-         proto::Relay{9192, "alice", mid + 1, identity::sign_channel(identity_of("alice"), "alice", mid, 1, "moved")});
+         proto::Relay{9192, "bob", "alice", mid + 1, identity::sign_channel(identity_of("alice"), "alice", mid, 1, "moved")});
   proto::StoredItem item{"alice", true, w.net.clock.wall_us(), mid, identity_of("alice").public_key(), forged};
-  inject(w, kServerAt, bob.at(), proto::Stored{9193, {item}});
+  inject(w, kServerAt, bob.at(), proto::Stored{9193, "bob", {item}});
   w.net.run_for(1s);
   CHECK(since(bob, mark).empty());
   CHECK(bob.client.client_counters().unauthenticated == 3);

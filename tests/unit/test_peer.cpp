@@ -61,7 +61,7 @@ TEST_CASE("a mistyped command suggests the nearest one") {
 
 TEST_CASE("list shows every row aligned, marks you, and ends with a count") {
   LocalTable t;
-  t.apply({1, 9, 0, 2, false, {{"alice", "127.0.0.1", 5001, true}, {"bob_the_builder", "10.0.0.2", 65535, false}}});
+  t.apply({1, "alice", 9, 0, 2, false, {{"alice", "127.0.0.1", 5001, true}, {"bob_the_builder", "10.0.0.2", 65535, false}}});
   std::string out = format_table(t, "alice");
   CHECK(out ==
         "NAME             ADDRESS                STATUS\n"

@@ -158,20 +158,21 @@ std::vector<Message> one_of_each() {
       proto::Save{5, kName32, kName1, 0, false, ""},
       proto::Channel{6, kName32, kSigned600},
       proto::Channel{7, kName1, ""},
-      proto::Relay{7, kName32, kMaxU64, all_bytes(proto::kMaxBody)},
-      proto::Relay{8, kName1, 0, std::string(1, '\0')},
-      proto::Probe{1},
-      proto::Probe{kMaxU64},
-      proto::Table{8, kMaxU64, 1, 2, true,
+      proto::Relay{7, kName32, kName32, kMaxU64, all_bytes(proto::kMaxBody)},
+      proto::Relay{8, kName1, kName1, 0, std::string(1, '\0')},
+      proto::Relay{9, "bob", "alice", 1, "x"},
+      proto::Probe{1, "a"},
+      proto::Probe{kMaxU64, kName32},
+      proto::Table{8, "a", kMaxU64, 1, 2, true,
                    {{kName32, "255.255.255.255", 65535, true, key_of(0xFF)},
                     {kName1, "1.2.3.4", 1, false, {}},
                     {"c-3.x_y", "0.0.0.0", 80, true, counting_key()}}},
-      proto::Table{9, 0, 0, 0, false, {}},
-      proto::Table{kMaxU64, kMaxU64, kMaxU64, kMaxU64, false, max_entries(19)},
-      proto::Stored{10, {{kName32, true, kMaxI64, kMaxU64, key_of(0xFF), all_bytes(300)},
+      proto::Table{9, "a", 0, 0, 0, false, {}},
+      proto::Table{kMaxU64, kName32, kMaxU64, kMaxU64, kMaxU64, false, max_entries(19)},
+      proto::Stored{10, "a", {{kName32, true, kMaxI64, kMaxU64, key_of(0xFF), all_bytes(300)},
                          {kName1, false, 0, 0, {}, ""}}},
-      proto::Stored{11, {}},
-      proto::Stored{kMaxU64, {{kName32, false, kMaxI64, kMaxU64, counting_key(), all_bytes(proto::kMaxBody)}}},
+      proto::Stored{11, "a", {}},
+      proto::Stored{kMaxU64, kName32, {{kName32, false, kMaxI64, kMaxU64, counting_key(), all_bytes(proto::kMaxBody)}}},
       proto::KeepAlive{12, kName32},
       proto::KeepAlive{kMaxU64, kName1},
       proto::Lookup{13, kName1},
@@ -275,8 +276,8 @@ TEST_CASE("request_id, reply_to and type_name") {
 
 TEST_CASE("exact byte layouts") {
   SUBCASE("the header: version, type code, id little-endian") {
-    CHECK(proto::encode(proto::Probe{0x0102030405060708}) ==
-          std::string("\x02\x07\x08\x07\x06\x05\x04\x03\x02\x01", 10));
+    CHECK(proto::encode(proto::Probe{0x0102030405060708, "a"}) ==
+          std::string("\x02\x07\x08\x07\x06\x05\x04\x03\x02\x01", 10) + str8("a"));
     CHECK(proto::encode(proto::Ack{0x1122, 3, 4, 5}) == header(64, 0x1122) + u64(3) + u64(4) + u64(5));
   }
   SUBCASE("a Register without a token has no proof") {
@@ -296,10 +297,10 @@ TEST_CASE("exact byte layouts") {
   }
   SUBCASE("a Table entry: name, ip a.b.c.d (a first), port LE, online, key") {
     const proto::Key k = counting_key();
-    const std::string want = header(8, 1) + u64(2) + u64(3) + u64(4) + u8(1) + u16(1) + str8("bob") +
+    const std::string want = header(8, 1) + str8("bob") + u64(2) + u64(3) + u64(4) + u8(1) + u16(1) + str8("bob") +
                              std::string("\x0A\x00\x01\xFF", 4) + "\x34\x12" + u8(1) + raw(k);
-    CHECK(proto::encode(proto::Table{1, 2, 3, 4, true, {{"bob", "10.0.1.255", 0x1234, true, k}}}) == want);
-    CHECK(proto::table_overhead() == 10 + 8 + 8 + 8 + 1 + 2);
+    CHECK(proto::encode(proto::Table{1, "bob", 2, 3, 4, true, {{"bob", "10.0.1.255", 0x1234, true, k}}}) == want);
+    CHECK(proto::table_overhead("bob") == 10 + 4 + 8 + 8 + 8 + 1 + 2);
     CHECK(proto::entry_size({"bob", "10.0.1.255", 0x1234, true, k}) == 4 + 4 + 2 + 1 + 32);
   }
   SUBCASE("the other types") {
@@ -309,9 +310,11 @@ TEST_CASE("exact byte layouts") {
     CHECK(proto::encode(proto::Save{1, "a", "b", 9, true, "x"}) ==
           header(4, 1) + str8("a") + str8("b") + u64(9) + u8(1) + str16("x"));
     CHECK(proto::encode(proto::Channel{1, "a", "x"}) == header(5, 1) + str8("a") + str16("x"));
-    CHECK(proto::encode(proto::Relay{1, "a", 9, "x"}) == header(6, 1) + str8("a") + u64(9) + str16("x"));
-    CHECK(proto::encode(proto::Stored{1, {{"a", true, 5, 6, k, "x"}}}) ==
-          header(9, 1) + u16(1) + str8("a") + u8(1) + u64(5) + u64(6) + raw(k) + str16("x"));
+    CHECK(proto::encode(proto::Relay{1, "bc", "a", 9, "x"}) ==
+          header(6, 1) + str8("bc") + str8("a") + u64(9) + str16("x"));
+    CHECK(proto::encode(proto::Probe{1, "bc"}) == header(7, 1) + str8("bc"));
+    CHECK(proto::encode(proto::Stored{1, "bc", {{"a", true, 5, 6, k, "x"}}}) ==
+          header(9, 1) + str8("bc") + u16(1) + str8("a") + u8(1) + u64(5) + u64(6) + raw(k) + str16("x"));
     CHECK(proto::encode(proto::KeepAlive{1, "a"}) == header(10, 1) + str8("a"));
     CHECK(proto::encode(proto::Lookup{1, "a"}) == header(11, 1) + str8("a"));
     CHECK(proto::encode(proto::Challenge{1, "tk"}) == header(65, 1) + str8("tk"));
@@ -334,7 +337,7 @@ TEST_CASE("encode normalises what has one form only on the wire") {
   SUBCASE("an entry ip that is not dotted IPv4 goes as 0.0.0.0") {
     for (const std::string ip : {"", "1.2.3", "256.1.1.1", "::1", "localhost", "01.2.3.4"}) {
       CAPTURE(ip);
-      auto d = proto::decode(proto::encode(proto::Table{1, 0, 1, 1, false, {{"a", ip, 5, true, {}}}}));
+      auto d = proto::decode(proto::encode(proto::Table{1, "a", 0, 1, 1, false, {{"a", ip, 5, true, {}}}}));
       REQUIRE(d);
       CHECK(std::get<proto::Table>(*d.message).entries.at(0).ip == "0.0.0.0");
     }
@@ -375,11 +378,11 @@ TEST_CASE("fields past their limits are refused by decode, never read as another
         DecodeError::text_too_long);
   CHECK(refusal(proto::encode(proto::Register{1, "a", {}, 0, std::string(300, 't'), {}})) ==
         DecodeError::text_too_long);
-  CHECK(refusal(proto::encode(proto::Table{1, 0, 1, 1, false, {{"a", "1.2.3.4", 0, true, {}}}})) ==
+  CHECK(refusal(proto::encode(proto::Table{1, "a", 0, 1, 1, false, {{"a", "1.2.3.4", 0, true, {}}}})) ==
         DecodeError::bad_value);
-  CHECK(refusal(proto::encode(proto::Table{1, 0, 2, 1, false, {}})) == DecodeError::bad_value);
-  CHECK(refusal(proto::encode(proto::Stored{1, {{"a", false, -1, 0, {}, ""}}})) == DecodeError::bad_value);
-  CHECK(refusal(proto::encode(proto::Probe{0})) == DecodeError::bad_value);
+  CHECK(refusal(proto::encode(proto::Table{1, "a", 0, 2, 1, false, {}})) == DecodeError::bad_value);
+  CHECK(refusal(proto::encode(proto::Stored{1, "a", {{"a", false, -1, 0, {}, ""}}})) == DecodeError::bad_value);
+  CHECK(refusal(proto::encode(proto::Probe{0, "a"})) == DecodeError::bad_value);
   CHECK(refusal(proto::encode(proto::Ack{0, 0, 0, 0})) == DecodeError::bad_value);
   CHECK(refusal(proto::encode(proto::Found{1, true, {"", "1.2.3.4", 1, true, {}}})) == DecodeError::bad_name);
   CHECK(refusal(proto::encode(proto::Found{1, false, {".x", "", 0, false, {}}})) == DecodeError::bad_name);
@@ -398,7 +401,7 @@ TEST_CASE("every refusal reason, with the exact reason") {
     DecodeError want;
   };
   std::vector<Bad> t;
-  const std::string probe = proto::encode(proto::Probe{1});
+  const std::string probe = proto::encode(proto::Probe{1, "a"});
 
   // ---- framing
   t.push_back({"empty", "", DecodeError::empty});
@@ -435,21 +438,21 @@ TEST_CASE("every refusal reason, with the exact reason") {
   t.push_back({"register without a token, with a proof", proto::encode(proto::Register{1, "a", {}, 0, "", {}}) + raw(sig_of(1)),
                DecodeError::trailing});
   t.push_back({"table claiming one entry fewer", [] {
-                 std::string b = proto::encode(proto::Table{1, 0, 0, 2, false, max_entries(2)});
-                 b[35] = 1;  // the count
+                 std::string b = proto::encode(proto::Table{1, "a", 0, 0, 2, false, max_entries(2)});
+                 b[37] = 1;  // the count
                  return b;
                }(),
                DecodeError::trailing});
   t.push_back({"table claiming one entry more", [] {
-                 std::string b = proto::encode(proto::Table{1, 0, 0, 2, false, max_entries(2)});
-                 b[35] = 3;
+                 std::string b = proto::encode(proto::Table{1, "a", 0, 0, 2, false, max_entries(2)});
+                 b[37] = 3;
                  return b;
                }(),
                DecodeError::truncated});
-  t.push_back({"stored claiming 65535 items", header(9, 1) + u16(65535), DecodeError::truncated});
+  t.push_back({"stored claiming 65535 items", header(9, 1) + str8("a") + u16(65535), DecodeError::truncated});
 
   // ---- ids
-  t.push_back({"probe id 0", header(7, 0), DecodeError::bad_value});
+  t.push_back({"probe id 0", header(7, 0) + str8("a"), DecodeError::bad_value});
   t.push_back({"dereg id 0", header(2, 0) + str8("a"), DecodeError::bad_value});
   t.push_back({"ack re 0", header(64, 0) + u64(0) + u64(0) + u64(0), DecodeError::bad_value});
   t.push_back({"alive re 0", header(71, 0) + u8(1), DecodeError::bad_value});
@@ -459,29 +462,29 @@ TEST_CASE("every refusal reason, with the exact reason") {
     const std::string s = std::to_string(v);
     t.push_back({"save force " + s, header(4, 1) + str8("a") + str8("b") + u64(1) + u8(v) + str16("x"),
                  DecodeError::bad_value});
-    t.push_back({"table more " + s, header(8, 1) + u64(1) + u64(0) + u64(0) + u8(v) + u16(0), DecodeError::bad_value});
+    t.push_back({"table more " + s, header(8, 1) + str8("a") + u64(1) + u64(0) + u64(0) + u8(v) + u16(0), DecodeError::bad_value});
     t.push_back({"entry online " + s,
-                 header(8, 1) + u64(1) + u64(0) + u64(1) + u8(0) + u16(1) + str8("a") + "\x01\x02\x03\x04" + u16(5) +
+                 header(8, 1) + str8("a") + u64(1) + u64(0) + u64(1) + u8(0) + u16(1) + str8("a") + "\x01\x02\x03\x04" + u16(5) +
                      u8(v) + raw(proto::Key{}),
                  DecodeError::bad_value});
     t.push_back({"item channel " + s,
-                 header(9, 1) + u16(1) + str8("a") + u8(v) + u64(1) + u64(1) + raw(proto::Key{}) + str16("x"),
+                 header(9, 1) + str8("a") + u16(1) + str8("a") + u8(v) + u64(1) + u64(1) + raw(proto::Key{}) + str16("x"),
                  DecodeError::bad_value});
     t.push_back({"alive live " + s, header(71, 1) + u8(v), DecodeError::bad_value});
     t.push_back({"found known " + s, header(72, 1) + u8(v) + u8(0) + std::string(39, '\0'), DecodeError::bad_value});
   }
 
   // ---- other values
-  t.push_back({"table to < from", header(8, 1) + u64(1) + u64(5) + u64(4) + u8(0) + u16(0), DecodeError::bad_value});
+  t.push_back({"table to < from", header(8, 1) + str8("a") + u64(1) + u64(5) + u64(4) + u8(0) + u16(0), DecodeError::bad_value});
   t.push_back({"entry port 0",
-               header(8, 1) + u64(1) + u64(0) + u64(1) + u8(0) + u16(1) + str8("a") + "\x01\x02\x03\x04" + u16(0) +
+               header(8, 1) + str8("a") + u64(1) + u64(0) + u64(1) + u8(0) + u16(1) + str8("a") + "\x01\x02\x03\x04" + u16(0) +
                    u8(1) + raw(proto::Key{}),
                DecodeError::bad_value});
   t.push_back({"found known with port 0",
                header(72, 1) + u8(1) + str8("a") + "\x01\x02\x03\x04" + u16(0) + u8(1) + raw(proto::Key{}),
                DecodeError::bad_value});
   t.push_back({"item ts_us negative",
-               header(9, 1) + u16(1) + str8("a") + u8(0) + u64(kMaxU64) + u64(1) + raw(proto::Key{}) + str16("x"),
+               header(9, 1) + str8("a") + u16(1) + str8("a") + u8(0) + u64(kMaxU64) + u64(1) + raw(proto::Key{}) + str16("x"),
                DecodeError::bad_value});
   for (std::size_t at = 0; at < 39; ++at) {  // a not-known Found with anything but zeros after the name
     std::string rest(39, '\0');
@@ -511,14 +514,20 @@ TEST_CASE("every refusal reason, with the exact reason") {
     t.push_back({"direct from " + what, header(3, 1) + str8(n) + str16("x"), DecodeError::bad_name});
     t.push_back({"save to " + what, header(4, 1) + str8("a") + str8(n) + u64(1) + u8(0) + str16("x"),
                  DecodeError::bad_name});
+    t.push_back({"relay recipient " + what, header(6, 1) + str8(n) + str8("a") + u64(1) + str16("x"),
+                 DecodeError::bad_name});
+    t.push_back({"probe recipient " + what, header(7, 1) + str8(n), DecodeError::bad_name});
+    t.push_back({"table recipient " + what, header(8, 1) + str8(n) + u64(1) + u64(0) + u64(0) + u8(0) + u16(0),
+                 DecodeError::bad_name});
+    t.push_back({"stored recipient " + what, header(9, 1) + str8(n) + u16(0), DecodeError::bad_name});
     t.push_back({"keepalive name " + what, header(10, 1) + str8(n), DecodeError::bad_name});
     t.push_back({"lookup name " + what, header(11, 1) + str8(n), DecodeError::bad_name});
     t.push_back({"exists name " + what, header(69, 1) + str8(n), DecodeError::bad_name});
     t.push_back({"item from " + what,
-                 header(9, 1) + u16(1) + str8(n) + u8(0) + u64(1) + u64(1) + raw(proto::Key{}) + str16("x"),
+                 header(9, 1) + str8("a") + u16(1) + str8(n) + u8(0) + u64(1) + u64(1) + raw(proto::Key{}) + str16("x"),
                  DecodeError::bad_name});
     t.push_back({"entry name " + what,
-                 header(8, 1) + u64(1) + u64(0) + u64(1) + u8(0) + u16(1) + str8(n) + "\x01\x02\x03\x04" + u16(5) +
+                 header(8, 1) + str8("a") + u64(1) + u64(0) + u64(1) + u8(0) + u16(1) + str8(n) + "\x01\x02\x03\x04" + u16(5) +
                      u8(1) + raw(proto::Key{}),
                  DecodeError::bad_name});
     if (!n.empty())  // a not-known Found may carry no name
@@ -543,7 +552,7 @@ TEST_CASE("every refusal reason, with the exact reason") {
   t.push_back({"refused reason kMaxReason + 1", header(70, 1) + str16(std::string(proto::kMaxReason + 1, 'r')),
                DecodeError::text_too_long});
   t.push_back({"item body kMaxBody + 1",
-               header(9, 1) + u16(1) + str8("a") + u8(0) + u64(1) + u64(1) + raw(proto::Key{}) +
+               header(9, 1) + str8("a") + u16(1) + str8("a") + u8(0) + u64(1) + u64(1) + raw(proto::Key{}) +
                    str16(std::string(proto::kMaxBody + 1, 'x')),
                DecodeError::text_too_long});
   t.push_back({"a body's length past the datagram", header(3, 1) + str8("a") + u16(10) + "abc", DecodeError::truncated});
@@ -582,9 +591,9 @@ TEST_CASE("accepted edges of decode") {
     check_round_trip(proto::Register{1, "a", {}, 0, std::string("{\0", 2), sig_of(0)});
   }
   SUBCASE("a datagram of exactly kMaxDatagram bytes") {
-    proto::Stored s{kMaxU64, {}};
+    proto::Stored s{kMaxU64, kName32, {}};
     const std::size_t item_base = proto::stored_item_size({kName32, true, 0, 0, {}, ""});
-    std::size_t left = proto::kMaxDatagram - proto::stored_overhead();
+    std::size_t left = proto::kMaxDatagram - proto::stored_overhead(kName32);
     while (left >= item_base) {
       const std::size_t body = std::min(proto::kMaxBody, left - item_base);
       s.items.push_back({kName32, true, kMaxI64, kMaxU64, key_of(7), all_bytes(body)});
@@ -614,8 +623,8 @@ TEST_CASE("encoded_size is exactly the size of encode") {
   all.push_back(proto::RegErr{1, std::string(50, '\xFE') + "ok\xC3"});
   all.push_back(proto::Refused{1, std::string(1000, 'r')});
   all.push_back(proto::Found{1, true, {"a\"", "\x02", 0, true, {}}});
-  all.push_back(proto::Stored{1, {{kName1, false, -1, 0, {}, ""}}});
-  all.push_back(proto::Table{1, 0, 0, 0, false, max_entries(100)});
+  all.push_back(proto::Stored{1, "a", {{kName1, false, -1, 0, {}, ""}}});
+  all.push_back(proto::Table{1, "a", 0, 0, 0, false, max_entries(100)});
   for (const Message& m : all) {
     const std::string type = proto::type_name(m);
     CAPTURE(type);
@@ -631,12 +640,12 @@ TEST_CASE("a 600-byte message, sealed, fits a Direct, a Save and a Stored item u
   const std::vector<std::pair<Message, std::size_t>> largest = {
       {proto::Direct{kMaxU64, kName32, kSealed600}, 10 + 33 + 2 + 690},
       {proto::Save{kMaxU64, kName32, kName32, kMaxU64, true, kSealed600}, 10 + 33 + 33 + 8 + 1 + 2 + 690},
-      {proto::Stored{kMaxU64, {{kName32, false, kMaxI64, kMaxU64, key_of(1), kSealed600}}},
-       10 + 2 + 33 + 1 + 8 + 8 + 32 + 2 + 690},
+      {proto::Stored{kMaxU64, kName32, {{kName32, false, kMaxI64, kMaxU64, key_of(1), kSealed600}}},
+       10 + 33 + 2 + 33 + 1 + 8 + 8 + 32 + 2 + 690},
       {proto::Channel{kMaxU64, kName32, kSigned600}, 10 + 33 + 2 + 672},
-      {proto::Relay{kMaxU64, kName32, kMaxU64, kSigned600}, 10 + 33 + 8 + 2 + 672},
-      {proto::Stored{kMaxU64, {{kName32, true, kMaxI64, kMaxU64, key_of(1), kSigned600}}},
-       10 + 2 + 33 + 1 + 8 + 8 + 32 + 2 + 672},
+      {proto::Relay{kMaxU64, kName32, kName32, kMaxU64, kSigned600}, 10 + 33 + 33 + 8 + 2 + 672},
+      {proto::Stored{kMaxU64, kName32, {{kName32, true, kMaxI64, kMaxU64, key_of(1), kSigned600}}},
+       10 + 33 + 2 + 33 + 1 + 8 + 8 + 32 + 2 + 672},
   };
   for (const auto& [m, size] : largest) {
     const std::string type = proto::type_name(m);
@@ -649,7 +658,9 @@ TEST_CASE("a 600-byte message, sealed, fits a Direct, a Save and a Stored item u
   // Any body decode accepts can be carried on: relayed, saved and delivered as one item.
   CHECK(proto::encoded_size(proto::Save{kMaxU64, kName32, kName32, kMaxU64, true, std::string(proto::kMaxBody, 'x')}) <=
         proto::kMaxDatagram);
-  CHECK(proto::stored_overhead() +
+  CHECK(proto::encoded_size(proto::Relay{kMaxU64, kName32, kName32, kMaxU64, std::string(proto::kMaxBody, 'x')}) <=
+        proto::kMaxDatagram);
+  CHECK(proto::stored_overhead(kName32) +
             proto::stored_item_size({kName32, true, kMaxI64, kMaxU64, {}, std::string(proto::kMaxBody, 'x')}) <=
         proto::kMaxDatagram);
   // The Register with the longest token and the Challenge are small; the Challenge is
@@ -684,10 +695,10 @@ TEST_CASE("set_encoded_id gives each copy of a request its own id") {
   }
   SUBCASE("a body or mid that holds the placeholder's bytes is never rewritten") {
     const std::string lure = u64(proto::kIdPlaceholder) + header(6, proto::kIdPlaceholder);
-    for (const Message& m : {Message{proto::Relay{5, kName32, proto::kIdPlaceholder, lure}},
+    for (const Message& m : {Message{proto::Relay{5, "a", kName32, proto::kIdPlaceholder, lure}},
                              Message{proto::Direct{6, "a", lure}},
                              Message{proto::Save{7, "a", "b", proto::kIdPlaceholder, false, lure}},
-                             Message{proto::Stored{8, {{"a", true, 1, proto::kIdPlaceholder, key_of(0xFF), lure}}}},
+                             Message{proto::Stored{8, "a", {{"a", true, 1, proto::kIdPlaceholder, key_of(0xFF), lure}}}},
                              Message{proto::Ack{proto::kIdPlaceholder, 0, 0, proto::kIdPlaceholder}},
                              Message{proto::Receipt{proto::kIdPlaceholder, lure}},
                              Message{proto::RegErr{proto::kIdPlaceholder, "x"}}}) {
@@ -698,14 +709,14 @@ TEST_CASE("set_encoded_id gives each copy of a request its own id") {
       CHECK_FALSE(proto::set_encoded_id(bytes, 9));
       CHECK(bytes == before);
     }
-    std::string bytes = proto::encode(proto::Relay{proto::kIdPlaceholder, kName32, proto::kIdPlaceholder, lure});
+    std::string bytes = proto::encode(proto::Relay{proto::kIdPlaceholder, "a", kName32, proto::kIdPlaceholder, lure});
     REQUIRE(proto::set_encoded_id(bytes, 9));
     auto d = proto::decode(bytes);
     REQUIRE(d);
-    CHECK(*d.message == Message{proto::Relay{9, kName32, proto::kIdPlaceholder, lure}});
+    CHECK(*d.message == Message{proto::Relay{9, "a", kName32, proto::kIdPlaceholder, lure}});
   }
   SUBCASE("anything but an encoded request with the placeholder is refused, untouched") {
-    const std::string good = proto::encode(proto::Probe{proto::kIdPlaceholder});
+    const std::string good = proto::encode(proto::Probe{proto::kIdPlaceholder, "a"});
     std::vector<std::string> bad = {
         "",
         "{",
@@ -716,7 +727,7 @@ TEST_CASE("set_encoded_id gives each copy of a request its own id") {
         header(7, proto::kIdPlaceholder - 1),              // not the placeholder
         R"({"v":1,"t":"probe","id":18446744073709551615})",  // version 1
     };
-    for (std::size_t n = 0; n < good.size(); ++n) bad.push_back(good.substr(0, n));  // every truncation
+    for (std::size_t n = 0; n < 10; ++n) bad.push_back(good.substr(0, n));  // every truncation of the header
     for (const std::string& before : bad) {
       CAPTURE(before);
       std::string bytes = before;
@@ -731,7 +742,7 @@ TEST_CASE("set_encoded_id gives each copy of a request its own id") {
     // Once rewritten the placeholder is gone: a second id cannot be written over the first.
     REQUIRE(proto::set_encoded_id(bytes, 9));
     CHECK_FALSE(proto::set_encoded_id(bytes, 10));
-    CHECK(bytes == proto::encode(proto::Probe{9}));
+    CHECK(bytes == proto::encode(proto::Probe{9, "a"}));
   }
 }
 
@@ -781,7 +792,8 @@ class Randomizer {
 
 TEST_CASE("stored_overhead and stored_item_size give every Stored datagram's size exactly") {
   Randomizer rnd(20240611);
-  CHECK(proto::stored_overhead() == 12);
+  CHECK(proto::stored_overhead("a") == 14);
+  CHECK(proto::stored_overhead(kName32) == 10 + 33 + 2);
   for (int round = 0; round < 400; ++round) {
     std::vector<proto::StoredItem> items(rnd.below(5));
     std::size_t sum = 0;
@@ -791,13 +803,14 @@ TEST_CASE("stored_overhead and stored_item_size give every Stored datagram's siz
       sum += proto::stored_item_size(item);
     }
     const std::uint64_t id = rnd.u64() | 1;
+    const std::string to = rnd.name();
     CAPTURE(round);
-    CHECK(proto::encode(proto::Stored{id, items}).size() == proto::stored_overhead() + sum);
+    CHECK(proto::encode(proto::Stored{id, to, items}).size() == proto::stored_overhead(to) + sum);
   }
   // Packing as the server does: take items while the sum stays within one datagram.
   for (int round = 0; round < 50; ++round) {
-    proto::Stored batch{kMaxU64, {}};
-    std::size_t sum = proto::stored_overhead();
+    proto::Stored batch{kMaxU64, kName32, {}};
+    std::size_t sum = proto::stored_overhead(kName32);
     for (;;) {
       proto::StoredItem item{rnd.name(), true, kMaxI64, kMaxU64, rnd.key(), rnd.body(kSealed600.size())};
       if (sum + proto::stored_item_size(item) > proto::kMaxDatagram) break;
@@ -816,7 +829,8 @@ TEST_CASE("stored_overhead and stored_item_size give every Stored datagram's siz
 
 TEST_CASE("table_overhead and entry_size give every Table datagram's size exactly") {
   Randomizer rnd(20240612);
-  CHECK(proto::table_overhead() == 37);
+  CHECK(proto::table_overhead("a") == 39);
+  CHECK(proto::table_overhead(kName32) == 10 + 33 + 8 + 8 + 8 + 1 + 2);
   CHECK(proto::entry_size(max_entries(1)[0]) == 33 + 4 + 2 + 1 + 32);
   for (int round = 0; round < 400; ++round) {
     std::vector<proto::Entry> entries(rnd.below(60));
@@ -827,13 +841,13 @@ TEST_CASE("table_overhead and entry_size give every Table datagram's size exactl
            rnd.key()};
       sum += proto::entry_size(e);
     }
-    proto::Table t{rnd.u64() | 1, rnd.u64(), rnd.u64(), rnd.u64(), rnd.below(2) == 1, entries};
+    proto::Table t{rnd.u64() | 1, rnd.name(), rnd.u64(), rnd.u64(), rnd.u64(), rnd.below(2) == 1, entries};
     CAPTURE(round);
-    CHECK(proto::encode(t).size() == proto::table_overhead() + sum);
+    CHECK(proto::encode(t).size() == proto::table_overhead(t.recipient) + sum);
   }
-  // Packing rows of the longest kind: 19 fit one datagram.
-  proto::Table t{kMaxU64, kMaxU64, kMaxU64, kMaxU64, false, {}};
-  std::size_t sum = proto::table_overhead();
+  // Packing rows of the longest kind for the longest recipient name: 19 fit one datagram.
+  proto::Table t{kMaxU64, kName32, kMaxU64, kMaxU64, kMaxU64, false, {}};
+  std::size_t sum = proto::table_overhead(kName32);
   for (const proto::Entry& e : max_entries(100)) {
     if (sum + proto::entry_size(e) > proto::kMaxDatagram) break;
     sum += proto::entry_size(e);
@@ -1022,7 +1036,7 @@ TEST_CASE("v1_refusal answers a version-1 request as an old client understands i
              std::string("{"),
              std::string(""),
              proto::encode(proto::Register{5, "alice", {}, 0, "", {}}),
-             proto::encode(proto::Probe{5}),
+             proto::encode(proto::Probe{5, "a"}),
          }) {
       CAPTURE(bytes);
       std::optional<std::string> r;

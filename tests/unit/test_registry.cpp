@@ -117,7 +117,7 @@ TEST_CASE("the client applies chunks in order, skips gaps, and takes a new epoch
   for (int i = 0; i < 4; ++i) t.upsert(std::string("c").append(std::to_string(i)), "127.0.0.1", 5000 + i, true, proto::Key{});
   chat::peer::LocalTable local;
   auto as_msg = [&](const chat::registry::Chunk& c, std::uint64_t epoch) {
-    return proto::Table{1, epoch, c.from, c.to, c.more, c.entries};
+    return proto::Table{1, "me", epoch, c.from, c.to, c.more, c.entries};
   };
   auto first = t.changes_since(0, 60);
   auto a = local.apply(as_msg(first, 42));
@@ -140,7 +140,7 @@ TEST_CASE("the client applies chunks in order, skips gaps, and takes a new epoch
   Table t2(43);
   t2.upsert("z", "127.0.0.1", 6000, true, proto::Key{});
   t2.upsert("y", "127.0.0.1", 6001, true, proto::Key{});
-  auto mid = local.apply(proto::Table{2, 43, 1, 2, false, {}});
+  auto mid = local.apply(proto::Table{2, "me", 43, 1, 2, false, {}});
   CHECK_FALSE(mid.changed);
   CHECK(mid.have == 0);
   auto snap = local.apply(as_msg(t2.changes_since(0, 100000), 43));
@@ -155,11 +155,26 @@ namespace {
 
 using namespace std::chrono_literals;
 
+// The recipient a server request names, or nullptr for a message that names none.
+const std::string* recipient_of(const proto::Message& m) {
+  return std::visit(
+      [](const auto& x) -> const std::string* {
+        if constexpr (requires { x.recipient; }) return &x.recipient;
+        else return nullptr;
+      },
+      m);
+}
+
 // One simulated peer: a real UDP endpoint that registers, applies and ACKs table updates.
+// Like a real client it answers only the server requests that name it.
 struct SimPeer {
   SimPeer(chat::net::io_context& io, std::string n, chat::udp::endpoint server)
       : name(std::move(n)), ep(io, chat::udp::endpoint(chat::net::ip::make_address_v4("127.0.0.1"), 0), {1000ms, 8}) {
     ep.start([this](const proto::Message& m, const chat::udp::endpoint& from) {
+      if (const std::string* to = recipient_of(m); to != nullptr && *to != name) {
+        ++not_for_me;
+        return ep.forget(from, proto::request_id(m));
+      }
       if (auto* t = std::get_if<proto::Table>(&m)) {
         auto a = table.apply(*t);
         ep.reply(from, proto::Ack{t->id, a.epoch, a.have});
@@ -184,6 +199,7 @@ struct SimPeer {
   chat::transport::Socket ep;
   chat::peer::LocalTable table;
   bool registered = false;
+  std::size_t not_for_me = 0;  // server requests that named another peer
 };
 
 struct Scale {
@@ -231,6 +247,7 @@ Scale run_scale(int n) {
     deadline = std::chrono::steady_clock::now() + 60s;
     while (!converged(peers, server.table()) && std::chrono::steady_clock::now() < deadline) io.run_for(20ms);
     REQUIRE(converged(peers, server.table()));
+    for (const auto& p : peers) CHECK(p->not_for_me == 0);
     out.bytes_for_one = first_bytes() - before;
     std::cout << "scale: " << n << " peers, one more registration: " << server.counters().sent - sent_before
               << " datagrams (rate-limited " << server.counters().rate_limited - rl_before << ", not sent unproven "

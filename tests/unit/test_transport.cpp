@@ -134,7 +134,7 @@ TEST_CASE("a request ACKed on the first try is sent once and completes with the 
 
   const std::uint64_t id = client.next_id();
   Outcome out;
-  client.request(proto::Probe{id}, peer.endpoint(), out.done());
+  client.request(proto::Probe{id, "peer"}, peer.endpoint(), out.done());
   CHECK(client.in_flight() == 1);
   REQUIRE(run_until(io, [&] { return out.calls > 0; }));
   settle(io, kFast.timeout * 4);  // long enough for a retransmission to show, were one due
@@ -143,7 +143,7 @@ TEST_CASE("a request ACKed on the first try is sent once and completes with the 
   REQUIRE(out.reply);
   CHECK(*out.reply == proto::Message{proto::Ack{id, 0, 0}});
   CHECK(peer.count() == 1);
-  CHECK(decode_ok(peer.bytes(0)) == proto::Message{proto::Probe{id}});
+  CHECK(decode_ok(peer.bytes(0)) == proto::Message{proto::Probe{id, "peer"}});
   CHECK(peer.sender(0) == client.local_endpoint());
   CHECK(client.in_flight() == 0);
   CHECK(client.counters().retransmits == 0);
@@ -210,7 +210,7 @@ TEST_CASE("a per-request retry policy overrides the endpoint's") {
   RawPeer peer(io);
 
   Outcome out;
-  client.request(proto::Probe{client.next_id()}, peer.endpoint(), out.done(), RetryPolicy{20ms, 1});
+  client.request(proto::Probe{client.next_id(), "peer"}, peer.endpoint(), out.done(), RetryPolicy{20ms, 1});
   REQUIRE(run_until(io, [&] { return out.calls > 0; }, 5s));
   CHECK(out.got_nullptr);
   CHECK(peer.count() == 2);
@@ -387,7 +387,7 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   RawPeer client(io);
   const udp::endpoint to = server.local_endpoint();
 
-  const std::string probe = proto::encode(proto::Probe{77});
+  const std::string probe = proto::encode(proto::Probe{77, "peer"});
   std::string bad_bool = proto::encode(proto::Save{55, "a", "b", 1, true, "x"});
   bad_bool[10 + 2 + 2 + 8] = 2;  // force: neither 0 nor 1
   client.send_bytes("this is not ChatApp", to);       // bad_version
@@ -402,7 +402,7 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   client.send_bytes("", to);                                              // empty
   client.send_bytes(probe.substr(0, 9), to);                              // truncated
   client.send_bytes(probe + "x", to);                                     // trailing
-  client.send_bytes(proto::encode(proto::Probe{0}), to);                  // bad_value: id 0
+  client.send_bytes(proto::encode(proto::Probe{0, "peer"}), to);                  // bad_value: id 0
   client.send_bytes(bad_bool, to);                                        // bad_value: a bool of 2
   client.send_bytes(std::string("\x02\x30", 2) + probe.substr(2), to);  // unknown_type
   // Version 1 (JSON) datagrams that are no request get no answer either.
@@ -410,12 +410,12 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   client.send_bytes(R"({"v":1,"t":"probe","id":0})", to);
   client.send_bytes(R"({"v":1,"t":"ack","re":12})", to);
   client.send_bytes(proto::encode(proto::Ack{12345, 0, 0, 0}), to);  // a reply nobody asked for
-  client.send_bytes(proto::encode(proto::Probe{4242}), to);          // and finally a valid request
+  client.send_bytes(proto::encode(proto::Probe{4242, "peer"}), to);          // and finally a valid request
 
   REQUIRE(run_until(io, [&] { return client.count() == 1; }));
   CHECK(decode_ok(client.bytes(0)) == proto::Message{proto::Ack{4242, 0, 0, 0}});
   REQUIRE(handed_up.size() == 1);
-  CHECK(handed_up[0] == proto::Message{proto::Probe{4242}});
+  CHECK(handed_up[0] == proto::Message{proto::Probe{4242, "peer"}});
 
   using proto::DecodeError;
   CHECK(refused(server, DecodeError::bad_version) == 1);
@@ -431,7 +431,7 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
   CHECK(server.counters().received == 14);
 
   // Still serving after all that.
-  client.send_bytes(proto::encode(proto::Probe{4243}), to);
+  client.send_bytes(proto::encode(proto::Probe{4243, "peer"}), to);
   REQUIRE(run_until(io, [&] { return client.count() == 2; }));
   CHECK(decode_ok(client.bytes(1)) == proto::Message{proto::Ack{4243, 0, 0}});
 }
@@ -470,7 +470,7 @@ TEST_CASE("close() abandons pending requests without calling Done") {
   RawPeer peer(io);
 
   Outcome out;
-  client.request(proto::Probe{client.next_id()}, peer.endpoint(), out.done());
+  client.request(proto::Probe{client.next_id(), "peer"}, peer.endpoint(), out.done());
   REQUIRE(run_until(io, [&] { return peer.count() == 1; }));
   client.close();
   CHECK(client.in_flight() == 0);
@@ -501,8 +501,8 @@ TEST_CASE("a request reusing an id still in flight fails at once, the first is u
   RawPeer peer(io);
   Outcome first;
   Outcome second;
-  client.request(proto::Probe{42}, peer.endpoint(), first.done());
-  client.request(proto::Probe{42}, peer.endpoint(), second.done());
+  client.request(proto::Probe{42, "peer"}, peer.endpoint(), first.done());
+  client.request(proto::Probe{42, "peer"}, peer.endpoint(), second.done());
   REQUIRE(run_until(io, [&] { return second.calls > 0; }, 2s));
   CHECK(second.got_nullptr);
   CHECK(first.calls == 0);
@@ -526,8 +526,8 @@ TEST_CASE("requests past Guard::max_in_flight to one address fail at once") {
   RawPeer other(io);
 
   std::vector<Outcome> out(4);
-  for (std::size_t i = 0; i < 3; ++i) client.request(proto::Probe{100 + i}, peer.endpoint(), out[i].done());
-  client.request(proto::Probe{200}, other.endpoint(), out[3].done());  // another address: its own bound
+  for (std::size_t i = 0; i < 3; ++i) client.request(proto::Probe{100 + i, "peer"}, peer.endpoint(), out[i].done());
+  client.request(proto::Probe{200, "peer"}, other.endpoint(), out[3].done());  // another address: its own bound
   REQUIRE(run_until(io, [&] { return out[2].calls > 0 && other.count() == 1; }));
   CHECK(out[2].got_nullptr);
   CHECK(out[0].calls == 0);
@@ -539,7 +539,7 @@ TEST_CASE("requests past Guard::max_in_flight to one address fail at once") {
   peer.send(proto::Ack{100, 0, 0}, client.local_endpoint());
   REQUIRE(run_until(io, [&] { return out[0].calls > 0; }));
   Outcome again;
-  client.request(proto::Probe{103}, peer.endpoint(), again.done());
+  client.request(proto::Probe{103, "peer"}, peer.endpoint(), again.done());
   REQUIRE(run_until(io, [&] { return peer.count() == 3; }));
   CHECK(again.calls == 0);
 }
@@ -677,7 +677,7 @@ const udp::endpoint kPeer{kLoopback, 4242};
 TEST_CASE("core: retransmissions follow the policy on the fake clock, then the request gives up") {
   Bare b(RetryPolicy{500ms, 5});
   Outcome o;
-  b.core.request(proto::Probe{7}, kPeer, o.done());
+  b.core.request(proto::Probe{7, "peer"}, kPeer, o.done());
   CHECK(b.sent.size() == 1);
   CHECK(b.core.next_deadline() == b.clock.now() + 500ms);
   b.advance(499ms);
@@ -702,7 +702,7 @@ TEST_CASE("core: the duplicate window outlasts the longest retry policy (--ack-t
     ++handled;
     b.core.reply(from, proto::Ack{proto::request_id(m)});
   });
-  const std::string probe = proto::encode(proto::Probe{99});
+  const std::string probe = proto::encode(proto::Probe{99, "peer"});
   b.core.on_datagram(probe, kPeer);
   // The sender's 100th retransmission, 100 minutes later, is a repeat: answered, not handed up.
   b.advance(100 * 60s);
