@@ -20,6 +20,12 @@ inline constexpr std::uint64_t kMaxClockAheadMs = 24ull * 3600 * 1000;
 /// One SQLite file per local name (or ":memory:" in simulations). Single-threaded: one connection,
 /// used from the client's one thread. Every failure throws std::runtime_error with a clear message.
 /// A moved-from PeerState may only be assigned to or destroyed.
+///
+/// One process at a time: opening takes an exclusive lock (flock on `<file>.lock`, and SQLite's
+/// own lock on the file, held until the PeerState is gone), and a second open of the same file,
+/// from this process or another, is refused ("... is in use by another ChatApp process ...").
+/// Pins, pending keys, verified marks and blocks are read into memory when the file is opened and
+/// answered from there; every change is committed to the file before it returns.
 class PeerState {
  public:
   /// How a name's key compares with what was pinned for it.
@@ -27,6 +33,7 @@ class PeerState {
 
   /// Opens (creating it, its directories 0700 and the file 0600, if new) the state in `file`, and
   /// prunes replay records that fell out of the window at now_ms (ms since the Unix epoch).
+  /// Throws if another PeerState holds `file` open.
   PeerState(const std::filesystem::path& file, std::uint64_t now_ms);
   /// The same, pruning at the system clock's time.
   explicit PeerState(const std::filesystem::path& file);

@@ -10,7 +10,7 @@ import time
 import unittest
 
 import wire
-from harness import DEADLINE, FAST, ChatTest, Proc, free_port
+from harness import DEADLINE, FAST, ChatTest, Proc, free_port, isolated_env
 
 WELCOME = ">>> [Welcome, You are registered.]"
 UPDATED = ">>> [Client table updated.]"
@@ -100,11 +100,19 @@ class RegistrationTest(ChatBase):
         self.wait_table(c3, ["c1", "c2", "c3"])
 
     def test_duplicate_online_name_refused(self):
+        """The same name started on another machine (its own XDG_DATA_HOME, so its own state
+        file) with the same identity: the server refuses it while the holder answers."""
         c1 = self.start_client("c1")
         c2 = self.start_client("c2")
         self.wait_table(c2, ["c1", "c2"])
-        dup = self.start_client("c1", wait=False)
-        dup.expect(r"(?i)refused", timeout=5)
+        elsewhere = os.path.join(self.dir, "elsewhere")
+        os.makedirs(elsewhere, mode=0o700)
+        port = free_port()
+        dup = Proc(["-c", "c1", "127.0.0.1", str(self.server_port), str(port), "--identity",
+                    self.identity_file("c1")] + FAST, name="c1-elsewhere", env=isolated_env(elsewhere))
+        dup.port = port
+        self.procs.append(dup)
+        dup.expect_exact(">>> [Registration refused: the name c1 is in use by an online client]", timeout=5)
         code = dup.wait_exit(timeout=PROMPT_EXIT)
         self.assertNotEqual(code, 0, dup.dump())
         self.assertGreater(code, 0, "killed by a signal:\n" + dup.dump())
@@ -113,6 +121,29 @@ class RegistrationTest(ChatBase):
         # The holder keeps its name and address: messages still reach it.
         self.wait_row(c2, "c1", f"127.0.0.1:{c1.port}", "online")
         self.chat(c2, c1, "still yours")
+
+    def test_same_name_twice_on_one_machine_stops_the_second_at_start(self):
+        """The same name started again with the same XDG_DATA_HOME: its state file is locked by
+        the first (docs/SECURITY.md), so the second says so in one line and exits 1 before it
+        sends anything; the first keeps its name."""
+        c1 = self.start_client("c1")
+        c2 = self.start_client("c2")
+        self.wait_table(c2, ["c1", "c2"])
+        dup = self.start_client("c1", wait=False)
+        code = dup.wait_exit(timeout=PROMPT_EXIT)
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end and not (dup.eof and dup.err_lines):
+            time.sleep(0.01)  # the output threads draining the pipes of a process that has exited
+        self.assertEqual(code, 1, dup.dump())
+        self.assertEqual([l for l in dup.lines if l.strip()], [], dup.dump())
+        self.assertEqual(len(dup.err_lines), 1, dup.dump())
+        self.assertEqual(dup.err_lines[0],
+                         f"ChatApp: peer state: {self.peers_db('c1')} is in use by another ChatApp process "
+                         "(this name is running already); quit it first")
+        self.assertNoCrashText(dup)
+        self.wait_row(c2, "c1", f"127.0.0.1:{c1.port}", "online")
+        self.chat(c2, c1, "still yours")
+        self.chat(c1, c2, "and mine")
 
     def test_silently_left_name_comes_back_from_another_port(self):
         c1 = self.start_client("c1")

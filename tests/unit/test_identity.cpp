@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <optional>
 #include <sstream>
@@ -808,6 +809,168 @@ TEST_CASE("a file-backed state is private, keeps everything across reopening, an
   CHECK(seen_rows() == 2);
   { PeerState s(file, kNow + 2000); }  // the second record is now out of the window
   CHECK(seen_rows() == 1);
+}
+
+namespace {
+
+/// Everything a PeerState answers about these names and keys, as one comparable text.
+std::string answers(const PeerState& s, const std::vector<std::string>& names, const std::vector<Key>& keys) {
+  std::ostringstream out;
+  const auto key_text = [](const std::optional<Key>& k) { return k ? std::to_string(int((*k)[0])) : std::string("-"); };
+  for (const auto& n : names) {
+    out << n << " pinned " << key_text(s.pinned(n)) << " pending " << key_text(s.pending(n)) << " changed "
+        << s.changed(n) << " verified " << s.verified(n) << '\n';
+  }
+  for (const auto& k : keys) out << "key " << int(k[0]) << " blocked " << s.blocked(k) << '\n';
+  for (const auto& n : s.blocked_names()) out << "blocked name " << n << '\n';
+  return out.str();
+}
+
+/// What the file itself holds in `pins` and `blocks`, read by a connection of its own.
+std::string file_rows(const fs::path& file) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(file.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  std::ostringstream out;
+  for (const char* sql : {"SELECT name, hex(pinned), ifnull(hex(pending), '-'), verified FROM pins ORDER BY name",
+                          "SELECT hex(blocked), name FROM blocks ORDER BY blocked"}) {
+    sqlite3_stmt* st = nullptr;
+    REQUIRE(sqlite3_prepare_v2(db, sql, -1, &st, nullptr) == SQLITE_OK);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+      for (int c = 0; c < sqlite3_column_count(st); ++c) out << reinterpret_cast<const char*>(sqlite3_column_text(st, c)) << ' ';
+      out << '\n';
+    }
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(db);
+  return out.str();
+}
+
+/// The message a PeerState on `file` fails to open with ("" if it opens).
+std::string open_error_of(const fs::path& file) {
+  try {
+    PeerState s(file, kNow);
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("pins and blocks answered from memory agree with the file after every change and after reopening") {
+  TempDir tmp;
+  const fs::path file = tmp.path() / "chatapp" / "peers" / "alice.db";
+  const std::vector<std::string> names{"bob", "carol", "dave", "eve", "mallory"};
+  const std::vector<Key> keys{key_of(1), key_of(2), key_of(3), key_of(4), key_of(5), key_of(6)};
+  std::vector<std::string> after;  // the answers after each step, from the state kept open
+  std::vector<std::function<void(PeerState&)>> steps{
+      [](PeerState& s) { CHECK(s.observe("bob", key_of(1)) == PeerState::Seen::first); },
+      [](PeerState& s) { CHECK(s.observe("carol", key_of(2)) == PeerState::Seen::first); },
+      [](PeerState& s) { CHECK(s.verify("bob")); },
+      [](PeerState& s) { CHECK(s.verify("bob")); },  // already verified: still true
+      [](PeerState& s) { CHECK_FALSE(s.verify("dave")); },
+      [](PeerState& s) { CHECK(s.observe("bob", key_of(3)) == PeerState::Seen::changed); },
+      [](PeerState& s) { CHECK(s.observe("bob", key_of(3)) == PeerState::Seen::changed); },
+      [](PeerState& s) { CHECK(s.observe("bob", key_of(4)) == PeerState::Seen::changed); },
+      [](PeerState& s) { CHECK(s.trust("bob")); },
+      [](PeerState& s) { CHECK_FALSE(s.trust("bob")); },
+      [](PeerState& s) { CHECK_FALSE(s.trust("dave")); },
+      [](PeerState& s) { s.block("eve", key_of(5)); },
+      [](PeerState& s) { s.block("eve", key_of(6)); },
+      [](PeerState& s) { s.block("mallory", key_of(5)); },  // eve's first key now calls itself mallory
+      [](PeerState& s) { CHECK(s.unblock("eve")); },
+      [](PeerState& s) { CHECK_FALSE(s.unblock("eve")); },
+      [](PeerState& s) { s.block("carol", key_of(2)); },
+  };
+  {
+    PeerState s(file, kNow);
+    for (const auto& step : steps) {
+      step(s);
+      after.push_back(answers(s, names, keys));
+    }
+  }
+  // Replayed on another file, closed and opened again after each step: what is read back from the
+  // file is what memory said, step by step, and the file's rows do not change by being reopened.
+  const fs::path other = tmp.path() / "replay.db";
+  for (std::size_t i = 0; i < steps.size(); ++i) {
+    CAPTURE(i);
+    {
+      PeerState s(other, kNow);
+      steps[i](s);
+      CHECK(answers(s, names, keys) == after[i]);
+    }
+    const std::string rows = file_rows(other);
+    {
+      PeerState reopened(other, kNow);
+      CHECK(answers(reopened, names, keys) == after[i]);
+    }
+    CHECK(file_rows(other) == rows);
+  }
+  CHECK(file_rows(other) == file_rows(file));
+  PeerState reopened(file, kNow);
+  CHECK(answers(reopened, names, keys) == after.back());
+  CHECK(answers(reopened, names, keys) ==
+        "bob pinned 4 pending - changed 0 verified 0\n"
+        "carol pinned 2 pending - changed 0 verified 0\n"
+        "dave pinned - pending - changed 0 verified 0\n"
+        "eve pinned - pending - changed 0 verified 0\n"
+        "mallory pinned - pending - changed 0 verified 0\n"
+        "key 1 blocked 0\nkey 2 blocked 1\nkey 3 blocked 0\nkey 4 blocked 0\nkey 5 blocked 1\nkey 6 blocked 0\n"
+        "blocked name carol\nblocked name mallory\n");
+}
+
+TEST_CASE("a state file open in one PeerState is refused to a second, in this process or another, until it closes") {
+  TempDir tmp;
+  const fs::path file = tmp.path() / "chatapp" / "peers" / "alice.db";
+  const std::string in_use =
+      "peer state: " + file.string() + " is in use by another ChatApp process (this name is running already); quit it first";
+  std::optional<PeerState> first(std::in_place, file, kNow);
+  CHECK(first->observe("bob", key_of(1)) == PeerState::Seen::first);
+  CHECK(first->first_seen(key_of(1), 1, 10, kNow, kNow));
+
+  CHECK(open_error_of(file) == in_use);
+  // Another process: the same refusal, at once (no wait for a timeout).
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    const std::string err = open_error_of(file);
+    [[maybe_unused]] const auto n = ::write(fds[1], err.data(), err.size());
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string got;
+  char buf[512];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<std::size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CHECK(got == in_use);
+
+  // The refused opens changed nothing: the first goes on reading and writing.
+  CHECK(first->pinned("bob") == key_of(1));
+  CHECK(first->observe("carol", key_of(2)) == PeerState::Seen::first);
+  CHECK_FALSE(first->first_seen(key_of(1), 1, 10, kNow, kNow));
+  CHECK(first->first_seen(key_of(1), 1, 11, kNow, kNow));
+  CHECK(mode_of(file.string() + ".lock") == 0600);
+
+  // Moved, it still holds the file; gone, the file opens again with everything in it.
+  PeerState moved = std::move(*first);
+  first.reset();
+  CHECK(open_error_of(file) == in_use);
+  CHECK(moved.pinned("carol") == key_of(2));
+  { PeerState gone = std::move(moved); }
+  PeerState again(file, kNow);
+  CHECK(again.pinned("bob") == key_of(1));
+  CHECK(again.pinned("carol") == key_of(2));
+  CHECK_FALSE(again.first_seen(key_of(1), 1, 11, kNow, kNow));
+  // ":memory:" states share nothing and take no lock.
+  PeerState m1(":memory:", kNow);
+  PeerState m2(":memory:", kNow);
+  CHECK(m1.observe("bob", key_of(1)) == PeerState::Seen::first);
+  CHECK_FALSE(m2.pinned("bob"));
 }
 
 TEST_CASE("a file that is not a ChatApp peer state is refused with a clear error, and left as it is") {
