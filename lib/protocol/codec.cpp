@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include <nlohmann/json.hpp>
@@ -480,16 +481,34 @@ Decoded decode(std::string_view bytes) {
   return {std::move(m), DecodeError::none};
 }
 
-bool set_encoded_id(std::string& bytes, std::uint64_t id) {
-  if (id == 0) return false;  // 0 means "no id" and would be refused on receipt
-  if (bytes.size() < kHeader || static_cast<std::uint8_t>(bytes[0]) != kVersion ||
-      !is_request_code(static_cast<std::uint8_t>(bytes[1])))
-    return false;
-  for (std::size_t k = 2; k < kHeader; ++k)
-    if (static_cast<std::uint8_t>(bytes[k]) != 0xFF) return false;  // kIdPlaceholder, LE
-  static_assert(kIdPlaceholder == UINT64_MAX);
-  for (std::size_t k = 0; k < 8; ++k) bytes[2 + k] = static_cast<char>(static_cast<std::uint8_t>(id >> (8 * k)));
-  return true;
+Shared share(const Message& m) {
+  Message blank = m;
+  bool addressed = false;
+  std::visit(
+      [&](auto& x) {
+        if constexpr (requires { x.recipient; }) {
+          x.recipient.clear();
+          addressed = true;
+        }
+      },
+      blank);
+  if (!addressed) throw std::invalid_argument(std::string("share: a ").append(type_name(m)).append(" has no recipient"));
+  std::string bytes = encode(blank);
+  // The header, then the empty recipient's length byte, then what every recipient shares.
+  return Shared{static_cast<std::uint8_t>(bytes[1]), bytes.substr(kHeader + 1)};
+}
+
+std::string address(const Shared& s, std::uint64_t id, std::string_view recipient) {
+  std::string out;
+  out.reserve(kHeader + 1 + recipient.size() + s.tail.size());
+  StringSink sink(out);
+  Writer<StringSink> w(sink);
+  w.u8(kVersion);
+  w.u8(s.code);
+  w.u64(id);
+  w.name(recipient);
+  out.append(s.tail);
+  return out;
 }
 
 std::size_t stored_item_size(const StoredItem& item) {
@@ -499,7 +518,7 @@ std::size_t stored_item_size(const StoredItem& item) {
 }
 
 std::size_t stored_overhead(std::string_view recipient) {
-  return encoded_size(Stored{kIdPlaceholder, std::string(recipient), {}});
+  return encoded_size(Stored{1, std::string(recipient), {}});
 }
 
 std::size_t entry_size(const Entry& e) {
@@ -509,7 +528,7 @@ std::size_t entry_size(const Entry& e) {
 }
 
 std::size_t table_overhead(std::string_view recipient) {
-  return encoded_size(Table{kIdPlaceholder, std::string(recipient), 0, 0, 0, false, {}});
+  return encoded_size(Table{1, std::string(recipient), 0, 0, 0, false, {}});
 }
 
 const char* to_string(DecodeError e) {

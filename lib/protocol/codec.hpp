@@ -56,11 +56,18 @@ Decoded decode(std::string_view bytes);
 /// Exactly encode(m).size(), counted by encode's own code without building the bytes (no allocation).
 std::size_t encoded_size(const Message& m);
 
-/// Id for a request encoded once and sent as copies, each given its own id by set_encoded_id().
-inline constexpr std::uint64_t kIdPlaceholder = UINT64_MAX;
-/// Writes `id` (!= 0) over the kIdPlaceholder id (bytes 2..9) of an encoded request; false,
-/// bytes unchanged, if `bytes` is not a v2 request header holding the placeholder.
-bool set_encoded_id(std::string& bytes, std::uint64_t id);
+/// A server request (Relay, Probe, Table or Stored) encoded once for many recipients: its
+/// type and the bytes after its recipient field, which are the same for all of them.
+struct Shared {
+  std::uint8_t code = 0;
+  std::string tail;
+};
+/// `m`, a Relay, Probe, Table or Stored (its id and recipient are not used), ready to be
+/// addressed to each recipient; throws std::invalid_argument for any other type.
+Shared share(const Message& m);
+/// Exactly encode() of the message `s` was shared from, with id `id` and recipient `recipient`:
+/// a copy of the header, the name and the tail, with no encoding work.
+std::string address(const Shared& s, std::uint64_t id, std::string_view recipient);
 
 // Packing sizes: for any id and items, encode(Stored{id, recipient, items}).size() ==
 // stored_overhead(recipient) + sum of stored_item_size(item), and likewise for a Table with

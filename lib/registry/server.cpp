@@ -18,6 +18,8 @@ constexpr std::size_t kDeliveryRead = 64;
 // delivered again, and the client shows it once): at most this many wait, for at most this long.
 constexpr std::size_t kRemoveBatch = 1024;
 constexpr auto kRemoveDelay = std::chrono::milliseconds(200);
+// Table chunks kept encoded for the current table version, one per `have` clients lack it from.
+constexpr std::size_t kChunkCache = 256;
 // How often the server looks whether it has gone quiet (ServerOptions::on_quiet).
 constexpr auto kQuietCheck = std::chrono::seconds(1);
 // The keep-alive intervals a registration may ask for, in ms (the client's --keepalive range).
@@ -671,8 +673,10 @@ void Server::on_channel(const proto::Channel& r, const udp::endpoint& from) {
     return;
   }
   std::int64_t ts = core_.wall_us();
-  // One copy of the message for the whole fan-out; each relay is encoded for its member.
-  auto fan = std::make_shared<const Fanout>(Fanout{r, ts, key_of(r.from)});
+  // One copy of the message for the whole fan-out, its Relay encoded once (protocol::share);
+  // each member's datagram only adds its name and id (protocol::address).
+  auto fan = std::make_shared<const Fanout>(
+      Fanout{r, ts, key_of(r.from), proto::share(proto::Relay{0, {}, r.from, r.id, r.body})});
   std::vector<std::string> absent;
   table_.for_each([&](const Client& c) {
     if (c.name == r.from) return;
@@ -719,12 +723,12 @@ void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
     if (!ok) return missed();
     transport::RetryPolicy p = transport::RetryPolicy{options_.policy.timeout, options_.relay_retries}.within(
         options_.policy.timeout);
-    const proto::Channel& ch = fan->channel;
-    core_.request(proto::Relay{core_.next_id(), to, ch.from, ch.id, ch.body}, ep,
-                  [missed](const proto::Message* reply) {
-                    if (reply == nullptr) missed();
-                  },
-                  p);
+    std::uint64_t id = core_.next_id();
+    core_.request_encoded(id, proto::address(fan->relay, id, to), ep,
+                          [missed](const proto::Message* reply) {
+                            if (reply == nullptr) missed();
+                          },
+                          p);
   });
 }
 
@@ -771,11 +775,11 @@ void Server::send_table(const std::string& name) {
   Session& s = *session(name);
   const Client* c = table_.find(name);
   // Built now, not when the sync was asked for: it carries every change up to this moment.
-  Chunk chunk = table_.changes_since(s.have, proto::kMaxDatagram - proto::table_overhead(name));
-  proto::Table msg{core_.next_id(), name, table_.epoch(), chunk.from, chunk.to, chunk.more, std::move(chunk.entries)};
+  std::uint64_t id = core_.next_id();
+  std::string bytes = proto::address(chunk_after(s.have), id, name);
   SessionRef ref = sessions_[name];
-  s.table_request = msg.id;
-  core_.request(msg, endpoint_of(*c), [this, name, ref](const proto::Message* reply) {
+  s.table_request = id;
+  core_.request_encoded(id, std::move(bytes), endpoint_of(*c), [this, name, ref](const proto::Message* reply) {
     auto session = ref.lock();
     if (session == nullptr) return;  // a new session or a leave since
     session->table_request = 0;
@@ -785,7 +789,22 @@ void Server::send_table(const std::string& name) {
     if (const auto* a = std::get_if<proto::Ack>(reply))
       session->have = a->epoch == table_.epoch() ? std::min(a->have, table_.version()) : 0;
     sync(name);
-  });
+  }, core_.policy());
+}
+
+const proto::Shared& Server::chunk_after(std::uint64_t have) {
+  if (chunks_version_ != table_.version() || chunks_epoch_ != table_.epoch()) {
+    chunks_.clear();
+    chunks_version_ = table_.version();
+    chunks_epoch_ = table_.epoch();
+  }
+  if (auto it = chunks_.find(have); it != chunks_.end()) return it->second;
+  if (chunks_.size() >= kChunkCache) chunks_.clear();
+  // Sized for the longest name, so that one encoding fits every recipient.
+  static const std::string longest(proto::kMaxName, 'x');
+  Chunk chunk = table_.changes_since(have, proto::kMaxDatagram - proto::table_overhead(longest));
+  proto::Table t{0, {}, table_.epoch(), chunk.from, chunk.to, chunk.more, std::move(chunk.entries)};
+  return chunks_.emplace(have, proto::share(t)).first->second;
 }
 
 }  // namespace chat::registry

@@ -13,6 +13,7 @@
 
 #include "identity/envelope.hpp"
 #include "offline/store.hpp"
+#include "protocol/codec.hpp"
 #include "registry/table.hpp"
 #include "transport/core.hpp"
 
@@ -135,6 +136,7 @@ class Server {
     protocol::Channel channel;
     std::int64_t ts_us = 0;
     std::string from_key;  // the sender's identity, kept with each saved copy
+    protocol::Shared relay;  // the Relay encoded once; each member's copy only adds its name and id
   };
   void relay(const std::string& to, std::shared_ptr<const Fanout> fan);
   /// True if `name`'s session is still the one `ref` was taken from (none then, none now included).
@@ -147,6 +149,9 @@ class Server {
   void table_changed(const std::string& name);
   void sync(const std::string& name);
   void send_table(const std::string& name);
+  /// The table chunk after version `have`, encoded once per table version and shared by every
+  /// client that lacks the same versions (in a storm, most of them): valid until the next call.
+  const protocol::Shared& chunk_after(std::uint64_t have);
   void sync_all();
   /// A delivery or a table update went unanswered (or the store failed): it waits for the
   /// client's next keep-alive.
@@ -205,6 +210,9 @@ class Server {
   std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit
   ServerCounters stats_;
   transport::Counters last_logged_;
+  std::unordered_map<std::uint64_t, protocol::Shared> chunks_;  // chunk_after()'s, by `have`
+  std::uint64_t chunks_version_ = 0;
+  std::uint64_t chunks_epoch_ = 0;
   std::uint64_t quiet_at_received_ = 0;  // the core's `received` count at the last on_quiet
   bool flush_scheduled_ = false;
   bool sync_scheduled_ = false;

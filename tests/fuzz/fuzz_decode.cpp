@@ -43,14 +43,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::ignore = proto::check_text(bytes);
   std::ignore = proto::valid_name(bytes);
   std::ignore = proto::valid_ipv4(bytes);
-  {
-    std::string raw(bytes);  // any bytes at all, not only what encode() wrote
-    const bool rewritten = proto::set_encoded_id(raw, 1);
-    if (!rewritten && raw != bytes) fail("set_encoded_id changed bytes it refused", bytes, raw);
-    if (rewritten && (raw.size() != bytes.size() || raw.compare(10, std::string::npos, bytes.substr(10)) != 0))
-      fail("set_encoded_id changed more than the id", bytes, raw);
-  }
-
   // The answer to a version-1 request: total, and itself a v1 datagram (never a v2 one).
   if (std::optional<std::string> v1 = proto::v1_refusal(bytes)) {
     if (bytes.empty() || bytes[0] != '{') fail("v1_refusal answered something that is not v1", bytes, *v1);
@@ -97,20 +89,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (once.size() != sum) fail("table datagram size is not overhead + entry sizes", bytes, once);
   }
 
-  // An id written over the placeholder gives the request's own encoding; nothing else is touched.
-  std::string rewritten = once;
-  if (std::uint64_t id = proto::request_id(m); id != 0) {
-    proto::Message template_message = m;
-    std::visit(
-        [](auto& x) {
-          if constexpr (requires { x.id; }) x.id = proto::kIdPlaceholder;
-        },
-        template_message);
-    rewritten = proto::encode(template_message);
-    if (!proto::set_encoded_id(rewritten, id) || rewritten != once)
-      fail("set_encoded_id did not give the request's encoding", bytes, rewritten);
-  } else if (proto::set_encoded_id(rewritten, 1) || rewritten != once) {
-    fail("set_encoded_id rewrote a reply", bytes, rewritten);
-  }
+  // A server request shared once and addressed again is byte for byte the same datagram.
+  std::visit(
+      [&](const auto& x) {
+        if constexpr (requires { x.recipient; }) {
+          std::string again = proto::address(proto::share(m), x.id, x.recipient);
+          if (again != once) fail("address(share(m)) is not encode(m)", bytes, again);
+        }
+      },
+      m);
   return 0;
 }

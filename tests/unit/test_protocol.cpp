@@ -205,15 +205,6 @@ std::vector<Message> one_of_each() {
   };
 }
 
-// Sets the request id of `m` (which must be a request).
-void set_id(Message& m, std::uint64_t id) {
-  std::visit(
-      [id](auto& x) {
-        if constexpr (requires { x.id; }) x.id = id;
-      },
-      m);
-}
-
 }  // namespace
 
 TEST_SUITE("protocol") {
@@ -672,78 +663,39 @@ TEST_CASE("a 600-byte message, sealed, fits a Direct, a Save and a Stored item u
         proto::encoded_size(proto::Register{kMaxU64, kName1, {}, 0, "", {}}));
 }
 
-TEST_CASE("set_encoded_id gives each copy of a request its own id") {
-  SUBCASE("every request type") {
-    for (Message m : one_of_each()) {
-      if (proto::request_id(m) == 0) continue;
-      const std::string type = proto::type_name(m);
-      CAPTURE(type);
-      set_id(m, proto::kIdPlaceholder);
-      const std::string once = proto::encode(m);
-      for (std::uint64_t id : {std::uint64_t{1}, std::uint64_t{42}, kMaxU64 - 1, kMaxU64}) {
-        std::string copy = once;
-        REQUIRE(proto::set_encoded_id(copy, id));
+TEST_CASE("share and address give each recipient exactly the encoding of its own message") {
+  std::set<std::string> shared;
+  for (Message m : one_of_each()) {
+    const std::string type = proto::type_name(m);
+    CAPTURE(type);
+    bool addressed = false;
+    std::visit([&](auto& x) { addressed = requires { x.recipient; }; }, m);
+    if (!addressed) {
+      CHECK_THROWS_AS(std::ignore = proto::share(m), std::invalid_argument);
+      continue;
+    }
+    shared.insert(type);
+    const proto::Shared once = proto::share(m);
+    for (const std::string& to : {std::string("a"), std::string("bob"), kName32}) {
+      for (std::uint64_t id : {std::uint64_t{1}, std::uint64_t{42}, kMaxU64}) {
         Message want = m;
-        set_id(want, id);
-        CHECK(copy == proto::encode(want));
-        CHECK(copy.size() == once.size());
-        auto d = proto::decode(copy);
+        std::visit(
+            [&](auto& x) {
+              if constexpr (requires { x.recipient; }) {
+                x.id = id;
+                x.recipient = to;
+              }
+            },
+            want);
+        const std::string bytes = proto::address(once, id, to);
+        CHECK(bytes == proto::encode(want));
+        auto d = proto::decode(bytes);
         REQUIRE(d);
         CHECK(*d.message == want);
       }
     }
   }
-  SUBCASE("a body or mid that holds the placeholder's bytes is never rewritten") {
-    const std::string lure = u64(proto::kIdPlaceholder) + header(6, proto::kIdPlaceholder);
-    for (const Message& m : {Message{proto::Relay{5, "a", kName32, proto::kIdPlaceholder, lure}},
-                             Message{proto::Direct{6, "a", lure}},
-                             Message{proto::Save{7, "a", "b", proto::kIdPlaceholder, false, lure}},
-                             Message{proto::Stored{8, "a", {{"a", true, 1, proto::kIdPlaceholder, key_of(0xFF), lure}}}},
-                             Message{proto::Ack{proto::kIdPlaceholder, 0, 0, proto::kIdPlaceholder}},
-                             Message{proto::Receipt{proto::kIdPlaceholder, lure}},
-                             Message{proto::RegErr{proto::kIdPlaceholder, "x"}}}) {
-      const std::string type = proto::type_name(m);
-      CAPTURE(type);
-      const std::string before = proto::encode(m);
-      std::string bytes = before;
-      CHECK_FALSE(proto::set_encoded_id(bytes, 9));
-      CHECK(bytes == before);
-    }
-    std::string bytes = proto::encode(proto::Relay{proto::kIdPlaceholder, "a", kName32, proto::kIdPlaceholder, lure});
-    REQUIRE(proto::set_encoded_id(bytes, 9));
-    auto d = proto::decode(bytes);
-    REQUIRE(d);
-    CHECK(*d.message == Message{proto::Relay{9, "a", kName32, proto::kIdPlaceholder, lure}});
-  }
-  SUBCASE("anything but an encoded request with the placeholder is refused, untouched") {
-    const std::string good = proto::encode(proto::Probe{proto::kIdPlaceholder, "a"});
-    std::vector<std::string> bad = {
-        "",
-        "{",
-        u8(1) + good.substr(1),                            // another version
-        u8(2) + u8(64) + good.substr(2),                   // a reply
-        u8(2) + u8(0) + good.substr(2),                    // no type
-        u8(2) + u8(12) + good.substr(2),                   // an unknown type
-        header(7, proto::kIdPlaceholder - 1),              // not the placeholder
-        R"({"v":1,"t":"probe","id":18446744073709551615})",  // version 1
-    };
-    for (std::size_t n = 0; n < 10; ++n) bad.push_back(good.substr(0, n));  // every truncation of the header
-    for (const std::string& before : bad) {
-      CAPTURE(before);
-      std::string bytes = before;
-      bool ok = true;
-      REQUIRE_NOTHROW(ok = proto::set_encoded_id(bytes, 9));
-      CHECK_FALSE(ok);
-      CHECK(bytes == before);
-    }
-    std::string bytes = good;
-    CHECK_FALSE(proto::set_encoded_id(bytes, 0));  // 0 is "no id": refused on receipt
-    CHECK(bytes == good);
-    // Once rewritten the placeholder is gone: a second id cannot be written over the first.
-    REQUIRE(proto::set_encoded_id(bytes, 9));
-    CHECK_FALSE(proto::set_encoded_id(bytes, 10));
-    CHECK(bytes == proto::encode(proto::Probe{9, "a"}));
-  }
+  CHECK(shared.size() == 4);  // relay, probe, table, stored
 }
 
 namespace {
