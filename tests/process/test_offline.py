@@ -132,6 +132,11 @@ class OfflineTest(ChatTest):
         sender.expect_exact(">>> [Message received by Server.]")
         for m in staying:
             m.expect_exact(">>> [Channel_Message s: hello channel]")
+        # The silent ones are still online to the server until their relays go unanswered; it
+        # marks them offline and saves their copies in the same turn. Once the sender sees them
+        # offline, the copies are saved, so each restart is told "[You have messages]" (a
+        # restart before that gets its copy delivered later, without that line).
+        self.wait_table(sender, ["s"] + [m.name for m in staying])
         for m in gone:
             back = self.start_client(m.name)
             back.expect_exact(">>> [You have messages]")
