@@ -449,6 +449,7 @@ class ServerProcess {
           cv_.notify_all();
         }
         if (line.find(" is offline (") != std::string_view::npos) ++gone_;
+        if (log_) *log_ << line << '\n';
         last_.emplace_back(line);
         if (last_.size() > 8) last_.pop_front();
       }
@@ -499,6 +500,11 @@ class ServerProcess {
   std::deque<std::string> last_;
   std::uint64_t lines_ = 0;
   std::uint64_t gone_ = 0;
+  // CHATBENCH_SERVER_LOG=<file>: every line the server logs is appended there too.
+  std::unique_ptr<std::ofstream> log_ = std::getenv("CHATBENCH_SERVER_LOG") == nullptr
+                                           ? nullptr
+                                           : std::make_unique<std::ofstream>(std::getenv("CHATBENCH_SERVER_LOG"),
+                                                                             std::ios::app);
   bool listening_ = false;
   bool eof_ = false;
   bool stop_reading_ = false;
@@ -598,7 +604,7 @@ std::int64_t wall_ns() {
 /// The simulated peers of one scenario, against one server, on one io_context (single thread).
 class Sim {
  public:
-  Sim(net::io_context& io, udp::endpoint server) : io_(io), server_(server) {}
+  Sim(net::io_context& io, udp::endpoint server) : io_(io), server_(server), keepalive_timer_(io) { tick(); }
 
   Peer& add() {
     auto p = std::make_unique<Peer>(io_, peers_.size());
@@ -851,8 +857,26 @@ class Sim {
     }
   }
 
+  // Keep-alives, as real clients send them (every 15 s, the server's default interval, which a
+  // registration without one gets): they resume a table update or a delivery that stalled
+  // (SPEC §10). One timer for all peers: each second, the peers of one fifteenth of the indexes.
+  static constexpr int kKeepaliveSlots = 15;
+  void tick() {
+    for (std::size_t i = static_cast<std::size_t>(slot_); i < peers_.size(); i += kKeepaliveSlots) {
+      Peer& p = *peers_[i];
+      if (p.registered) p.ep.request(proto::KeepAlive{p.ep.next_id(), p.name}, server_, [](const proto::Message*) {});
+    }
+    slot_ = (slot_ + 1) % kKeepaliveSlots;
+    keepalive_timer_.expires_after(1s);
+    keepalive_timer_.async_wait([this](const chat::error_code& ec) {
+      if (!ec) tick();
+    });
+  }
+
   net::io_context& io_;
   udp::endpoint server_;
+  net::steady_timer keepalive_timer_;
+  int slot_ = 0;
   std::vector<std::unique_ptr<Peer>> peers_;
   std::map<std::pair<std::size_t, proto::Key>, ident::Pair> pairs_;
   std::size_t want_rows_ = SIZE_MAX;
