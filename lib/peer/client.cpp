@@ -4,6 +4,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 namespace chat::peer {
 namespace {
 
@@ -111,16 +113,22 @@ void Client::on_line(const std::string& line) {
 
 void Client::on_end_of_input() {
   closing_ = true;
-  if (busy_ == 0) return quit(0);
-  // Each request ends within its retry budget; the longest chain (lookup, direct, save, exists,
-  // direct again, forced save) is six of them. The bound only guards against a bug keeping
-  // the process alive.
-  core_.after(6 * options_.policy.span() + std::chrono::seconds(1), [this] { quit(0); });
+  check_closing();
 }
 
 void Client::finished_one() {
   if (busy_ > 0) --busy_;
-  if (closing_ && busy_ == 0) quit(0);
+  if (closing_) check_closing();
+}
+
+void Client::check_closing() {
+  if (busy_ == 0 && waiting_ == 0) return quit(0);
+  // Each request ends within its retry budget; the longest chain (lookup, direct, save, exists,
+  // direct again, forced save) is six of them, and a backlog moves on each time one ends. The
+  // bound (that long without any request ending) only guards against a bug keeping the
+  // process alive.
+  core_.cancel(closing_timer_);
+  closing_timer_ = core_.after(6 * options_.policy.span() + std::chrono::seconds(1), [this] { quit(0); });
 }
 
 void Client::user_request(const proto::Message& m, const udp::endpoint& to, transport::Core::Done done) {
@@ -140,6 +148,61 @@ void Client::server_request(const proto::Message& m, transport::Core::Done done,
     if (user) finished_one();
   };
   core_.request(m, options_.server, std::move(on_reply), policy.value_or(options_.policy));
+}
+
+// ---------------------------------------------------------------- the backlog
+
+bool Client::room_for_one() {
+  if (waiting_ < options_.backlog.max_waiting) return true;
+  ++stats_.backlog_full;
+  say(std::string("[Error: ")
+          .append(std::to_string(options_.backlog.max_waiting))
+          .append(" messages already waiting to be sent; this one was not sent]"));
+  return false;
+}
+
+void Client::enqueue(const std::string& key, Entry e, bool again) {
+  Lane& lane = lanes_[key];
+  (again ? lane.again : lane.waiting).push_back(std::move(e));
+  ++waiting_;
+  pump(key);
+}
+
+void Client::pump(const std::string& key) {
+  auto it = lanes_.find(key);
+  if (it == lanes_.end()) return;
+  Lane& lane = it->second;
+  const std::size_t window = std::max<std::size_t>(options_.backlog.window, 1);
+  ++pumping_;
+  while (!done_ && (!lane.again.empty() || !lane.waiting.empty())) {
+    // Silent: wait for the verdict of those in flight; none answered: every waiting one falls back.
+    if (lane.silent ? lane.in_flight > 0 : lane.in_flight >= window) break;
+    auto& q = lane.again.empty() ? lane.waiting : lane.again;
+    Entry e = std::move(q.front());
+    q.pop_front();
+    --waiting_;
+    e(!lane.silent);
+  }
+  --pumping_;
+  // Erased only outside every pump (an entry may queue on another lane), so nobody holds it;
+  // its verdict goes with it: the next message to that destination is tried afresh.
+  if (pumping_ == 0 && lane.in_flight == 0 && lane.again.empty() && lane.waiting.empty()) lanes_.erase(it);
+}
+
+void Client::lane_request(const std::string& key, const proto::Message& m, const udp::endpoint& to,
+                          std::function<bool(const proto::Message* reply)> done) {
+  ++lanes_[key].in_flight;
+  auto finish = [this, key, done = std::move(done)](const proto::Message* reply) { lane_done(key, done(reply)); };
+  if (key.empty()) server_request(m, std::move(finish));
+  else user_request(m, to, std::move(finish));
+}
+
+void Client::lane_done(const std::string& key, bool answered) {
+  auto it = lanes_.find(key);
+  if (it == lanes_.end()) return;
+  if (it->second.in_flight > 0) --it->second.in_flight;
+  it->second.silent = !answered;
+  pump(key);
 }
 
 void Client::run(const Command& c) {
@@ -194,21 +257,32 @@ void Client::run(const Command& c) {
 }
 
 void Client::send_channel(const std::string& text) {
-  std::uint64_t id = core_.next_id();
-  std::string body = identity::sign_channel(me_, options_.name, id, now_ms(), text);
-  server_request(proto::Channel{id, options_.name, std::move(body)}, [this](const proto::Message* any) {
+  if (!room_for_one()) return;
+  enqueue("", [this, text](bool answering) {
+    if (!answering) return say("[Server not responding.]");
+    std::uint64_t id = core_.next_id();
+    std::string body = identity::sign_channel(me_, options_.name, id, now_ms(), text);
+    proto::Channel m{id, options_.name, std::move(body)};
+    lane_request("", m, options_.server, [this](const proto::Message* any) {
       const proto::Message* reply = answer<proto::Ack, proto::Refused>(any);
-      if (reply == nullptr) return say("[Server not responding.]");
+      if (reply == nullptr) {
+        say("[Server not responding.]");
+        return any != nullptr;
+      }
       if (auto* no = std::get_if<proto::Refused>(reply)) {
         say("[Server refused the message: " + no->reason + "]");
-        return check_session();
+        check_session();
+        return true;
       }
       const auto* ack = std::get_if<proto::Ack>(reply);
       if (ack != nullptr && ack->missed > 0)
-        return say("[Message received by Server; " + std::to_string(ack->missed) +
-                   (ack->missed == 1 ? " member" : " members") + " could not get it: mailbox full.]");
-      say("[Message received by Server.]");
+        say("[Message received by Server; " + std::to_string(ack->missed) +
+            (ack->missed == 1 ? " member" : " members") + " could not get it: mailbox full.]");
+      else
+        say("[Message received by Server.]");
+      return true;
     });
+  });
 }
 
 void Client::run_identity(const Command& c) {
@@ -254,32 +328,66 @@ void Client::run_identity(const Command& c) {
 }
 
 void Client::send(const std::string& to, const std::string& text) {
-  if (table_.find(to) != nullptr) return send_known(to, text);
+  if (table_.find(to) != nullptr) return send_known(to, text, false);
   // No valid name is ever in a table: nothing to ask (the server would drop the lookup).
   if (!proto::valid_name(to)) return say("[Error: unknown client " + to + "; type list to see the table]");
+  if (!room_for_one()) return;
   // Not in our table (yet): the server may know it; ask for that one row (SPEC §10).
-  server_request(proto::Lookup{core_.next_id(), to}, [this, to, text](const proto::Message* reply) {
-    if (reply == nullptr) return say("[Server not responding.]");
-    const auto* found = std::get_if<proto::Found>(reply);
-    if (found == nullptr || !found->known || found->entry.name != to)
-      return say("[Error: unknown client " + to + "; type list to see the table]");
-    table_.learn(found->entry);
-    observe(found->entry);
-    send_known(to, text);
+  enqueue("", [this, to, text](bool answering) {
+    if (!answering) return say("[Server not responding.]");
+    lane_request("", proto::Lookup{core_.next_id(), to}, options_.server, [this, to, text](const proto::Message* reply) {
+      if (reply == nullptr) {
+        say("[Server not responding.]");
+        return false;
+      }
+      const auto* found = std::get_if<proto::Found>(reply);
+      if (found == nullptr || !found->known || found->entry.name != to) {
+        say("[Error: unknown client " + to + "; type list to see the table]");
+        return true;
+      }
+      table_.learn(found->entry);
+      observe(found->entry);
+      send_known(to, text, true);
+      return true;
+    });
   });
 }
 
-void Client::send_known(const std::string& to, const std::string& text) {
+bool Client::may_send(const std::string& to) {
+  if (auto pin = state_db_->pinned(to); pin && state_db_->blocked(*pin)) {
+    say("[Error: you blocked " + to + "; type unblock " + to + " to send to them]");
+    return false;
+  }
+  if (state_db_->changed(to)) {
+    warn_changed(to);
+    return false;
+  }
+  if (!usable_key(to)) {
+    say("[Error: no key known for " + to + "]");
+    return false;
+  }
+  return true;
+}
+
+void Client::send_known(const std::string& to, const std::string& text, bool admitted) {
+  if (!may_send(to)) return;
+  if (!admitted && !room_for_one()) return;
+  enqueue(to, [this, to, text](bool answering) { start_message(to, text, answering); });
+}
+
+void Client::start_message(const std::string& to, const std::string& text, bool answering) {
   const proto::Entry* e = table_.find(to);
-  if (auto pin = state_db_->pinned(to); pin && state_db_->blocked(*pin))
-    return say("[Error: you blocked " + to + "; type unblock " + to + " to send to them]");
-  if (state_db_->changed(to)) return warn_changed(to);
+  if (e == nullptr) return say("[Error: unknown client " + to + "]");
+  // Checked again: a block or a key change may have come while it waited.
+  if (!may_send(to)) return;
   auto key = usable_key(to);
-  if (!key) return say("[Error: no key known for " + to + "]");
-  // Sealed once: the same bytes go to the peer and, if it does not answer, to the server.
+  // Sealed once, when it leaves: the same bytes go to the peer and, if it does not answer, to
+  // the server.
   std::uint64_t mid = core_.next_id();
   std::string body = identity::seal_direct(pair(*key), mid, now_ms(), to, text);
-  if (!e->online) {
+  // The messages before it got no answer from `to` either: treated as offline (SPEC §3), the
+  // rest of a burst goes to the server in order instead of waiting 3 s a window.
+  if (!e->online || !answering) {
     say("[" + to + " is offline, message sent to server.]");
     return send_save(to, body, mid, 0);
   }
@@ -290,35 +398,54 @@ void Client::send_known(const std::string& to, const std::string& text) {
 void Client::send_direct(const std::string& to, const std::string& body, std::uint64_t mid, int round) {
   const proto::Entry* e = table_.find(to);
   if (e == nullptr) return say("[Error: unknown client " + to + "]");
-  user_request(proto::Direct{mid, options_.name, body}, endpoint_of(*e),
+  lane_request(to, proto::Direct{mid, options_.name, body}, endpoint_of(*e),
                [this, to, body, mid, round](const proto::Message* reply) {
                  // Only a receipt sealed by the recipient's key says it has the message; anything
                  // else counts as no answer, and the message goes to the server.
                  const auto* receipt = reply != nullptr ? std::get_if<proto::Receipt>(reply) : nullptr;
                  auto key = usable_key(to);
                  if (receipt != nullptr && key &&
-                     identity::check_receipt(pair(*key), receipt->body, mid, options_.name))
-                   return say("[Message received by " + to + ".]");
+                     identity::check_receipt(pair(*key), receipt->body, mid, options_.name)) {
+                   say("[Message received by " + to + ".]");
+                   return true;
+                 }
                  if (reply != nullptr) ++stats_.unauthenticated;
+                 // After this message's own retries, never because of the window.
                  say("[No ACK from " + to + ", message sent to server.]");
                  send_save(to, body, mid, round);
+                 return false;
                });
 }
 
 void Client::send_save(const std::string& to, const std::string& body, std::uint64_t mid, int round) {
-  proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, body};
-  server_request(save, [this, to, body, mid, round](const proto::Message* any) {
-    const proto::Message* reply = answer<proto::Ack, proto::Exists, proto::Refused>(any);
-    if (reply == nullptr) return say("[Server not responding.]");
-    if (std::get_if<proto::Exists>(reply)) {
-      say("[Client " + to + " exists!!]");
-      return send_direct(to, body, mid, round + 1);
-    }
-    if (auto* no = std::get_if<proto::Refused>(reply)) {
-      say("[Server refused the message: " + no->reason + "]");
-      return check_session();
-    }
-    say("[Messages received by the server and saved]");
+  // A message already accepted: queued behind the other server requests, never refused here.
+  enqueue("", [this, to, body, mid, round](bool answering) {
+    if (!answering) return say("[Server not responding.]");
+    proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, body};
+    lane_request("", save, options_.server, [this, to, body, mid, round](const proto::Message* any) {
+      const proto::Message* reply = answer<proto::Ack, proto::Exists, proto::Refused>(any);
+      if (reply == nullptr) {
+        say("[Server not responding.]");
+        return any != nullptr;
+      }
+      if (std::get_if<proto::Exists>(reply)) {
+        say("[Client " + to + " exists!!]");
+        // Back to the peer, ahead of the messages typed after it.
+        enqueue(to, [this, to, body, mid, round](bool reachable) {
+          if (reachable) return send_direct(to, body, mid, round + 1);
+          say("[" + to + " is offline, message sent to server.]");
+          send_save(to, body, mid, round + 1);
+        }, true);
+        return true;
+      }
+      if (auto* no = std::get_if<proto::Refused>(reply)) {
+        say("[Server refused the message: " + no->reason + "]");
+        check_session();
+        return true;
+      }
+      say("[Messages received by the server and saved]");
+      return true;
+    });
   });
 }
 

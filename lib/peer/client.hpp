@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -22,6 +23,18 @@
 
 namespace chat::peer {
 
+/// How many of the user's messages may be outstanding: typed faster than they are answered
+/// (a paste of 10,000 lines), the rest wait in order instead of failing in the transport.
+struct Backlog {
+  /// Messages in flight to one destination at most (one peer; or the server, for saves,
+  /// channel messages and lookups). Far below the transport's bound per address
+  /// (Guard::max_in_flight), so a burst never reaches it.
+  std::size_t window = 256;
+  /// Messages waiting for a slot, over all destinations, at most; past it a typed message is
+  /// refused at the prompt with a line saying so.
+  std::size_t max_waiting = 100'000;
+};
+
 struct ClientOptions {
   std::string name;
   udp::endpoint server;
@@ -30,6 +43,7 @@ struct ClientOptions {
   std::chrono::milliseconds keepalive{15'000};
   /// Seeds the core's ids and the jitter; 0 = random (simulations pass their own).
   std::uint64_t seed = 0;
+  Backlog backlog{};
 };
 
 /// Keep-alive intervals without any answer before the client says the server is not responding.
@@ -54,6 +68,7 @@ struct ClientCounters {
   std::uint64_t unauthenticated = 0;  // messages and receipts that did not open or verify as their sender's
   std::uint64_t replayed = 0;  // messages already shown (or too old to tell), not shown again
   std::uint64_t blocked = 0;   // messages from a sender the user blocked
+  std::uint64_t backlog_full = 0;  // messages refused at the prompt: Backlog::max_waiting already waiting
 };
 
 /// Single-threaded, like its core.
@@ -81,8 +96,10 @@ class Client {
   /// Names for Tab completion (the local table).
   std::vector<std::string> names() const;
   bool online() const { return state_ == State::online; }
-  /// User requests whose status line is still to come.
-  std::size_t busy() const { return busy_; }
+  /// User requests whose status line is still to come (in flight or waiting for a slot).
+  std::size_t busy() const { return busy_ + waiting_; }
+  /// Messages waiting for a slot in their destination's window.
+  std::size_t waiting() const { return waiting_; }
 
  private:
   enum class State { registering, online, offline };
@@ -91,6 +108,19 @@ class Client {
   /// after the server lost track of us.
   enum class Reason { first, back, typed, rejoin };
   struct Dispatch;
+  /// One message waiting for a slot: called with true to send it, or with false when its
+  /// destination stopped answering meanwhile, to take its fallback (the server, or the line
+  /// that says the server does not answer).
+  using Entry = std::function<void(bool answering)>;
+  /// The messages to one destination: a peer's name, or "" for the server.
+  struct Lane {
+    std::deque<Entry> again;    // sent back to this peer (the server said it exists): go first
+    std::deque<Entry> waiting;  // in the order typed
+    std::size_t in_flight = 0;
+    // The last of its requests to end got no answer: the waiting ones are held until those
+    // in flight end; if none of them is answered either, the waiting ones take their fallback.
+    bool silent = false;
+  };
 
   void begin_input();
   void run(const Command& c);
@@ -99,8 +129,25 @@ class Client {
   /// A request to the server: any answer is news that the server is there.
   void server_request(const protocol::Message& m, transport::Core::Done done,
                       std::optional<transport::RetryPolicy> policy = std::nullopt, bool user = true);
+  /// False (and the refusal said) if Backlog::max_waiting messages already wait.
+  bool room_for_one();
+  /// Queues `e` on lane `key` (`again`: ahead of the typed ones) and sends what the window allows.
+  void enqueue(const std::string& key, Entry e, bool again = false);
+  /// Starts the waiting entries of lane `key` that fit its window (or, silent with nothing in
+  /// flight, hands them all their fallback, in order).
+  void pump(const std::string& key);
+  /// Sends `m` as one of lane `key`'s requests (to the peer `to`, or the server for ""), a
+  /// user request; `done` says whether the destination answered.
+  void lane_request(const std::string& key, const protocol::Message& m, const udp::endpoint& to,
+                    std::function<bool(const protocol::Message* reply)> done);
+  void lane_done(const std::string& key, bool answered);
   void send(const std::string& to, const std::string& text);
-  void send_known(const std::string& to, const std::string& text);
+  /// A typed message taken from the lane: sealed now, sent directly or (offline) saved.
+  void start_message(const std::string& to, const std::string& text, bool answering);
+  /// `admitted`: already counted against Backlog::max_waiting (it waited for a lookup).
+  void send_known(const std::string& to, const std::string& text, bool admitted);
+  /// False (and why said) if the user may not send to `to` now: blocked, key changed, no key.
+  bool may_send(const std::string& to);
   /// `body` is the message sealed for `to`: the same bytes go directly and to the server.
   void send_direct(const std::string& to, const std::string& body, std::uint64_t mid, int round);
   void send_save(const std::string& to, const std::string& body, std::uint64_t mid, int round);
@@ -152,6 +199,8 @@ class Client {
   void fail_and_exit(const char* line);
   void quit(int code);
   void finished_one();
+  /// While closing: exits if nothing is in flight or waiting; else (re)arms the guard timer.
+  void check_closing();
 
   ClientOptions options_;
   transport::Core core_;
@@ -170,10 +219,14 @@ class Client {
   bool server_silent_ = false;  // "[Server not responding]" shown; waiting for an answer
   bool closing_ = false;        // end of input: exit once busy_ reaches 0
   bool done_ = false;
-  std::size_t busy_ = 0;        // user requests whose status line is still to come
+  std::size_t busy_ = 0;        // user requests in flight whose status line is still to come
+  std::size_t waiting_ = 0;     // entries in all lanes, not yet started
+  std::map<std::string, Lane> lanes_;  // by destination; a lane with nothing in it is erased
+  int pumping_ = 0;             // pump() calls under way (nested: an entry may queue on another lane)
   transport::Time last_answer_{};
   transport::Core::TimerId ready_timer_ = 0;
   transport::Core::TimerId keepalive_timer_ = 0;
+  transport::Core::TimerId closing_timer_ = 0;
 };
 
 }  // namespace chat::peer

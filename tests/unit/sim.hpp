@@ -177,10 +177,10 @@ inline identity::Identity identity_of(const std::string& name, std::uint8_t vari
 struct Peer {
   Peer(Net& net, const std::string& name, const udp::endpoint& at, const udp::endpoint& server,
        transport::RetryPolicy policy = {}, std::chrono::milliseconds keepalive = 15s, std::uint64_t seed = 1,
-       std::uint8_t key_variant = 0, const std::string& state = ":memory:")
+       std::uint8_t key_variant = 0, const std::string& state = ":memory:", peer::Backlog backlog = {})
       : net_(net),
         at_(at),
-        client(peer::ClientOptions{name, server, policy, keepalive, seed}, net.clock,
+        client(peer::ClientOptions{name, server, policy, keepalive, seed, backlog}, net.clock,
                peer::ClientIo{[this](const std::string& l) { lines.push_back(l); }, [this] { reading = true; },
                               [this](int code) { exit_code = code; }},
                identity_of(name, key_variant), std::make_unique<identity::PeerState>(state)) {

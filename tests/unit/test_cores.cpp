@@ -185,6 +185,7 @@ struct World {
   std::map<std::string, std::unique_ptr<Peer>> peers;  // by key (the name, unless two share one)
   std::uint64_t seeds = 100;
   int hosts = 2;
+  peer::Backlog backlog;  // the window and bound of the clients started from now on
 
   registry::Server& srv() { return server->server; }
   Peer& operator[](const std::string& key) { return *peers.at(key); }
@@ -192,7 +193,8 @@ struct World {
   udp::endpoint next_addr() { return addr(hosts++, 6000); }
   /// Starts a client (its process) at `at`; does not wait.
   Peer& start(const std::string& key, const std::string& name, const udp::endpoint& at) {
-    peers[key] = std::make_unique<Peer>(net, name, at, kServerAt, transport::RetryPolicy{}, 15s, ++seeds);
+    peers[key] = std::make_unique<Peer>(net, name, at, kServerAt, transport::RetryPolicy{}, 15s, ++seeds, 0,
+                                        ":memory:", backlog);
     return *peers[key];
   }
   Peer& start(const std::string& name) { return start(name, name, next_addr()); }
@@ -475,6 +477,160 @@ TEST_CASE("§3 unverified: a direct message from an address not the table's for 
   CHECK(since(bob, mark).empty());
   CHECK_FALSE(answered);
   CHECK(bob.client.client_counters().unverified == 1);
+}
+
+// ---------------------------------------------------------------- §3 a burst typed at once (the backlog)
+
+// What goes on the wire from a client to one peer: the directs not answered yet, at most.
+struct InFlightWatch {
+  udp::endpoint from, to;
+  std::set<std::uint64_t> open;
+  std::size_t peak = 0;
+  std::size_t directs = 0;
+  std::size_t saves = 0;  // Save requests from `from` to the server
+  /// Counts `m` on its way; never drops it.
+  bool operator()(const udp::endpoint& f, const udp::endpoint& t, const proto::Message& m) {
+    if (f == from && t == to && as<proto::Direct>(m) != nullptr) {
+      ++directs;
+      open.insert(as<proto::Direct>(m)->id);
+      peak = std::max(peak, open.size());
+    }
+    if (f == to && t == from && as<proto::Receipt>(m) != nullptr) open.erase(proto::reply_to(m));
+    if (f == from && t == kServerAt && as<proto::Save>(m) != nullptr) ++saves;
+    return false;
+  }
+};
+
+std::string burst_text(std::size_t i) { return "burst " + std::to_string(i); }
+
+TEST_CASE("§3 a burst of 5,000 sends typed at once to an online peer: all shown once, in order, directly, within the window") {
+  for (bool fifo : {true, false}) {
+    CAPTURE(fifo);
+    World w;
+    // One path, one delay: datagrams arrive in the order sent (loopback). With jitter, those
+    // in flight together may overtake each other; then only "all, once" holds.
+    if (fifo) w.net.min_delay = w.net.max_delay = 1ms;
+    Peer& alice = w.join("alice");
+    Peer& bob = w.join("bob");
+    InFlightWatch watch{alice.at(), bob.at(), {}, 0, 0, 0};
+    w.net.filter = std::ref(watch);
+    const std::size_t n = 5000;
+    const std::size_t alice_mark = alice.lines.size(), bob_mark = bob.lines.size();
+    for (std::size_t i = 0; i < n; ++i) alice.type("send bob " + burst_text(i));
+    // Typed in one go: one window in flight, the rest waiting.
+    CHECK(watch.open.size() == peer::Backlog{}.window);
+    CHECK(alice.client.waiting() == n - peer::Backlog{}.window);
+    REQUIRE(w.net.run_until([&] { return alice.client.busy() == 0; }, 60s));
+    std::vector<std::string> want_bob, want_alice(n, say::received_by("bob"));
+    for (std::size_t i = 0; i < n; ++i) want_bob.push_back(say::direct("alice", burst_text(i)));
+    std::vector<std::string> got_bob = since(bob, bob_mark);
+    if (!fifo) std::sort(got_bob.begin(), got_bob.end()), std::sort(want_bob.begin(), want_bob.end());
+    CHECK(got_bob == want_bob);
+    CHECK(since(alice, alice_mark) == want_alice);
+    CHECK(watch.directs == n);  // no loss: each sent once
+    CHECK(watch.peak == peer::Backlog{}.window);
+    CHECK(watch.saves == 0);
+    CHECK(w.store->count_for("bob") == 0);
+    CHECK(alice.client.core().counters().in_flight_refused == 0);
+  }
+}
+
+TEST_CASE("§3 a peer that stops answering mid-burst: the rest go to the server in order, one final line each") {
+  World w;
+  w.net.min_delay = w.net.max_delay = 1ms;
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  const udp::endpoint bob_at = bob.at();
+  const std::size_t n = 2000, shown_before_kill = 300;
+  const std::size_t mark = alice.lines.size(), bob_mark = bob.lines.size();
+  for (std::size_t i = 0; i < n; ++i) alice.type("send bob " + burst_text(i));
+  alice.end_input();
+  REQUIRE(w.net.run_until([&] { return bob.lines.size() - bob_mark >= shown_before_kill; }, 10s));
+  std::vector<std::string> shown = since(bob, bob_mark);
+  w.kill("bob");  // silently: the server still has bob online
+  const auto killed_at = w.net.clock.now();
+  REQUIRE(w.net.run_until([&] { return alice.exit_code != -1; }, 60s));
+  // The window in flight waits out its retries (3 s); the rest do not wait 3 s a window each.
+  CHECK(w.net.clock.now() - killed_at < 6s);
+  CHECK(alice.exit_code == 0);
+  std::vector<std::string> lines = since(alice, mark);
+  const std::size_t received = only(lines, {say::received_by("bob")}).size();
+  const std::size_t saved = only(lines, {say::saved}).size();
+  const std::size_t no_ack = only(lines, {say::no_ack("bob")}).size();
+  const std::size_t offline = only(lines, {say::is_offline("bob")}).size();
+  // Exactly one final line per message, and nothing else but the lines of the fallback.
+  CHECK(received + saved == n);
+  CHECK(no_ack + offline == saved);
+  // ... and the table update that marked bob offline.
+  const std::size_t updated = only(lines, {say::updated}).size();
+  CHECK(lines.size() == received + saved + no_ack + offline + updated);
+  CHECK(received == shown.size());
+  // Only the messages that were in flight report their own missing ACK.
+  CHECK(no_ack > 0);
+  CHECK(no_ack <= peer::Backlog{}.window);
+  CHECK(offline > 0);
+  // Bob showed a prefix, in order; the server holds the rest, in order.
+  for (std::size_t i = 0; i < shown.size(); ++i) CHECK(shown[i] == say::direct("alice", burst_text(i)));
+  REQUIRE(w.store->count_for("bob") == n - shown.size());
+  auto box = w.mailbox("bob");  // the first 1,000; bob, restarted, shows them all
+  for (std::size_t i = 0; i < box.size(); ++i) CHECK(text_of(box[i], "bob") == burst_text(shown.size() + i));
+  Peer& bob2 = w.start("bob", "bob", bob_at);
+  REQUIRE(w.net.run_until([&] { return w.store->count_for("bob") == 0 && w.converged(); }, 30s));
+  std::vector<std::string> texts;
+  const std::string head = ">>> alice: ";
+  for (const auto& l : bob2.lines)  // ">>> alice: YYYY-MM-DD HH:MM:SS <text>"
+    if (starts_with(l, head) && l.size() > head.size() + 20) texts.push_back(l.substr(head.size() + 20));
+  std::vector<std::string> want;
+  for (std::size_t i = shown.size(); i < n; ++i) want.push_back(burst_text(i));
+  CHECK(texts == want);
+}
+
+TEST_CASE("§3 past the backlog bound a typed message is refused with one line, the others all arrive") {
+  World w;
+  w.backlog = peer::Backlog{4, 10};
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  const std::size_t mark = alice.lines.size();
+  for (std::size_t i = 0; i < 20; ++i) alice.type("send bob " + burst_text(i));
+  // 4 in flight, 10 waiting, 6 refused at once.
+  const std::string full = ">>> [Error: 10 messages already waiting to be sent; this one was not sent]";
+  CHECK(since(alice, mark) == std::vector<std::string>(6, full));
+  CHECK(alice.client.client_counters().backlog_full == 6);
+  REQUIRE(w.net.run_until([&] { return alice.client.busy() == 0; }, 10s));
+  CHECK(alice.count(say::received_by("bob")) == 14);
+  for (std::size_t i = 0; i < 14; ++i) CHECK(bob.count(say::direct("alice", burst_text(i))) == 1);
+  // The bound is on what waits: with the backlog gone, typing works again.
+  CHECK(w.type_and_wait("alice", "send bob after", say::received_by("bob")));
+}
+
+TEST_CASE("§3/§4 dereg typed behind a backlog: bye at once, every message typed before it still arrives") {
+  World w;
+  w.backlog = peer::Backlog{8, 1000};
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  for (std::size_t i = 0; i < 100; ++i) alice.type("send bob " + burst_text(i));
+  alice.type("dereg alice");
+  REQUIRE(w.net.run_until([&] { return alice.client.busy() == 0; }, 30s));
+  CHECK(alice.count(say::bye) == 1);
+  CHECK_FALSE(alice.client.online());
+  CHECK(alice.count(say::received_by("bob")) == 100);
+  for (std::size_t i = 0; i < 100; ++i) CHECK(bob.count(say::direct("alice", burst_text(i))) == 1);
+}
+
+TEST_CASE("§6 a burst of channel messages typed at once: each reaches every member once, all within the window") {
+  World w;
+  w.backlog = peer::Backlog{16, 100'000};
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  const std::size_t n = 500, mark = bob.lines.size();
+  for (std::size_t i = 0; i < n; ++i) alice.type("send_all " + burst_text(i));
+  CHECK(alice.client.core().in_flight() <= 16 + 1);  // the window, and perhaps a keep-alive
+  // The server ACKs alice before its relay reaches bob: wait for both.
+  REQUIRE(w.net.run_until([&] { return alice.client.busy() == 0 && bob.lines.size() >= mark + n; }, 60s));
+  w.net.run_for(1s);
+  CHECK(alice.count(say::by_server) == n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(shown_channel(bob, "alice", burst_text(i)) == 1);
+  CHECK(alice.client.core().counters().in_flight_refused == 0);
 }
 
 // ================================================================ §4 leaving
