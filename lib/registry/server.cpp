@@ -71,6 +71,7 @@ void Server::check_quiet() {
   std::uint64_t received = core_.counters().received;
   if (core_.in_flight() == 0 && received != quiet_at_received_) {
     quiet_at_received_ = received;
+    chunks_ = {};  // up to 256 encoded table chunks, rebuilt when needed
     options_.on_quiet();
   }
   core_.after(kQuietCheck, [this] { check_quiet(); });

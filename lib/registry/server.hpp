@@ -39,7 +39,8 @@ struct ServerOptions {
   std::uint64_t seed = 0;
   /// Called when the server has gone quiet after work (nothing in flight, something received
   /// since the last call), checked every second: ChatApp returns the heap a burst (a
-  /// registration storm's table chunks) left free to the system there. Empty: nothing.
+  /// registration storm's table chunks) left free to the system there, after the server has
+  /// dropped its cache of encoded table chunks. Empty: neither.
   std::function<void()> on_quiet;
 };
 
