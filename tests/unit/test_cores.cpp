@@ -2051,3 +2051,39 @@ TEST_CASE("on_quiet is called once the server has gone quiet after work, and not
   CHECK(calls >= 2);
   CHECK(calls <= 6);
 }
+
+TEST_CASE("§5 a drain of 150 across many datagrams survives one lost six times: each shown once, the store emptied") {
+  World w;
+  Peer& alice = w.join("alice");
+  Peer& bob = w.join("bob");
+  REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
+  REQUIRE(w.net.run_until([&] { return !alice.sees_online("bob"); }, 5s));
+  constexpr int kCount = 150;  // past one store read (64) and many Stored datagrams
+  for (int i = 0; i < kCount; ++i) alice.type("send bob m" + std::to_string(i));
+  REQUIRE(w.net.run_until([&] { return alice.count(say::saved) == kCount; }, 30s));
+  REQUIRE(w.store->count_for("bob") == kCount);
+  // The third Stored datagram is lost six times: the delivery stalls mid-drain, with the read
+  // ahead of it kept, and bob's next keep-alive resumes it.
+  int stored_seen = 0, dropped = 0;
+  w.net.filter = [&](const udp::endpoint&, const udp::endpoint& to, const proto::Message& m) {
+    if (to != bob.at() || as<proto::Stored>(m) == nullptr) return false;
+    if (++stored_seen >= 3 && dropped < 6) {
+      ++dropped;
+      return true;
+    }
+    return false;
+  };
+  bob.type("reg bob");
+  REQUIRE(w.net.run_until(
+      [&] {
+        for (int i = 0; i < kCount; ++i)
+          if (shown_direct(bob, "alice", "m" + std::to_string(i)) == 0) return false;
+        return true;
+      },
+      30s));
+  CHECK(dropped == 6);
+  for (int i = 0; i < kCount; ++i) CHECK(shown_direct(bob, "alice", "m" + std::to_string(i)) == 1);
+  // The ACKed messages are deleted in batches, within the removal delay, all of them.
+  REQUIRE(w.net.run_until([&] { return w.store->count_for("bob") == 0; }, 2s));
+  REQUIRE(w.net.run_until([&] { return alice.sees_online("bob"); }, 5s));
+}
