@@ -2059,7 +2059,7 @@ TEST_CASE("§5 a drain of 150 across many datagrams survives one lost six times:
   REQUIRE(w.type_and_wait("bob", "dereg bob", say::bye));
   REQUIRE(w.net.run_until([&] { return !alice.sees_online("bob"); }, 5s));
   constexpr int kCount = 150;  // past one store read (64) and many Stored datagrams
-  for (int i = 0; i < kCount; ++i) alice.type("send bob m" + std::to_string(i));
+  for (int i = 0; i < kCount; ++i) alice.type(std::string("send bob m").append(std::to_string(i)));
   REQUIRE(w.net.run_until([&] { return alice.count(say::saved) == kCount; }, 30s));
   REQUIRE(w.store->count_for("bob") == kCount);
   // The third Stored datagram is lost six times: the delivery stalls mid-drain, with the read
@@ -2077,12 +2077,12 @@ TEST_CASE("§5 a drain of 150 across many datagrams survives one lost six times:
   REQUIRE(w.net.run_until(
       [&] {
         for (int i = 0; i < kCount; ++i)
-          if (shown_direct(bob, "alice", "m" + std::to_string(i)) == 0) return false;
+          if (shown_direct(bob, "alice", std::string("m").append(std::to_string(i))) == 0) return false;
         return true;
       },
       30s));
   CHECK(dropped == 6);
-  for (int i = 0; i < kCount; ++i) CHECK(shown_direct(bob, "alice", "m" + std::to_string(i)) == 1);
+  for (int i = 0; i < kCount; ++i) CHECK(shown_direct(bob, "alice", std::string("m").append(std::to_string(i))) == 1);
   // The ACKed messages are deleted in batches, within the removal delay, all of them.
   REQUIRE(w.net.run_until([&] { return w.store->count_for("bob") == 0; }, 2s));
   REQUIRE(w.net.run_until([&] { return alice.sees_online("bob"); }, 5s));
