@@ -3,6 +3,7 @@
 // transport::Core, which an Endpoint (or a simulation) drives.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -56,6 +57,19 @@ struct ServerCounters {
   std::uint64_t bad_proofs = 0;  // registrations whose token or signature did not check (forged, stale)
   std::uint64_t replayed = 0;    // registrations whose token was already used
   std::uint64_t other_key = 0;   // registrations of a name bound to another identity
+  std::uint64_t registered = 0;  // registrations admitted
+  std::uint64_t saved = 0;       // messages committed to the store (copies for each channel member included)
+  std::uint64_t delivered = 0;   // saved messages a client ACKed
+  std::uint64_t relays = 0;      // channel relays sent (first transmissions)
+  std::uint64_t table_updates = 0;  // table datagrams sent (first transmissions)
+  std::uint64_t store_errors = 0;   // store calls that failed
+  std::uint64_t remote_changes = 0; // changes other servers made, applied here (a shared store)
+  /// Commit latencies (from the first save queued to the store's answer), as a histogram:
+  /// commits[i] counts those of at most kCommitBoundsUs[i] µs, the last those above every bound.
+  static constexpr std::array<std::uint64_t, 12> kCommitBoundsUs{250,   500,    1'000,  2'500,   5'000,   10'000,
+                                                                 25'000, 50'000, 100'000, 250'000, 500'000, 1'000'000};
+  std::array<std::uint64_t, kCommitBoundsUs.size() + 1> commits{};
+  std::uint64_t commit_us_sum = 0;
 };
 
 /// Single-threaded: every input runs on one thread, so no locks.
