@@ -33,20 +33,28 @@ std::string where(const udp::endpoint& e) {
 }  // namespace
 
 Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, const transport::TimeSource& clock)
+    : Server(std::move(options), offline::adapt(std::move(store)), clock) {}
+
+Server::Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store, const transport::TimeSource& clock)
     : options_(std::move(options)),
       store_(std::move(store)),
+      snapshot_(store_->load()),
       core_(transport::CoreOptions{options_.policy, options_.guard, options_.seed}, clock),
       table_(core_.random() >> 12 | 1),
       minter_(options_.seed) {
   core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
   // A restart keeps every name, address and online flag; clients that were online keep a
   // session (until their keep-alives prove otherwise), and the new epoch tells them to take a
-  // fresh snapshot on the next update.
-  for (const auto& row : store_->load_clients()) {
+  // fresh snapshot on the next update. Of a shared store's rows, only the sessions this server
+  // held are its own.
+  mailbox_ = std::move(snapshot_.mailboxes);
+  legacy_ = snapshot_.legacy;
+  for (std::size_t i = 0; i < snapshot_.clients.size(); ++i) {
+    const auto& row = snapshot_.clients[i];
     proto::Key key{};
     if (row.key.size() == key.size()) std::copy(row.key.begin(), row.key.end(), key.begin());
     table_.upsert(row.name, row.ip, row.port, row.online, key);
-    if (row.online) {
+    if (row.online && i < snapshot_.here.size() && snapshot_.here[i]) {
       auto s = std::make_shared<Session>();
       s->heard = core_.now();
       // Its own interval is not stored: ours until it registers again (a client with a longer
@@ -55,13 +63,15 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, con
       sessions_[row.name] = std::move(s);
     }
   }
+  snapshot_ = {};
 }
 
 void Server::start() {
   spdlog::info("server ready, {} clients known", table_.size());
-  if (std::size_t legacy = store_->legacy_count(); legacy > 0)
+  if (legacy_ > 0)
     spdlog::warn("{} messages saved by protocol version 1 cannot be authenticated: kept in legacy_messages, "
-                 "never delivered", legacy);
+                 "never delivered", legacy_);
+  store_->watch([this](const offline::Change& c) { on_change(c); });
   log_stats();
   core_.after(options_.keepalive, [this] { expire_silent(); });
   if (options_.on_quiet) core_.after(kQuietCheck, [this] { check_quiet(); });
@@ -99,6 +109,7 @@ void Server::log_stats() {
 void Server::stop() {
   flush();
   core_.close();
+  store_->close();
   const auto& c = core_.counters();
   spdlog::info("server stopped: {} datagrams received, {} refused, {} duplicates", c.received,
                c.refused_total(), c.duplicates);
@@ -314,10 +325,15 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
     s->keepalive = std::chrono::milliseconds(static_cast<std::int64_t>(ms));
   }
   sessions_[r.name] = std::move(s);
+  ++stats_.registered;
   const Client* before = table_.find(r.name);
   const bool binds = before == nullptr || !before->bound();
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
-  if (table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0, r.key)) table_changed(r.name);
+  // The row is written as this server's even if unchanged: with a shared store, the session
+  // is here now (the client may have come from another server).
+  claimed_.insert(r.name);
+  table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0, r.key);
+  table_changed(r.name);
   spdlog::info("registered {} at {}, {} saved messages{}", r.name, where(from), pending,
                binds ? ", name bound to its identity" : "");
   auto welcome = [this, r, from, pending] {
@@ -328,16 +344,22 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   if (!binds) return welcome();
   // The binding is the name's for good: the client hears "registered" only once it is durable.
   SessionRef ref = sessions_[r.name];
-  after_rows_.push_back([this, r, from, ref, welcome](bool ok) {
+  after_rows_.emplace_back(r.name, [this, r, from, ref, welcome](RowResult result) {
     if (!same_session(r.name, ref) || ref.expired()) return;
-    if (ok) return welcome();
-    core_.reply(from, proto::RegErr{r.id, "the server could not save the registration"});
+    if (result == RowResult::written) return welcome();
+    if (result == RowResult::refused) {
+      // Another server bound the name first: its row reaches this table through the store.
+      ++stats_.other_key;
+      spdlog::info("refused {} from {}: bound to another identity on another server", r.name, where(from));
+      core_.reply(from, proto::RegErr{r.id, "the name " + r.name + " belongs to another identity"});
+    } else {
+      core_.reply(from, proto::RegErr{r.id, "the server could not save the registration"});
+    }
     end_session(r.name);
     // Not durable, so not bound: the next registration of the name binds it again.
-    if (const Client* c = table_.find(r.name); c != nullptr && table_.upsert(r.name, c->ip, c->port, false, {}))
-      table_changed(r.name);
+    const Client* c = table_.find(r.name);
+    if (c != nullptr && c->key == r.key && table_.upsert(r.name, c->ip, c->port, false, {})) table_changed(r.name);
   });
-  schedule_flush();
 }
 
 void Server::on_dereg(const proto::Dereg& r, const udp::endpoint& from) {
@@ -418,15 +440,18 @@ std::string Server::key_of(const std::string& name) const {
   return std::string(c->key.begin(), c->key.end());
 }
 
-std::size_t& Server::mailbox(const std::string& name) {
-  auto it = mailbox_.find(name);
-  if (it == mailbox_.end()) it = mailbox_.emplace(name, store_->count_for(name)).first;
-  return it->second;
-}
+std::size_t& Server::mailbox(const std::string& name) { return mailbox_[name]; }
 
 bool Server::mailbox_full(const std::string& name) {
-  auto q = queued_.find(name);
-  return mailbox(name) + (q == queued_.end() ? 0 : q->second) >= options_.max_stored;
+  std::size_t n = mailbox(name);
+  if (auto q = queued_.find(name); q != queued_.end()) n += q->second;
+  if (auto c = committing_count_.find(name); c != committing_count_.end()) n += c->second;
+  return n >= options_.max_stored;
+}
+
+void Server::store_failed(const char* what, const std::string& why) {
+  ++stats_.store_errors;
+  spdlog::error("{} failed: {}", what, why);
 }
 
 void Server::save(offline::NewMessage m, AfterCommit after) {
@@ -445,69 +470,93 @@ void Server::schedule_flush() {
 
 void Server::flush() {
   flush_scheduled_ = false;
-  std::vector<offline::NewMessage> batch;
-  batch.swap(unsaved_);
-  std::vector<AfterCommit> callbacks;
-  callbacks.swap(after_commit_);
-  std::vector<std::string> names;
-  names.swap(dirty_rows_);
-  std::vector<AfterCommit> row_callbacks;
-  row_callbacks.swap(after_rows_);
-  queued_.clear();  // from here on they count (or not) in the mailboxes
+  // One commit at a time: what queues meanwhile goes in the next, when this one ends.
+  if (commit_in_flight_) return;
+  if (unsaved_.empty() && dirty_rows_.empty()) return remove_delivered();
+  commit_in_flight_ = true;
+  committing_.swap(unsaved_);
+  committing_after_.swap(after_commit_);
+  committing_count_.swap(queued_);
+  committing_rows_.swap(dirty_rows_);
+  committing_claimed_.swap(claimed_);
+  committing_after_rows_.swap(after_rows_);
+  const transport::Time started = core_.now();
+  if (committing_.empty()) return commit_rows(started);
+  store_->save(committing_, [this, started](offline::Reply<std::vector<bool>> r) {
+    if (!r.ok()) store_failed(fmt::format("saving {} messages", committing_.size()).c_str(), r.error);
+    const std::vector<bool> inserted = r.ok() ? std::move(*r.value) : std::vector<bool>{};
+    // The mailbox counts committed rows only (a retried save that found its copy stored adds
+    // nothing), so a delivery that finds the store empty before this commit cannot hide them.
+    for (std::size_t i = 0; i < committing_.size() && i < inserted.size(); ++i)
+      if (inserted[i]) ++mailbox(committing_[i].to);
+    committing_count_.clear();
+    std::vector<AfterCommit> callbacks;
+    callbacks.swap(committing_after_);
+    for (auto& cb : callbacks) cb(r.ok());
+    std::vector<offline::NewMessage> batch;
+    batch.swap(committing_);
+    std::size_t saved = 0;
+    for (std::size_t i = 0; i < batch.size() && i < inserted.size(); ++i) {
+      const auto& m = batch[i];
+      if (!inserted[i]) continue;
+      ++saved;
+      // Per message only at debug level: a write(2) each was a fifth of a save's cost (issue 13).
+      spdlog::debug("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
+                    m.from, m.to);
+      // A recipient that came back while this was being committed still gets it now; one whose
+      // delivery already passed its arrival time goes over its mailbox once more at the end.
+      Session* s = session(m.to);
+      if (s == nullptr) continue;
+      if (s->delivery == Session::Delivery::none) deliver(m.to);
+      else if (offline::Cursor{m.ts_us, 0} < s->sent) s->rewound = false;
+    }
+    stats_.saved += saved;
+    if (saved > 0) spdlog::info("saved {} message{} in one commit", saved, saved == 1 ? "" : "s");
+    commit_rows(started);
+  });
+}
 
-  bool ok = true;
-  std::vector<bool> inserted;
-  if (!batch.empty()) {
-    try {
-      // Counted before the commit, so the count read from the store cannot include this batch.
-      for (const auto& m : batch) mailbox(m.to);
-      inserted = store_->save(batch);
-    } catch (const std::exception& e) {
-      ok = false;
-      spdlog::error("saving {} messages failed: {}", batch.size(), e.what());
-    }
+void Server::commit_rows(transport::Time started) {
+  if (committing_rows_.empty()) return commit_done(started);
+  std::vector<offline::RowWrite> rows;
+  std::vector<std::string> written;  // the row names, in the order of `rows`
+  std::unordered_set<std::string> seen;
+  for (const auto& n : committing_rows_) {
+    const Client* c = table_.find(n);
+    if (c == nullptr || !seen.insert(n).second) continue;
+    // Registered here since the last commit: the whole row, as this server's; otherwise only
+    // its online flag (a shared store writes it only where the row still has this address).
+    rows.push_back({{c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()},
+                    committing_claimed_.contains(n)});
+    written.push_back(n);
   }
-  bool rows_ok = true;
-  if (!names.empty()) {
-    std::vector<offline::ClientRow> rows;
-    std::unordered_set<std::string> seen;
-    for (const auto& n : names) {
-      const Client* c = table_.find(n);
-      if (c != nullptr && seen.insert(n).second)
-        rows.push_back({c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()});
+  committing_rows_.clear();
+  committing_claimed_.clear();
+  store_->store_clients(std::move(rows), [this, started, written](offline::Reply<std::vector<bool>> r) {
+    if (!r.ok()) store_failed("saving the client table", r.error);
+    std::unordered_map<std::string, bool> result;
+    for (std::size_t i = 0; i < written.size(); ++i) result[written[i]] = r.ok() && i < r.value->size() && (*r.value)[i];
+    std::vector<std::pair<std::string, AfterRow>> callbacks;
+    callbacks.swap(committing_after_rows_);
+    for (auto& [name, cb] : callbacks) {
+      auto it = result.find(name);
+      cb(!r.ok() ? RowResult::failed
+                 : (it != result.end() && it->second ? RowResult::written : RowResult::refused));
     }
-    try {
-      store_->store_clients(rows);
-    } catch (const std::exception& e) {
-      rows_ok = false;
-      spdlog::error("saving the client table failed: {}", e.what());
-    }
-  }
-  // The mailbox counts committed rows only (a retried save that found its copy stored adds
-  // nothing), so a delivery that finds the store empty before this commit cannot hide them.
-  if (ok)
-    for (std::size_t i = 0; i < batch.size(); ++i)
-      if (i < inserted.size() && inserted[i]) ++mailbox(batch[i].to);
-  for (auto& cb : callbacks) cb(ok);
-  for (auto& cb : row_callbacks) cb(rows_ok);
+    commit_done(started);
+  });
+}
+
+void Server::commit_done(transport::Time started) {
+  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(core_.now() - started).count();
+  const auto bound = std::lower_bound(ServerCounters::kCommitBoundsUs.begin(), ServerCounters::kCommitBoundsUs.end(),
+                                      static_cast<std::uint64_t>(std::max<std::int64_t>(us, 0)));
+  ++stats_.commits[static_cast<std::size_t>(bound - ServerCounters::kCommitBoundsUs.begin())];
+  stats_.commit_us_sum += static_cast<std::uint64_t>(std::max<std::int64_t>(us, 0));
+  commit_in_flight_ = false;
   remove_delivered();
-  if (!ok) return;
-  std::size_t saved = 0;
-  for (std::size_t i = 0; i < batch.size(); ++i) {
-    const auto& m = batch[i];
-    if (i >= inserted.size() || !inserted[i]) continue;
-    ++saved;
-    // Per message only at debug level: a write(2) each was a fifth of a save's cost (issue 13).
-    spdlog::debug("saved a {} message from {} for {}", m.kind == offline::Kind::channel ? "channel" : "direct",
-                  m.from, m.to);
-    // A recipient that came back while this was being committed still gets it now; one whose
-    // delivery already passed its arrival time goes over its mailbox once more at the end.
-    Session* s = session(m.to);
-    if (s == nullptr) continue;
-    if (s->delivery == Session::Delivery::none) deliver(m.to);
-    else if (offline::Cursor{m.ts_us, 0} < s->sent) s->rewound = false;
-  }
-  if (saved > 0) spdlog::info("saved {} message{} in one commit", saved, saved == 1 ? "" : "s");
+  // What queued during the commit goes now.
+  if (!unsaved_.empty() || !dirty_rows_.empty()) schedule_flush();
 }
 
 void Server::reach(const std::string& name, const udp::endpoint& to, std::function<void(bool)> then) {
@@ -548,14 +597,12 @@ void Server::remove_delivered() {
   undeleted_count_ = 0;
   std::unordered_map<std::string, std::vector<std::int64_t>> batch;
   batch.swap(undeleted_);
-  for (const auto& [name, seqs] : batch) {
-    try {
-      store_->remove_delivered(name, seqs);
-    } catch (const std::exception& e) {
+  for (auto& [name, seqs] : batch) {
+    store_->remove_delivered(name, std::move(seqs), [this, name](offline::Reply<bool> r) {
       // They stay stored: a later delivery sends them again, and the client, knowing their
       // (sender, id), does not show them twice.
-      spdlog::error("removing delivered messages for {} failed: {}", name, e.what());
-    }
+      if (!r.ok()) store_failed(fmt::format("removing delivered messages for {}", name).c_str(), r.error);
+    });
   }
 }
 
@@ -588,45 +635,65 @@ void Server::stall_sync(const std::string& name, Session& s) {
 
 void Server::deliver_batch(const std::string& name) {
   Session& s = *session(name);
-  const Client* c = table_.find(name);
-  auto& rows = s.ahead;
   // Topped up before it runs short, so every datagram can be filled.
-  if (rows.size() < kDeliveryRead / 4) {
-    try {
-      auto read = store_->pending_for(name, rows.empty() ? s.delivered : rows.back().cursor(), kDeliveryRead);
-      rows.insert(rows.end(), std::make_move_iterator(read.begin()), std::make_move_iterator(read.end()));
-    } catch (const std::exception& e) {
-      spdlog::error("reading saved messages for {} failed: {}", name, e.what());
-      return stall_delivery(name, s, "store read failed");
+  if (s.ahead.size() >= kDeliveryRead / 4) return send_stored(name);
+  SessionRef ref = sessions_[name];
+  offline::Cursor after = s.ahead.empty() ? s.delivered : s.ahead.back().cursor();
+  store_->pending_for(name, after, kDeliveryRead, [this, name, ref](offline::Reply<std::vector<offline::StoredMessage>> r) {
+    auto session = ref.lock();
+    if (session == nullptr) return;  // a new session or a leave since
+    if (!r.ok()) {
+      store_failed(fmt::format("reading saved messages for {}", name).c_str(), r.error);
+      return stall_delivery(name, *session, "store read failed");
     }
-  }
-  if (rows.empty() && c != nullptr) {
-    // Nothing after the cursor. What is still owed is what the store holds once the ACKed
-    // messages are gone: a message committed meanwhile with an earlier arrival time than the
-    // last delivered sits behind the cursor, so go over the mailbox again from its oldest.
-    // flush() allows another pass whenever such a message commits, so none is left behind.
-    remove_delivered();
-    try {
-      mailbox(name) = store_->count_for(name);
-    } catch (const std::exception& e) {
-      spdlog::error("counting saved messages for {} failed: {}", name, e.what());
+    auto& rows = session->ahead;
+    rows.insert(rows.end(), std::make_move_iterator(r.value->begin()), std::make_move_iterator(r.value->end()));
+    send_stored(name);
+  });
+}
+
+void Server::end_drain(const std::string& name) {
+  // Nothing after the cursor. What is still owed is what the store holds once the ACKed
+  // messages are gone: a message committed meanwhile with an earlier arrival time than the
+  // last delivered sits behind the cursor, so go over the mailbox again from its oldest.
+  // flush() allows another pass whenever such a message commits, so none is left behind.
+  remove_delivered();
+  SessionRef ref = sessions_[name];
+  store_->count_for(name, [this, name, ref](offline::Reply<std::size_t> r) {
+    auto session = ref.lock();
+    if (session == nullptr) return;
+    Session& s = *session;
+    if (!r.ok()) {
+      store_failed(fmt::format("counting saved messages for {}", name).c_str(), r.error);
       return stall_delivery(name, s, "store count failed");
     }
+    mailbox(name) = *r.value;
     if (mailbox(name) > 0 && !s.rewound) {
       s.delivered = s.sent = offline::Cursor{};
       s.rewound = true;
       return deliver_batch(name);
     }
-  }
-  if (rows.empty() || c == nullptr) {
     s.ahead = {};  // and its capacity
     s.delivery = Session::Delivery::none;
     s.rewound = false;
     if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);
     s.delivered_count = 0;
     set_online(name, true);
+  });
+}
+
+void Server::send_stored(const std::string& name) {
+  Session& s = *session(name);
+  const Client* c = table_.find(name);
+  auto& rows = s.ahead;
+  if (c == nullptr) {
+    s.ahead = {};
+    s.delivery = Session::Delivery::none;
+    s.rewound = false;
+    s.delivered_count = 0;
     return;
   }
+  if (rows.empty()) return end_drain(name);
   proto::Stored msg{core_.next_id(), name, {}};
   std::vector<std::int64_t> seqs;
   offline::Cursor last = s.delivered;
@@ -660,6 +727,7 @@ void Server::deliver_batch(const std::string& name) {
     ahead.erase(ahead.begin(), ahead.begin() + static_cast<std::ptrdiff_t>(std::min(ahead.size(), seqs.size())));
     session->delivered = last;
     session->delivered_count += seqs.size();
+    stats_.delivered += seqs.size();
     std::size_t& box = mailbox(name);
     box -= std::min(box, seqs.size());
     deliver_batch(name);
@@ -725,6 +793,7 @@ void Server::relay(const std::string& to, std::shared_ptr<const Fanout> fan) {
     transport::RetryPolicy p = transport::RetryPolicy{options_.policy.timeout, options_.relay_retries}.within(
         options_.policy.timeout);
     std::uint64_t id = core_.next_id();
+    ++stats_.relays;
     core_.request_encoded(id, proto::address(fan->relay, id, to), ep,
                           [missed](const proto::Message* reply) {
                             if (reply == nullptr) missed();
@@ -746,9 +815,11 @@ void Server::mark_silent(const std::string& name) {
   }
 }
 
-void Server::table_changed(const std::string& name) {
-  dirty_rows_.push_back(name);
-  schedule_flush();
+void Server::table_changed(const std::string& name, bool persist) {
+  if (persist) {
+    dirty_rows_.push_back(name);
+    schedule_flush();
+  }
   if (sync_scheduled_) return;
   sync_scheduled_ = true;
   // One pass per burst of changes: each client gets every change since its last ACK at once.
@@ -756,6 +827,31 @@ void Server::table_changed(const std::string& name) {
     sync_scheduled_ = false;
     sync_all();
   });
+}
+
+void Server::on_change(const offline::Change& c) {
+  ++stats_.remote_changes;
+  if (c.what == offline::Change::What::mail) {
+    std::size_t& box = mailbox(c.to);
+    if (c.delta < 0) box -= std::min<std::size_t>(box, static_cast<std::size_t>(-c.delta));
+    else box += static_cast<std::size_t>(c.delta);
+    // Saved on another server for a client whose session is here: delivered from here.
+    if (c.delta > 0)
+      if (Session* s = session(c.to)) {
+        if (s->delivery == Session::Delivery::none) deliver(c.to);
+        else s->rewound = false;  // the drain goes over the mailbox once more at its end
+      }
+    return;
+  }
+  const offline::ClientRow& row = c.row;
+  if (!c.here && sessions_.contains(row.name)) {
+    // It registered with another server: that one holds its session now.
+    spdlog::info("{} moved to another server", row.name);
+    end_session(row.name);
+  }
+  proto::Key key{};
+  if (row.key.size() == key.size()) std::copy(row.key.begin(), row.key.end(), key.begin());
+  if (table_.upsert(row.name, row.ip, row.port, row.online, key)) table_changed(row.name, false);
 }
 
 void Server::sync_all() {
@@ -780,6 +876,7 @@ void Server::send_table(const std::string& name) {
   std::string bytes = proto::address(chunk_after(s.have), id, name);
   SessionRef ref = sessions_[name];
   s.table_request = id;
+  ++stats_.table_updates;
   core_.request_encoded(id, std::move(bytes), endpoint_of(*c), [this, name, ref](const proto::Message* reply) {
     auto session = ref.lock();
     if (session == nullptr) return;  // a new session or a leave since

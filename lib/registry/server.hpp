@@ -10,9 +10,11 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "identity/envelope.hpp"
+#include "offline/async_store.hpp"
 #include "offline/store.hpp"
 #include "protocol/codec.hpp"
 #include "registry/table.hpp"
@@ -75,13 +77,19 @@ struct ServerCounters {
 /// Single-threaded: every input runs on one thread, so no locks.
 class Server {
  public:
+  /// Reads the store's snapshot (blocking) before anything else: the table and the mailboxes.
+  Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store, const transport::TimeSource& clock);
+  /// An embedded store, adapted (offline::adapt): every store call answers at once.
   Server(ServerOptions options, std::unique_ptr<offline::Store> store, const transport::TimeSource& clock);
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
   /// Starts the periodic work (keep-alive expiry, counter logs); the driver starts receiving.
   void start();
-  /// Commits what is queued and closes the core.
+  /// Commits what is queued (a shared store answers later, or not: nothing is ACKed after
+  /// this) and closes the core and the store's own work.
   void stop();
+  /// The store, for what it reports beyond the server (its lease).
+  const offline::AsyncStore& store() const { return *store_; }
 
   transport::Core& core() { return core_; }
   const transport::Counters& counters() const { return core_.counters(); }
@@ -118,6 +126,10 @@ class Server {
   };
   using SessionRef = std::weak_ptr<Session>;
   using AfterCommit = std::function<void(bool ok)>;
+  /// What became of a registration's row: durable, refused by the store (another server bound
+  /// the name to another identity first), or not saved (the store failed).
+  enum class RowResult { written, refused, failed };
+  using AfterRow = std::function<void(RowResult)>;
   struct Dispatch;
 
   void on_message(const protocol::Message& m, const udp::endpoint& from);
@@ -161,7 +173,11 @@ class Server {
   /// Marks `name` offline after an unanswered probe or relay; its session goes on, so a live
   /// client hears it (table update, keep-alive answer) and registers again.
   void mark_silent(const std::string& name);
-  void table_changed(const std::string& name);
+  /// `persist`: the row is written to the store at the next flush (false: the change came
+  /// from the store, another server made it).
+  void table_changed(const std::string& name, bool persist = true);
+  /// A change another server made to the shared store.
+  void on_change(const offline::Change& c);
   void sync(const std::string& name);
   void send_table(const std::string& name);
   /// The table chunk after version `have`, encoded once per table version and shared by every
@@ -181,10 +197,20 @@ class Server {
   std::string key_of(const std::string& name) const;
   void save(offline::NewMessage m, AfterCommit after);
   void schedule_flush();
+  /// Commits the queued saves, then the changed rows; one commit at a time, the saves queued
+  /// meanwhile go in the next (group commit).
   void flush();
+  /// The second step of a commit: the changed rows, then the answers.
+  void commit_rows(transport::Time started);
+  void commit_done(transport::Time started);
 
   void deliver(const std::string& name);
+  /// Reads ahead (asynchronously) when few saved messages are read, then send_stored().
   void deliver_batch(const std::string& name);
+  /// Sends the next Stored datagram from what was read ahead, or ends the drain.
+  void send_stored(const std::string& name);
+  /// The end of a drain: the mailbox counted again, then another pass or online.
+  void end_drain(const std::string& name);
   /// Deletes the saved messages clients ACKed since the last flush.
   void remove_delivered();
   /// Deletes ACKed messages soon, in one transaction with others: at the next flush, after
@@ -198,23 +224,35 @@ class Server {
   /// if not; nothing if its session changed meanwhile.
   void reach_client(const std::string& name, std::function<void(Session&)> then,
                     std::function<void(Session&)> failed);
-  /// Saved messages for `name`, counted once from the store and then kept up to date.
+  /// Saved messages for `name`: read from the store's snapshot at start, kept up to date by
+  /// commits, deliveries, other servers' changes and a count at the end of each drain.
   std::size_t& mailbox(const std::string& name);
-  /// True if `name`'s mailbox holds max_stored messages, counting those queued for the next
-  /// commit (accepted but not yet saved).
+  /// True if `name`'s mailbox holds max_stored messages, counting those accepted and not yet
+  /// committed (queued for the next commit, or in the commit under way).
   bool mailbox_full(const std::string& name);
+  void store_failed(const char* what, const std::string& why);
   void log_stats();
   void check_quiet();
 
   ServerOptions options_;
-  std::unique_ptr<offline::Store> store_;
+  std::unique_ptr<offline::AsyncStore> store_;
+  offline::Snapshot snapshot_;  // read at construction; its table and mailboxes are moved out
   transport::Core core_;
   Table table_;
   std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
   std::vector<offline::NewMessage> unsaved_;
   std::vector<AfterCommit> after_commit_;
   std::vector<std::string> dirty_rows_;
-  std::vector<AfterCommit> after_rows_;  // registrations that bound a name: answered once the row is durable
+  std::unordered_set<std::string> claimed_;  // of dirty_rows_: registered here (this server holds the session)
+  std::vector<std::pair<std::string, AfterRow>> after_rows_;  // registrations that bound a name: answered once the row is durable
+  // The commit under way: its saves (and their answers), then its rows.
+  std::vector<offline::NewMessage> committing_;
+  std::vector<AfterCommit> committing_after_;
+  std::unordered_map<std::string, std::size_t> committing_count_;  // saves per recipient in it
+  std::vector<std::string> committing_rows_;
+  std::unordered_set<std::string> committing_claimed_;
+  std::vector<std::pair<std::string, AfterRow>> committing_after_rows_;
+  bool commit_in_flight_ = false;
   identity::TokenMinter minter_;
   /// The newest token each name registered with (steady µs): an older or equal one is a replay.
   std::unordered_map<std::string, std::int64_t> last_token_;
@@ -223,6 +261,7 @@ class Server {
   transport::Core::TimerId removal_timer_ = 0;
   std::unordered_map<std::string, std::size_t> mailbox_;
   std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit
+  std::size_t legacy_ = 0;  // v1 messages the store keeps and never delivers
   ServerCounters stats_;
   transport::Counters last_logged_;
   std::unordered_map<std::uint64_t, protocol::Shared> chunks_;  // chunk_after()'s, by `have`
