@@ -18,6 +18,7 @@
 
 #include "identity/identity.hpp"
 #include "identity/peer_state.hpp"
+#include "offline/async_store.hpp"
 #include "offline/store.hpp"
 #include "peer/app.hpp"
 #include "protocol/codec.hpp"
@@ -46,6 +47,9 @@ struct Config {
   std::uint16_t server_port = 0;
   std::string bind = "0.0.0.0";
   std::string data_dir = "data";
+  std::string store;  // server: --store as given (empty: SQLite in data_dir)
+  std::string pg_uri;  // server: the PostgreSQL store's URI, if --store names one
+  std::vector<chat::udp::endpoint> fallbacks;  // client: more servers, in order
   chat::transport::RetryPolicy policy;
   bool verbose = false;
   std::string log_file;
@@ -65,6 +69,31 @@ std::uint16_t parse_port(const std::string& s, const char* what) {
   return static_cast<std::uint16_t>(v);
 }
 
+/// --store: SQLite in a directory, or a PostgreSQL URI.
+void parse_store(Config& c) {
+  if (c.store.empty()) return;
+  if (c.store.starts_with("sqlite:") && c.store.size() > 7) {
+    c.data_dir = c.store.substr(7);
+    return;
+  }
+  if (c.store.starts_with("postgresql://") || c.store.starts_with("postgres://")) {
+    c.pg_uri = c.store;
+    return;
+  }
+  throw UsageError{std::string("invalid --store '").append(c.store).append(
+      "': must be sqlite:<dir> or postgresql://user@host:port/db")};
+}
+
+/// --fallback <ip:port>.
+chat::udp::endpoint parse_fallback(const std::string& s) {
+  auto colon = s.rfind(':');
+  std::string ip = colon == std::string::npos ? s : s.substr(0, colon);
+  if (colon == std::string::npos || !chat::protocol::valid_ipv4(ip))
+    throw UsageError{std::string("invalid --fallback '").append(s).append(
+        "': must be <ip:port>, a dotted-decimal IPv4 address and a port, e.g. 198.123.75.45:5000")};
+  return {chat::net::ip::make_address_v4(ip), parse_port(s.substr(colon + 1), "--fallback port")};
+}
+
 po::options_description visible_options(Config& c, long& timeout_ms) {
   po::options_description o("options");
   o.add_options()
@@ -78,6 +107,11 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "resend this many times before giving up")
       ("data-dir", po::value<std::string>(&c.data_dir)->default_value("data")->value_name("dir"),
        "server: where saved messages and the client table live")
+      ("store", po::value<std::string>(&c.store)->value_name("uri"),
+       "server: sqlite:<dir> (the default: SQLite in --data-dir) or postgresql://user@host:port/db, "
+       "one database several servers share")
+      ("fallback", po::value<std::vector<std::string>>()->composing()->value_name("ip:port"),
+       "client: another server sharing the store, used when the server stops answering (repeatable)")
       ("bind", po::value<std::string>(&c.bind)->default_value("0.0.0.0")->value_name("ipv4"),
        "local address to bind")
       ("rate-limit", po::value<double>(&c.rate_limit)->default_value(2000)->value_name("n"),
@@ -131,6 +165,7 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     if (server || client || !args.empty()) throw UsageError{"--release-name takes no mode and no argument"};
     if (!chat::protocol::valid_name(c.release_name))
       throw UsageError{"invalid --release-name '" + c.release_name + "': not a client name"};
+    parse_store(c);
     return c;
   }
   if (server == client) throw UsageError{"choose exactly one mode: -s or -c"};
@@ -152,6 +187,8 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
   if (server) {
     if (!args.empty()) throw UsageError{"unexpected argument '" + args.front() + "' after -s <port>"};
     if (!c.identity.empty()) throw UsageError{"--identity is a client option (-c)"};
+    if (vm.count("fallback")) throw UsageError{"--fallback is a client option (-c)"};
+    parse_store(c);
     c.server = true;
     c.port = parse_port(vm["server"].as<std::string>(), "port");
     return c;
@@ -168,6 +205,9 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     throw UsageError{"invalid server-ip '" + c.server_ip + "': must be dotted-decimal IPv4, e.g. 198.123.75.45"};
   c.server_port = parse_port(args[2], "server-port");
   c.port = parse_port(args[3], "client-port");
+  if (!c.store.empty()) throw UsageError{"--store is a server option (-s)"};
+  if (vm.count("fallback"))
+    for (const auto& f : vm["fallback"].as<std::vector<std::string>>()) c.fallbacks.push_back(parse_fallback(f));
   return c;
 }
 
@@ -256,7 +296,8 @@ int run_release(const Config& c) {
 
 int run_client(const Config& c) {
   chat::net::io_context io(1);
-  chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port), c.policy, keepalive_of(c), 0};
+  chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port), c.fallbacks, c.policy,
+                                 keepalive_of(c), 0};
   std::optional<chat::identity::Identity> me;
   std::unique_ptr<chat::identity::PeerState> state;
   try {

@@ -51,11 +51,13 @@ std::string printable(const std::string& text) {
 Client::Client(ClientOptions options, const transport::TimeSource& clock, ClientIo io, identity::Identity me,
                std::unique_ptr<identity::PeerState> state)
     : options_(std::move(options)),
+      servers_{options_.server},
       core_(transport::CoreOptions{options_.policy, {}, options_.seed}, clock),
       io_(std::move(io)),
       me_(std::move(me)),
       state_db_(std::move(state)) {
   core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
+  servers_.insert(servers_.end(), options_.fallbacks.begin(), options_.fallbacks.end());
 }
 
 void Client::start() {
@@ -147,7 +149,7 @@ void Client::server_request(const proto::Message& m, transport::Core::Done done,
     if (!done_) done(reply);
     if (user) finished_one();
   };
-  core_.request(m, options_.server, std::move(on_reply), policy.value_or(options_.policy));
+  core_.request(m, servers_[current_], std::move(on_reply), policy.value_or(options_.policy));
 }
 
 // ---------------------------------------------------------------- the backlog
@@ -263,7 +265,7 @@ void Client::send_channel(const std::string& text) {
     std::uint64_t id = core_.next_id();
     std::string body = identity::sign_channel(me_, options_.name, id, now_ms(), text);
     proto::Channel m{id, options_.name, std::move(body)};
-    lane_request("", m, options_.server, [this](const proto::Message* any) {
+    lane_request("", m, servers_[current_], [this](const proto::Message* any) {
       const proto::Message* reply = answer<proto::Ack, proto::Refused>(any);
       if (reply == nullptr) {
         say("[Server not responding.]");
@@ -335,7 +337,7 @@ void Client::send(const std::string& to, const std::string& text) {
   // Not in our table (yet): the server may know it; ask for that one row (SPEC §10).
   enqueue("", [this, to, text](bool answering) {
     if (!answering) return say("[Server not responding.]");
-    lane_request("", proto::Lookup{core_.next_id(), to}, options_.server, [this, to, text](const proto::Message* reply) {
+    lane_request("", proto::Lookup{core_.next_id(), to}, servers_[current_], [this, to, text](const proto::Message* reply) {
       if (reply == nullptr) {
         say("[Server not responding.]");
         return false;
@@ -422,7 +424,7 @@ void Client::send_save(const std::string& to, const std::string& body, std::uint
   enqueue("", [this, to, body, mid, round](bool answering) {
     if (!answering) return say("[Server not responding.]");
     proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, body};
-    lane_request("", save, options_.server, [this, to, body, mid, round](const proto::Message* any) {
+    lane_request("", save, servers_[current_], [this, to, body, mid, round](const proto::Message* any) {
       const proto::Message* reply = answer<proto::Ack, proto::Exists, proto::Refused>(any);
       if (reply == nullptr) {
         say("[Server not responding.]");
@@ -479,8 +481,14 @@ void Client::on_registered(const proto::Message* reply, Reason why) {
     // Our own re-registration: the keep-alives go on, and the next answer tries again.
     if (why == Reason::rejoin) return;
     if (why == Reason::typed) return say("[Server not responding]");
+    // At start, each server once before giving up.
+    if (why == Reason::first && ++tried_ < servers_.size()) {
+      next_server();
+      return send_register(Reason::first);
+    }
     return fail_and_exit("[Server not responding]");
   }
+  tried_ = 0;
   if (auto* no = std::get_if<proto::RegErr>(reply)) {
     say("[Registration refused: " + no->reason + "]");
     return quit(1);
@@ -517,6 +525,11 @@ void Client::send_keepalive() {
   server_request(proto::KeepAlive{core_.next_id(), options_.name}, [this](const proto::Message* reply) {
     if (reply == nullptr) {
       if (!server_silent_ && core_.now() - last_answer_ >= kServerSilentIntervals * options_.keepalive) {
+        // Another server shares the store: it holds what was saved for us meanwhile.
+        if (servers_.size() > 1) {
+          next_server();
+          return send_register(Reason::rejoin);
+        }
         server_silent_ = true;
         say("[Server not responding]");
       }
@@ -549,6 +562,19 @@ void Client::heard_from_server() {
   if (!server_silent_) return;
   server_silent_ = false;
   say("[Server is back.]");
+}
+
+void Client::next_server() {
+  auto text = [](const udp::endpoint& e) { return e.address().to_string() + ":" + std::to_string(e.port()); };
+  const udp::endpoint old = servers_[current_];
+  current_ = (current_ + 1) % servers_.size();
+  say(std::string("[Server ").append(text(old)).append(" not responding, now using ").append(text(servers_[current_])).append(".]"));
+  // The next one gets its own intervals of silence before it is given up on.
+  last_answer_ = core_.now();
+}
+
+bool Client::known_server(const udp::endpoint& from) const {
+  return std::find(servers_.begin(), servers_.end(), from) != servers_.end();
 }
 
 void Client::rejoin() {
@@ -588,7 +614,7 @@ struct Client::Dispatch {
 };
 
 void Client::on_message(const proto::Message& m, const udp::endpoint& from) {
-  if (from == options_.server) heard_from_server();
+  if (from == servers_[current_]) heard_from_server();
   std::visit(Dispatch{*this, from}, m);
 }
 
@@ -625,8 +651,8 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
   core_.reply(from, proto::Receipt{d.id, identity::seal_receipt(pair(*key), d.id, d.from)});
 }
 
-bool Client::for_me(const char* type, const std::string& recipient, const udp::endpoint& from) {
-  if (from != options_.server) {
+bool Client::for_me(const char* type, const std::string& recipient, const udp::endpoint& from, bool any_server) {
+  if (any_server ? !known_server(from) : from != servers_[current_]) {
     ++stats_.not_from_server;
     return false;
   }
@@ -641,7 +667,7 @@ bool Client::for_me(const char* type, const std::string& recipient, const udp::e
 }
 
 void Client::on_relay(const proto::Relay& r, const udp::endpoint& from) {
-  if (!for_me("relay", r.recipient, from)) return core_.forget(from, r.id);
+  if (!for_me("relay", r.recipient, from, true)) return core_.forget(from, r.id);
   auto key = usable_key(r.from);
   std::optional<identity::Opened> m;
   if (key) m = identity::open_channel(*key, r.from, r.mid, r.body);
@@ -654,7 +680,7 @@ void Client::on_relay(const proto::Relay& r, const udp::endpoint& from) {
 }
 
 void Client::on_probe(const proto::Probe& p, const udp::endpoint& from) {
-  if (!for_me("probe", p.recipient, from)) return core_.forget(from, p.id);
+  if (!for_me("probe", p.recipient, from, true)) return core_.forget(from, p.id);
   core_.reply(from, proto::Ack{p.id});
 }
 

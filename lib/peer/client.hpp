@@ -38,6 +38,9 @@ struct Backlog {
 struct ClientOptions {
   std::string name;
   udp::endpoint server;
+  /// More servers sharing the first one's store (SPEC §13), tried in order (then the first
+  /// again) when the one in use stops answering. Relays and probes are taken from any of them.
+  std::vector<udp::endpoint> fallbacks{};
   transport::RetryPolicy policy;
   /// How often a registered client tells the server it is there (SPEC §10), with ±10 % jitter.
   std::chrono::milliseconds keepalive{15'000};
@@ -46,7 +49,8 @@ struct ClientOptions {
   Backlog backlog{};
 };
 
-/// Keep-alive intervals without any answer before the client says the server is not responding.
+/// Keep-alive intervals without any answer before the client says the server is not responding
+/// (or, with fallbacks, moves to the next server).
 inline constexpr int kServerSilentIntervals = 3;
 
 /// What the core asks of its surroundings.
@@ -126,7 +130,7 @@ class Client {
   void run(const Command& c);
   /// A request whose status line the user waits for: end of input waits for it too.
   void user_request(const protocol::Message& m, const udp::endpoint& to, transport::Core::Done done);
-  /// A request to the server: any answer is news that the server is there.
+  /// A request to the server in use: any answer is news that the server is there.
   void server_request(const protocol::Message& m, transport::Core::Done done,
                       std::optional<transport::RetryPolicy> policy = std::nullopt, bool user = true);
   /// False (and the refusal said) if Backlog::max_waiting messages already wait.
@@ -170,7 +174,13 @@ class Client {
   void on_probe(const protocol::Probe& p, const udp::endpoint& from);
   /// True if a server request (of `type`, for logs) is to be answered: it came from the
   /// server's address, names us as its `recipient`, and we are online. Counts the first two failures.
-  bool for_me(const char* type, const std::string& recipient, const udp::endpoint& from);
+  /// `any_server`: from any of the servers the client knows (relays and probes: a server
+  /// sharing the store reaches its clients too), else only from the one in use.
+  bool for_me(const char* type, const std::string& recipient, const udp::endpoint& from, bool any_server = false);
+  /// True if `from` is the server in use or one of the fallbacks.
+  bool known_server(const udp::endpoint& from) const;
+  /// The server in use stopped answering: the next one is used, with a line saying so.
+  void next_server();
   void on_table(const protocol::Table& t, const udp::endpoint& from);
   void on_stored(const protocol::Stored& s, const udp::endpoint& from);
   void unexpected(const protocol::Message& m, const udp::endpoint& from);
@@ -203,6 +213,9 @@ class Client {
   void check_closing();
 
   ClientOptions options_;
+  std::vector<udp::endpoint> servers_;  // options_.server, then the fallbacks
+  std::size_t current_ = 0;             // the one in use
+  std::size_t tried_ = 0;               // servers tried in a row without an answer (the first registration)
   transport::Core core_;
   ClientIo io_;
   identity::Identity me_;

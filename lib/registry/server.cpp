@@ -331,8 +331,9 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
   // The row is written as this server's even if unchanged: with a shared store, the session
   // is here now (the client may have come from another server).
-  claimed_.insert(r.name);
-  table_.upsert(r.name, from.address().to_string(), from.port(), pending == 0, r.key);
+  const std::string ip = from.address().to_string();
+  claimed_[r.name] = offline::ClientRow{r.name, ip, from.port(), pending == 0, std::string(r.key.begin(), r.key.end())};
+  table_.upsert(r.name, ip, from.port(), pending == 0, r.key);
   table_changed(r.name);
   spdlog::info("registered {} at {}, {} saved messages{}", r.name, where(from), pending,
                binds ? ", name bound to its identity" : "");
@@ -344,7 +345,9 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   if (!binds) return welcome();
   // The binding is the name's for good: the client hears "registered" only once it is durable.
   SessionRef ref = sessions_[r.name];
+  binding_.insert(r.name);
   after_rows_.emplace_back(r.name, [this, r, from, ref, welcome](RowResult result) {
+    binding_.erase(r.name);
     if (!same_session(r.name, ref) || ref.expired()) return;
     if (result == RowResult::written) return welcome();
     if (result == RowResult::refused) {
@@ -524,10 +527,15 @@ void Server::commit_rows(transport::Time started) {
   for (const auto& n : committing_rows_) {
     const Client* c = table_.find(n);
     if (c == nullptr || !seen.insert(n).second) continue;
-    // Registered here since the last commit: the whole row, as this server's; otherwise only
-    // its online flag (a shared store writes it only where the row still has this address).
-    rows.push_back({{c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()},
-                    committing_claimed_.contains(n)});
+    offline::ClientRow row{c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()};
+    // Registered here since the last commit: the whole row as registered, as this server's
+    // (the store refuses it if another server bound the name first); otherwise only its online
+    // flag (a shared store writes it only where the row still has this address).
+    auto claim = committing_claimed_.find(n);
+    if (claim != committing_claimed_.end()) {
+      if (row.ip != claim->second.ip || row.port != claim->second.port || row.key != claim->second.key) row = claim->second;
+    }
+    rows.push_back({std::move(row), claim != committing_claimed_.end()});
     written.push_back(n);
   }
   committing_rows_.clear();
@@ -844,7 +852,8 @@ void Server::on_change(const offline::Change& c) {
     return;
   }
   const offline::ClientRow& row = c.row;
-  if (!c.here && sessions_.contains(row.name)) {
+  // (A session whose binding is on its way to the store stays: the store's answer decides.)
+  if (!c.here && sessions_.contains(row.name) && !binding_.contains(row.name)) {
     // It registered with another server: that one holds its session now.
     spdlog::info("{} moved to another server", row.name);
     end_session(row.name);

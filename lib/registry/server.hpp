@@ -243,14 +243,17 @@ class Server {
   std::vector<offline::NewMessage> unsaved_;
   std::vector<AfterCommit> after_commit_;
   std::vector<std::string> dirty_rows_;
-  std::unordered_set<std::string> claimed_;  // of dirty_rows_: registered here (this server holds the session)
+  /// Of dirty_rows_: registered here (this server holds the session), with the row as
+  /// registered (the table's may have been overwritten by another server's change since).
+  std::unordered_map<std::string, offline::ClientRow> claimed_;
+  std::unordered_set<std::string> binding_;  // names whose binding is on its way to the store
   std::vector<std::pair<std::string, AfterRow>> after_rows_;  // registrations that bound a name: answered once the row is durable
   // The commit under way: its saves (and their answers), then its rows.
   std::vector<offline::NewMessage> committing_;
   std::vector<AfterCommit> committing_after_;
   std::unordered_map<std::string, std::size_t> committing_count_;  // saves per recipient in it
   std::vector<std::string> committing_rows_;
-  std::unordered_set<std::string> committing_claimed_;
+  std::unordered_map<std::string, offline::ClientRow> committing_claimed_;
   std::vector<std::pair<std::string, AfterRow>> committing_after_rows_;
   bool commit_in_flight_ = false;
   identity::TokenMinter minter_;

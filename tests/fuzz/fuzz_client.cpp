@@ -178,7 +178,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                       printed.push_back(line);
                     },
                     [&] { reading = true; }, [&](int) { exited = true; }};
-  peer::ClientOptions options{std::string(fuzz::kNames[0]), fuzz::source(0), {}, std::chrono::seconds(15), 1};
+  peer::ClientOptions options{std::string(fuzz::kNames[0]), fuzz::source(0), {}, {}, std::chrono::seconds(15), 1};
   auto state = std::make_unique<identity::PeerState>(":memory:", static_cast<std::uint64_t>(clock.wall_us() / 1000));
   const identity::PeerState& pins = *state;
   peer::Client client(options, clock, io, fuzz::identity_of(fuzz::kNames[0]), std::move(state));

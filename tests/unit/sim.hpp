@@ -47,6 +47,8 @@ class Net {
   Duration max_delay = 2ms;
   /// Drops chosen datagrams (a link down, a firewall rule); empty: none.
   Filter filter;
+  /// Runs before each event (a shared database handing servers each other's changes); empty: nothing.
+  std::function<void()> before_step;
 
   std::uint64_t delivered = 0;
   std::uint64_t dropped = 0;
@@ -91,6 +93,7 @@ class Net {
   }
   /// Handles the next event (a datagram arriving or a timer); false if nothing is left to happen.
   bool step() {
+    if (before_step) before_step();
     std::optional<Time> next;
     if (!queue_.empty()) next = queue_.top().at;
     for (auto& [at, core] : nodes_) {
@@ -177,10 +180,11 @@ inline identity::Identity identity_of(const std::string& name, std::uint8_t vari
 struct Peer {
   Peer(Net& net, const std::string& name, const udp::endpoint& at, const udp::endpoint& server,
        transport::RetryPolicy policy = {}, std::chrono::milliseconds keepalive = 15s, std::uint64_t seed = 1,
-       std::uint8_t key_variant = 0, const std::string& state = ":memory:", peer::Backlog backlog = {})
+       std::uint8_t key_variant = 0, const std::string& state = ":memory:", peer::Backlog backlog = {},
+       std::vector<udp::endpoint> fallbacks = {})
       : net_(net),
         at_(at),
-        client(peer::ClientOptions{name, server, policy, keepalive, seed, backlog}, net.clock,
+        client(peer::ClientOptions{name, server, std::move(fallbacks), policy, keepalive, seed, backlog}, net.clock,
                peer::ClientIo{[this](const std::string& l) { lines.push_back(l); }, [this] { reading = true; },
                               [this](int code) { exit_code = code; }},
                identity_of(name, key_variant), std::make_unique<identity::PeerState>(state)) {
@@ -254,6 +258,9 @@ class SharedStore final : public offline::Store {
 /// A server core on the network.
 struct ServerNode {
   ServerNode(Net& net, const udp::endpoint& at, std::unique_ptr<offline::Store> store,
+             registry::ServerOptions options = {})
+      : ServerNode(net, at, offline::adapt(std::move(store)), options) {}
+  ServerNode(Net& net, const udp::endpoint& at, std::unique_ptr<offline::AsyncStore> store,
              registry::ServerOptions options = {})
       : net_(net), at_(at), server(options, std::move(store), net.clock) {
     net.attach(server.core(), at);
