@@ -270,8 +270,16 @@ struct ConnDeleter {
 };
 using Conn = std::unique_ptr<PGconn, ConnDeleter>;
 
+/// TCP keep-alives, so a database host that vanishes without closing the connection is noticed
+/// in about 10 s; listed before the URI, whose own settings win.
+constexpr std::array<const char*, 5> conn_keywords{"keepalives_idle", "keepalives_interval", "keepalives_count",
+                                                   "dbname", nullptr};
+
+std::array<const char*, 5> conn_values(const std::string& uri) { return {"4", "2", "3", uri.c_str(), nullptr}; }
+
 Conn connect_blocking(const std::string& uri) {
-  Conn c(PQconnectdb(uri.c_str()));
+  const auto values = conn_values(uri);
+  Conn c(PQconnectdbParams(conn_keywords.data(), values.data(), 1));
   if (!c) throw StoreError("offline store: cannot connect to the database: out of memory");
   if (PQstatus(c.get()) != CONNECTION_OK) {
     throw StoreError(std::string("offline store: cannot connect to the database: ").append(trimmed(PQerrorMessage(c.get()))));
@@ -869,7 +877,8 @@ class PgStore final : public AsyncStore {
   }
 
   void start_connect() {
-    conn_ = PQconnectStart(o_.uri.c_str());
+    const auto values = conn_values(o_.uri);
+    conn_ = PQconnectStartParams(conn_keywords.data(), values.data(), 1);
     if (!conn_ || PQstatus(conn_) == CONNECTION_BAD) {
       connect_failed(conn_ ? trimmed(PQerrorMessage(conn_)) : std::string("out of memory"));
       return;

@@ -21,7 +21,11 @@ struct PgOptions {
 
 /// Connects (blocking), creates or checks the schema, and returns a store whose calls run on
 /// `io`. Throws StoreError with the reason (unreachable, a newer schema, not a ChatApp database).
-/// load() takes the lease and starts the lease renewal and the change-log reads.
+/// load() (blocking, once, before io.run()) takes the lease and starts the lease renewal and
+/// the change-log reads (from the snapshot on). While the database is unreachable every call
+/// answers "the database is unreachable: <reason>", posted to `io` (never inside the call),
+/// and the store reconnects in the background. Single-threaded: use it from `io`'s thread;
+/// a callback must not destroy the store.
 std::unique_ptr<AsyncStore> open_pg_store(boost::asio::io_context& io, PgOptions o);
 
 /// The operator's --release-name against a shared database (blocking). Throws StoreError.
