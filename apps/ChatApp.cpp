@@ -18,6 +18,7 @@
 
 #include "identity/identity.hpp"
 #include "identity/peer_state.hpp"
+#include "metrics/metrics.hpp"
 #include "offline/store.hpp"
 #include "peer/app.hpp"
 #include "protocol/codec.hpp"
@@ -55,13 +56,15 @@ struct Config {
   double keepalive_s = 15;
   std::string identity;      // client: the key file (empty: the default path for the name)
   std::string release_name;  // operator: the name to release, then exit
+  std::uint16_t metrics_port = 0;  // server: serve Prometheus metrics over HTTP on it (0: not)
 };
 
-std::uint16_t parse_port(const std::string& s, const char* what) {
+std::uint16_t parse_port(const std::string& s, const char* what, long min = 1024) {
   bool digits = !s.empty() && s.size() <= 5 && s.find_first_not_of("0123456789") == std::string::npos;
   long v = digits ? std::stol(s) : -1;
-  if (v < 1024 || v > 65535)
-    throw UsageError{std::string("invalid ") + what + " '" + s + "': must be an integer in 1024-65535"};
+  if (v < min || v > 65535)
+    throw UsageError{std::string("invalid ") + what + " '" + s + "': must be an integer in " +
+                     std::to_string(min) + "-65535"};
   return static_cast<std::uint16_t>(v);
 }
 
@@ -86,6 +89,8 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: saved messages kept per recipient at most")
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
+      ("metrics", po::value<std::string>()->value_name("port"),
+       "server: serve Prometheus text metrics at http://<bind>:<port>/metrics (TCP)")
       ("identity", po::value<std::string>(&c.identity)->value_name("file"),
        "client: the identity key file (default $XDG_DATA_HOME/chatapp/identities/<name>.key)")
       ("release-name", po::value<std::string>(&c.release_name)->value_name("name"),
@@ -154,8 +159,10 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     if (!c.identity.empty()) throw UsageError{"--identity is a client option (-c)"};
     c.server = true;
     c.port = parse_port(vm["server"].as<std::string>(), "port");
+    if (vm.count("metrics")) c.metrics_port = parse_port(vm["metrics"].as<std::string>(), "--metrics", 1);
     return c;
   }
+  if (vm.count("metrics")) throw UsageError{"--metrics is a server option (-s)"};
   if (args.size() != 4)
     throw UsageError{"-c takes 4 arguments (<name> <server-ip> <server-port> <client-port>), got " +
                      std::to_string(args.size())};
@@ -208,6 +215,15 @@ int run_server(const Config& c) {
   } catch (const boost::system::system_error& e) {
     std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
     return 1;
+  }
+  std::optional<chat::metrics::Exporter> metrics;
+  if (c.metrics_port) {
+    try {
+      metrics.emplace(io, c.bind, c.metrics_port, [&server] { return chat::metrics::snapshot_of(server); });
+    } catch (const chat::metrics::BindError& e) {
+      std::cerr << "ChatApp: cannot serve metrics on port " << c.metrics_port << ": " << e.what() << '\n';
+      return 1;
+    }
   }
   chat::net::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
   signals.async_wait([&](chat::error_code ec, int) {
