@@ -1,7 +1,9 @@
 // The server's counters as Prometheus metric families, and the exposer that serves them.
 #include "metrics/metrics.hpp"
 
+#include <atomic>
 #include <exception>
+#include <thread>
 #include <utility>
 
 #include <prometheus/exposer.h>
@@ -142,7 +144,12 @@ std::string bind_failure(const std::string& address, std::uint16_t port, const s
 
 Exporter::Exporter(net::io_context& io, const std::string& address, std::uint16_t port, Take take,
                    std::chrono::milliseconds period)
-    : take_(std::move(take)), period_(period), timer_(io), board_(std::make_shared<Board>()) {
+    : take_(std::move(take)),
+      period_(period),
+      address_(address),
+      port_(port),
+      timer_(io),
+      board_(std::make_shared<Board>()) {
   board_->publish(take_());
   try {
     exposer_ = std::make_unique<prometheus::Exposer>(std::string(address).append(":").append(std::to_string(port)));
@@ -153,7 +160,25 @@ Exporter::Exporter(net::io_context& io, const std::string& address, std::uint16_
   tick();
 }
 
-Exporter::~Exporter() = default;
+Exporter::~Exporter() {
+  // civetweb's listener waits in poll() for up to 2 s between looks at its stop flag, so
+  // stopping the exposer would hold the process (and the port) that long: a connection to
+  // the port wakes it. Made again until the exposer is gone, as the first may come too early.
+  std::atomic<bool> stopped{false};
+  std::thread waker([&] {
+    auto at = address_ == "0.0.0.0" ? net::ip::make_address_v4("127.0.0.1") : net::ip::make_address_v4(address_);
+    net::io_context io;
+    while (!stopped) {
+      net::ip::tcp::socket s(io);
+      error_code ec;
+      s.connect({at, port_}, ec);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  exposer_.reset();
+  stopped = true;
+  waker.join();
+}
 
 void Exporter::tick() {
   timer_.expires_after(period_);

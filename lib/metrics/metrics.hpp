@@ -82,6 +82,8 @@ class Exporter {
 
   Take take_;
   std::chrono::milliseconds period_;
+  std::string address_;
+  std::uint16_t port_;
   net::steady_timer timer_;
   std::shared_ptr<Board> board_;
   std::unique_ptr<prometheus::Exposer> exposer_;  // after board_: stopped before it goes
