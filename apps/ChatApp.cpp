@@ -1,9 +1,11 @@
 // ChatApp's entry point: parse the command line, build the server or the peer, run the loop.
 #include <malloc.h>
+#include <unistd.h>
 #include <signal.h>
 
 #include <cmath>
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -19,6 +21,8 @@
 #include "identity/identity.hpp"
 #include "identity/peer_state.hpp"
 #include "offline/async_store.hpp"
+#include "offline/pg_store.hpp"
+#include "metrics/metrics.hpp"
 #include "offline/store.hpp"
 #include "peer/app.hpp"
 #include "protocol/codec.hpp"
@@ -59,13 +63,15 @@ struct Config {
   double keepalive_s = 15;
   std::string identity;      // client: the key file (empty: the default path for the name)
   std::string release_name;  // operator: the name to release, then exit
+  std::uint16_t metrics_port = 0;  // server: serve Prometheus metrics over HTTP on it (0: not)
 };
 
-std::uint16_t parse_port(const std::string& s, const char* what) {
+std::uint16_t parse_port(const std::string& s, const char* what, long min = 1024) {
   bool digits = !s.empty() && s.size() <= 5 && s.find_first_not_of("0123456789") == std::string::npos;
   long v = digits ? std::stol(s) : -1;
-  if (v < 1024 || v > 65535)
-    throw UsageError{std::string("invalid ") + what + " '" + s + "': must be an integer in 1024-65535"};
+  if (v < min || v > 65535)
+    throw UsageError{std::string("invalid ") + what + " '" + s + "': must be an integer in " +
+                     std::to_string(min) + "-65535"};
   return static_cast<std::uint16_t>(v);
 }
 
@@ -120,6 +126,8 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: saved messages kept per recipient at most")
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
+      ("metrics", po::value<std::string>()->value_name("port"),
+       "server: serve Prometheus text metrics at http://<bind>:<port>/metrics (TCP)")
       ("identity", po::value<std::string>(&c.identity)->value_name("file"),
        "client: the identity key file (default $XDG_DATA_HOME/chatapp/identities/<name>.key)")
       ("release-name", po::value<std::string>(&c.release_name)->value_name("name"),
@@ -191,8 +199,10 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     parse_store(c);
     c.server = true;
     c.port = parse_port(vm["server"].as<std::string>(), "port");
+    if (vm.count("metrics")) c.metrics_port = parse_port(vm["metrics"].as<std::string>(), "--metrics", 1);
     return c;
   }
+  if (vm.count("metrics")) throw UsageError{"--metrics is a server option (-s)"};
   if (args.size() != 4)
     throw UsageError{"-c takes 4 arguments (<name> <server-ip> <server-port> <client-port>), got " +
                      std::to_string(args.size())};
@@ -229,10 +239,42 @@ std::unique_ptr<chat::offline::Store> open_store(const Config& c) {
   }
 }
 
+/// The URI as it may be shown: a password in it replaced by ***.
+std::string shown_uri(const std::string& uri) {
+  auto scheme = uri.find("://");
+  auto at = uri.find('@', scheme == std::string::npos ? 0 : scheme + 3);
+  if (scheme == std::string::npos || at == std::string::npos) return uri;
+  auto colon = uri.find(':', scheme + 3);
+  if (colon == std::string::npos || colon > at) return uri;
+  return std::string(uri, 0, colon + 1).append("***").append(uri, at, std::string::npos);
+}
+
+/// Where the store is, for messages: the data directory or the database.
+std::string store_place(const Config& c) { return c.pg_uri.empty() ? c.data_dir : shown_uri(c.pg_uri); }
+
+/// This server's name among the servers of a shared store: the host and the UDP port, the
+/// same across restarts (so a restarted server takes back the sessions it held).
+std::string server_id(const Config& c) {
+  std::array<char, 256> host{};
+  if (::gethostname(host.data(), host.size() - 1) != 0) host = {'?'};
+  return std::string(host.data()).append(":").append(std::to_string(c.port));
+}
+
 int run_server(const Config& c) {
   chat::net::io_context io(1);
-  std::unique_ptr<chat::offline::Store> store = open_store(c);
-  if (!store) return 1;
+  std::unique_ptr<chat::offline::AsyncStore> store;
+  if (c.pg_uri.empty()) {
+    std::unique_ptr<chat::offline::Store> embedded = open_store(c);
+    if (!embedded) return 1;
+    store = chat::offline::adapt(std::move(embedded));
+  } else {
+    try {
+      store = chat::offline::open_pg_store(io, chat::offline::PgOptions{c.pg_uri, server_id(c)});
+    } catch (const std::exception& e) {
+      std::cerr << "ChatApp: cannot open the store " << shown_uri(c.pg_uri) << ": " << e.what() << '\n';
+      return 1;
+    }
+  }
   chat::registry::ServerOptions opts;
   opts.policy = c.policy;
   opts.guard.rate_limit = c.rate_limit;
@@ -241,13 +283,30 @@ int run_server(const Config& c) {
   opts.keepalive = keepalive_of(c);
   // glibc keeps freed heap for reuse; after a burst that is most of the RSS (issue 13).
   opts.on_quiet = [] { ::malloc_trim(0); };
-  chat::registry::Server server(opts, std::move(store), chat::transport::system_clock());
+  // The server reads the store's snapshot (the table, the mailboxes) as it is built.
+  std::optional<chat::registry::Server> built;
+  try {
+    built.emplace(opts, std::move(store), chat::transport::system_clock());
+  } catch (const std::exception& e) {
+    std::cerr << "ChatApp: cannot read the store " << store_place(c) << ": " << e.what() << '\n';
+    return 1;
+  }
+  chat::registry::Server& server = *built;
   std::optional<chat::transport::Endpoint> endpoint;
   try {
     endpoint.emplace(io, server.core(), make_endpoint(c.bind, c.port));
   } catch (const boost::system::system_error& e) {
     std::cerr << "ChatApp: cannot use UDP port " << c.port << ": " << e.code().message() << '\n';
     return 1;
+  }
+  std::optional<chat::metrics::Exporter> metrics;
+  if (c.metrics_port) {
+    try {
+      metrics.emplace(io, c.bind, c.metrics_port, [&server] { return chat::metrics::snapshot_of(server, server.store().lease_held()); });
+    } catch (const chat::metrics::BindError& e) {
+      std::cerr << "ChatApp: cannot serve metrics on port " << c.metrics_port << ": " << e.what() << '\n';
+      return 1;
+    }
   }
   chat::net::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
   signals.async_wait([&](chat::error_code ec, int) {
@@ -271,16 +330,34 @@ int run_server(const Config& c) {
   }
 }
 
+int report_release(const Config& c, const chat::offline::Released& r);
+
+/// --release-name against the shared database.
+chat::offline::Released release_shared(const Config& c) { return chat::offline::pg_release(c.pg_uri, c.release_name); }
+
 int run_release(const Config& c) {
+  if (!c.pg_uri.empty()) {
+    chat::offline::Released r;
+    try {
+      r = release_shared(c);
+    } catch (const std::exception& e) {
+      std::cerr << "ChatApp: cannot open the store " << shown_uri(c.pg_uri) << ": " << e.what() << '\n';
+      return 1;
+    }
+    return report_release(c, r);
+  }
   if (!std::filesystem::exists(std::filesystem::path(c.data_dir) / "chat.db")) {
     std::cout << "released nothing: there is no store (chat.db) in " << c.data_dir << '\n';
     return 1;
   }
   std::unique_ptr<chat::offline::Store> store = open_store(c);
   if (!store) return 1;
-  chat::offline::Released r = store->release(c.release_name);
+  return report_release(c, store->release(c.release_name));
+}
+
+int report_release(const Config& c, const chat::offline::Released& r) {
   if (!r.found) {
-    std::cout << "released nothing: " << c.release_name << " is not registered in " << c.data_dir << '\n';
+    std::cout << "released nothing: " << c.release_name << " is not registered in " << store_place(c) << '\n';
     return 1;
   }
   std::string fp = "no identity";
