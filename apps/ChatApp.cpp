@@ -332,14 +332,11 @@ int run_server(const Config& c) {
 
 int report_release(const Config& c, const chat::offline::Released& r);
 
-/// --release-name against the shared database.
-chat::offline::Released release_shared(const Config& c) { return chat::offline::pg_release(c.pg_uri, c.release_name); }
-
 int run_release(const Config& c) {
   if (!c.pg_uri.empty()) {
     chat::offline::Released r;
     try {
-      r = release_shared(c);
+      r = chat::offline::pg_release(c.pg_uri, c.release_name);
     } catch (const std::exception& e) {
       std::cerr << "ChatApp: cannot open the store " << shown_uri(c.pg_uri) << ": " << e.what() << '\n';
       return 1;

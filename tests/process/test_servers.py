@@ -10,9 +10,11 @@ import shutil
 import subprocess
 import tempfile
 import time
+import socket
 import unittest
+import urllib.request
 
-from harness import DEADLINE, FAST, Proc, free_port, restore_env
+from harness import BIN, DEADLINE, FAST, Proc, free_port, restore_env
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 PG = os.path.join(ROOT, "scripts", "pg")
@@ -22,6 +24,13 @@ TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 # Clients tell their server they are there every second: one that stops answering is given
 # up on after 3 s. The same interval for the servers' sessions.
 KEEPALIVE = ["--keepalive", "1"]
+
+
+def free_port_tcp():
+    """A TCP port free now on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pg(*args):
@@ -230,6 +239,36 @@ class ServersTest(Servers):
         self.assertEqual(loser.wait_exit(), 1)
         winner = b if loser is a else a
         self.assertIsNone(winner.proc.poll())
+
+
+    def test_release_name_and_metrics_on_the_shared_store(self):
+        metrics_port = free_port_tcp()
+        self.ports.append(free_port())
+        s = Proc(["-s", str(self.ports[0]), "--store", self.uri, "--metrics", str(metrics_port), "--bind", "127.0.0.1"]
+                 + FAST + KEEPALIVE, name="server0", merge_stderr=True)
+        self.procs.append(s)
+        s.expect("server listening")
+        alice = self.start_client("alice", 0)
+        # The lease is held: the gauge a shared store adds (within the metrics' 1 s refresh).
+        end = time.monotonic() + DEADLINE
+        text = ""
+        while time.monotonic() < end:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            if "\nchatapp_lease_held 1\n" in text and "\nchatapp_registrations_total 1\n" in text:
+                break
+            time.sleep(0.1)  # polling the scrape
+        self.assertIn("\nchatapp_lease_held 1\n", text)
+        self.assertIn("\nchatapp_registrations_total 1\n", text)
+        alice.send("quit")
+        self.assertEqual(alice.wait_exit(), 0)
+        r = subprocess.run([BIN, "--store", self.uri, "--release-name", "alice"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"^released alice: removed its binding \(identity( \d{5}){6}\) and 0 saved messages sealed for it\n$")
+        r = subprocess.run([BIN, "--store", self.uri, "--release-name", "alice"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stdout, f"released nothing: alice is not registered in {self.uri}\n")
 
 
 class DatabaseRestartTest(Servers):
