@@ -21,9 +21,10 @@ PG = os.path.join(ROOT, "scripts", "pg")
 WELCOME = ">>> [Welcome, You are registered.]"
 SAVED = ">>> [Messages received by the server and saved]"
 TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
-# Clients tell their server they are there every second: one that stops answering is given
-# up on after 3 s. The same interval for the servers' sessions.
-KEEPALIVE = ["--keepalive", "1"]
+# Clients tell their server they are there every 2 s: one that stops answering is given up
+# on after 6 s (short enough for the tests, long enough that a busy machine's slow answer is
+# not taken for a dead server). The same interval for the servers' sessions.
+KEEPALIVE = ["--keepalive", "2"]
 
 
 def free_port_tcp():
