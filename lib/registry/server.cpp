@@ -606,10 +606,11 @@ void Server::remove_delivered() {
   std::unordered_map<std::string, std::vector<std::int64_t>> batch;
   batch.swap(undeleted_);
   for (auto& [name, seqs] : batch) {
-    store_->remove_delivered(name, std::move(seqs), [this, name](offline::Reply<bool> r) {
+    // (A structured binding is copied into the capture by name: clang 14 cannot capture one.)
+    store_->remove_delivered(name, std::move(seqs), [this, who = name](offline::Reply<bool> r) {
       // They stay stored: a later delivery sends them again, and the client, knowing their
       // (sender, id), does not show them twice.
-      if (!r.ok()) store_failed(fmt::format("removing delivered messages for {}", name).c_str(), r.error);
+      if (!r.ok()) store_failed(fmt::format("removing delivered messages for {}", who).c_str(), r.error);
     });
   }
 }
