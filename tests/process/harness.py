@@ -17,13 +17,37 @@ DEADLINE = float(os.environ.get("CHATAPP_DEADLINE", "15"))
 FAST = ["--ack-timeout", "100", "--retries", "5"]
 
 
-def free_port():
-    """A UDP port that is free now on 127.0.0.1 (bound to 0 and released)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def free_port(kind=socket.SOCK_DGRAM):
+    """A port (UDP, or TCP with socket.SOCK_STREAM) that is free now on 127.0.0.1 (bound to 0 and released)."""
+    s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def free_tcp_port():
+    return free_port(socket.SOCK_STREAM)
+
+
+def wait_table(client, names_online, timeout=DEADLINE):
+    """Types `list` until `client`'s table shows exactly these online names (bounded by `timeout`)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        client.send("list")
+        client.expect("^NAME +ADDRESS")
+        rows = []
+        while True:
+            line = client.expect(".")
+            if re.match(r"^\(\d+ clients, \d+ online\)$", line):
+                break
+            rows.append(line)
+        online = sorted(r.split()[0] for r in rows if r.split()[2] == "online")
+        if online == sorted(names_online):
+            return rows
+        time.sleep(0.05)  # polling the table, not synchronising on an event
+    raise AssertionError(f"{client.name}: table never showed {names_online} within {timeout:.1f}s:\n"
+                         + client.dump())
 
 
 class Proc:
@@ -257,23 +281,7 @@ class ChatTest(unittest.TestCase):
         return c
 
     def wait_table(self, client, names_online, timeout=DEADLINE):
-        """Types `list` until the table shows exactly these online names (bounded by `timeout`)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            client.send("list")
-            client.expect("^NAME +ADDRESS")
-            rows = []
-            while True:
-                line = client.expect(".")
-                if re.match(r"^\(\d+ clients, \d+ online\)$", line):
-                    break
-                rows.append(line)
-            online = sorted(r.split()[0] for r in rows if r.split()[2] == "online")
-            if online == sorted(names_online):
-                return rows
-            time.sleep(0.05)  # polling the table, not synchronising on an event
-        raise AssertionError(f"{client.name}: table never showed {names_online} within {timeout:.1f}s:\n"
-                             + client.dump())
+        return wait_table(client, names_online, timeout)
 
 
 def udp_rx_queue(port):

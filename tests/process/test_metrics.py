@@ -15,7 +15,7 @@ import time
 import unittest
 import urllib.request
 
-from harness import BIN, DEADLINE, FAST, ChatTest, free_port, isolated_env
+from harness import BIN, DEADLINE, FAST, ChatTest, free_port, free_tcp_port, isolated_env
 
 TIMEOUT = 5  # seconds for a command line that must be refused (or fail) at once
 STOP_WITHIN = 1.5  # seconds from SIGTERM to exit: less than civetweb's 2 s poll, with room for a busy machine
@@ -46,15 +46,6 @@ FAMILIES = {
 REFUSED_REASONS = ["empty", "too_large", "old_version", "bad_version", "unknown_type", "truncated",
                    "trailing", "bad_name", "text_too_long", "invalid_utf8", "bad_value",
                    "rate_limited", "not_sent_unproven", "in_flight_refused"]
-
-
-def free_tcp_port():
-    """A TCP port that is free now on 127.0.0.1 (bound to 0 and released)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def scrape(port):

@@ -10,11 +10,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-import socket
 import unittest
 import urllib.request
 
-from harness import BIN, DEADLINE, FAST, Proc, free_port, restore_env
+from harness import BIN, DEADLINE, FAST, Proc, free_port, free_tcp_port, restore_env, wait_table
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 PG = os.path.join(ROOT, "scripts", "pg")
@@ -25,13 +24,6 @@ TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 # on after 6 s (short enough for the tests, long enough that a busy machine's slow answer is
 # not taken for a dead server). The same interval for the servers' sessions.
 KEEPALIVE = ["--keepalive", "2"]
-
-
-def free_port_tcp():
-    """A TCP port free now on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg(*args):
@@ -97,23 +89,7 @@ class Servers(unittest.TestCase):
         return c
 
     def wait_table(self, client, names_online, timeout=DEADLINE):
-        """Types `list` until the table shows exactly these online names (bounded)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            client.send("list")
-            client.expect("^NAME +ADDRESS")
-            rows = []
-            while True:
-                line = client.expect(".")
-                if re.match(r"^\(\d+ clients, \d+ online\)$", line):
-                    break
-                rows.append(line)
-            online = sorted(r.split()[0] for r in rows if r.split()[2] == "online")
-            if online == sorted(names_online):
-                return
-            time.sleep(0.05)  # polling the table, not synchronising on an event
-        raise AssertionError(f"{client.name}: table never showed {names_online} within {timeout:.1f}s:\n"
-                             + client.dump())
+        return wait_table(client, names_online, timeout)
 
     def sql(self, query):
         """One value from the shared database (psql, from Debian's postgresql-client)."""
@@ -243,7 +219,7 @@ class ServersTest(Servers):
 
 
     def test_release_name_and_metrics_on_the_shared_store(self):
-        metrics_port = free_port_tcp()
+        metrics_port = free_tcp_port()
         self.ports.append(free_port())
         s = Proc(["-s", str(self.ports[0]), "--store", self.uri, "--metrics", str(metrics_port), "--bind", "127.0.0.1"]
                  + FAST + KEEPALIVE, name="server0", merge_stderr=True)
