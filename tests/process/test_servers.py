@@ -252,8 +252,6 @@ class DatabaseRestartTest(Servers):
     """A cluster of its own, restarted while a client saves messages."""
 
     def database(self):
-        # The postgres user must reach the cluster's directory (its parents searchable).
-        os.chmod(self.dir, 0o711)
         self.cluster = os.path.join(self.dir, "pg")
         self.addCleanup(subprocess.run, [PG, "stop", self.cluster], capture_output=True, timeout=120)
         pg("start", self.cluster)
