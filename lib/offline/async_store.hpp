@@ -25,7 +25,8 @@ struct Reply {
 
 /// A client row written by the server: `here` says this server holds the client's session (a
 /// registration). A row written with `here` false changes only its online flag, and only if
-/// the stored row still has this address (another server may have taken the client since).
+/// this server still holds the row's session and the row still has this address (the client
+/// may have moved to another server since, from the same address or another).
 /// A row whose key is set binds the name: refused if the store has it bound to another key.
 struct RowWrite {
   ClientRow row;

@@ -423,10 +423,11 @@ WITH up AS (
 SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM nt)
 )sql");
 
-/// An online flag, only while the row still has this address.
+/// An online flag, only while this server holds the row's session ($5) and the row still has
+/// this address: a server the client left (for another, from the same address) changes nothing.
 const std::string online_sql = std::string(R"sql(
 WITH up AS (
-  UPDATE clients SET online = $2 WHERE name = $1 AND ip = $3 AND port = $4 RETURNING name
+  UPDATE clients SET online = $2 WHERE name = $1 AND ip = $3 AND port = $4 AND server = $5 RETURNING name
 ), ch AS (
   INSERT INTO changes (server, kind, name) SELECT $5, 0, name FROM up RETURNING 1
 ), )sql").append(notify_cte).append(R"sql(
@@ -830,11 +831,17 @@ class PgStore final : public AsyncStore {
   }
 
   void finish(Pending& p) {
-    if (p.error.empty()) {
-      p.done(std::move(p.results), {});
-    } else {
-      spdlog::warn("offline store: {} failed: {}", p.what, p.error);
-      p.done({}, std::string("offline store: ").append(p.what).append(" failed: ").append(p.error));
+    // A callback that throws must not stop the reading of the results behind it (they would
+    // never be answered): it is logged here and the loop goes on.
+    try {
+      if (p.error.empty()) {
+        p.done(std::move(p.results), {});
+      } else {
+        spdlog::warn("offline store: {} failed: {}", p.what, p.error);
+        p.done({}, std::string("offline store: ").append(p.what).append(" failed: ").append(p.error));
+      }
+    } catch (const std::exception& e) {
+      spdlog::error("offline store: the answer to {} failed: {}", p.what, e.what());
     }
   }
 
@@ -990,9 +997,12 @@ class PgStore final : public AsyncStore {
     lease_in_flight_ = true;
     const auto sent_at = Clock::now();
     std::vector<Statement> st;
+    // The change lock first, before the row lock on our lease, as every writer takes it: a
+    // sweep by another server (which holds it and deletes expired leases, ours among them
+    // after a long absence) and this renewal never wait for each other in a cycle.
+    st.push_back({lock_sql, Params().int8(change_lock)});
     st.push_back({renew_sql, Params().text(o_.server_id).int8(o_.lease_for.count())});
     if (++renewals_ % trim_every_renewals == 0) st.push_back({trim_sql});
-    st.push_back({lock_sql, Params().int8(change_lock)});
     st.push_back({expire_sql});
     submit(std::move(st), "renew the lease", guarded([this, sent_at](std::vector<Result>&& rs, const std::string& error) {
              lease_in_flight_ = false;

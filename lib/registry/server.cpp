@@ -174,6 +174,8 @@ void Server::end_session(const std::string& name) {
   core_.abandon(it->second->stored_request);
   core_.abandon(it->second->table_request);
   sessions_.erase(it);
+  // Its registration's row, not yet committed, is no longer this server's to claim.
+  claimed_.erase(name);
 }
 
 bool Server::same_session(const std::string& name, const SessionRef& ref) {
@@ -327,7 +329,9 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   sessions_[r.name] = std::move(s);
   ++stats_.registered;
   const Client* before = table_.find(r.name);
-  const bool binds = before == nullptr || !before->bound();
+  // A binding still on its way to the store is no binding yet: this registration waits for
+  // its own row too (the first may yet fail, or be refused by the store).
+  const bool binds = before == nullptr || !before->bound() || binding_.contains(r.name);
   // With messages waiting, the client becomes online only once they are delivered (SPEC §5).
   // The row is written as this server's even if unchanged: with a shared store, the session
   // is here now (the client may have come from another server).
@@ -345,9 +349,9 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   if (!binds) return welcome();
   // The binding is the name's for good: the client hears "registered" only once it is durable.
   SessionRef ref = sessions_[r.name];
-  binding_.insert(r.name);
+  ++binding_[r.name];
   after_rows_.emplace_back(r.name, [this, r, from, ref, welcome](RowResult result) {
-    binding_.erase(r.name);
+    if (auto b = binding_.find(r.name); b != binding_.end() && --b->second == 0) binding_.erase(b);
     if (!same_session(r.name, ref) || ref.expired()) return;
     if (result == RowResult::written) return welcome();
     if (result == RowResult::refused) {
@@ -530,7 +534,8 @@ void Server::commit_rows(transport::Time started) {
     offline::ClientRow row{c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()};
     // Registered here since the last commit: the whole row as registered, as this server's
     // (the store refuses it if another server bound the name first); otherwise only its online
-    // flag (a shared store writes it only where the row still has this address).
+    // flag (a shared store writes it only where this server holds the row and it still has
+    // this address).
     auto claim = committing_claimed_.find(n);
     if (claim != committing_claimed_.end()) {
       if (row.ip != claim->second.ip || row.port != claim->second.port || row.key != claim->second.key) row = claim->second;

@@ -246,7 +246,7 @@ class Server {
   /// Of dirty_rows_: registered here (this server holds the session), with the row as
   /// registered (the table's may have been overwritten by another server's change since).
   std::unordered_map<std::string, offline::ClientRow> claimed_;
-  std::unordered_set<std::string> binding_;  // names whose binding is on its way to the store
+  std::unordered_map<std::string, int> binding_;  // bindings on their way to the store, per name
   std::vector<std::pair<std::string, AfterRow>> after_rows_;  // registrations that bound a name: answered once the row is durable
   // The commit under way: its saves (and their answers), then its rows.
   std::vector<offline::NewMessage> committing_;

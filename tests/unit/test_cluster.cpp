@@ -90,7 +90,7 @@ class DbView final : public offline::AsyncStore {
           db_.store.store_clients(std::span(&w.row, 1));
           db_.holder[w.row.name] = id_;
         }
-      } else if (cur && cur->ip == w.row.ip && cur->port == w.row.port) {
+      } else if (cur && cur->ip == w.row.ip && cur->port == w.row.port && db_.holder[w.row.name] == id_) {
         ok = true;
         offline::ClientRow r = *cur;
         r.online = w.row.online;
@@ -387,6 +387,29 @@ TEST_CASE("§13 a slow store: no ACK before the commit answers, saves arriving m
   REQUIRE(release_until([&] { return alice.count(saved) == 3; }));
   CHECK(store.saves == saves_before + 2);  // two and three: one commit
   CHECK(node.server.server_counters().saved == 3);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_CASE("§13 a slow store: a second registration while the first binding is unsaved waits for its own row") {
+  Net net(5);
+  auto deferred = std::make_unique<Deferred>(offline::adapt(offline::open_memory_store()));
+  Deferred& store = *deferred;
+  ServerNode node(net, server_at(0), std::move(deferred));
+  Peer first(net, "alice", addr(10, 6000), server_at(0));
+  REQUIRE(net.run_until([&] { return store.holding(); }, 5s));
+  // The first gives up (its row is still not saved); the same identity tries from elsewhere.
+  REQUIRE(net.run_until([&] { return first.exit_code >= 0; }, 20s));
+  Peer second(net, "alice", addr(11, 6000), server_at(0));
+  net.run_for(2s);
+  CHECK(second.count(kWelcome) == 0);  // not before its binding is durable
+  REQUIRE(net.run_until([&] {
+    if (store.holding()) net.act(node.server.core(), [&] { store.release(); });
+    return second.saw(kWelcome);
+  }, 10s));
+  CHECK(node.server.has_session("alice"));
 }
 
 }  // namespace
