@@ -239,25 +239,38 @@ std::unique_ptr<chat::offline::Store> open_store(const Config& c) {
   }
 }
 
-/// The URI as it may be shown: a password in it replaced by ***.
-std::string shown_uri(const std::string& uri) {
+/// The URI as it may be shown: a password in it (user:password@, or a password= parameter)
+/// replaced by ***.
+std::string shown_uri(std::string uri) {
   auto scheme = uri.find("://");
+  auto query = uri.find('?');
   auto at = uri.find('@', scheme == std::string::npos ? 0 : scheme + 3);
-  if (scheme == std::string::npos || at == std::string::npos) return uri;
-  auto colon = uri.find(':', scheme + 3);
-  if (colon == std::string::npos || colon > at) return uri;
-  return std::string(uri, 0, colon + 1).append("***").append(uri, at, std::string::npos);
+  if (scheme != std::string::npos && at != std::string::npos && at < query) {
+    auto colon = uri.find(':', scheme + 3);
+    if (colon != std::string::npos && colon < at) {
+      uri = std::string(uri, 0, colon + 1).append("***").append(uri, at, std::string::npos);
+      query = uri.find('?');
+    }
+  }
+  for (auto p = uri.find("password=", query); query != std::string::npos && p != std::string::npos;
+       p = uri.find("password=", p + 1)) {
+    if (uri[p - 1] != '?' && uri[p - 1] != '&') continue;
+    auto end = uri.find('&', p);
+    uri = std::string(uri, 0, p + 9).append("***").append(end == std::string::npos ? std::string() : uri.substr(end));
+  }
+  return uri;
 }
 
 /// Where the store is, for messages: the data directory or the database.
 std::string store_place(const Config& c) { return c.pg_uri.empty() ? c.data_dir : shown_uri(c.pg_uri); }
 
-/// This server's name among the servers of a shared store: the host and the UDP port, the
-/// same across restarts (so a restarted server takes back the sessions it held).
+/// This server's name among the servers of a shared store: the host, the bound address and
+/// the UDP port, the same across restarts (so a restarted server takes back the sessions it
+/// held), different for two servers of one host on one port and two addresses.
 std::string server_id(const Config& c) {
   std::array<char, 256> host{};
   if (::gethostname(host.data(), host.size() - 1) != 0) host = {'?'};
-  return std::string(host.data()).append(":").append(std::to_string(c.port));
+  return std::string(host.data()).append("/").append(c.bind).append(":").append(std::to_string(c.port));
 }
 
 int run_server(const Config& c) {

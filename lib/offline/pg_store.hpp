@@ -13,7 +13,7 @@ namespace chat::offline {
 
 struct PgOptions {
   std::string uri;        // libpq connection URI, e.g. postgresql://user@host:port/db
-  std::string server_id;  // this server's name among the servers (ChatApp passes "<hostname>:<udp port>")
+  std::string server_id;  // this server's name among the servers (ChatApp passes "<hostname>/<bind address>:<udp port>")
   std::chrono::milliseconds lease_every{2'000};  // renewal period
   std::chrono::milliseconds lease_for{10'000};   // a lease not renewed for this long has expired
   std::chrono::milliseconds poll_every{1'000};   // change-log read without a notification (backstop)

@@ -248,6 +248,16 @@ class ServersTest(Servers):
         self.assertEqual(r.stdout, f"released nothing: alice is not registered in {self.uri}\n")
 
 
+    def test_unreachable_database_is_one_line_and_the_password_is_not_shown(self):
+        r = subprocess.run([BIN, "-s", str(free_port()), "--store",
+                            "postgresql://postgres:secret@127.0.0.1:1/x?password=secret2"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 1)
+        self.assertTrue(r.stderr.startswith(
+            "ChatApp: cannot open the store postgresql://postgres:***@127.0.0.1:1/x?password=***: "), r.stderr)
+        self.assertNotIn("secret", r.stderr + r.stdout)
+
+
 class DatabaseRestartTest(Servers):
     """A cluster of its own, restarted while a client saves messages."""
 
