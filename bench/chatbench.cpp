@@ -77,6 +77,7 @@ struct Options {
   std::vector<std::string> server_args;  // --server-arg: passed on to the server (--ack-timeout 2000)
   std::chrono::seconds start_timeout{10};
   std::size_t rounds = 0;  // --rounds: channel messages per fanout size (0: the default)
+  std::string pg_script = CHATBENCH_PG_SCRIPT;  // --pg-script: scripts/pg, for the servers scenario
 };
 
 /// The retry policy of the simulated peers: the product's defaults (SPEC: 500 ms x 5 retries).
@@ -290,6 +291,173 @@ double fdatasync_rate(const fs::path& dir, std::size_t n, std::size_t every, std
   return static_cast<double>(n) / secs;
 }
 
+/// What /proc/<pid>/stat says of a process's CPU, in seconds, and its parent (all 0 if gone).
+struct ProcCpu {
+  double self = 0;      // user + system of the process itself
+  double children = 0;  // user + system of the children it has waited for
+  pid_t parent = 0;
+};
+ProcCpu proc_cpu(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto close_paren = all.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 > all.size()) return {};
+  std::istringstream fields(all.substr(close_paren + 2));
+  std::vector<std::string> tok;
+  for (std::string t; fields >> t;) tok.push_back(t);
+  if (tok.size() < 15) return {};
+  // Fields 4 (ppid) and 14-17 (utime, stime, cutime, cstime) of stat(5); tok[0] is field 3.
+  auto secs = [&](std::size_t a, std::size_t b) {
+    return (std::strtod(tok[a].c_str(), nullptr) + std::strtod(tok[b].c_str(), nullptr)) /
+           static_cast<double>(::sysconf(_SC_CLK_TCK));
+  };
+  return {secs(11, 12), secs(13, 14), static_cast<pid_t>(std::strtol(tok[1].c_str(), nullptr, 10))};
+}
+
+/// Runs `args` (no shell) in a process group of its own, so a Ctrl-C meant for the bench does not
+/// cut it short, for at most `limit`. Returns its stdout; a Failure with its stderr if it failed.
+std::string run_command(const std::vector<std::string>& args, Clock::duration limit) {
+  int out[2], err[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) throw Failure(std::string("pipe2: ") + std::strerror(errno));
+  if (::pipe2(err, O_CLOEXEC) != 0) {
+    ::close(out[0]);
+    ::close(out[1]);
+    throw Failure(std::string("pipe2: ") + std::strerror(errno));
+  }
+  std::vector<std::string> copy = args;
+  std::vector<char*> argv;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    int null = ::open("/dev/null", O_RDONLY);
+    ::dup2(null, 0);
+    ::dup2(out[1], 1);
+    ::dup2(err[1], 2);
+    ::close_range(3, ~0U, 0);
+    ::execv(argv[0], argv.data());
+    ::dprintf(2, "exec %s: %s\n", argv[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  ::close(err[1]);
+  if (pid < 0) {
+    ::close(out[0]);
+    ::close(err[0]);
+    throw Failure(std::string("fork: ") + std::strerror(errno));
+  }
+  ::setpgid(pid, pid);
+  std::string text[2];
+  std::array<pollfd, 2> fds{pollfd{out[0], POLLIN, 0}, pollfd{err[0], POLLIN, 0}};
+  auto deadline = Clock::now() + limit;
+  bool timed_out = false;
+  while (fds[0].fd >= 0 || fds[1].fd >= 0) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) {
+      timed_out = true;
+      break;
+    }
+    int ready = ::poll(fds.data(), fds.size(), static_cast<int>(std::min<long>(left, 100)));
+    if (ready < 0 && errno != EINTR) break;
+    for (std::size_t k = 0; k < fds.size(); ++k) {
+      if (fds[k].fd < 0 || (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+      std::array<char, 4096> buf{};
+      ssize_t n = ::read(fds[k].fd, buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        ::close(fds[k].fd);
+        fds[k].fd = -1;
+      } else {
+        text[k].append(buf.data(), static_cast<std::size_t>(n));
+      }
+    }
+  }
+  for (auto& f : fds)
+    if (f.fd >= 0) ::close(f.fd);
+  if (timed_out) ::kill(-pid, SIGKILL);
+  int status = -1;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  std::string cmd;
+  for (const auto& a : args) cmd += (cmd.empty() ? "" : " ") + a;
+  while (!text[1].empty() && text[1].back() == '\n') text[1].pop_back();
+  if (timed_out) throw Failure(std::string(cmd).append(" did not finish in time: ").append(text[1]));
+  if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0))
+    throw Failure(std::string(cmd).append(" failed (status ").append(std::to_string(status)).append("): ").append(text[1]));
+  return text[0];
+}
+
+/// A throwaway PostgreSQL cluster (scripts/pg) in a directory of its own under --tmp: started on
+/// construction, stopped and removed by stop() or the destructor, also after a failure.
+class PgCluster {
+ public:
+  explicit PgCluster(const Options& o) : script_(o.pg_script) {
+    if (::access(script_.c_str(), X_OK) != 0) throw Failure("no scripts/pg at " + script_ + " (use --pg-script)");
+    std::string tmpl = (fs::path(o.tmp) / "chatbench-pg-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) throw Failure("mkdtemp under " + o.tmp + ": " + std::strerror(errno));
+    base_ = tmpl;
+    // As root the cluster runs as the postgres user, which must be able to reach its directory.
+    ::chmod(base_.c_str(), 0711);
+    dir_ = base_ / "pg";
+    try {
+      uri_ = last_line(run_command({script_, "start", dir_.string()}, 120s));
+    } catch (...) {
+      stop();
+      throw;
+    }
+    note("PostgreSQL cluster in " + dir_.string() + " at " + uri_);
+  }
+  PgCluster(const PgCluster&) = delete;
+  PgCluster& operator=(const PgCluster&) = delete;
+  ~PgCluster() { stop(); }
+
+  /// A fresh, empty database of the cluster: its URI.
+  std::string newdb() const { return last_line(run_command({script_, "newdb", dir_.string()}, 30s)); }
+
+  /// CPU seconds the cluster used so far: the postmaster, its live backends and the ones it reaped.
+  double cpu_seconds() const {
+    std::ifstream in(dir_ / "data" / "postmaster.pid");
+    pid_t pm = 0;
+    if (!(in >> pm) || pm <= 0) return 0;
+    ProcCpu top = proc_cpu(pm);
+    double total = top.self + top.children;
+    for (const auto& entry : fs::directory_iterator("/proc")) {
+      pid_t pid = static_cast<pid_t>(std::atoi(entry.path().filename().c_str()));
+      if (pid <= 0 || pid == pm) continue;
+      ProcCpu c = proc_cpu(pid);
+      if (c.parent == pm) total += c.self;
+    }
+    return total;
+  }
+
+  /// Stops the cluster and removes its directory; never throws (it runs on the way out of a failure).
+  void stop() noexcept {
+    if (base_.empty()) return;
+    try {
+      run_command({script_, "stop", dir_.string()}, 60s);
+    } catch (const std::exception& e) {
+      note(std::string("stopping the PostgreSQL cluster: ").append(e.what()));
+    }
+    std::error_code ec;
+    fs::remove_all(base_, ec);
+    base_.clear();
+  }
+
+ private:
+  static std::string last_line(std::string out) {
+    while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+    auto nl = out.rfind('\n');
+    std::string line = nl == std::string::npos ? out : out.substr(nl + 1);
+    if (!line.starts_with("postgresql://")) throw Failure("scripts/pg printed no URI: " + out);
+    return line;
+  }
+
+  std::string script_;
+  fs::path base_, dir_;
+  std::string uri_;
+};
+
 // ---------------------------------------------------------------- the server process
 
 /// A `ChatApp -s` child process with a fresh data directory; SIGTERM and reaped on stop().
@@ -333,19 +501,7 @@ class ServerProcess {
   }
 
   /// User + system CPU seconds the server used so far.
-  double cpu_seconds() const {
-    std::ifstream in("/proc/" + std::to_string(pid_) + "/stat");
-    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    auto close_paren = all.rfind(')');
-    if (close_paren == std::string::npos) return 0;
-    std::istringstream fields(all.substr(close_paren + 2));
-    std::vector<std::string> tok;
-    for (std::string t; fields >> t;) tok.push_back(t);
-    if (tok.size() < 13) return 0;
-    // Fields 14 and 15 of stat(5) (utime, stime); tok[0] is field 3.
-    double ticks = std::strtod(tok[11].c_str(), nullptr) + std::strtod(tok[12].c_str(), nullptr);
-    return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
-  }
+  double cpu_seconds() const { return proc_cpu(pid_).self; }
 
   /// The last lines the server wrote on stderr.
   std::string tail() const {
@@ -569,14 +725,16 @@ struct TableView {
 };
 
 struct Peer {
-  Peer(net::io_context& io, std::size_t i)
+  Peer(net::io_context& io, std::size_t i, udp::endpoint srv)
       : index(i),
         name(std::string("p").append(std::to_string(i))),
         id(peer_identity(i)),
+        server(srv),
         ep(io, udp::endpoint(net::ip::make_address_v4("127.0.0.1"), 0), kPeerPolicy) {}
   std::size_t index;
   std::string name;
   ident::Identity id;  // its own key pair, as every real client has
+  udp::endpoint server;  // the server it registers with, and the only one it takes tables from
   chat::transport::Socket ep;
   TableView view;
   std::unique_ptr<chat::peer::LocalTable> check;  // the real LocalTable, on the first kChecked peers
@@ -601,13 +759,15 @@ std::int64_t wall_ns() {
       .count();
 }
 
-/// The simulated peers of one scenario, against one server, on one io_context (single thread).
+/// The simulated peers of one scenario, on one io_context (single thread); each peer uses the
+/// Sim's server unless add() names another (several servers on one shared store).
 class Sim {
  public:
   Sim(net::io_context& io, udp::endpoint server) : io_(io), server_(server), keepalive_timer_(io) { tick(); }
 
-  Peer& add() {
-    auto p = std::make_unique<Peer>(io_, peers_.size());
+  Peer& add() { return add(server_); }
+  Peer& add(const udp::endpoint& server) {
+    auto p = std::make_unique<Peer>(io_, peers_.size(), server);
     if (p->index < kChecked) p->check = std::make_unique<chat::peer::LocalTable>();
     Peer& ref = *p;
     ref.ep.start([this, &ref](const proto::Message& m, const udp::endpoint& from) { on_request(ref, m, from); });
@@ -662,7 +822,7 @@ class Sim {
       last_failure_ = p.name + ": " + why;
     };
     proto::Register hello{p.ep.next_id(), p.name, p.id.public_key(), 0, {}, {}};
-    p.ep.request(hello, server_, [this, &p, fail, then = std::move(then)](const proto::Message* r) mutable {
+    p.ep.request(hello, p.server, [this, &p, fail, then = std::move(then)](const proto::Message* r) mutable {
       const auto* ch = r != nullptr ? std::get_if<proto::Challenge>(r) : nullptr;
       if (ch == nullptr) {
         const auto* no = r != nullptr ? std::get_if<proto::RegErr>(r) : nullptr;
@@ -674,7 +834,7 @@ class Sim {
       }
       proto::Register proof{p.ep.next_id(), p.name, p.id.public_key(), 0, ch->token,
                             ident::register_proof(p.id, p.name, ch->token)};
-      p.ep.request(proof, server_, [this, &p, fail, then = std::move(then)](const proto::Message* r2) {
+      p.ep.request(proof, p.server, [this, &p, fail, then = std::move(then)](const proto::Message* r2) {
         const auto* ok = r2 != nullptr ? std::get_if<proto::RegOk>(r2) : nullptr;
         if (ok == nullptr) {
           const auto* no = r2 != nullptr ? std::get_if<proto::RegErr>(r2) : nullptr;
@@ -695,7 +855,7 @@ class Sim {
 
   /// Sends a Dereg for the peer's own name; `then(ok)` on the Ack.
   void dereg_peer(Peer& p, std::function<void(bool)> then) {
-    p.ep.request(proto::Dereg{p.ep.next_id(), p.name}, server_, [this, &p, then = std::move(then)](const proto::Message* r) {
+    p.ep.request(proto::Dereg{p.ep.next_id(), p.name}, p.server, [this, &p, then = std::move(then)](const proto::Message* r) {
       bool ok = r != nullptr && std::holds_alternative<proto::Ack>(*r);
       if (!ok) {
         ++failed_;
@@ -744,6 +904,12 @@ class Sim {
   std::size_t mismatches() const { return mismatches_; }
   /// Server requests a peer received naming another peer (never answered, as by peer::Client).
   std::size_t not_for_me() const { return not_for_me_; }
+  /// Tables and deliveries a peer received from a server it is not registered with (dropped
+  /// unanswered, as peer::Client takes them only from its own server).
+  std::size_t foreign() const { return foreign_; }
+
+  /// Called after a peer applied a Table (the changes-between-servers scenario times rows by it).
+  std::function<void(Peer&)> on_table;
 
   /// Sum over the peers of an Endpoint counter.
   std::uint64_t sum(std::uint64_t chat::transport::Counters::*field) const {
@@ -801,6 +967,10 @@ class Sim {
       ++not_for_me_;
       return p.ep.forget(from, proto::request_id(m));
     }
+    if ((std::holds_alternative<proto::Table>(m) || std::holds_alternative<proto::Stored>(m)) && from != p.server) {
+      ++foreign_;
+      return p.ep.forget(from, proto::request_id(m));
+    }
     if (const auto* t = std::get_if<proto::Table>(&m)) {
       chat::peer::Applied a = p.view.apply(*t);
       if (p.check) {
@@ -811,6 +981,7 @@ class Sim {
       }
       p.ep.reply(from, proto::Ack{t->id, a.epoch, a.have});
       update(p);
+      if (on_table) on_table(p);
     } else if (const auto* r = std::get_if<proto::Relay>(&m)) {
       Clock::time_point got = Clock::now();
       std::int64_t arrived = last_arrival_ns(p.fd);  // before the Ack: a later read would replace it
@@ -864,7 +1035,7 @@ class Sim {
   void tick() {
     for (std::size_t i = static_cast<std::size_t>(slot_); i < peers_.size(); i += kKeepaliveSlots) {
       Peer& p = *peers_[i];
-      if (p.registered) p.ep.request(proto::KeepAlive{p.ep.next_id(), p.name}, server_, [](const proto::Message*) {});
+      if (p.registered) p.ep.request(proto::KeepAlive{p.ep.next_id(), p.name}, p.server, [](const proto::Message*) {});
     }
     slot_ = (slot_ + 1) % kKeepaliveSlots;
     keepalive_timer_.expires_after(1s);
@@ -886,6 +1057,7 @@ class Sim {
   std::size_t failed_ = 0;
   std::size_t mismatches_ = 0;
   std::size_t not_for_me_ = 0;
+  std::size_t foreign_ = 0;
   std::string last_failure_;
   Clock::time_point last_converged_at_;
 };
@@ -920,6 +1092,9 @@ Clock::duration register_all(Sim& sim, std::size_t first, Clock::time_point dead
   if (sim.not_for_me() > 0)
     throw Failure(what + ": the server sent " + std::to_string(sim.not_for_me()) +
                   " requests to a peer that named another peer");
+  if (sim.foreign() > 0)
+    throw Failure(what + ": " + std::to_string(sim.foreign()) +
+                  " tables or deliveries came from a server the peer is not registered with");
   // The rows carry the keys the peers registered with (checked where a real LocalTable is kept).
   for (std::size_t i = 0; i < std::min(n, kChecked); ++i)
     if (const auto& check = sim.peer(i).check)
@@ -945,7 +1120,7 @@ std::vector<double> save_all(Sim& sim, const std::vector<Peer*>& senders, const 
     auto sent = Clock::now();
     // Sealed for the recipient as peer::Client::send_known does (the pair computed once per peer).
     std::string body = ident::seal_direct(sim.pair(s, dest.id.public_key()), mid, now_ms(), dest.name, kText);
-    s.ep.request(proto::Save{s.ep.next_id(), s.name, dest.name, mid, false, std::move(body)}, sim.server(),
+    s.ep.request(proto::Save{s.ep.next_id(), s.name, dest.name, mid, false, std::move(body)}, s.server,
                  [&, sent](const proto::Message* r) {
                    if (r != nullptr && std::holds_alternative<proto::Ack>(*r)) {
                      ++acked;
@@ -1644,19 +1819,218 @@ bool bench_wire(const Options&) {
   }
 }
 
+// servers: several servers on one PostgreSQL (issue 14), each figure beside a same-run baseline:
+// durable saves on PostgreSQL vs SQLite, a change on one server to the table update at a client
+// of another vs of the same server, and a registration storm over 2 servers vs 1 (and 1 on SQLite).
+// It starts its own throwaway cluster (scripts/pg) and stops it at the end, also on a failure.
+
+/// A figure of one configuration: its CPU, the server processes' and the database's.
+double servers_cpu(const std::vector<std::unique_ptr<ServerProcess>>& servers) {
+  double total = 0;
+  for (const auto& s : servers) total += s->cpu_seconds();
+  return total;
+}
+
+/// The store scenario's load (100 senders, kSaveWindow saves in flight each, to 10 recipients
+/// that left) against one server started with `args`; emits its figures suffixed `_<label>`.
+bool servers_saves(const Options& o, const PgCluster& pg, std::size_t total, const std::string& label) {
+  constexpr std::size_t senders = 100, recipients = 10;
+  try {
+    auto deadline = Clock::now() + 60s + std::chrono::milliseconds(total);
+    std::vector<std::string> args;
+    if (label == "postgresql") args = {"--store", pg.newdb()};
+    ServerProcess srv(o, args);
+    net::io_context io(1);
+    Sim sim(io, srv.endpoint());
+    std::vector<Peer*> from, to;
+    for (std::size_t i = 0; i < senders; ++i) from.push_back(&sim.add());
+    for (std::size_t i = 0; i < recipients; ++i) to.push_back(&sim.add());
+    register_then_leave(sim, to, deadline);
+    settle(sim, srv, 5s);
+    double scpu0 = srv.cpu_seconds(), dcpu0 = pg.cpu_seconds();
+    Clock::duration elapsed{};
+    std::vector<double> latency = save_all(sim, from, to, total, deadline, elapsed);
+    double server_cpu = srv.cpu_seconds() - scpu0, db_cpu = pg.cpu_seconds() - dcpu0;
+    emit("servers", total, "saves_per_s_" + label,
+         static_cast<double>(total) / std::chrono::duration<double>(elapsed).count(), "1/s");
+    emit("servers", total, "save_latency_p50_ms_" + label, percentile(latency, 50), "ms", 3);
+    emit("servers", total, "save_latency_p99_ms_" + label, percentile(latency, 99), "ms", 3);
+    emit("servers", total, "save_server_cpu_s_" + label, server_cpu, "s", 2);
+    if (label == "postgresql") emit("servers", total, "save_db_cpu_s_" + label, db_cpu, "s", 2);
+    srv.stop();
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("servers", total, "saves on " + label + ": " + e.what());
+    return false;
+  }
+}
+
+/// Two servers A and B on one database. A subject on A leaves (Dereg) and registers again,
+/// `rounds` times; an observer on B and one on A time each change from the subject's request to
+/// the Table that carries it (cross-server, and the same-server baseline, in the same rounds).
+bool servers_change(const Options& o, const PgCluster& pg, std::size_t rounds) {
+  try {
+    auto deadline = Clock::now() + 60s + rounds * 100ms;
+    std::string uri = pg.newdb();
+    ServerProcess a(o, {"--store", uri}), b(o, {"--store", uri});
+    net::io_context io(1);
+    Sim sim(io, a.endpoint());
+    Peer& subject = sim.add(a.endpoint());
+    Peer& cross = sim.add(b.endpoint());
+    Peer& same = sim.add(a.endpoint());
+    register_all(sim, 0, deadline, "registering 3 peers on two servers");
+    sim.run_for(200ms);
+    // The subject's row as each observer holds it: 1 offline, 2 online (TableView::rows).
+    std::uint8_t want = 0;
+    std::optional<Clock::time_point> at_cross, at_same;
+    auto row = [&](const Peer& p) -> std::uint8_t {
+      return subject.index < p.view.rows.size() ? p.view.rows[subject.index] : 0;
+    };
+    sim.on_table = [&](Peer& p) {
+      if (&p == &cross && !at_cross && row(p) == want) at_cross = Clock::now();
+      if (&p == &same && !at_same && row(p) == want) at_same = Clock::now();
+    };
+    std::vector<double> leave_cross, leave_same, join_cross, join_same, dereg_ack;
+    for (std::size_t r = 0; r < rounds; ++r) {
+      // The subject leaves: from the Dereg sent to each observer's Table showing it offline.
+      want = 1;
+      at_cross.reset();
+      at_same.reset();
+      std::optional<Clock::time_point> acked;
+      auto start = Clock::now();
+      sim.dereg_peer(subject, [&](bool ok) {
+        if (ok) acked = Clock::now();
+      });
+      if (!sim.run_until([&] { return (acked && at_cross && at_same) || sim.failed() > 0; }, deadline))
+        throw Failure("round " + std::to_string(r) + ": the Dereg did not reach both observers in time (" +
+                      (at_cross ? "" : "not ") + "on B, " + (at_same ? "" : "not ") + "on A)");
+      if (sim.failed() > 0) throw Failure(sim.last_failure());
+      leave_cross.push_back(ms(*at_cross - start));
+      leave_same.push_back(ms(*at_same - start));
+      dereg_ack.push_back(ms(*acked - start));
+      // It registers again (Register, Challenge, Register with the proof): to each Table showing it online.
+      want = 2;
+      at_cross.reset();
+      at_same.reset();
+      bool joined = false;
+      start = Clock::now();
+      sim.register_peer(subject, [&](const proto::RegOk* ok) { joined = ok != nullptr; });
+      if (!sim.run_until([&] { return (joined && at_cross && at_same) || sim.failed() > 0; }, deadline))
+        throw Failure("round " + std::to_string(r) + ": the registration did not reach both observers in time (" +
+                      (at_cross ? "" : "not ") + "on B, " + (at_same ? "" : "not ") + "on A)");
+      if (sim.failed() > 0) throw Failure(sim.last_failure());
+      join_cross.push_back(ms(*at_cross - start));
+      join_same.push_back(ms(*at_same - start));
+    }
+    if (sim.foreign() > 0)
+      throw Failure(std::to_string(sim.foreign()) + " tables came from a server the peer is not registered with");
+    emit("servers", rounds, "change_cross_p50_ms", percentile(leave_cross, 50), "ms", 3);
+    emit("servers", rounds, "change_cross_p99_ms", percentile(leave_cross, 99), "ms", 3);
+    emit("servers", rounds, "change_same_p50_ms", percentile(leave_same, 50), "ms", 3);
+    emit("servers", rounds, "change_same_p99_ms", percentile(leave_same, 99), "ms", 3);
+    emit("servers", rounds, "dereg_ack_p50_ms", percentile(dereg_ack, 50), "ms", 3);
+    emit("servers", rounds, "rejoin_cross_p50_ms", percentile(join_cross, 50), "ms", 3);
+    emit("servers", rounds, "rejoin_cross_p99_ms", percentile(join_cross, 99), "ms", 3);
+    emit("servers", rounds, "rejoin_same_p50_ms", percentile(join_same, 50), "ms", 3);
+    emit("servers", rounds, "rejoin_same_p99_ms", percentile(join_same, 99), "ms", 3);
+    sim.on_table = nullptr;
+    a.stop();
+    b.stop();
+    return true;
+  } catch (const std::exception& e) {
+    emit_error("servers", rounds, std::string("change latency: ") + e.what());
+    return false;
+  }
+}
+
+/// N peers register at once, spread evenly over `count` servers (each on SQLite of its own, or
+/// all on one fresh PostgreSQL database); timed until every peer holds all N rows, all online.
+bool servers_storm(const Options& o, const PgCluster& pg, std::size_t n, std::size_t count, bool postgresql) {
+  const std::string label =
+      std::to_string(count).append(count == 1 ? "_server_" : "_servers_").append(postgresql ? "postgresql" : "sqlite");
+  std::vector<std::unique_ptr<ServerProcess>> servers;
+  net::io_context io(1);
+  std::optional<Sim> sim;
+  double scpu0 = 0, dcpu0 = 0;
+  try {
+    auto deadline = Clock::now() + std::chrono::seconds(30 + n / 40);
+    std::uint64_t udp0 = udp_rcvbuf_errors();
+    std::vector<std::string> args = kMassArgs;
+    if (postgresql) {
+      args.push_back("--store");
+      args.push_back(pg.newdb());
+    }
+    for (std::size_t k = 0; k < count; ++k) servers.push_back(std::make_unique<ServerProcess>(o, args));
+    sim.emplace(io, servers[0]->endpoint());
+    for (std::size_t i = 0; i < n; ++i) sim->add(servers[i % count]->endpoint());
+    scpu0 = servers_cpu(servers);
+    dcpu0 = pg.cpu_seconds();
+    Clock::duration t = register_all(*sim, 0, deadline, "registering " + std::to_string(n) + " on " + label);
+    double server_cpu = servers_cpu(servers) - scpu0, db_cpu = pg.cpu_seconds() - dcpu0;
+    std::uint64_t gone = 0;
+    for (const auto& s : servers) gone += s->marked_gone();
+    emit("servers", n, "converge_ms_" + label, ms(t), "ms");
+    emit("servers", n, "server_cpu_s_" + label, server_cpu, "s", 2);
+    if (postgresql) emit("servers", n, "db_cpu_s_" + label, db_cpu, "s", 2);
+    emit("servers", n, "bytes_total_" + label, static_cast<double>(sim->sum(&Counters::bytes_received)), "B", 0);
+    emit("servers", n, "server_resends_seen_" + label, static_cast<double>(sim->sum(&Counters::duplicates)), "count", 0);
+    emit("servers", n, "udp_rcvbuf_drops_" + label, static_cast<double>(udp_rcvbuf_errors() - udp0), "count", 0);
+    emit("servers", n, "server_marked_gone_" + label, static_cast<double>(gone), "count", 0);
+    sim.reset();
+    for (auto& s : servers) s->stop();
+    return true;
+  } catch (const std::exception& e) {
+    if (sim) {
+      emit("servers", n, "registered_peers_" + label, static_cast<double>(sim->registered()), "count", 0);
+      emit("servers", n, "converged_peers_" + label, static_cast<double>(sim->converged()), "count", 0);
+    }
+    if (!servers.empty()) emit("servers", n, "server_cpu_s_" + label, servers_cpu(servers) - scpu0, "s", 2);
+    emit_error("servers", n, "storm on " + label + ": " + e.what());
+    return false;
+  }
+}
+
+bool bench_servers(const Options& o) {
+  const std::size_t saves = sizes_for(o, {20000}, {2000}).front();
+  const std::size_t rounds = o.rounds > 0 ? o.rounds : o.quick ? 30 : 200;
+  const std::size_t storm = o.quick ? 1000 : 10000;
+  raise_fd_limit(storm + 1600);
+  try {
+    PgCluster pg(o);
+    bool ok = true;
+    // Each step after an interruption would only fail again: stop at once.
+    auto step = [&](auto&& run) {
+      if (g_interrupted == 0) ok = run() && ok;
+    };
+    step([&] { return servers_saves(o, pg, saves, "sqlite"); });
+    step([&] { return servers_saves(o, pg, saves, "postgresql"); });
+    step([&] { return servers_change(o, pg, rounds); });
+    step([&] { return servers_storm(o, pg, storm, 1, false); });
+    step([&] { return servers_storm(o, pg, storm, 1, true); });
+    step([&] { return servers_storm(o, pg, storm, 2, true); });
+    pg.stop();
+    if (g_interrupted != 0 && ok) emit_error("servers", 0, "interrupted");
+    return ok && g_interrupted == 0;
+  } catch (const std::exception& e) {
+    emit_error("servers", 0, e.what());
+    return false;
+  }
+}
+
 struct Scenario {
   const char* name;
   bool (*run)(const Options&);
 };
 constexpr Scenario kScenarios[] = {{"direct", bench_direct}, {"register", bench_register}, {"fanout", bench_fanout},
                                    {"store", bench_store},   {"drain", bench_drain},       {"memory", bench_memory},
-                                   {"wire", bench_wire}};
+                                   {"wire", bench_wire},     {"servers", bench_servers}};
 
 void usage(FILE* out) {
   std::fprintf(out,
                "usage: chatbench <scenario|all> [--quick] [--bin path/to/ChatApp] [--tmp dir] [--n N[,N...]]\n"
                "                 [--wrap 'cmd args'] [--server-arg arg]... [--start-timeout s] [--rounds n]\n"
-               "scenarios: direct register fanout store drain memory wire all\n");
+               "                 [--pg-script path/to/scripts/pg]\n"
+               "scenarios: direct register fanout store drain memory wire servers all\n");
 }
 
 std::vector<std::size_t> parse_sizes(const std::string& s) {
@@ -1686,6 +2060,7 @@ int main(int argc, char** argv) {
       else if (a == "--tmp") o.tmp = value();
       else if (a == "--n") o.sizes = parse_sizes(value());
       else if (a == "--rounds") o.rounds = std::stoul(value());
+      else if (a == "--pg-script") o.pg_script = value();
       else if (a == "--server-arg") o.server_args.push_back(value());
       else if (a == "--start-timeout") o.start_timeout = std::chrono::seconds(std::stol(value()));
       else if (a == "--wrap") {
