@@ -149,7 +149,7 @@ void Client::server_request(const proto::Message& m, transport::Core::Done done,
     if (!done_) done(reply);
     if (user) finished_one();
   };
-  core_.request(m, servers_[current_], std::move(on_reply), policy.value_or(options_.policy));
+  core_.request(m, server(), std::move(on_reply), policy.value_or(options_.policy));
 }
 
 // ---------------------------------------------------------------- the backlog
@@ -265,7 +265,7 @@ void Client::send_channel(const std::string& text) {
     std::uint64_t id = core_.next_id();
     std::string body = identity::sign_channel(me_, options_.name, id, now_ms(), text);
     proto::Channel m{id, options_.name, std::move(body)};
-    lane_request("", m, servers_[current_], [this](const proto::Message* any) {
+    lane_request("", m, server(), [this](const proto::Message* any) {
       const proto::Message* reply = answer<proto::Ack, proto::Refused>(any);
       if (reply == nullptr) {
         say("[Server not responding.]");
@@ -337,7 +337,7 @@ void Client::send(const std::string& to, const std::string& text) {
   // Not in our table (yet): the server may know it; ask for that one row (SPEC §10).
   enqueue("", [this, to, text](bool answering) {
     if (!answering) return say("[Server not responding.]");
-    lane_request("", proto::Lookup{core_.next_id(), to}, servers_[current_], [this, to, text](const proto::Message* reply) {
+    lane_request("", proto::Lookup{core_.next_id(), to}, server(), [this, to, text](const proto::Message* reply) {
       if (reply == nullptr) {
         say("[Server not responding.]");
         return false;
@@ -424,7 +424,7 @@ void Client::send_save(const std::string& to, const std::string& body, std::uint
   enqueue("", [this, to, body, mid, round](bool answering) {
     if (!answering) return say("[Server not responding.]");
     proto::Save save{core_.next_id(), options_.name, to, mid, round > 0, body};
-    lane_request("", save, servers_[current_], [this, to, body, mid, round](const proto::Message* any) {
+    lane_request("", save, server(), [this, to, body, mid, round](const proto::Message* any) {
       const proto::Message* reply = answer<proto::Ack, proto::Exists, proto::Refused>(any);
       if (reply == nullptr) {
         say("[Server not responding.]");
@@ -566,9 +566,9 @@ void Client::heard_from_server() {
 
 void Client::next_server() {
   auto text = [](const udp::endpoint& e) { return e.address().to_string() + ":" + std::to_string(e.port()); };
-  const udp::endpoint old = servers_[current_];
+  const udp::endpoint old = server();
   current_ = (current_ + 1) % servers_.size();
-  say(std::string("[Server ").append(text(old)).append(" not responding, now using ").append(text(servers_[current_])).append(".]"));
+  say(std::string("[Server ").append(text(old)).append(" not responding, now using ").append(text(server())).append(".]"));
   // The next one gets its own intervals of silence before it is given up on.
   last_answer_ = core_.now();
 }
@@ -614,7 +614,7 @@ struct Client::Dispatch {
 };
 
 void Client::on_message(const proto::Message& m, const udp::endpoint& from) {
-  if (from == servers_[current_]) heard_from_server();
+  if (from == server()) heard_from_server();
   std::visit(Dispatch{*this, from}, m);
 }
 
@@ -652,7 +652,7 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
 }
 
 bool Client::for_me(const char* type, const std::string& recipient, const udp::endpoint& from, bool any_server) {
-  if (any_server ? !known_server(from) : from != servers_[current_]) {
+  if (any_server ? !known_server(from) : from != server()) {
     ++stats_.not_from_server;
     return false;
   }

@@ -177,6 +177,8 @@ class Client {
   /// `any_server`: from any of the servers the client knows (relays and probes: a server
   /// sharing the store reaches its clients too), else only from the one in use.
   bool for_me(const char* type, const std::string& recipient, const udp::endpoint& from, bool any_server = false);
+  /// The server in use.
+  const udp::endpoint& server() const { return servers_[current_]; }
   /// True if `from` is the server in use or one of the fallbacks.
   bool known_server(const udp::endpoint& from) const;
   /// The server in use stopped answering: the next one is used, with a line saying so.

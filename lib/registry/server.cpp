@@ -38,7 +38,6 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::Store> store, con
 Server::Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store, const transport::TimeSource& clock)
     : options_(std::move(options)),
       store_(std::move(store)),
-      snapshot_(store_->load()),
       core_(transport::CoreOptions{options_.policy, options_.guard, options_.seed}, clock),
       table_(core_.random() >> 12 | 1),
       minter_(options_.seed) {
@@ -47,14 +46,15 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store
   // session (until their keep-alives prove otherwise), and the new epoch tells them to take a
   // fresh snapshot on the next update. Of a shared store's rows, only the sessions this server
   // held are its own.
-  mailbox_ = std::move(snapshot_.mailboxes);
-  legacy_ = snapshot_.legacy;
-  for (std::size_t i = 0; i < snapshot_.clients.size(); ++i) {
-    const auto& row = snapshot_.clients[i];
+  offline::Snapshot snapshot = store_->load();
+  mailbox_ = std::move(snapshot.mailboxes);
+  legacy_ = snapshot.legacy;
+  for (std::size_t i = 0; i < snapshot.clients.size(); ++i) {
+    const auto& row = snapshot.clients[i];
     proto::Key key{};
     if (row.key.size() == key.size()) std::copy(row.key.begin(), row.key.end(), key.begin());
     table_.upsert(row.name, row.ip, row.port, row.online, key);
-    if (row.online && i < snapshot_.here.size() && snapshot_.here[i]) {
+    if (row.online && i < snapshot.here.size() && snapshot.here[i]) {
       auto s = std::make_shared<Session>();
       s->heard = core_.now();
       // Its own interval is not stored: ours until it registers again (a client with a longer
@@ -63,7 +63,6 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store
       sessions_[row.name] = std::move(s);
     }
   }
-  snapshot_ = {};
 }
 
 void Server::start() {
@@ -175,7 +174,7 @@ void Server::end_session(const std::string& name) {
   core_.abandon(it->second->table_request);
   sessions_.erase(it);
   // Its registration's row, not yet committed, is no longer this server's to claim.
-  claimed_.erase(name);
+  next_.claimed.erase(name);
 }
 
 bool Server::same_session(const std::string& name, const SessionRef& ref) {
@@ -336,7 +335,7 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   // The row is written as this server's even if unchanged: with a shared store, the session
   // is here now (the client may have come from another server).
   const std::string ip = from.address().to_string();
-  claimed_[r.name] = offline::ClientRow{r.name, ip, from.port(), pending == 0, std::string(r.key.begin(), r.key.end())};
+  next_.claimed[r.name] = offline::ClientRow{r.name, ip, from.port(), pending == 0, std::string(r.key.begin(), r.key.end())};
   table_.upsert(r.name, ip, from.port(), pending == 0, r.key);
   table_changed(r.name);
   spdlog::info("registered {} at {}, {} saved messages{}", r.name, where(from), pending,
@@ -350,7 +349,7 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
   // The binding is the name's for good: the client hears "registered" only once it is durable.
   SessionRef ref = sessions_[r.name];
   ++binding_[r.name];
-  after_rows_.emplace_back(r.name, [this, r, from, ref, welcome](RowResult result) {
+  next_.after_rows.emplace_back(r.name, [this, r, from, ref, welcome](RowResult result) {
     if (auto b = binding_.find(r.name); b != binding_.end() && --b->second == 0) binding_.erase(b);
     if (!same_session(r.name, ref) || ref.expired()) return;
     if (result == RowResult::written) return welcome();
@@ -451,20 +450,20 @@ std::size_t& Server::mailbox(const std::string& name) { return mailbox_[name]; }
 
 bool Server::mailbox_full(const std::string& name) {
   std::size_t n = mailbox(name);
-  if (auto q = queued_.find(name); q != queued_.end()) n += q->second;
-  if (auto c = committing_count_.find(name); c != committing_count_.end()) n += c->second;
+  for (const Commit* c : {&next_, &committing_})
+    if (auto q = c->per_recipient.find(name); q != c->per_recipient.end()) n += q->second;
   return n >= options_.max_stored;
 }
 
-void Server::store_failed(const char* what, const std::string& why) {
+void Server::store_failed(const std::string& what, const std::string& why) {
   ++stats_.store_errors;
   spdlog::error("{} failed: {}", what, why);
 }
 
 void Server::save(offline::NewMessage m, AfterCommit after) {
-  ++queued_[m.to];
-  unsaved_.push_back(std::move(m));
-  if (after) after_commit_.push_back(std::move(after));
+  ++next_.per_recipient[m.to];
+  next_.saves.push_back(std::move(m));
+  if (after) next_.after_saves.push_back(std::move(after));
   schedule_flush();
 }
 
@@ -479,29 +478,24 @@ void Server::flush() {
   flush_scheduled_ = false;
   // One commit at a time: what queues meanwhile goes in the next, when this one ends.
   if (commit_in_flight_) return;
-  if (unsaved_.empty() && dirty_rows_.empty()) return remove_delivered();
+  if (next_.empty()) return remove_delivered();
   commit_in_flight_ = true;
-  committing_.swap(unsaved_);
-  committing_after_.swap(after_commit_);
-  committing_count_.swap(queued_);
-  committing_rows_.swap(dirty_rows_);
-  committing_claimed_.swap(claimed_);
-  committing_after_rows_.swap(after_rows_);
+  std::swap(committing_, next_);
   const transport::Time started = core_.now();
-  if (committing_.empty()) return commit_rows(started);
-  store_->save(committing_, [this, started](offline::Reply<std::vector<bool>> r) {
-    if (!r.ok()) store_failed(fmt::format("saving {} messages", committing_.size()).c_str(), r.error);
+  if (committing_.saves.empty()) return commit_rows(started);
+  store_->save(committing_.saves, [this, started](offline::Reply<std::vector<bool>> r) {
+    if (!r.ok()) store_failed(fmt::format("saving {} messages", committing_.saves.size()), r.error);
     const std::vector<bool> inserted = r.ok() ? std::move(*r.value) : std::vector<bool>{};
     // The mailbox counts committed rows only (a retried save that found its copy stored adds
     // nothing), so a delivery that finds the store empty before this commit cannot hide them.
-    for (std::size_t i = 0; i < committing_.size() && i < inserted.size(); ++i)
-      if (inserted[i]) ++mailbox(committing_[i].to);
-    committing_count_.clear();
-    std::vector<AfterCommit> callbacks;
-    callbacks.swap(committing_after_);
-    for (auto& cb : callbacks) cb(r.ok());
     std::vector<offline::NewMessage> batch;
-    batch.swap(committing_);
+    batch.swap(committing_.saves);
+    for (std::size_t i = 0; i < batch.size() && i < inserted.size(); ++i)
+      if (inserted[i]) ++mailbox(batch[i].to);
+    committing_.per_recipient.clear();
+    std::vector<AfterCommit> callbacks;
+    callbacks.swap(committing_.after_saves);
+    for (auto& cb : callbacks) cb(r.ok());
     std::size_t saved = 0;
     for (std::size_t i = 0; i < batch.size() && i < inserted.size(); ++i) {
       const auto& m = batch[i];
@@ -524,11 +518,11 @@ void Server::flush() {
 }
 
 void Server::commit_rows(transport::Time started) {
-  if (committing_rows_.empty()) return commit_done(started);
+  if (committing_.rows.empty()) return commit_done(started);
   std::vector<offline::RowWrite> rows;
   std::vector<std::string> written;  // the row names, in the order of `rows`
   std::unordered_set<std::string> seen;
-  for (const auto& n : committing_rows_) {
+  for (const auto& n : committing_.rows) {
     const Client* c = table_.find(n);
     if (c == nullptr || !seen.insert(n).second) continue;
     offline::ClientRow row{c->name, c->ip, c->port, c->online, c->bound() ? key_of(c->name) : std::string()};
@@ -536,21 +530,21 @@ void Server::commit_rows(transport::Time started) {
     // (the store refuses it if another server bound the name first); otherwise only its online
     // flag (a shared store writes it only where this server holds the row and it still has
     // this address).
-    auto claim = committing_claimed_.find(n);
-    if (claim != committing_claimed_.end()) {
-      if (row.ip != claim->second.ip || row.port != claim->second.port || row.key != claim->second.key) row = claim->second;
-    }
-    rows.push_back({std::move(row), claim != committing_claimed_.end()});
+    auto claim = committing_.claimed.find(n);
+    const bool here = claim != committing_.claimed.end();
+    if (here && (row.ip != claim->second.ip || row.port != claim->second.port || row.key != claim->second.key))
+      row = claim->second;
+    rows.push_back({std::move(row), here});
     written.push_back(n);
   }
-  committing_rows_.clear();
-  committing_claimed_.clear();
+  committing_.rows.clear();
+  committing_.claimed.clear();
   store_->store_clients(std::move(rows), [this, started, written](offline::Reply<std::vector<bool>> r) {
     if (!r.ok()) store_failed("saving the client table", r.error);
     std::unordered_map<std::string, bool> result;
     for (std::size_t i = 0; i < written.size(); ++i) result[written[i]] = r.ok() && i < r.value->size() && (*r.value)[i];
     std::vector<std::pair<std::string, AfterRow>> callbacks;
-    callbacks.swap(committing_after_rows_);
+    callbacks.swap(committing_.after_rows);
     for (auto& [name, cb] : callbacks) {
       auto it = result.find(name);
       cb(!r.ok() ? RowResult::failed
@@ -561,15 +555,15 @@ void Server::commit_rows(transport::Time started) {
 }
 
 void Server::commit_done(transport::Time started) {
-  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(core_.now() - started).count();
-  const auto bound = std::lower_bound(ServerCounters::kCommitBoundsUs.begin(), ServerCounters::kCommitBoundsUs.end(),
-                                      static_cast<std::uint64_t>(std::max<std::int64_t>(us, 0)));
-  ++stats_.commits[static_cast<std::size_t>(bound - ServerCounters::kCommitBoundsUs.begin())];
-  stats_.commit_us_sum += static_cast<std::uint64_t>(std::max<std::int64_t>(us, 0));
+  const auto us = static_cast<std::uint64_t>(
+      std::max<std::int64_t>(std::chrono::duration_cast<std::chrono::microseconds>(core_.now() - started).count(), 0));
+  const auto& bounds = ServerCounters::kCommitBoundsUs;
+  ++stats_.commits[static_cast<std::size_t>(std::lower_bound(bounds.begin(), bounds.end(), us) - bounds.begin())];
+  stats_.commit_us_sum += us;
   commit_in_flight_ = false;
   remove_delivered();
   // What queued during the commit goes now.
-  if (!unsaved_.empty() || !dirty_rows_.empty()) schedule_flush();
+  if (!next_.empty()) schedule_flush();
 }
 
 void Server::reach(const std::string& name, const udp::endpoint& to, std::function<void(bool)> then) {
@@ -615,7 +609,7 @@ void Server::remove_delivered() {
     store_->remove_delivered(name, std::move(seqs), [this, who = name](offline::Reply<bool> r) {
       // They stay stored: a later delivery sends them again, and the client, knowing their
       // (sender, id), does not show them twice.
-      if (!r.ok()) store_failed(fmt::format("removing delivered messages for {}", who).c_str(), r.error);
+      if (!r.ok()) store_failed(fmt::format("removing delivered messages for {}", who), r.error);
     });
   }
 }
@@ -657,7 +651,7 @@ void Server::deliver_batch(const std::string& name) {
     auto session = ref.lock();
     if (session == nullptr) return;  // a new session or a leave since
     if (!r.ok()) {
-      store_failed(fmt::format("reading saved messages for {}", name).c_str(), r.error);
+      store_failed(fmt::format("reading saved messages for {}", name), r.error);
       return stall_delivery(name, *session, "store read failed");
     }
     auto& rows = session->ahead;
@@ -678,7 +672,7 @@ void Server::end_drain(const std::string& name) {
     if (session == nullptr) return;
     Session& s = *session;
     if (!r.ok()) {
-      store_failed(fmt::format("counting saved messages for {}", name).c_str(), r.error);
+      store_failed(fmt::format("counting saved messages for {}", name), r.error);
       return stall_delivery(name, s, "store count failed");
     }
     mailbox(name) = *r.value;
@@ -831,7 +825,7 @@ void Server::mark_silent(const std::string& name) {
 
 void Server::table_changed(const std::string& name, bool persist) {
   if (persist) {
-    dirty_rows_.push_back(name);
+    next_.rows.push_back(name);
     schedule_flush();
   }
   if (sync_scheduled_) return;
@@ -850,11 +844,10 @@ void Server::on_change(const offline::Change& c) {
     if (c.delta < 0) box -= std::min<std::size_t>(box, static_cast<std::size_t>(-c.delta));
     else box += static_cast<std::size_t>(c.delta);
     // Saved on another server for a client whose session is here: delivered from here.
-    if (c.delta > 0)
-      if (Session* s = session(c.to)) {
-        if (s->delivery == Session::Delivery::none) deliver(c.to);
-        else s->rewound = false;  // the drain goes over the mailbox once more at its end
-      }
+    Session* s = c.delta > 0 ? session(c.to) : nullptr;
+    if (s == nullptr) return;
+    if (s->delivery == Session::Delivery::none) deliver(c.to);
+    else s->rewound = false;  // the drain goes over the mailbox once more at its end
     return;
   }
   const offline::ClientRow& row = c.row;

@@ -66,7 +66,7 @@ struct ServerCounters {
   std::uint64_t table_updates = 0;  // table datagrams sent (first transmissions)
   std::uint64_t store_errors = 0;   // store calls that failed
   std::uint64_t remote_changes = 0; // changes other servers made, applied here (a shared store)
-  /// Commit latencies (from the first save queued to the store's answer), as a histogram:
+  /// Commit latencies (from the commit's start to the store's last answer), as a histogram:
   /// commits[i] counts those of at most kCommitBoundsUs[i] µs, the last those above every bound.
   static constexpr std::array<std::uint64_t, 12> kCommitBoundsUs{250,   500,    1'000,  2'500,   5'000,   10'000,
                                                                  25'000, 50'000, 100'000, 250'000, 500'000, 1'000'000};
@@ -230,32 +230,33 @@ class Server {
   /// True if `name`'s mailbox holds max_stored messages, counting those accepted and not yet
   /// committed (queued for the next commit, or in the commit under way).
   bool mailbox_full(const std::string& name);
-  void store_failed(const char* what, const std::string& why);
+  void store_failed(const std::string& what, const std::string& why);
   void log_stats();
   void check_quiet();
 
   ServerOptions options_;
   std::unique_ptr<offline::AsyncStore> store_;
-  offline::Snapshot snapshot_;  // read at construction; its table and mailboxes are moved out
   transport::Core core_;
   Table table_;
   std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
-  std::vector<offline::NewMessage> unsaved_;
-  std::vector<AfterCommit> after_commit_;
-  std::vector<std::string> dirty_rows_;
-  /// Of dirty_rows_: registered here (this server holds the session), with the row as
-  /// registered (the table's may have been overwritten by another server's change since).
-  std::unordered_map<std::string, offline::ClientRow> claimed_;
-  std::unordered_map<std::string, int> binding_;  // bindings on their way to the store, per name
-  std::vector<std::pair<std::string, AfterRow>> after_rows_;  // registrations that bound a name: answered once the row is durable
-  // The commit under way: its saves (and their answers), then its rows.
-  std::vector<offline::NewMessage> committing_;
-  std::vector<AfterCommit> committing_after_;
-  std::unordered_map<std::string, std::size_t> committing_count_;  // saves per recipient in it
-  std::vector<std::string> committing_rows_;
-  std::unordered_map<std::string, offline::ClientRow> committing_claimed_;
-  std::vector<std::pair<std::string, AfterRow>> committing_after_rows_;
+  /// What one commit writes and whom it answers: the saves (with their answers and their
+  /// count per recipient), then the changed rows (with the registrations among them and the
+  /// answers of those that bind a name).
+  struct Commit {
+    std::vector<offline::NewMessage> saves;
+    std::vector<AfterCommit> after_saves;
+    std::unordered_map<std::string, std::size_t> per_recipient;
+    std::vector<std::string> rows;
+    /// Of `rows`: registered here (this server holds the session), with the row as registered
+    /// (the table's may have been overwritten by another server's change since).
+    std::unordered_map<std::string, offline::ClientRow> claimed;
+    std::vector<std::pair<std::string, AfterRow>> after_rows;
+    bool empty() const { return saves.empty() && rows.empty(); }
+  };
+  Commit next_;       // queued for the next commit
+  Commit committing_;  // the commit under way (with commit_in_flight_)
   bool commit_in_flight_ = false;
+  std::unordered_map<std::string, int> binding_;  // bindings on their way to the store, per name
   identity::TokenMinter minter_;
   /// The newest token each name registered with (steady µs): an older or equal one is a replay.
   std::unordered_map<std::string, std::int64_t> last_token_;
@@ -263,7 +264,6 @@ class Server {
   std::size_t undeleted_count_ = 0;
   transport::Core::TimerId removal_timer_ = 0;
   std::unordered_map<std::string, std::size_t> mailbox_;
-  std::unordered_map<std::string, std::size_t> queued_;  // saves per recipient awaiting the next commit
   std::size_t legacy_ = 0;  // v1 messages the store keeps and never delivers
   ServerCounters stats_;
   transport::Counters last_logged_;

@@ -193,6 +193,16 @@ class Proc:
             self.proc.kill()
         self.proc.wait()
 
+    def close(self):
+        """Kills the process and closes its pipes (a test's cleanup)."""
+        self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if stream:
+                    stream.close()
+            except OSError:
+                pass
+
 
 def restore_env(key, value):
     """Sets os.environ[key] back to `value` (None: unset)."""
@@ -231,13 +241,7 @@ class ChatTest(unittest.TestCase):
 
     def tearDown(self):
         for p in self.procs:
-            p.kill()
-            for stream in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
-                try:
-                    if stream:
-                        stream.close()
-                except OSError:
-                    pass
+            p.close()
         restore_env("XDG_DATA_HOME", self._old_xdg_data_home)
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -316,6 +316,17 @@ TEST_CASE("§13 at start the first server does not answer: the client registers 
   CHECK(c.server(1).has_session("bob"));
 }
 
+TEST_CASE("§13 at start no server answers: each is tried once, then not responding, exiting, exit code 1") {
+  Cluster c(2);
+  c.kill(0);
+  c.kill(1);
+  auto bob = c.peer("bob", 11, 0);
+  REQUIRE(c.net.run_until([&] { return bob->exit_code >= 0; }, 60s));
+  CHECK(bob->lines == std::vector<std::string>{">>> [Server 10.0.0.1:5000 not responding, now using 10.0.0.1:5001.]",
+                                               ">>> [Server not responding]", ">>> [Exiting]"});
+  CHECK(bob->exit_code == 1);
+}
+
 /// A store whose answers wait until the test releases them: a database slower than the network.
 class Deferred final : public offline::AsyncStore {
  public:
