@@ -314,6 +314,21 @@ ProcCpu proc_cpu(pid_t pid) {
   return {secs(11, 12), secs(13, 14), static_cast<pid_t>(std::strtol(tok[1].c_str(), nullptr, 10))};
 }
 
+/// In a child after fork(): a process group of its own (a wrapper such as strace or valgrind
+/// and what it runs stop together), stdin from /dev/null, stdout and stderr to `out` and `err`
+/// (-1: /dev/null), nothing else open, then exec (searching PATH); exit 127 if that fails.
+[[noreturn]] void exec_child(std::vector<char*>& argv, int out, int err) {
+  ::setpgid(0, 0);
+  int null = ::open("/dev/null", O_RDWR);
+  ::dup2(null, 0);
+  ::dup2(out >= 0 ? out : null, 1);
+  ::dup2(err >= 0 ? err : null, 2);
+  ::close_range(3, ~0U, 0);
+  ::execvp(argv[0], argv.data());
+  ::dprintf(2, "exec %s: %s\n", argv[0], std::strerror(errno));
+  ::_exit(127);
+}
+
 /// Runs `args` (no shell) in a process group of its own, so a Ctrl-C meant for the bench does not
 /// cut it short, for at most `limit`. Returns its stdout; a Failure with its stderr if it failed.
 std::string run_command(const std::vector<std::string>& args, Clock::duration limit) {
@@ -329,17 +344,7 @@ std::string run_command(const std::vector<std::string>& args, Clock::duration li
   for (auto& a : copy) argv.push_back(a.data());
   argv.push_back(nullptr);
   pid_t pid = ::fork();
-  if (pid == 0) {
-    ::setpgid(0, 0);
-    int null = ::open("/dev/null", O_RDONLY);
-    ::dup2(null, 0);
-    ::dup2(out[1], 1);
-    ::dup2(err[1], 2);
-    ::close_range(3, ~0U, 0);
-    ::execv(argv[0], argv.data());
-    ::dprintf(2, "exec %s: %s\n", argv[0], std::strerror(errno));
-    ::_exit(127);
-  }
+  if (pid == 0) exec_child(argv, out[1], err[1]);
   ::close(out[1]);
   ::close(err[1]);
   if (pid < 0) {
@@ -559,17 +564,9 @@ class ServerProcess {
     if (pid_ < 0) throw Failure(std::string("fork: ") + std::strerror(errno));
     if (pid_ > 0) ::setpgid(pid_, pid_);  // also here, so the group exists before any kill
     if (pid_ == 0) {
-      ::setpgid(0, 0);  // its own group: a wrapper (strace, valgrind) and the server stop together
       ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive the bench
       if (::getppid() != parent) ::_exit(127);
-      int null = ::open("/dev/null", O_RDWR);
-      ::dup2(null, 0);
-      ::dup2(null, 1);
-      ::dup2(fds[1], 2);
-      ::close_range(3, ~0U, 0);
-      ::execvp(argv[0], argv.data());
-      ::dprintf(2, "exec %s: %s\n", argv[0], std::strerror(errno));
-      ::_exit(127);
+      exec_child(argv, -1, fds[1]);
     }
     ::close(fds[1]);
     fd_ = fds[0];
