@@ -73,9 +73,10 @@ class AsyncStore {
   /// Store::remove_delivered; `done` may be empty.
   virtual void remove_delivered(const std::string& to, std::vector<std::int64_t> seqs,
                                 std::function<void(Reply<bool>)> done) = 0;
-  /// Writes the rows in one transaction: one flag per row, false if it was not written (a
-  /// binding refused: another server bound the name to another key first; or an online
-  /// flag for an address the row no longer has).
+  /// Writes the rows, at most one per name (the PostgreSQL store answers an error for a name
+  /// twice), in one transaction: one flag per row, false if it was not written (a binding
+  /// refused: another server bound the name to another key first; or an online flag for an
+  /// address the row no longer has).
   virtual void store_clients(std::vector<RowWrite> rows, std::function<void(Reply<std::vector<bool>>)> done) = 0;
 
   /// Changes other servers make are handed to `on_change`, in the order they were committed,

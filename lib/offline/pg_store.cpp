@@ -65,7 +65,9 @@ constexpr Oid int2_oid = 21;
 constexpr Oid int4_oid = 23;
 constexpr Oid text_oid = 25;
 constexpr Oid bytea_array_oid = 1001;
+constexpr Oid bool_array_oid = 1000;
 constexpr Oid int2_array_oid = 1005;
+constexpr Oid int4_array_oid = 1007;
 constexpr Oid text_array_oid = 1009;
 constexpr Oid int8_array_oid = 1016;
 
@@ -408,30 +410,44 @@ WITH del AS (
 SELECT (SELECT count(*) FROM del), (SELECT count(*) FROM nt)
 )sql");
 
-/// A registration: written unless the name is bound to another key (how two servers racing to
-/// bind one new name end with exactly one winner: the second waits for the first's row).
+/// Registrations, one row per name ($2..$6 arrays in the caller's order; an empty key is an
+/// unbound name): each written unless the name is bound to another key (how two servers racing
+/// to bind one new name end with exactly one winner: the second waits for the first's row).
+/// Answers one boolean per input row, in order: whether it was written.
 const std::string register_sql = std::string(R"sql(
-WITH up AS (
-  INSERT INTO clients AS c (name, ip, port, online, key, server) VALUES ($1, $2, $3, $4, $5, $6)
+WITH input AS (
+  SELECT * FROM unnest($2, $3, $4, $5, $6) WITH ORDINALITY AS t (name, ip, port, online, key, ord)
+), up AS (
+  INSERT INTO clients AS c (name, ip, port, online, key, server)
+  SELECT name, ip, port, online, NULLIF(key, '\x'::bytea), $1 FROM input ORDER BY name
   ON CONFLICT (name) DO UPDATE
     SET ip = EXCLUDED.ip, port = EXCLUDED.port, online = EXCLUDED.online, key = EXCLUDED.key, server = EXCLUDED.server
     WHERE c.key IS NULL OR c.key = EXCLUDED.key
   RETURNING name
 ), ch AS (
-  INSERT INTO changes (server, kind, name) SELECT $6, 0, name FROM up RETURNING 1
+  INSERT INTO changes (server, kind, name) SELECT $1, 0, name FROM up ORDER BY name RETURNING 1
 ), )sql").append(notify_cte).append(R"sql(
-SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM nt)
+SELECT up.name IS NOT NULL FROM input LEFT JOIN up USING (name)
+  CROSS JOIN (SELECT count(*) FROM nt) AS notified
+ORDER BY input.ord
 )sql");
 
-/// An online flag, only while this server holds the row's session ($5) and the row still has
-/// this address: a server the client left (for another, from the same address) changes nothing.
+/// Online flags ($2..$5 arrays), each only while this server holds the row's session ($1) and
+/// the row still has this address: a server the client left (for another, from the same
+/// address) changes nothing. Answers one boolean per input row, in order: whether it was written.
 const std::string online_sql = std::string(R"sql(
-WITH up AS (
-  UPDATE clients SET online = $2 WHERE name = $1 AND ip = $3 AND port = $4 AND server = $5 RETURNING name
+WITH input AS (
+  SELECT * FROM unnest($2, $3, $4, $5) WITH ORDINALITY AS t (name, online, ip, port, ord)
+), up AS (
+  UPDATE clients AS c SET online = input.online FROM input
+  WHERE c.name = input.name AND c.ip = input.ip AND c.port = input.port AND c.server = $1
+  RETURNING c.name
 ), ch AS (
-  INSERT INTO changes (server, kind, name) SELECT $5, 0, name FROM up RETURNING 1
+  INSERT INTO changes (server, kind, name) SELECT $1, 0, name FROM up ORDER BY name RETURNING 1
 ), )sql").append(notify_cte).append(R"sql(
-SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM nt)
+SELECT up.name IS NOT NULL FROM input LEFT JOIN up USING (name)
+  CROSS JOIN (SELECT count(*) FROM nt) AS notified
+ORDER BY input.ord
 )sql");
 
 const std::string renew_sql =
@@ -610,28 +626,65 @@ class PgStore final : public AsyncStore {
   }
 
   void store_clients(std::vector<RowWrite> rows, std::function<void(Reply<std::vector<bool>>)> done) override {
-    std::vector<Statement> st;
-    const auto n = rows.size();
-    if (n > 0) {
-      st.push_back({lock_sql, Params().int8(change_lock)});
-      for (const auto& w : rows) {
-        const auto& r = w.row;
-        if (w.here) {
-          st.push_back({register_sql, Params()
-                                          .text(r.name)
-                                          .text(r.ip)
-                                          .int4(r.port)
-                                          .boolean(r.online)
-                                          .bytes_or_null(r.key)
-                                          .text(o_.server_id)});
-        } else {
-          st.push_back({online_sql, Params().text(r.name).boolean(r.online).text(r.ip).int4(r.port).text(o_.server_id)});
-        }
+    // Two statements whatever the number of rows (the rows are one per name): the
+    // registrations, then the online flags, each over arrays.
+    std::vector<std::size_t> here, flag_only;  // positions in `rows`
+    std::vector<std::string> r_name, r_ip, r_port, r_online, r_key;
+    std::vector<std::string> o_name, o_online, o_ip, o_port;
+    std::set<std::string_view> names;
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const auto& r = rows[i].row;
+      if (!names.insert(r.name).second) {
+        fail_soon(done, std::string("offline store: store clients: the name ").append(r.name).append(" twice in one write"));
+        return;
+      }
+      const auto port = be(static_cast<std::uint32_t>(r.port), 4);
+      const auto online = std::string(1, r.online ? '\1' : '\0');
+      if (rows[i].here) {
+        here.push_back(i);
+        r_name.push_back(r.name);
+        r_ip.push_back(r.ip);
+        r_port.push_back(port);
+        r_online.push_back(online);
+        r_key.push_back(r.key);
+      } else {
+        flag_only.push_back(i);
+        o_name.push_back(r.name);
+        o_online.push_back(online);
+        o_ip.push_back(r.ip);
+        o_port.push_back(port);
       }
     }
-    run<std::vector<bool>>(std::move(st), "store clients", std::move(done), [n](std::vector<Result>& rs) {
-      std::vector<bool> flags;
-      for (std::size_t i = 0; i < n; ++i) flags.push_back(Rows(rs.at(i + 1).get()).int8(0, 0) > 0);
+    std::vector<Statement> st;
+    if (!rows.empty()) st.push_back({lock_sql, Params().int8(change_lock)});
+    if (!here.empty()) {
+      st.push_back({register_sql, Params()
+                                      .text(o_.server_id)
+                                      .array(text_array_oid, text_oid, r_name)
+                                      .array(text_array_oid, text_oid, r_ip)
+                                      .array(int4_array_oid, int4_oid, r_port)
+                                      .array(bool_array_oid, bool_oid, r_online)
+                                      .array(bytea_array_oid, bytea_oid, r_key)});
+    }
+    if (!flag_only.empty()) {
+      st.push_back({online_sql, Params()
+                                    .text(o_.server_id)
+                                    .array(text_array_oid, text_oid, o_name)
+                                    .array(bool_array_oid, bool_oid, o_online)
+                                    .array(text_array_oid, text_oid, o_ip)
+                                    .array(int4_array_oid, int4_oid, o_port)});
+    }
+    run<std::vector<bool>>(std::move(st), "store clients", std::move(done),
+                           [n = rows.size(), here = std::move(here), flag_only = std::move(flag_only)](std::vector<Result>& rs) {
+      std::vector<bool> flags(n, false);
+      std::size_t next = 1;  // after the lock
+      for (const auto* positions : {&here, &flag_only}) {
+        if (positions->empty()) continue;
+        Rows written(rs.at(next++).get());
+        if (static_cast<std::size_t>(written.size()) != positions->size())
+          throw StoreError("offline store: store clients: one flag per row expected");
+        for (int i = 0; i < written.size(); ++i) flags[(*positions)[static_cast<std::size_t>(i)]] = written.boolean(i, 0);
+      }
       return flags;
     });
   }

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -362,6 +363,61 @@ TEST_CASE("pg: a binding to another key is refused, and so is an online flag for
   CHECK(s.clients[1].key == kb);
   CHECK(s.clients[1].online);
   CHECK(!s.clients[0].online);
+}
+
+TEST_CASE("pg: a write of many rows, bindings and online flags interleaved, answers each row's flag in order") {
+  Fixture<backend::Pg> f;
+  const std::string ka(32, 'a');
+  const std::string kb(32, 'b');
+  // 1,000 names bound to key a; then one write that mixes their online flags (even: this
+  // address, written; odd: an old address, refused), a rebinding to key b (refused), the same
+  // key on a new port (written) and new names, one of them still unbound (written).
+  std::vector<RowWrite> first;
+  for (int i = 0; i < 1000; ++i) first.push_back({client("u" + std::to_string(i), static_cast<std::uint16_t>(10000 + i), true, ka), true});
+  CHECK(f.h.write(std::move(first)) == std::vector<bool>(1000, true));
+  std::vector<RowWrite> mixed;
+  std::vector<bool> expected;
+  for (int i = 0; i < 1000; ++i) {
+    const auto port = static_cast<std::uint16_t>(10000 + i + (i % 2));
+    mixed.push_back({client("u" + std::to_string(i), port, false, ka), false});
+    expected.push_back(i % 2 == 0);
+  }
+  mixed.insert(mixed.begin() + 10, {client("u1", 30000, true, kb), true});  // the odd flag for u1 is refused anyway
+  expected.insert(expected.begin() + 10, false);
+  mixed.erase(mixed.begin() + 1);  // u1 once only
+  expected.erase(expected.begin() + 1);
+  mixed.insert(mixed.begin() + 500, {client("u2", 30002, true, ka), true});
+  expected.insert(expected.begin() + 500, true);
+  mixed.erase(mixed.begin() + 1);  // u2 once only (its flag is second now)
+  expected.erase(expected.begin() + 1);
+  mixed.push_back({client("new1", 31000, true, kb), true});
+  expected.push_back(true);
+  mixed.push_back({client("unbound", 31001, true, ""), true});
+  expected.push_back(true);
+  CHECK(f.h.write(std::move(mixed)) == expected);
+  const Snapshot s = f.h.store().load();
+  REQUIRE(s.clients.size() == 1002);
+  std::map<std::string, ClientRow> rows;
+  for (const auto& c : s.clients) rows[c.name] = c;
+  CHECK(!rows.at("u0").online);
+  CHECK(rows.at("u1").key == ka);
+  CHECK(rows.at("u1").port == 10001);
+  CHECK(rows.at("u2").port == 30002);
+  CHECK(rows.at("u2").online);
+  CHECK(rows.at("u3").online);
+  CHECK(rows.at("new1").key == kb);
+  CHECK(rows.at("unbound").key.empty());
+}
+
+TEST_CASE("pg: a write naming one client twice answers an error and writes nothing") {
+  Fixture<backend::Pg> f;
+  auto r = answer<std::vector<bool>>(f.io, [&](auto cb) {
+    f.h.store().store_clients({{client("bob", 5001, true, std::string(32, 'b')), true},
+                               {client("bob", 5001, false, std::string(32, 'b')), false}},
+                              cb);
+  });
+  CHECK(r.error == "offline store: store clients: the name bob twice in one write");
+  CHECK(f.h.store().load().clients.empty());
 }
 
 TEST_CASE("pg: two servers racing to bind one new name: exactly one wins") {
