@@ -373,13 +373,13 @@ TEST_CASE("pg: a write of many rows, bindings and online flags interleaved, answ
   // address, written; odd: an old address, refused), a rebinding to key b (refused), the same
   // key on a new port (written) and new names, one of them still unbound (written).
   std::vector<RowWrite> first;
-  for (int i = 0; i < 1000; ++i) first.push_back({client("u" + std::to_string(i), static_cast<std::uint16_t>(10000 + i), true, ka), true});
+  for (int i = 0; i < 1000; ++i) first.push_back({client(std::string("u").append(std::to_string(i)), static_cast<std::uint16_t>(10000 + i), true, ka), true});
   CHECK(f.h.write(std::move(first)) == std::vector<bool>(1000, true));
   std::vector<RowWrite> mixed;
   std::vector<bool> expected;
   for (int i = 0; i < 1000; ++i) {
     const auto port = static_cast<std::uint16_t>(10000 + i + (i % 2));
-    mixed.push_back({client("u" + std::to_string(i), port, false, ka), false});
+    mixed.push_back({client(std::string("u").append(std::to_string(i)), port, false, ka), false});
     expected.push_back(i % 2 == 0);
   }
   mixed.insert(mixed.begin() + 10, {client("u1", 30000, true, kb), true});  // the odd flag for u1 is refused anyway
