@@ -131,7 +131,7 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
       ("identity", po::value<std::string>(&c.identity)->value_name("file"),
        "client: the identity key file (default $XDG_DATA_HOME/chatapp/identities/<name>.key)")
       ("release-name", po::value<std::string>(&c.release_name)->value_name("name"),
-       "operator, with the server stopped: unbind <name> from its identity and delete its saved messages")
+       "operator: unbind <name> from its identity and delete its saved messages (--data-dir: with the server stopped; a shared --store: servers may run)")
       ("keepalive", po::value<double>(&c.keepalive_s)->default_value(15)->value_name("seconds"),
        "client: tell the server we are here this often; server: the interval of clients that do not say theirs")
       ("verbose,v", po::bool_switch(&c.verbose), "log debug detail (dropped datagrams, retries) on stderr")

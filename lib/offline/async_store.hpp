@@ -33,27 +33,33 @@ struct RowWrite {
   bool here = false;
 };
 
-/// A change another server made to the shared state, read from the database's change log.
-struct Change {
-  enum class What { client, mail } what = What::client;
-  /// What::client: the row as it is now; `here` true if this server holds its session.
-  ClientRow row{};
-  bool here = false;
-  /// What::mail: the recipient whose saved messages changed, and by how many (+ saved, - deleted).
-  std::string to{};
-  std::int64_t delta = 0;
-};
-
-/// What the server knows at start.
+/// What the server knows at start (and again after a resync).
 struct Snapshot {
-  /// Every client row; `here[i]` true if this server held row i's session when it stopped (an
-  /// embedded store: every row).
+  /// Every client row; `here[i]` true if this server holds row i's session (an embedded store:
+  /// every row).
   std::vector<ClientRow> clients;
   std::vector<bool> here;
   /// Saved messages per recipient (recipients with none are absent).
   std::unordered_map<std::string, std::size_t> mailboxes;
   /// Messages saved by protocol version 1, kept and never delivered.
   std::size_t legacy = 0;
+};
+
+/// A change another server made to the shared state, read from the database's change log.
+struct Change {
+  enum class What {
+    client,    ///< `row` as it is now; `here` true if this server holds its session
+    mail,      ///< `to`'s saved messages changed by `delta` (+ saved, - deleted)
+    released,  ///< the operator released the name `to`: its row and binding are gone
+    /// Changes this server had not read yet were trimmed from the log (it was away longer than
+    /// the log keeps them): `snapshot` is the whole state as it is now, replacing what it knew.
+    resync,
+  } what = What::client;
+  ClientRow row{};
+  bool here = false;
+  std::string to{};
+  std::int64_t delta = 0;
+  std::shared_ptr<const Snapshot> snapshot{};
 };
 
 class AsyncStore {

@@ -30,8 +30,9 @@ using error_code = boost::system::error_code;
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-/// The schema this code writes, kept in the schema_version table.
-constexpr int schema_version = 1;
+/// The schema this code writes, kept in the schema_version table. Version 1 had no `trimmed`
+/// table: ensure_schema() adds it.
+constexpr int schema_version = 2;
 
 /// Advisory lock keys (any constants, as long as nothing else in the database uses them).
 constexpr std::int64_t schema_lock = 0x4368'6174'0001;  // held while the schema is checked or created
@@ -110,6 +111,13 @@ CREATE TABLE servers (
   id         text        PRIMARY KEY,
   expires_at timestamptz NOT NULL
 );
+)sql";
+
+/// Version 2: the highest seq trimmed from the change log, so that a server that had not read
+/// that far knows it missed changes (one row).
+constexpr std::string_view trimmed_sql = R"sql(
+CREATE TABLE trimmed (upto bigint NOT NULL);
+INSERT INTO trimmed (upto) VALUES (0);
 )sql";
 
 // ---------------------------------------------------------------------------------------------
@@ -345,6 +353,11 @@ void ensure_schema(PGconn* c) {
     if (rows.boolean(0, 0)) {
       Result v = exec(c, "SELECT coalesce(max(version), 0) FROM schema_version", "read the schema version");
       const auto version = Rows(v.get()).int4(0, 0);
+      if (version == 1) {
+        exec_script(c, trimmed_sql, "add the trimmed table");
+        exec(c, "UPDATE schema_version SET version = $1", Params().int4(schema_version), "set the schema version");
+        return;
+      }
       if (version != schema_version) {
         throw StoreError(std::string("offline store: the database has schema version ")
                              .append(std::to_string(version))
@@ -359,6 +372,7 @@ void ensure_schema(PGconn* c) {
                        "not a ChatApp database");
     }
     exec_script(c, schema_sql, "create the schema");
+    exec_script(c, trimmed_sql, "create the schema");
     exec(c, "INSERT INTO schema_version (version) VALUES ($1)", Params().int4(schema_version), "set the schema version");
   });
 }
@@ -467,14 +481,36 @@ WITH dead AS (
 SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM off), (SELECT count(*) FROM nt)
 )sql");
 
-const std::string trim_sql = std::string("DELETE FROM changes WHERE at < now() - interval '").append(change_keep).append("'");
+/// Deletes a prefix of the change log (every row up to the last one older than change_keep)
+/// and records where it ends in `trimmed`.
+const std::string trim_sql = std::string(R"sql(
+WITH cut AS (
+  SELECT max(seq) AS upto FROM changes WHERE at < now() - interval ')sql").append(change_keep).append(R"sql('
+), del AS (
+  DELETE FROM changes WHERE seq <= (SELECT upto FROM cut) RETURNING 1
+)
+UPDATE trimmed SET upto = cut.upto FROM cut WHERE cut.upto > trimmed.upto
+)sql");
 
+/// One statement, so one snapshot: where the log was trimmed to, its last seq, and a page of
+/// other servers' changes after $1 (or one row of NULLs after those two if there are none).
 const std::string changes_sql = R"sql(
-SELECT c.seq, c.kind, c.name, c.delta, k.name IS NOT NULL, k.ip, k.port, k.online, k.key, k.server
-FROM changes c LEFT JOIN clients k ON c.kind = 0 AND k.name = c.name
-WHERE c.seq > $1 AND c.server <> $2
-ORDER BY c.seq LIMIT $3
+SELECT t.upto, m.top, c.seq, c.kind, c.name, c.delta, c.found, c.ip, c.port, c.online, c.key, c.server
+FROM trimmed t
+CROSS JOIN (SELECT coalesce(max(seq), 0) AS top FROM changes) AS m
+LEFT JOIN (
+  SELECT c.seq, c.kind, c.name, c.delta, k.name IS NOT NULL AS found, k.ip, k.port, k.online, k.key, k.server
+  FROM changes c LEFT JOIN clients k ON c.kind = 0 AND k.name = c.name
+  WHERE c.seq > $1 AND c.server <> $2
+  ORDER BY c.seq LIMIT $3
+) AS c ON true
+ORDER BY c.seq
 )sql";
+
+/// The whole state (in one REPEATABLE READ transaction with the change log's end, as load()).
+const std::string clients_sql = "SELECT name, ip, port, online, key, server FROM clients ORDER BY name";
+const std::string counts_sql = "SELECT recipient, count(*) FROM messages GROUP BY recipient";
+const std::string log_end_sql = "SELECT greatest(coalesce(max(seq), 0), (SELECT upto FROM trimmed)) FROM changes";
 
 /// What an operation's completion receives: one result per statement, or an error.
 using Completion = std::function<void(std::vector<Result>&&, std::string error)>;
@@ -505,23 +541,10 @@ class PgStore final : public AsyncStore {
     exec(c.get(), renew_sql, Params().text(o_.server_id).int8(o_.lease_for.count()), "take the lease");
     std::int64_t last = 0;
     transaction(c.get(), "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", [&] {
-      Result clients = exec(c.get(), "SELECT name, ip, port, online, key, server FROM clients ORDER BY name",
-                            "load clients");
-      Rows rows(clients.get());
-      for (int i = 0; i < rows.size(); ++i) {
-        s.clients.push_back(ClientRow{
-            .name = rows.bytes(i, 0),
-            .ip = rows.bytes(i, 1),
-            .port = to_port(rows.int4(i, 2)),
-            .online = rows.boolean(i, 3),
-            .key = rows.bytes(i, 4),
-        });
-        s.here.push_back(rows.bytes(i, 5) == o_.server_id);
-      }
-      Result counts = exec(c.get(), "SELECT recipient, count(*) FROM messages GROUP BY recipient", "count messages");
-      Rows n(counts.get());
-      for (int i = 0; i < n.size(); ++i) s.mailboxes.emplace(n.bytes(i, 0), static_cast<std::size_t>(n.int8(i, 1)));
-      Result seq = exec(c.get(), "SELECT coalesce(max(seq), 0) FROM changes", "read the change log");
+      Result clients = exec(c.get(), clients_sql, "load clients");
+      Result counts = exec(c.get(), counts_sql, "count messages");
+      s = snapshot_of(clients.get(), counts.get());
+      Result seq = exec(c.get(), log_end_sql, "read the change log");
       last = Rows(seq.get()).int8(0, 0);
     });
     s.legacy = 0;  // version 1 never wrote to PostgreSQL
@@ -534,6 +557,25 @@ class PgStore final : public AsyncStore {
       arm_poll();
     }
     read_changes();
+    return s;
+  }
+
+  /// The snapshot of clients_sql's and counts_sql's results.
+  Snapshot snapshot_of(const PGresult* clients, const PGresult* counts) const {
+    Snapshot s;
+    Rows rows(clients);
+    for (int i = 0; i < rows.size(); ++i) {
+      s.clients.push_back(ClientRow{
+          .name = rows.bytes(i, 0),
+          .ip = rows.bytes(i, 1),
+          .port = to_port(rows.int4(i, 2)),
+          .online = rows.boolean(i, 3),
+          .key = rows.bytes(i, 4),
+      });
+      s.here.push_back(rows.bytes(i, 5) == o_.server_id);
+    }
+    Rows n(counts);
+    for (int i = 0; i < n.size(); ++i) s.mailboxes.emplace(n.bytes(i, 0), static_cast<std::size_t>(n.int8(i, 1)));
     return s;
   }
 
@@ -1076,7 +1118,8 @@ class PgStore final : public AsyncStore {
   }
 
   /// Reads the change log after the last seq seen and hands each change to the watcher; one
-  /// read at a time, and another at once if a page was full or a wake-up came meanwhile.
+  /// read at a time, and another at once if a page was full or a wake-up came meanwhile. If the
+  /// log was trimmed past what this server had read, it reads the whole state instead.
   void read_changes() {
     if (!loaded_ || !on_change_ || closed_ || state_ != State::ready) return;
     if (reading_changes_) {
@@ -1093,34 +1136,70 @@ class PgStore final : public AsyncStore {
              int count = 0;
              try {
                Rows rows(rs.at(0).get());
-               count = rows.size();
-               for (int i = 0; i < count; ++i) {
-                 last_seq_ = rows.int8(i, 0);
+               if (rows.int8(0, 0) > last_seq_) return resync();
+               const std::int64_t top = rows.int8(0, 1);
+               for (int i = 0; i < rows.size() && !rows.null(i, 2); ++i) {
+                 ++count;
+                 last_seq_ = rows.int8(i, 2);
                  Change c;
-                 if (rows.int2(i, 1) == change_mail) {
+                 if (rows.int2(i, 3) == change_mail) {
                    c.what = Change::What::mail;
-                   c.to = rows.bytes(i, 2);
-                   c.delta = rows.int8(i, 3);
+                   c.to = rows.bytes(i, 4);
+                   c.delta = rows.int8(i, 5);
+                 } else if (!rows.boolean(i, 6)) {
+                   c.what = Change::What::released;  // (or released since: telling it twice does no harm)
+                   c.to = rows.bytes(i, 4);
                  } else {
-                   if (!rows.boolean(i, 4)) continue;  // the row was released since
                    c.what = Change::What::client;
                    c.row = ClientRow{
-                       .name = rows.bytes(i, 2),
-                       .ip = rows.bytes(i, 5),
-                       .port = to_port(rows.int4(i, 6)),
-                       .online = rows.boolean(i, 7),
-                       .key = rows.bytes(i, 8),
+                       .name = rows.bytes(i, 4),
+                       .ip = rows.bytes(i, 7),
+                       .port = to_port(rows.int4(i, 8)),
+                       .online = rows.boolean(i, 9),
+                       .key = rows.bytes(i, 10),
                    };
-                   c.here = rows.bytes(i, 9) == o_.server_id;
+                   c.here = rows.bytes(i, 11) == o_.server_id;
                  }
                  if (on_change_) on_change_(c);
                  if (closed_) return;
                }
+               // A page not full held every other server's change up to the log's end: what
+               // lies between is this server's own, not read back.
+               if (count < change_page) last_seq_ = std::max(last_seq_, top);
              } catch (const std::exception& e) {
                spdlog::error("offline store: reading the change log: {}", e.what());
                return;
              }
              if (count == change_page || read_again_) read_changes();
+           }));
+  }
+
+  /// Reads the whole state and hands it to the watcher as one resync change, then goes on
+  /// reading the log from where that state ends.
+  void resync() {
+    spdlog::warn("offline store: changes after {} were trimmed from the log before {} read them; reading the whole state",
+                 last_seq_, o_.server_id);
+    reading_changes_ = true;
+    std::vector<Statement> st;
+    st.push_back({"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"});
+    st.push_back({clients_sql});
+    st.push_back({counts_sql});
+    st.push_back({log_end_sql});
+    st.push_back({"COMMIT"});
+    submit(std::move(st), "read the whole state", guarded([this](std::vector<Result>&& rs, const std::string& error) {
+             reading_changes_ = false;
+             if (!error.empty()) return;  // the next wake-up or poll finds the gap again
+             Change c;
+             c.what = Change::What::resync;
+             try {
+               c.snapshot = std::make_shared<const Snapshot>(snapshot_of(rs.at(1).get(), rs.at(2).get()));
+               last_seq_ = Rows(rs.at(3).get()).int8(0, 0);
+             } catch (const std::exception& e) {
+               spdlog::error("offline store: reading the whole state: {}", e.what());
+               return;
+             }
+             if (on_change_) on_change_(c);
+             if (!closed_) read_changes();
            }));
   }
 
@@ -1180,7 +1259,8 @@ Released pg_release(const std::string& uri, const std::string& name) {
     Result del = exec(c.get(), "WITH d AS (DELETE FROM messages WHERE recipient = $1 RETURNING 1) SELECT count(*) FROM d",
                       Params().text(name), "delete released messages");
     out.messages = static_cast<std::size_t>(Rows(del.get()).int8(0, 0));
-    // Other servers drop the mailbox count; a client change whose row is gone they skip.
+    // Running servers read a client change whose row is gone as the name released (they unbind
+    // it, and end its session), and drop the mailbox count by the delta.
     exec(c.get(), "INSERT INTO changes (server, kind, name) VALUES ('release', 0, $1)", Params().text(name), "log release");
     if (out.messages > 0) {
       exec(c.get(), "INSERT INTO changes (server, kind, name, delta) VALUES ('release', 1, $1, $2)",

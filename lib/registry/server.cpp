@@ -839,20 +839,32 @@ void Server::table_changed(const std::string& name, bool persist) {
 
 void Server::on_change(const offline::Change& c) {
   ++stats_.remote_changes;
-  if (c.what == offline::Change::What::mail) {
-    std::size_t& box = mailbox(c.to);
-    if (c.delta < 0) box -= std::min<std::size_t>(box, static_cast<std::size_t>(-c.delta));
-    else box += static_cast<std::size_t>(c.delta);
-    // Saved on another server for a client whose session is here: delivered from here.
-    Session* s = c.delta > 0 ? session(c.to) : nullptr;
-    if (s == nullptr) return;
-    if (s->delivery == Session::Delivery::none) deliver(c.to);
-    else s->rewound = false;  // the drain goes over the mailbox once more at its end
-    return;
+  switch (c.what) {
+    case offline::Change::What::mail: return on_mail_change(c.to, c.delta);
+    case offline::Change::What::released: return on_released(c.to);
+    case offline::Change::What::resync: return on_resync(*c.snapshot);
+    case offline::Change::What::client: return on_row(c.row, c.here);
   }
-  const offline::ClientRow& row = c.row;
+}
+
+void Server::on_mail_change(const std::string& to, std::int64_t delta) {
+  std::size_t& box = mailbox(to);
+  if (delta < 0) box -= std::min<std::size_t>(box, static_cast<std::size_t>(-delta));
+  else box += static_cast<std::size_t>(delta);
+  // Saved on another server for a client whose session is here: delivered from here.
+  if (delta > 0) mail_arrived(to);
+}
+
+void Server::mail_arrived(const std::string& to) {
+  Session* s = session(to);
+  if (s == nullptr) return;
+  if (s->delivery == Session::Delivery::none) deliver(to);
+  else s->rewound = false;  // the drain goes over the mailbox once more at its end
+}
+
+void Server::on_row(const offline::ClientRow& row, bool here) {
   // (A session whose binding is on its way to the store stays: the store's answer decides.)
-  if (!c.here && sessions_.contains(row.name) && !binding_.contains(row.name)) {
+  if (!here && sessions_.contains(row.name) && !binding_.contains(row.name)) {
     // It registered with another server: that one holds its session now.
     spdlog::info("{} moved to another server", row.name);
     end_session(row.name);
@@ -860,6 +872,40 @@ void Server::on_change(const offline::Change& c) {
   proto::Key key{};
   if (row.key.size() == key.size()) std::copy(row.key.begin(), row.key.end(), key.begin());
   if (table_.upsert(row.name, row.ip, row.port, row.online, key)) table_changed(row.name, false);
+}
+
+void Server::on_released(const std::string& name) {
+  const Client* c = table_.find(name);
+  if (c == nullptr || !c->bound() || binding_.contains(name)) return;
+  spdlog::info("{} was released by the operator: its binding is gone", name);
+  const std::string ip = c->ip;
+  const std::uint16_t port = c->port;
+  end_session(name);
+  // The row stays, offline and bound to no key, so every client's table hears of it; the name
+  // is free for the next key that registers it.
+  if (table_.upsert(name, ip, port, false, proto::Key{})) table_changed(name, false);
+}
+
+void Server::on_resync(const offline::Snapshot& s) {
+  spdlog::warn("changes were trimmed from the shared log before this server read them: reading the whole state again");
+  std::unordered_set<std::string> present;
+  for (std::size_t i = 0; i < s.clients.size(); ++i) {
+    present.insert(s.clients[i].name);
+    on_row(s.clients[i], s.here[i]);
+  }
+  std::vector<std::string> gone;
+  table_.for_each([&](const Client& c) {
+    if (!present.contains(c.name)) gone.push_back(c.name);
+  });
+  for (const auto& name : gone) on_released(name);
+  for (auto& [name, n] : mailbox_) {
+    auto it = s.mailboxes.find(name);
+    n = it == s.mailboxes.end() ? 0 : it->second;
+  }
+  for (const auto& [name, n] : s.mailboxes) {
+    mailbox(name) = n;
+    mail_arrived(name);
+  }
 }
 
 void Server::sync_all() {

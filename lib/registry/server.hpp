@@ -178,6 +178,16 @@ class Server {
   void table_changed(const std::string& name, bool persist = true);
   /// A change another server made to the shared store.
   void on_change(const offline::Change& c);
+  void on_mail_change(const std::string& to, std::int64_t delta);
+  /// Saved messages for `to` are in the store: delivered if its session is here.
+  void mail_arrived(const std::string& to);
+  /// A client row as the store has it now; `here`: this server holds its session.
+  void on_row(const offline::ClientRow& row, bool here);
+  /// The operator released `name`: its session ends, its row stays offline and unbound.
+  void on_released(const std::string& name);
+  /// The whole shared state, read again after a gap in the change log: rows applied, rows gone
+  /// released, mailbox counts replaced.
+  void on_resync(const offline::Snapshot& s);
   void sync(const std::string& name);
   void send_table(const std::string& name);
   /// The table chunk after version `have`, encoded once per table version and shared by every

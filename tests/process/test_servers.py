@@ -245,7 +245,13 @@ class ServersTest(Servers):
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 1)
         self.assertEqual(r.stdout, f"released nothing: alice is not registered in {self.uri}\n")
-
+        # The server ran throughout: it heard the release, and another identity takes the name.
+        s.expect(re.escape("alice was released by the operator: its binding is gone"))
+        xdg = os.path.join(self.dir, "xdg-new-alice")
+        os.makedirs(xdg, mode=0o700)
+        new_alice = self.start_client("alice", 0, env=dict(os.environ, XDG_DATA_HOME=xdg))
+        new_alice.send("quit")
+        self.assertEqual(new_alice.wait_exit(), 0)
 
     def test_unreachable_database_is_one_line_and_the_password_is_not_shown(self):
         r = subprocess.run([BIN, "-s", str(free_port()), "--store",

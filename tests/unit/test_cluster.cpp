@@ -30,6 +30,27 @@ struct SharedDb {
     std::int64_t delta = 0;
   };
   std::vector<Logged> log;  // the change log, in commit order
+  std::size_t trimmed = 0;  // log[0, trimmed) is gone: a server that had not read it resyncs
+
+  /// The operator's --release-name while the servers run.
+  void release(const std::string& name) {
+    const offline::Released r = store.release(name);
+    holder.erase(name);
+    log.push_back({"release", offline::Change::What::client, name, 0});
+    if (r.messages > 0) log.push_back({"release", offline::Change::What::mail, name, -static_cast<std::int64_t>(r.messages)});
+  }
+  /// Every change so far trimmed from the log.
+  void trim() { trimmed = log.size(); }
+
+  offline::Snapshot snapshot(const std::string& id) {
+    offline::Snapshot s;
+    s.clients = store.load_clients();
+    for (const auto& r : s.clients) {
+      s.here.push_back(holder[r.name] == id);
+      if (std::size_t n = store.count_for(r.name); n > 0) s.mailboxes.emplace(r.name, n);
+    }
+    return s;
+  }
 
   std::optional<offline::ClientRow> row(const std::string& name) {
     for (auto& r : store.load_clients())
@@ -45,14 +66,8 @@ class DbView final : public offline::AsyncStore {
   DbView(SharedDb& db, std::string id) : db_(db), id_(std::move(id)) {}
 
   offline::Snapshot load() override {
-    offline::Snapshot s;
-    s.clients = db_.store.load_clients();
-    for (const auto& r : s.clients) {
-      s.here.push_back(db_.holder[r.name] == id_);
-      if (std::size_t n = db_.store.count_for(r.name); n > 0) s.mailboxes.emplace(r.name, n);
-    }
     read_ = db_.log.size();
-    return s;
+    return db_.snapshot(id_);
   }
   void save(std::vector<offline::NewMessage> batch, std::function<void(offline::Reply<std::vector<bool>>)> done) override {
     std::vector<bool> flags = db_.store.save(batch);
@@ -103,8 +118,19 @@ class DbView final : public offline::AsyncStore {
   }
   void watch(std::function<void(const offline::Change&)> on_change) override { on_change_ = std::move(on_change); }
 
-  /// Hands the server the changes the others committed since the last call.
+  bool paused = false;
+
+  /// Hands the server the changes the others committed since the last call (the whole state if
+  /// some were trimmed before it read them). Not while paused (the server is away).
   void pump() {
+    if (paused || !on_change_) return;
+    if (read_ < db_.trimmed) {
+      offline::Change c;
+      c.what = offline::Change::What::resync;
+      c.snapshot = std::make_shared<const offline::Snapshot>(db_.snapshot(id_));
+      read_ = db_.log.size();
+      on_change_(c);
+    }
     while (read_ < db_.log.size()) {
       SharedDb::Logged e = db_.log[read_++];
       if (e.server == id_ || !on_change_) continue;
@@ -115,7 +141,12 @@ class DbView final : public offline::AsyncStore {
         c.delta = e.delta;
       } else {
         std::optional<offline::ClientRow> r = db_.row(e.name);
-        if (!r) continue;
+        if (!r) {
+          c.what = offline::Change::What::released;
+          c.to = e.name;
+          on_change_(c);
+          continue;
+        }
         c.row = *r;
         c.here = db_.holder[e.name] == id_;
       }
@@ -298,6 +329,60 @@ TEST_CASE("§13 two clients racing to bind the same new name on two servers: exa
   const protocol::Key key = identity_of("dave", first->count(kWelcome) == 1 ? 0 : 1).public_key();
   CHECK(row->key == std::string(key.begin(), key.end()));
   CHECK(winner->exit_code == -1);
+}
+
+TEST_CASE("§13 a name released while the servers run: another identity takes it on another server, without the old mail") {
+  Cluster c(2);
+  auto alice = c.peer("alice", 10, 0, 0);
+  auto bob = c.peer("bob", 11, 1);
+  REQUIRE(c.net.run_until([&] { return bob->sees_online("alice"); }, 10s));
+  alice->type("dereg alice");
+  REQUIRE(c.net.run_until([&] { return !bob->sees_online("alice"); }, 10s));
+  alice.reset();
+  bob->type("send alice for the old alice");
+  REQUIRE(c.net.run_until([&] { return bob->saw(">>> [Messages received by the server and saved]"); }, 10s));
+  c.db.release("alice");
+  auto again = c.peer("alice", 12, 1, 1);  // another identity, on the server that knew the old binding
+  REQUIRE(c.net.run_until([&] { return again->saw(kWelcome) || again->exit_code >= 0; }, 10s));
+  CHECK(again->count(kWelcome) == 1);
+  CHECK(again->exit_code == -1);
+  auto row = c.db.row("alice");
+  REQUIRE(row.has_value());
+  const protocol::Key key = identity_of("alice", 1).public_key();
+  CHECK(row->key == std::string(key.begin(), key.end()));
+  REQUIRE(c.net.run_until([&] { return bob->sees_online("alice"); }, 10s));
+  c.net.run_for(10s);
+  CHECK(saved_shown(*again, "bob", "for the old alice") == 0);
+  CHECK_FALSE(again->saw(">>> [You have messages]"));
+}
+
+TEST_CASE("§13 a server that missed changes trimmed from the log reads the whole state again") {
+  Cluster c(2);
+  auto alice = c.peer("alice", 10, 0);
+  auto carol = c.peer("carol", 12, 1);
+  REQUIRE(c.net.run_until([&] { return alice->sees_online("carol") && carol->sees_online("alice"); }, 10s));
+  c.views[1]->paused = true;  // server 1 reads nothing of the log for a while
+  auto bob = c.peer("bob", 11, 0);
+  REQUIRE(c.net.run_until([&] { return alice->sees_online("bob"); }, 10s));
+  // Neither alice nor her server reaches carol: the message is saved, its count never read by
+  // server 1, which holds carol's session.
+  c.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const protocol::Message&) {
+    return to == carol->at() && (from == alice->at() || from == server_at(0));
+  };
+  alice->type("send carol while your server was away");
+  REQUIRE(c.net.run_until([&] { return alice->saw(">>> [Messages received by the server and saved]"); }, 20s));
+  c.net.filter = {};
+  c.net.run_for(5s);
+  CHECK_FALSE(carol->sees_online("bob"));
+  CHECK(saved_shown(*carol, "alice", "while your server was away") == 0);
+  c.db.trim();
+  c.views[1]->paused = false;
+  REQUIRE(c.net.run_until([&] { return carol->sees_online("bob"); }, 10s));
+  REQUIRE(c.net.run_until([&] { return saved_shown(*carol, "alice", "while your server was away") > 0; }, 30s));
+  c.net.run_for(10s);
+  CHECK(saved_shown(*carol, "alice", "while your server was away") == 1);
+  CHECK(c.server(1).has_session("carol"));
+  CHECK(c.db.store.count_for("carol") == 0);
 }
 
 }  // namespace

@@ -315,6 +315,17 @@ struct Servers {
 
 std::string describe(const Change& c) {
   if (c.what == Change::What::mail) return std::string("mail ").append(c.to).append(" ").append(std::to_string(c.delta));
+  if (c.what == Change::What::released) return std::string("released ").append(c.to);
+  if (c.what == Change::What::resync) {
+    std::string out = "resync";
+    for (std::size_t i = 0; i < c.snapshot->clients.size(); ++i) {
+      out.append(i == 0 ? " " : ", ").append(c.snapshot->clients[i].name).append(c.snapshot->clients[i].online ? " online" : " offline");
+      if (c.snapshot->here[i]) out.append(" here");
+    }
+    std::map<std::string, std::size_t> boxes(c.snapshot->mailboxes.begin(), c.snapshot->mailboxes.end());
+    for (const auto& [to, n] : boxes) out.append(", mail ").append(to).append(" ").append(std::to_string(n));
+    return out;
+  }
   return std::string("client ")
       .append(c.row.name)
       .append(c.row.online ? " online" : " offline")
@@ -552,6 +563,59 @@ TEST_CASE("pg: release removes the binding and the saved messages") {
   CHECK(r.messages == 2);
   CHECK(f.h.count("bob") == 0);
   CHECK(!pg_release(f.backend.uri, "bob").found);
+}
+
+TEST_CASE("pg: the log trimmed past what a server read: it gets the whole state once, then reads on") {
+  Servers db;
+  auto a = db.open("a:1", 10ms, 10'000ms, 50ms);  // renews its lease, and so trims, often
+  auto b = db.open("b:1");
+  Harness ha(db.io, std::move(a));
+  ha.store().load();
+  b->load();
+  CHECK(ha.write({{client("alice", 5000, true, std::string(32, 'a')), true},
+                  {client("bob", 5001, false, std::string(32, 'b')), true}}) == std::vector<bool>{true, true});
+  ha.save({msg("bob", "alice", 1, 1, "x"), msg("bob", "alice", 2, 2, "y")});
+  RawPg raw(db.uri);
+  raw.query("UPDATE changes SET at = now() - interval '1 hour'");
+  REQUIRE(run_until(db.io, [&] { return raw.query("SELECT count(*) FROM changes") == "0"; }));
+  CHECK(raw.query("SELECT upto FROM trimmed") != "0");
+  // b has read nothing yet: what it missed is gone, so it reads the whole state.
+  std::vector<std::string> seen;
+  b->watch([&](const Change& ch) { seen.push_back(describe(ch)); });
+  REQUIRE(run_until(db.io, [&] { return !seen.empty(); }));
+  CHECK(seen[0] == "resync alice online, bob offline, mail bob 2");
+  CHECK(ha.write({{client("carol", 5002, true, std::string(32, 'c')), true}}) == std::vector<bool>{true});
+  REQUIRE(run_until(db.io, [&] { return seen.size() >= 2; }));
+  CHECK(seen == std::vector<std::string>{"resync alice online, bob offline, mail bob 2", "client carol online"});
+}
+
+TEST_CASE("pg: a name released while the servers run reaches them as released, with its mail gone") {
+  Servers db;
+  auto a = db.open("a:1");
+  auto b = db.open("b:1");
+  Harness ha(db.io, std::move(a));
+  ha.store().load();
+  b->load();
+  std::vector<std::string> seen;
+  b->watch([&](const Change& ch) { seen.push_back(describe(ch)); });
+  CHECK(ha.write({{client("alice", 5000, false, std::string(32, 'a')), true}}) == std::vector<bool>{true});
+  ha.save({msg("alice", "bob", 1, 1, "x")});
+  REQUIRE(run_until(db.io, [&] { return seen.size() >= 2; }));
+  CHECK(pg_release(db.uri, "alice").found);
+  REQUIRE(run_until(db.io, [&] { return seen.size() >= 4; }));
+  CHECK(seen == std::vector<std::string>{"client alice offline", "mail alice 1", "released alice", "mail alice -1"});
+}
+
+TEST_CASE("pg: a database of schema version 1 is upgraded to version 2 when a server opens it") {
+  Servers db;
+  db.open("a:1")->close();
+  RawPg raw(db.uri);
+  raw.query("DROP TABLE trimmed");
+  raw.query("UPDATE schema_version SET version = 1");
+  auto b = db.open("b:1");
+  CHECK(raw.query("SELECT max(version) FROM schema_version") == "2");
+  CHECK(raw.query("SELECT upto FROM trimmed") == "0");
+  b->load();
 }
 
 namespace {
