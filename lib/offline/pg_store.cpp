@@ -496,7 +496,7 @@ UPDATE trimmed SET upto = cut.upto FROM cut WHERE cut.upto > trimmed.upto
 /// other servers' changes after $1 (or one row of NULLs after those two if there are none).
 const std::string changes_sql = R"sql(
 SELECT t.upto, m.top, c.seq, c.kind, c.name, c.delta, c.found, c.ip, c.port, c.online, c.key, c.server
-FROM trimmed t
+FROM (SELECT upto FROM trimmed LIMIT 1) AS t
 CROSS JOIN (SELECT coalesce(max(seq), 0) AS top FROM changes) AS m
 LEFT JOIN (
   SELECT c.seq, c.kind, c.name, c.delta, k.name IS NOT NULL AS found, k.ip, k.port, k.online, k.key, k.server
@@ -1060,6 +1060,9 @@ class PgStore final : public AsyncStore {
     unreachable_ = "the database is unreachable: not connected";
     std::vector<Statement> listen;
     listen.push_back({std::string("LISTEN ").append(wake_channel)});
+    // Every statement here is a small one; compiling one (JIT) when a young table's estimates
+    // are off costs more than running it.
+    listen.push_back({"SET jit = off"});
     submit(std::move(listen), "listen", guarded([](std::vector<Result>&&, const std::string&) {}));
     arm_read();
     if (loaded_ && !closed_) {
