@@ -6,6 +6,7 @@
 #include <cstring>
 #include <tuple>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -197,6 +198,11 @@ Result<Partial> Partial::open(const fs::path& dir, std::string_view offered_name
   if (!have) return have.error();
   p.part_fd_ = std::move(part.value());
   p.have_fd_ = std::move(have.value());
+  // One Partial per download, in this process or another: a second would truncate the first's file.
+  if (::flock(p.part_fd_.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) return error(ErrorKind::io, std::string("The file ").append(p.name_).append(" is already being downloaded."));
+    return sys_error(errno, std::string("Cannot lock ").append(p.part_path_.string()));
+  }
   p.bitmap_.assign((std::size_t{p.chunks_} + 7) / 8, 0);
 
   // Resume if the sidecar is exactly one of ours for this content, with the part file behind it.

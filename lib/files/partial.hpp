@@ -86,7 +86,8 @@ class Partial {
   /// (reduced with safe_basename() here) of `size` bytes and BLAKE2b-256 `hash`. A sidecar
   /// that matches size and hash is resumed (have() says what is held); any other state (no
   /// sidecar, a damaged one, one for other content) starts the download afresh. Refuses a
-  /// symlink or anything but a regular file at either name.
+  /// symlink or anything but a regular file at either name, and a download another Partial
+  /// (here or in another process) has open: the part file is flock()ed while open.
   static Result<Partial> open(const std::filesystem::path& dir, std::string_view offered_name, const Hash& hash,
                               std::uint64_t size);
 
