@@ -47,7 +47,7 @@ class RttEstimator {
 };
 
 struct CongestionOptions {
-  std::uint32_t initial_window = 4;  // chunks in flight before the first ack (RFC 3390's ~4 KB is 3)
+  std::uint32_t initial_window = 4;  // chunks in flight before the first ack (RFC 3390: 3 of this size, RFC 6928: 10)
   std::uint32_t min_window = 2;      // the window never shrinks below this on a loss event
   std::uint32_t timeout_window = 2;  // the window after an RTO: 2 so one more lost datagram is not
                                      // another RTO (RFC 5681 says 1)

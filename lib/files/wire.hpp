@@ -112,7 +112,8 @@ struct FileHeader {
 };
 std::optional<FileHeader> peek_header(std::string_view bytes);
 
-/// The datagram of `c`. A `sealed` too short or too long gives a datagram decode_chunk() refuses.
+/// The datagram of `c`. A transfer id or tx seq of 0, or a `sealed` too short or too long, gives
+/// a datagram decode_chunk() refuses.
 std::string encode(const Chunk& c);
 /// The datagram of `a`, tagged with `keys.ack`; only the first kMaxAckRanges ranges are carried.
 std::string encode(const ChunkAck& a, const TransferKeys& keys);
