@@ -1,0 +1,144 @@
+// The file side of a transfer: the receiver's partial file (written chunk by chunk, resumable
+// after a restart, published only when its BLAKE2b-256 matches the offer) and the sender's
+// reading and hashing of the file it offers.
+//
+// A partial download of "report.pdf" whose hash starts 0123456789abcdef... lives in the
+// download directory as two hidden files:
+//   .report.pdf.0123456789abcdef.part   the chunks, each at index * kChunkPayload
+//   .report.pdf.0123456789abcdef.have   the sidecar: which chunks are written and on disk
+// The sidecar is 48 bytes of header ("CHATHAV1", u64 size LE, the 32-byte hash) and then a
+// bitmap, bit i (byte i / 8, bit i % 8) for chunk i. It is written only by flush(), after an
+// fdatasync() of the part file, so a set bit always means the chunk's bytes are on disk; bits
+// only ever go from 0 to 1, so even a torn write of the bitmap claims nothing unwritten. A
+// chunk whose bit was lost in a crash is fetched again; anything else wrong is caught by the
+// hash at the end.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "files/ranges.hpp"
+#include "files/result.hpp"
+
+namespace chat::files {
+
+/// A BLAKE2b-256 hash (crypto_generichash, 32 bytes, no key).
+using Hash = std::array<std::uint8_t, 32>;
+
+/// The BLAKE2b-256 of the file at `file`, read in blocks.
+Result<Hash> hash_file(const std::filesystem::path& file);
+/// Lowercase hex of `bytes`.
+std::string to_hex(const std::uint8_t* bytes, std::size_t n);
+
+/// The names of a partial download's two files (see the top of this header); the safe name is
+/// shortened so that both stay within kMaxNameBytes.
+std::string part_name(std::string_view safe_name, const Hash& hash);
+std::string have_name(std::string_view safe_name, const Hash& hash);
+
+/// A file descriptor, closed when it goes; movable.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept;
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { close(); }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void close();
+
+ private:
+  int fd_ = -1;
+};
+
+/// The file being sent: its size and its chunks, read with pread.
+class SourceFile {
+ public:
+  /// Opens `file` for reading; refuses anything but a regular file, and files of more chunks than a u32 counts.
+  static Result<SourceFile> open(const std::filesystem::path& file);
+
+  std::uint64_t size() const { return size_; }
+  std::uint32_t chunk_count() const { return chunks_; }
+  /// The plaintext of chunk `index` (chunk_size() bytes); an error if it is past the end or the
+  /// file got shorter since it was opened.
+  Result<std::string> read_chunk(std::uint32_t index) const;
+
+ private:
+  SourceFile(Fd fd, std::filesystem::path path, std::uint64_t size, std::uint32_t chunks)
+      : fd_(std::move(fd)), path_(std::move(path)), size_(size), chunks_(chunks) {}
+  Fd fd_;
+  std::filesystem::path path_;
+  std::uint64_t size_;
+  std::uint32_t chunks_;
+};
+
+/// The receiver's partial download of one offered file (see the top of this header).
+class Partial {
+ public:
+  /// Opens, or creates, the partial download in `dir` of the file offered as `offered_name`
+  /// (reduced with safe_basename() here) of `size` bytes and BLAKE2b-256 `hash`. A sidecar
+  /// that matches size and hash is resumed (have() says what is held); any other state (no
+  /// sidecar, a damaged one, one for other content) starts the download afresh. Refuses a
+  /// symlink or anything but a regular file at either name, and a download another Partial
+  /// (here or in another process) has open: the part file is flock()ed while open.
+  static Result<Partial> open(const std::filesystem::path& dir, std::string_view offered_name, const Hash& hash,
+                              std::uint64_t size);
+
+  Partial(Partial&&) noexcept = default;
+  Partial& operator=(Partial&&) = delete;  // would drop the unflushed state of the one replaced
+  Partial(const Partial&) = delete;
+  Partial& operator=(const Partial&) = delete;
+  /// Flushes (best effort) what is written, so a later open() resumes it.
+  ~Partial();
+
+  /// Writes chunk `index` (exactly chunk_size() bytes) at index * kChunkPayload; a chunk already
+  /// held is left as it is. An error of kind disk_full (ENOSPC, EDQUOT) or io says why; on
+  /// disk_full the caller gives up the transfer and discard()s.
+  Status write(std::uint32_t index, std::string_view bytes);
+  /// Makes the chunks written so far durable (fdatasync) and then records them in the sidecar.
+  /// Call it now and then (every second or few MiB); the destructor calls it too.
+  Status flush();
+  /// Checks the whole file's BLAKE2b-256 against the offered hash. If it matches, publishes the
+  /// file under unique_path(dir, name), never over an existing file, removes the sidecar and
+  /// returns where it now is. If it does not, deletes the part file and the sidecar and returns
+  /// an error of kind hash_mismatch. Before every chunk is held: kind incomplete, nothing changed.
+  Result<std::filesystem::path> finish();
+  /// Deletes the part file and the sidecar (cancel, disk full, give up); the Partial is then closed.
+  void discard();
+
+  /// The chunks written (and those resumed).
+  const RangeSet& have() const { return have_; }
+  std::uint32_t chunk_count() const { return chunks_; }
+  std::uint64_t size() const { return size_; }
+  /// The name it will be saved as (safe_basename of the offered name).
+  const std::string& name() const { return name_; }
+  const std::filesystem::path& part_path() const { return part_path_; }
+  const std::filesystem::path& have_path() const { return have_path_; }
+
+ private:
+  Partial() = default;
+  Status start_afresh();
+  void close();
+
+  std::filesystem::path dir_;
+  std::string name_;
+  Hash hash_{};
+  std::uint64_t size_ = 0;
+  std::uint32_t chunks_ = 0;
+  std::filesystem::path part_path_;
+  std::filesystem::path have_path_;
+  Fd part_fd_;
+  Fd have_fd_;
+  std::vector<std::uint8_t> bitmap_;
+  RangeSet have_;
+  bool dirty_ = false;  // chunks written since the last flush
+};
+
+}  // namespace chat::files

@@ -1,0 +1,225 @@
+// Encoding, strict decoding and encryption of the file data-plane datagrams.
+#include "files/wire.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include <sodium.h>
+
+namespace chat::files {
+namespace {
+
+static_assert(kTagBytes == crypto_aead_xchacha20poly1305_ietf_ABYTES);
+static_assert(kHeaderBytes + kChunkFieldBytes + kChunkPayload + kTagBytes == protocol::kMaxDatagram);
+static_assert(kMaxAckRanges <= 255);  // the count is a u8
+
+constexpr std::size_t kAckFixedBytes = kHeaderBytes + 4 + 4 + 1;
+constexpr char kKdfContext[crypto_kdf_CONTEXTBYTES + 1] = "chatfile";
+
+void put_u32(std::string& out, std::uint32_t v) {
+  for (int i = 0; i < 4; ++i) out += static_cast<char>((v >> (8 * i)) & 0xFF);
+}
+void put_u64(std::string& out, std::uint64_t v) {
+  for (int i = 0; i < 8; ++i) out += static_cast<char>((v >> (8 * i)) & 0xFF);
+}
+void put_header(std::string& out, std::uint8_t type, std::uint64_t id) {
+  out += static_cast<char>(protocol::kVersion);
+  out += static_cast<char>(type);
+  put_u64(out, id);
+}
+
+// Reads fields front to back, each checked against what is left; a failed read leaves it failed.
+class Reader {
+ public:
+  explicit Reader(std::string_view s) : s_(s) {}
+  bool u8(std::uint8_t& v) {
+    if (s_.size() - pos_ < 1) return false;
+    v = static_cast<std::uint8_t>(s_[pos_++]);
+    return true;
+  }
+  bool u32(std::uint32_t& v) {
+    if (s_.size() - pos_ < 4) return false;
+    v = 0;
+    for (int i = 0; i < 4; ++i) v |= std::uint32_t{static_cast<unsigned char>(s_[pos_ + i])} << (8 * i);
+    pos_ += 4;
+    return true;
+  }
+  bool u64(std::uint64_t& v) {
+    if (s_.size() - pos_ < 8) return false;
+    v = 0;
+    for (int i = 0; i < 8; ++i) v |= std::uint64_t{static_cast<unsigned char>(s_[pos_ + i])} << (8 * i);
+    pos_ += 8;
+    return true;
+  }
+  std::size_t left() const { return s_.size() - pos_; }
+  std::string_view rest() const { return s_.substr(pos_); }
+
+ private:
+  std::string_view s_;
+  std::size_t pos_ = 0;
+};
+
+// The 24-byte nonce of chunk `index`: index (4), transfer id (8), zeros. Unique per key and index.
+std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> chunk_nonce(std::uint64_t id, std::uint32_t index) {
+  std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> n{};
+  for (int i = 0; i < 4; ++i) n[i] = static_cast<unsigned char>((index >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 8; ++i) n[4 + i] = static_cast<unsigned char>((id >> (8 * i)) & 0xFF);
+  return n;
+}
+
+// The additional data of chunk `index`: "chunk", transfer id, index.
+std::string chunk_ad(std::uint64_t id, std::uint32_t index) {
+  std::string ad("chunk");
+  put_u64(ad, id);
+  put_u32(ad, index);
+  return ad;
+}
+
+std::array<unsigned char, kTagBytes> ack_tag(const TransferKeys& keys, std::string_view body) {
+  init_sodium();
+  std::array<unsigned char, kTagBytes> tag{};
+  crypto_generichash(tag.data(), tag.size(), reinterpret_cast<const unsigned char*>(body.data()), body.size(),
+                     keys.ack.data(), keys.ack.size());
+  return tag;
+}
+
+}  // namespace
+
+void init_sodium() {
+  static const bool ready = sodium_init() >= 0;
+  if (!ready) throw std::runtime_error("The cryptography library (libsodium) could not be initialised.");
+}
+
+std::optional<std::uint32_t> chunk_count(std::uint64_t size) {
+  const std::uint64_t n = size / kChunkPayload + (size % kChunkPayload != 0 ? 1 : 0);
+  if (n > UINT32_MAX) return std::nullopt;
+  return static_cast<std::uint32_t>(n);
+}
+
+std::size_t chunk_size(std::uint64_t size, std::uint32_t index) {
+  const std::uint64_t start = std::uint64_t{index} * kChunkPayload;
+  if (start >= size) return 0;
+  return static_cast<std::size_t>(std::min<std::uint64_t>(kChunkPayload, size - start));
+}
+
+FileKey new_file_key() {
+  init_sodium();
+  FileKey k;
+  randombytes_buf(k.data(), k.size());
+  return k;
+}
+
+TransferKeys derive_keys(const FileKey& key) {
+  init_sodium();
+  TransferKeys t;
+  crypto_kdf_derive_from_key(t.chunk.data(), t.chunk.size(), 1, kKdfContext, key.data());
+  crypto_kdf_derive_from_key(t.ack.data(), t.ack.size(), 2, kKdfContext, key.data());
+  return t;
+}
+
+std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::string_view plaintext) {
+  init_sodium();
+  const auto nonce = chunk_nonce(transfer_id, index);
+  const std::string ad = chunk_ad(transfer_id, index);
+  std::string out(plaintext.size() + kTagBytes, '\0');
+  unsigned long long len = 0;
+  crypto_aead_xchacha20poly1305_ietf_encrypt(reinterpret_cast<unsigned char*>(out.data()), &len,
+                                             reinterpret_cast<const unsigned char*>(plaintext.data()), plaintext.size(),
+                                             reinterpret_cast<const unsigned char*>(ad.data()), ad.size(), nullptr,
+                                             nonce.data(), keys.chunk.data());
+  out.resize(static_cast<std::size_t>(len));
+  return out;
+}
+
+std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
+                                      std::string_view sealed) {
+  init_sodium();
+  if (sealed.size() < kTagBytes) return std::nullopt;
+  const auto nonce = chunk_nonce(transfer_id, index);
+  const std::string ad = chunk_ad(transfer_id, index);
+  std::string out(sealed.size() - kTagBytes, '\0');
+  unsigned long long len = 0;
+  if (crypto_aead_xchacha20poly1305_ietf_decrypt(reinterpret_cast<unsigned char*>(out.data()), &len, nullptr,
+                                                 reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(),
+                                                 reinterpret_cast<const unsigned char*>(ad.data()), ad.size(),
+                                                 nonce.data(), keys.chunk.data()) != 0)
+    return std::nullopt;
+  out.resize(static_cast<std::size_t>(len));
+  return out;
+}
+
+std::optional<FileHeader> peek_header(std::string_view bytes) {
+  Reader r(bytes);
+  std::uint8_t version = 0;
+  FileHeader h;
+  if (!r.u8(version) || !r.u8(h.type) || !r.u64(h.transfer_id)) return std::nullopt;
+  if (version != protocol::kVersion || (h.type != kChunkCode && h.type != kChunkAckCode) || h.transfer_id == 0)
+    return std::nullopt;
+  return h;
+}
+
+std::string encode(const Chunk& c) {
+  std::string out;
+  out.reserve(kHeaderBytes + kChunkFieldBytes + c.sealed.size());
+  put_header(out, kChunkCode, c.transfer_id);
+  put_u32(out, c.index);
+  put_u32(out, c.tx_seq);
+  out.append(c.sealed);
+  return out;
+}
+
+std::string encode(const ChunkAck& a, const TransferKeys& keys) {
+  const std::size_t n = std::min(a.ranges.size(), kMaxAckRanges);
+  std::string out;
+  out.reserve(kAckFixedBytes + 8 * n + kTagBytes);
+  put_header(out, kChunkAckCode, a.transfer_id);
+  put_u32(out, a.highest_tx);
+  put_u32(out, a.cumulative);
+  out += static_cast<char>(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    put_u32(out, a.ranges[i].start);
+    put_u32(out, a.ranges[i].end);
+  }
+  const auto tag = ack_tag(keys, out);
+  out.append(reinterpret_cast<const char*>(tag.data()), tag.size());
+  return out;
+}
+
+std::optional<Chunk> decode_chunk(std::string_view bytes) {
+  if (bytes.size() > protocol::kMaxDatagram) return std::nullopt;
+  const auto h = peek_header(bytes);
+  if (!h || h->type != kChunkCode) return std::nullopt;
+  Reader r(bytes.substr(kHeaderBytes));
+  Chunk c;
+  c.transfer_id = h->transfer_id;
+  if (!r.u32(c.index) || !r.u32(c.tx_seq) || c.tx_seq == 0) return std::nullopt;
+  if (r.left() < kTagBytes + 1) return std::nullopt;  // a chunk carries at least one byte
+  c.sealed = std::string(r.rest());
+  return c;
+}
+
+std::optional<ChunkAck> decode_chunk_ack(std::string_view bytes, const TransferKeys& keys) {
+  const auto h = peek_header(bytes);
+  if (!h || h->type != kChunkAckCode) return std::nullopt;
+  Reader r(bytes.substr(kHeaderBytes));
+  ChunkAck a;
+  a.transfer_id = h->transfer_id;
+  std::uint8_t n = 0;
+  if (!r.u32(a.highest_tx) || !r.u32(a.cumulative) || !r.u8(n)) return std::nullopt;
+  if (n > kMaxAckRanges || r.left() != std::size_t{n} * 8 + kTagBytes) return std::nullopt;
+  std::uint32_t floor = a.cumulative;  // each start must be above this: past the gap at `cumulative`, then past the last end
+  for (std::uint8_t i = 0; i < n; ++i) {
+    Range g;
+    r.u32(g.start);
+    r.u32(g.end);
+    if (g.start <= floor || g.end <= g.start) return std::nullopt;
+    a.ranges.push_back(g);
+    floor = g.end;
+  }
+  const std::string_view body = bytes.substr(0, bytes.size() - kTagBytes);
+  const auto tag = ack_tag(keys, body);
+  if (sodium_memcmp(tag.data(), r.rest().data(), kTagBytes) != 0) return std::nullopt;
+  return a;
+}
+
+}  // namespace chat::files

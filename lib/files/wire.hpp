@@ -1,0 +1,127 @@
+// The two data-plane datagrams of a file transfer, `chunk` and `chunk_ack`, in the v2 binary
+// header (docs/PROTOCOL.md §1), and the encryption of chunk payloads. Neither is sent reliably:
+// the Sender and Receiver cores (transfer.hpp) decide what is sent again.
+//
+// chunk (type 12, peer -> peer), 35..1472 bytes:
+//   0  u8    version 2
+//   1  u8    type 12
+//   2  u64   transfer id (never 0)
+//   10 u32   chunk index
+//   14 u32   tx seq: this transmission's number, new on every (re)send, never 0
+//   18 bytes the sealed payload: n plaintext bytes (1..kChunkPayload) + 16-byte Poly1305 tag
+// chunk_ack (type 73, receiver -> sender), 35 + 8 r bytes (at most 291):
+//   0  u8    version 2
+//   1  u8    type 73
+//   2  u64   transfer id (never 0)
+//   10 u32   highest tx seq the receiver has seen (0: none yet)
+//   14 u32   cumulative: the receiver holds chunks 0 .. cumulative-1
+//   18 u8    r, the number of ranges, at most kMaxAckRanges
+//   19 r x   (u32 start, u32 end): chunks [start, end) held beyond `cumulative`, ascending,
+//            start < end, the first start > cumulative, each start > the previous end
+//   19+8r 16 tag: keyed BLAKE2b-128 (crypto_generichash) of bytes 0 .. 18+8r under the ack key
+// All integers little-endian. A datagram must end exactly after its last field.
+//
+// Keys: the offer carries a random 32-byte FileKey (new_file_key()) inside the sealed control
+// message; derive_keys() splits it (crypto_kdf) into the chunk key (XChaCha20-Poly1305-IETF)
+// and the ack key (so that only the receiver can acknowledge, and a forged ack cannot make the
+// sender believe a chunk arrived). A chunk's nonce is its index and the transfer id, and the
+// additional data binds both: sending a chunk again gives the same bytes, and a chunk moved to
+// another index or transfer does not open. So the same FileKey must never encrypt two different
+// contents at one index: a new key for every offer, and the sender cancels if its file changes
+// under it (a retransmission would then carry other bytes under the same nonce).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "files/ranges.hpp"
+#include "protocol/messages.hpp"
+
+namespace chat::files {
+
+inline constexpr std::uint8_t kChunkCode = 12;     // `chunk`: a request code, but never acknowledged by a reply
+inline constexpr std::uint8_t kChunkAckCode = 73;  // `chunk_ack`: a reply code, the answer to many chunks
+inline constexpr std::size_t kHeaderBytes = 10;    // version, type, u64 transfer id
+inline constexpr std::size_t kChunkFieldBytes = 8;  // u32 index, u32 tx seq
+inline constexpr std::size_t kTagBytes = 16;        // Poly1305 tag of a chunk; BLAKE2b-128 tag of an ack
+/// Plaintext bytes in every chunk but the last: the largest that keeps a chunk datagram within
+/// kMaxDatagram (1472 - 10 - 8 - 16 = 1438), so none needs IP fragmentation.
+inline constexpr std::size_t kChunkPayload = protocol::kMaxDatagram - kHeaderBytes - kChunkFieldBytes - kTagBytes;
+/// Most SACK ranges in one ack (an ack is then at most 291 bytes).
+inline constexpr std::size_t kMaxAckRanges = 32;
+
+/// Chunks in a file of `size` bytes (0 for an empty file); nullopt if a u32 cannot count them.
+std::optional<std::uint32_t> chunk_count(std::uint64_t size);
+/// Plaintext bytes of chunk `index` of a file of `size` bytes: kChunkPayload, less for the last.
+std::size_t chunk_size(std::uint64_t size, std::uint32_t index);
+
+/// One chunk on the wire; `sealed` is seal_chunk()'s output.
+struct Chunk {
+  std::uint64_t transfer_id = 0;
+  std::uint32_t index = 0;
+  std::uint32_t tx_seq = 0;
+  std::string sealed;
+  bool operator==(const Chunk&) const = default;
+};
+
+/// The receiver's acknowledgement: what it holds, and the newest transmission it has seen.
+struct ChunkAck {
+  std::uint64_t transfer_id = 0;
+  std::uint32_t highest_tx = 0;
+  std::uint32_t cumulative = 0;
+  std::vector<Range> ranges;  // beyond `cumulative`, at most kMaxAckRanges
+  bool operator==(const ChunkAck&) const = default;
+};
+
+/// Initialises libsodium once (every function here that needs it calls it); throws
+/// std::runtime_error if it cannot.
+void init_sodium();
+
+/// The secret of one offered file: 32 random bytes, sent only inside sealed messages.
+using FileKey = std::array<std::uint8_t, 32>;
+
+/// The keys derived from a FileKey, once per transfer.
+struct TransferKeys {
+  std::array<std::uint8_t, 32> chunk{};  // XChaCha20-Poly1305 key of chunk payloads
+  std::array<std::uint8_t, 32> ack{};    // BLAKE2b key of the tag on chunk_acks
+};
+
+/// A new random FileKey (libsodium's randombytes). Throws std::runtime_error if libsodium fails to start.
+FileKey new_file_key();
+/// The chunk and ack keys of `key` (crypto_kdf_derive_from_key, context "chatfile", ids 1 and 2).
+TransferKeys derive_keys(const FileKey& key);
+
+/// `plaintext` encrypted and authenticated for chunk `index` of transfer `transfer_id`:
+/// plaintext.size() + kTagBytes bytes, the same every time for the same arguments.
+std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::string_view plaintext);
+/// The plaintext of `sealed`, or nullopt if it was altered or sealed for another key, transfer or index.
+std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
+                                      std::string_view sealed);
+
+/// The type code (kChunkCode or kChunkAckCode) and transfer id of a file datagram, read from
+/// its header only, so a dispatcher can route it (and find its keys) before protocol::decode(),
+/// which does not know these types; nullopt for anything else.
+struct FileHeader {
+  std::uint8_t type = 0;
+  std::uint64_t transfer_id = 0;
+};
+std::optional<FileHeader> peek_header(std::string_view bytes);
+
+/// The datagram of `c`. A transfer id or tx seq of 0, or a `sealed` too short or too long, gives
+/// a datagram decode_chunk() refuses.
+std::string encode(const Chunk& c);
+/// The datagram of `a`, tagged with `keys.ack`; only the first kMaxAckRanges ranges are carried.
+std::string encode(const ChunkAck& a, const TransferKeys& keys);
+
+/// The chunk in `bytes`, or nullopt if it is not exactly one well-formed chunk datagram. Never throws.
+std::optional<Chunk> decode_chunk(std::string_view bytes);
+/// The ack in `bytes`, or nullopt if it is not exactly one well-formed chunk_ack whose tag
+/// verifies under `keys.ack`. Never throws.
+std::optional<ChunkAck> decode_chunk_ack(std::string_view bytes, const TransferKeys& keys);
+
+}  // namespace chat::files
