@@ -352,7 +352,9 @@ void Transfers::on_accept(Outgoing& o, const udp::endpoint& at, const files::ctl
   core_.cancel(o.timer);
   o.timer = 0;
   o.at = at;
-  o.sender.emplace(o.transfer, count, have);
+  files::SenderOptions so;
+  so.congestion.max_window = o_.max_window;
+  o.sender.emplace(o.transfer, count, have, so);
   o.state = Outgoing::State::sending;
   o.started = core_.now();
   o.base = have.count();
