@@ -88,8 +88,8 @@ void Client::leave() { quit(0); }
 
 void Client::quit(int code) {
   if (done_) return;
-  done_ = true;
   transfers_->stop_all();  // the peers are told (one copy each, not waited for)
+  done_ = true;
   core_.close();
   if (io_.exit) io_.exit(code);
 }

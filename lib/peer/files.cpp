@@ -136,7 +136,7 @@ Transfers::Incoming* Transfers::incoming(std::uint64_t transfer) {
 
 std::size_t Transfers::running() const {
   std::size_t n = 0;
-  for (const auto& [t, o] : out_) n += o->state != Outgoing::State::offered ? 1 : 0;
+  n += out_.size();
   for (const auto& [t, in] : in_) n += in->state == Incoming::State::receiving ? 1 : 0;
   return n;
 }

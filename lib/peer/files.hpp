@@ -80,7 +80,8 @@ class Transfers {
   /// A file frame (chunk or chunk_ack) from `from`.
   void on_frame(std::string_view bytes, const udp::endpoint& from);
 
-  /// Transfers whose bytes are moving (not offers waiting for an answer).
+  /// What end of input waits for: every outgoing transfer (an offer too, until it is answered
+  /// or lapses) and every incoming one that was accepted. Each ends by itself.
   std::size_t running() const;
   /// Withdraws every offer and stops every transfer, telling the peers (leaving).
   void stop_all();

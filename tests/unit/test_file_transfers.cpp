@@ -202,6 +202,31 @@ TEST_CASE("§12 cancelled midway and offered again, the transfer resumes with wh
   CHECK(starting(*t.bob, ">>> [video.mp4  100%") == 1);
 }
 
+TEST_CASE("§12 the sender leaves mid-transfer (a signal): the receiver is told and keeps what arrived") {
+  Two t;
+  t.offer("video.mp4", random_bytes(3'000'000, 6), "2.9 MiB");
+  t.bob->type("accept alice");
+  REQUIRE(t.net.run_until([&] { return starting(*t.bob, ">>> [video.mp4  30%") == 1; }, 30s));
+  t.net.act(t.alice->client.core(), [&] { t.alice->client.leave(); });
+  REQUIRE(t.net.run_until([&] {
+    return t.bob->saw(">>> [alice cancelled video.mp4; what arrived is kept, and an offer of it again resumes.]");
+  }, 5s));
+  bool part = false;
+  for (const auto& n : names_in(t.downloads())) part = part || n.ends_with(".part");
+  CHECK(part);
+}
+
+TEST_CASE("§12 end of input waits for a running transfer, then the client exits") {
+  Two t;
+  const std::string bytes = random_bytes(2'000'000, 7);
+  t.offer("big.bin", bytes, "1.9 MiB");
+  t.bob->type("accept alice");
+  t.alice->end_input();
+  REQUIRE(t.saved("big.bin", 30s));
+  REQUIRE(t.net.run_until([&] { return t.alice->exit_code == 0; }, 10s));
+  CHECK(read_file(t.downloads() / "big.bin") == bytes);
+}
+
 TEST_CASE("§12 two offers from one sender: accept without the id says which ids there are") {
   Two t;
   fs::path a = t.dir.path / "a.txt";
