@@ -73,9 +73,10 @@ bool pwrite_all(int fd, const void* buf, std::size_t n, std::uint64_t offset) {
   return true;
 }
 
-// Opens (creating if asked) a regular file, never through a symlink.
+// Opens (creating if asked) a regular file, never through a symlink. O_NONBLOCK only for the
+// open itself: a FIFO would otherwise block it until a writer came, and is then refused.
 Result<Fd> open_regular(const fs::path& p, int flags) {
-  Fd fd(::open(p.c_str(), flags | O_CLOEXEC | O_NOFOLLOW, 0666));
+  Fd fd(::open(p.c_str(), flags | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0666));
   if (!fd.valid()) {
     const int err = errno;
     if (err == ELOOP) return error(ErrorKind::io, std::string("Refusing to open ").append(p.string()).append(": it is a symbolic link."));
@@ -84,6 +85,8 @@ Result<Fd> open_regular(const fs::path& p, int flags) {
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return sys_error(errno, std::string("Cannot read the status of ").append(p.string()));
   if (!S_ISREG(st.st_mode)) return error(ErrorKind::io, std::string("Refusing to use ").append(p.string()).append(": it is not a regular file."));
+  if (const int fl = ::fcntl(fd.get(), F_GETFL); fl < 0 || ::fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK) != 0)
+    return sys_error(errno, std::string("Cannot use ").append(p.string()));
   return fd;
 }
 
@@ -167,6 +170,8 @@ Result<SourceFile> SourceFile::open(const fs::path& file) {
   if (!chunks) return error(ErrorKind::bad_input, std::string("The file ").append(file.string()).append(" is too large to send."));
   return SourceFile(std::move(fd.value()), file, size, *chunks);
 }
+
+Result<Hash> SourceFile::hash() const { return hash_fd(fd_.get(), path_); }
 
 Result<std::string> SourceFile::read_chunk(std::uint32_t index) const {
   if (index >= chunks_)

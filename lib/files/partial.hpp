@@ -66,6 +66,9 @@ class SourceFile {
 
   std::uint64_t size() const { return size_; }
   std::uint32_t chunk_count() const { return chunks_; }
+  /// The BLAKE2b-256 of the file as it is now, read through the descriptor opened (so it is the
+  /// same file the chunks are read from, even if the path was replaced since).
+  Result<Hash> hash() const;
   /// The plaintext of chunk `index` (chunk_size() bytes); an error if it is past the end or the
   /// file got shorter since it was opened.
   Result<std::string> read_chunk(std::uint32_t index) const;

@@ -59,11 +59,15 @@ class Reader {
   std::size_t pos_ = 0;
 };
 
-// The 24-byte nonce of chunk `index`: index (4), transfer id (8), zeros. Unique per key and index.
-std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> chunk_nonce(std::uint64_t id, std::uint32_t index) {
+// The 24-byte nonce of one transmission of chunk `index`: index (4), transfer id (8), tx seq
+// (4), zeros. The Sender never reuses a tx seq within a transfer, so no two transmissions share
+// a nonce, even if the file changed between a chunk and its resend.
+std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> chunk_nonce(std::uint64_t id, std::uint32_t index,
+                                                                                     std::uint32_t tx_seq) {
   std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> n{};
   for (int i = 0; i < 4; ++i) n[i] = static_cast<unsigned char>((index >> (8 * i)) & 0xFF);
   for (int i = 0; i < 8; ++i) n[4 + i] = static_cast<unsigned char>((id >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 4; ++i) n[12 + i] = static_cast<unsigned char>((tx_seq >> (8 * i)) & 0xFF);
   return n;
 }
 
@@ -117,9 +121,10 @@ TransferKeys derive_keys(const FileKey& key) {
   return t;
 }
 
-std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::string_view plaintext) {
+std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::uint32_t tx_seq,
+                       std::string_view plaintext) {
   init_sodium();
-  const auto nonce = chunk_nonce(transfer_id, index);
+  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
   const std::string ad = chunk_ad(transfer_id, index);
   std::string out(plaintext.size() + kTagBytes, '\0');
   unsigned long long len = 0;
@@ -132,10 +137,10 @@ std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std:
 }
 
 std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
-                                      std::string_view sealed) {
+                                      std::uint32_t tx_seq, std::string_view sealed) {
   init_sodium();
   if (sealed.size() < kTagBytes) return std::nullopt;
-  const auto nonce = chunk_nonce(transfer_id, index);
+  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
   const std::string ad = chunk_ad(transfer_id, index);
   std::string out(sealed.size() - kTagBytes, '\0');
   unsigned long long len = 0;

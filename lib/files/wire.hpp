@@ -24,11 +24,11 @@
 // Keys: the offer carries a random 32-byte FileKey (new_file_key()) inside the sealed control
 // message; derive_keys() splits it (crypto_kdf) into the chunk key (XChaCha20-Poly1305-IETF)
 // and the ack key (so that only the receiver can acknowledge, and a forged ack cannot make the
-// sender believe a chunk arrived). A chunk's nonce is its index and the transfer id, and the
-// additional data binds both: sending a chunk again gives the same bytes, and a chunk moved to
-// another index or transfer does not open. So the same FileKey must never encrypt two different
-// contents at one index: a new key for every offer, and the sender cancels if its file changes
-// under it (a retransmission would then carry other bytes under the same nonce).
+// sender believe a chunk arrived). A chunk's nonce is its index, the transfer id and the
+// transmission's tx seq, and the additional data binds the transfer id and the index: a chunk
+// moved to another index, transfer or tx seq does not open. The Sender never reuses a tx seq in
+// a transfer, and every offer has a new key, so no (key, nonce) pair ever seals two plaintexts,
+// even when the file changes while it is sent (the whole-file check then refuses the result).
 #pragma once
 
 #include <array>
@@ -96,12 +96,14 @@ FileKey new_file_key();
 /// The chunk and ack keys of `key` (crypto_kdf_derive_from_key, context "chatfile", ids 1 and 2).
 TransferKeys derive_keys(const FileKey& key);
 
-/// `plaintext` encrypted and authenticated for chunk `index` of transfer `transfer_id`:
-/// plaintext.size() + kTagBytes bytes, the same every time for the same arguments.
-std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::string_view plaintext);
-/// The plaintext of `sealed`, or nullopt if it was altered or sealed for another key, transfer or index.
+/// `plaintext` encrypted and authenticated for transmission `tx_seq` of chunk `index` of
+/// transfer `transfer_id`: plaintext.size() + kTagBytes bytes.
+std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::uint32_t tx_seq,
+                       std::string_view plaintext);
+/// The plaintext of `sealed`, or nullopt if it was altered or sealed for another key, transfer,
+/// index or tx seq.
 std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
-                                      std::string_view sealed);
+                                      std::uint32_t tx_seq, std::string_view sealed);
 
 /// The type code (kChunkCode or kChunkAckCode) and transfer id of a file datagram, read from
 /// its header only, so a dispatcher can route it (and find its keys) before protocol::decode(),

@@ -253,6 +253,8 @@ void Client::run(const Command& c) {
     else if (state_ == State::registering || rejoining_) say("[Registration in progress.]");
     else if (state_ == State::offline) send_register(Reason::back);
     else confirm_registration();
+  } else if (std::holds_alternative<cmd::Transfers>(c) || std::holds_alternative<cmd::Cancel>(c)) {
+    run_files(c);  // also while offline: what is running can be seen and stopped
   } else if (state_ != State::online) {
     say("[Error: you are offline; type reg " + me + " to come back online]");
   } else if (auto* d = std::get_if<cmd::Dereg>(&c)) {

@@ -103,6 +103,8 @@ class Client {
   transport::Core& core() { return core_; }
   const LocalTable& table() const { return table_; }
   const ClientCounters& client_counters() const { return stats_; }
+  /// The file transfers (their counters).
+  const Transfers& transfers() const { return *transfers_; }
   /// Names for Tab completion (the local table).
   std::vector<std::string> names() const;
   bool online() const { return state_ == State::online; }

@@ -1,6 +1,8 @@
 // The client's file transfers: offers, the chunk loop of each side, the lines the user sees.
 #include "peer/files.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -152,7 +154,7 @@ void Transfers::sendfile(const std::string& to, const std::string& path) {
   if (!at) return host_.say("[Error: " + to + " is not online; a file goes only to a client that is online]");
   auto source = files::SourceFile::open(path);
   if (!source) return host_.say(error_line(source.error().message));
-  auto hash = files::hash_file(path);
+  auto hash = source.value().hash();
   if (!hash) return host_.say(error_line(hash.error().message));
   auto o = std::make_unique<Outgoing>(std::move(source.value()));
   o->id = next_id_++;
@@ -287,8 +289,8 @@ void Transfers::cancel(unsigned id) {
 
 std::string Transfers::list() const {
   if (out_.empty() && in_.empty()) return "[No file transfers.]";
-  std::string text = "[File transfers:]";
-  auto row = [&](unsigned id, const std::string& what) { text.append("\n  ").append(std::to_string(id)).append("  ").append(what); };
+  std::map<unsigned, std::string> rows;  // by the id the user types
+  auto row = [&](unsigned id, const std::string& what) { rows[id] = what; };
   for (const auto& [t, o] : out_) {
     if (o->state == Outgoing::State::offered)
       row(o->id, o->name + " (" + format_size(o->source.size()) + ") to " + o->to + ", offered");
@@ -302,6 +304,8 @@ std::string Transfers::list() const {
     else
       row(in->id, progress_line(t) + ", from " + in->from);
   }
+  std::string text = "[File transfers:]";
+  for (const auto& [id, what] : rows) text.append("\n  ").append(std::to_string(id)).append("  ").append(what);
   return text;
 }
 
@@ -337,8 +341,9 @@ void Transfers::on_control(const std::string& from, const udp::endpoint& at, con
                    }
                  },
                  [&](const files::ctl::Done& d) {
+                   // In any state: for a file with nothing left to send the Done may overtake the Accept.
                    Outgoing* o = outgoing(t);
-                   if (o != nullptr && o->to == from && o->state != Outgoing::State::offered) on_done(*o, d);
+                   if (o != nullptr && o->to == from) on_done(*o, d);
                  },
              },
              c);
@@ -380,18 +385,26 @@ void Transfers::on_done(Outgoing& o, const files::ctl::Done& d) {
 
 // ---------------------------------------------------------------- the chunks
 
+void Transfers::dropped(const char* why, const udp::endpoint& from) {
+  ++dropped_;
+  spdlog::debug("dropped a file frame from {}:{}: {}", from.address().to_string(), from.port(), why);
+}
+
 void Transfers::on_frame(std::string_view bytes, const udp::endpoint& from) {
   auto h = files::peek_header(bytes);
-  if (!h) return;
+  if (!h) return dropped("malformed header", from);
   if (h->type == files::kChunkCode) {
     Incoming* in = incoming(h->transfer_id);
-    if (in != nullptr && in->at == from && in->state == Incoming::State::receiving) on_chunk(*in, bytes);
-    return;
+    if (in == nullptr || in->state != Incoming::State::receiving) return dropped("a chunk of no running transfer", from);
+    if (in->at != from) return dropped("a chunk from another address than the offer's", from);
+    return on_chunk(*in, bytes, from);
   }
   Outgoing* o = outgoing(h->transfer_id);
-  if (o == nullptr || o->state != Outgoing::State::sending || o->at != from) return;
+  if (o == nullptr || o->state != Outgoing::State::sending) return dropped("an ack of no transfer being sent", from);
+  if (o->at != from) return dropped("an ack from another address than the accept's", from);
   auto ack = files::decode_chunk_ack(bytes, o->keys);
-  if (!ack || !o->sender->on_ack(*ack, core_.now())) return;
+  if (!ack) return dropped("an ack that does not decode or authenticate", from);
+  if (!o->sender->on_ack(*ack, core_.now())) return dropped("an ack naming chunks never sent", from);
   const std::uint64_t t = o->transfer;
   pump(*o);
   progressed(t);
@@ -413,7 +426,7 @@ void Transfers::pump(Outgoing& o) {
       tell(o.to, files::ctl::Cancel{t});
       return end_outgoing(t);
     }
-    core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq, files::seal_chunk(o.keys, t, tx->index, plain.value())}),
+    core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq, files::seal_chunk(o.keys, t, tx->index, tx->tx_seq, plain.value())}),
                      o.at);
     ++sent;
   }
@@ -438,12 +451,13 @@ void Transfers::pump(Outgoing& o) {
   });
 }
 
-void Transfers::on_chunk(Incoming& in, std::string_view bytes) {
+void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoint& from) {
   auto c = files::decode_chunk(bytes);
-  if (!c) return;
-  auto plain = files::open_chunk(in.keys, in.transfer, c->index, c->sealed);
-  if (!plain || c->index >= in.partial->chunk_count() || plain->size() != files::chunk_size(in.offer.size, c->index))
-    return;  // forged, damaged or not of this file
+  if (!c) return dropped("a chunk that does not decode", from);
+  if (c->index >= in.partial->chunk_count()) return dropped("a chunk past the file's end", from);
+  auto plain = files::open_chunk(in.keys, in.transfer, c->index, c->tx_seq, c->sealed);
+  if (!plain) return dropped("a chunk that does not authenticate", from);
+  if (plain->size() != files::chunk_size(in.offer.size, c->index)) return dropped("a chunk of the wrong size", from);
   const auto now = core_.now();
   in.heard = now;
   if (in.receiver->wanted(c->index)) {

@@ -85,6 +85,8 @@ class Transfers {
   std::size_t running() const;
   /// Withdraws every offer and stops every transfer, telling the peers (leaving).
   void stop_all();
+  /// File frames dropped: malformed, forged, or of no transfer of theirs (logged at debug).
+  std::uint64_t dropped() const { return dropped_; }
 
  private:
   struct Outgoing;
@@ -101,7 +103,8 @@ class Transfers {
 
   /// Sends what the sender's window allows, then sets its timer.
   void pump(Outgoing& o);
-  void on_chunk(Incoming& in, std::string_view bytes);
+  void on_chunk(Incoming& in, std::string_view bytes, const udp::endpoint& from);
+  void dropped(const char* why, const udp::endpoint& from);
   void send_ack(Incoming& in);
   /// The whole file arrived: the check, the rename, the line, the Done.
   void finish(Incoming& in);
@@ -127,6 +130,7 @@ class Transfers {
   transport::Core::TimerId redraw_timer_ = 0;
   bool redraw_due_ = false;
   std::string shown_;  // the progress line on screen
+  std::uint64_t dropped_ = 0;
 };
 
 }  // namespace chat::peer

@@ -2,6 +2,7 @@
 // what each user sees (the exact status lines) and what lands in the download directory; and
 // the control messages' layouts.
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -225,6 +226,40 @@ TEST_CASE("§12 end of input waits for a running transfer, then the client exits
   REQUIRE(t.saved("big.bin", 30s));
   REQUIRE(t.net.run_until([&] { return t.alice->exit_code == 0; }, 10s));
   CHECK(read_file(t.downloads() / "big.bin") == bytes);
+}
+
+TEST_CASE("§12 file frames that are not of a running transfer's peer are dropped and counted; the file is intact") {
+  Two t;
+  const std::string bytes = random_bytes(500'000, 8);
+  t.offer("doc.txt", bytes, "488.3 KiB");
+  t.bob->type("accept alice");
+  REQUIRE(t.net.run_until([&] { return starting(*t.bob, ">>> [doc.txt  20%") == 1; }, 30s));
+  const udp::endpoint mallory = addr(66, 6000);
+  std::string garbage(40, '\x55');
+  garbage[0] = 2;
+  garbage[1] = static_cast<char>(files::kChunkCode);
+  for (int i = 0; i < 5; ++i) t.net.send(mallory, t.bob->at(), garbage);  // a chunk of no transfer
+  std::string ack(35, '\0');
+  ack[0] = 2;
+  ack[1] = static_cast<char>(files::kChunkAckCode);
+  ack[2] = 1;
+  for (int i = 0; i < 3; ++i) t.net.send(mallory, t.alice->at(), ack);  // an ack of no transfer
+  REQUIRE(t.saved("doc.txt", 30s));
+  CHECK(read_file(t.downloads() / "doc.txt") == bytes);
+  CHECK(t.bob->client.transfers().dropped() >= 5);
+  CHECK(t.alice->client.transfers().dropped() >= 3);
+}
+
+TEST_CASE("§12 sendfile of a FIFO, a directory or a missing file: one error line each, at once") {
+  Two t;
+  const fs::path fifo = t.dir.path / "pipe";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  t.alice->type("sendfile bob " + fifo.string());  // opening it must not wait for a writer
+  CHECK(t.alice->lines.back() == ">>> [Error: refusing to use " + fifo.string() + ": it is not a regular file]");
+  t.alice->type("sendfile bob " + t.dir.path.string());
+  CHECK(t.alice->lines.back() == ">>> [Error: refusing to use " + t.dir.path.string() + ": it is not a regular file]");
+  t.alice->type("sendfile bob " + (t.dir.path / "nope").string());
+  CHECK(t.alice->lines.back() == ">>> [Error: cannot open " + (t.dir.path / "nope").string() + ": No such file or directory]");
 }
 
 TEST_CASE("§12 two offers from one sender: accept without the id says which ids there are") {

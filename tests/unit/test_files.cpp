@@ -224,7 +224,7 @@ RunResult simulate(const SourceFile& src, Partial& dst, double loss, std::uint64
     for (auto& p : link.due(now)) {
       if (p.to_receiver) {
         const auto c = decode_chunk(p.bytes);
-        const auto plain = c ? open_chunk(keys, c->transfer_id, c->index, c->sealed) : std::nullopt;
+        const auto plain = c ? open_chunk(keys, c->transfer_id, c->index, c->tx_seq, c->sealed) : std::nullopt;
         if (!plain) {
           ++out.rejected;
           continue;
@@ -247,7 +247,7 @@ RunResult simulate(const SourceFile& src, Partial& dst, double loss, std::uint64
       out.sent.insert(t->index);
       auto plain = src.read_chunk(t->index);
       REQUIRE(plain.ok());
-      link.send(true, encode(Chunk{kTransferId, t->index, t->tx_seq, seal_chunk(keys, kTransferId, t->index, plain.value())}),
+      link.send(true, encode(Chunk{kTransferId, t->index, t->tx_seq, seal_chunk(keys, kTransferId, t->index, t->tx_seq, plain.value())}),
                 now);
     }
     if (sender.stats().window_cuts > 0) out.max_window_after_cut = std::max(out.max_window_after_cut, sender.window());
@@ -534,39 +534,41 @@ TEST_CASE("the chunk payload fills a datagram exactly") {
 
   const TransferKeys keys = derive_keys(new_file_key());
   const std::string full(kChunkPayload, 'x');
-  const std::string bytes = encode(Chunk{9, 3, 17, seal_chunk(keys, 9, 3, full)});
+  const std::string bytes = encode(Chunk{9, 3, 17, seal_chunk(keys, 9, 3, 17, full)});
   CHECK(bytes.size() == chat::protocol::kMaxDatagram);
   const auto c = decode_chunk(bytes);
   REQUIRE(c);
   CHECK(c->transfer_id == 9);
   CHECK(c->index == 3);
   CHECK(c->tx_seq == 17);
-  CHECK(open_chunk(keys, 9, 3, c->sealed) == full);
+  CHECK(open_chunk(keys, 9, 3, 17, c->sealed) == full);
   CHECK(!decode_chunk(std::string(bytes).append("x")));  // 1473 bytes: more than a datagram
 }
 
-TEST_CASE("a chunk opens only with its key, transfer id and index, and unaltered") {
+TEST_CASE("a chunk opens only with its key, transfer id, index and tx seq, and unaltered") {
   const TransferKeys keys = derive_keys(new_file_key());
   const std::string plain = "some bytes of a file";
-  const std::string sealed = seal_chunk(keys, 42, 7, plain);
+  const std::string sealed = seal_chunk(keys, 42, 7, 1, plain);
   CHECK(sealed.size() == plain.size() + kTagBytes);
-  CHECK(seal_chunk(keys, 42, 7, plain) == sealed);  // a resend is the same datagram
-  CHECK(open_chunk(keys, 42, 7, sealed) == plain);
+  CHECK(seal_chunk(keys, 42, 7, 1, plain) == sealed);  // deterministic: no random nonce
+  CHECK(seal_chunk(keys, 42, 7, 2, plain) != sealed);  // a resend (a new tx seq) has a nonce of its own
+  CHECK(open_chunk(keys, 42, 7, 1, sealed) == plain);
+  CHECK(!open_chunk(keys, 42, 7, 2, sealed));  // another transmission
 
-  CHECK(!open_chunk(keys, 43, 7, sealed));  // another transfer
-  CHECK(!open_chunk(keys, 42, 8, sealed));  // another index
-  CHECK(!open_chunk(derive_keys(new_file_key()), 42, 7, sealed));
+  CHECK(!open_chunk(keys, 43, 7, 1, sealed));  // another transfer
+  CHECK(!open_chunk(keys, 42, 8, 1, sealed));  // another index
+  CHECK(!open_chunk(derive_keys(new_file_key()), 42, 7, 1, sealed));
   TransferKeys swapped = keys;
   swapped.chunk = keys.ack;
-  CHECK(!open_chunk(swapped, 42, 7, sealed));
+  CHECK(!open_chunk(swapped, 42, 7, 1, sealed));
   for (std::size_t i = 0; i < sealed.size(); ++i) {  // every byte flipped, tag included
     std::string forged = sealed;
     forged[i] = static_cast<char>(forged[i] ^ 0x01);
-    CHECK(!open_chunk(keys, 42, 7, forged));
+    CHECK(!open_chunk(keys, 42, 7, 1, forged));
   }
-  CHECK(!open_chunk(keys, 42, 7, sealed.substr(0, sealed.size() - 1)));
-  CHECK(!open_chunk(keys, 42, 7, sealed.substr(0, kTagBytes - 1)));
-  CHECK(!open_chunk(keys, 42, 7, ""));
+  CHECK(!open_chunk(keys, 42, 7, 1, sealed.substr(0, sealed.size() - 1)));
+  CHECK(!open_chunk(keys, 42, 7, 1, sealed.substr(0, kTagBytes - 1)));
+  CHECK(!open_chunk(keys, 42, 7, 1, ""));
 }
 
 TEST_CASE("chunk and chunk_ack round trip and are routed by their header") {
@@ -591,7 +593,7 @@ TEST_CASE("chunk and chunk_ack round trip and are routed by their header") {
   CHECK(capped->ranges.size() == kMaxAckRanges);
   CHECK(encode(ChunkAck{7, 5, 0, many}, keys).size() == 35 + 8 * kMaxAckRanges);
 
-  const std::string chunk = encode(Chunk{8, 1, 2, seal_chunk(keys, 8, 1, "x")});
+  const std::string chunk = encode(Chunk{8, 1, 2, seal_chunk(keys, 8, 1, 2, "x")});
   CHECK(peek_header(chunk)->type == kChunkCode);
   CHECK(peek_header(chunk)->transfer_id == 8);
   CHECK(!decode_chunk_ack(chunk, keys));
@@ -637,19 +639,19 @@ TEST_CASE("chunk_ack decoding refuses forged tags, bad counts, bad ranges and tr
 
 TEST_CASE("chunk decoding refuses short, oversized and malformed datagrams") {
   const TransferKeys keys = derive_keys(new_file_key());
-  const std::string good = encode(Chunk{5, 2, 3, seal_chunk(keys, 5, 2, "payload")});
+  const std::string good = encode(Chunk{5, 2, 3, seal_chunk(keys, 5, 2, 3, "payload")});
   REQUIRE(decode_chunk(good));
   // A shorter datagram is refused, or (cut inside the sealed payload) decodes but does not open.
   for (std::size_t n = 0; n < good.size(); ++n) {
     const auto c = decode_chunk(good.substr(0, n));
-    if (c) CHECK(!open_chunk(keys, c->transfer_id, c->index, c->sealed));
+    if (c) CHECK(!open_chunk(keys, c->transfer_id, c->index, c->tx_seq, c->sealed));
     if (n < kHeaderBytes + kChunkFieldBytes + kTagBytes + 1) CHECK(!c);
   }
   const auto longer = decode_chunk(std::string(good).append("x"));
   REQUIRE(longer);
-  CHECK(!open_chunk(keys, 5, 2, longer->sealed));
-  CHECK(!decode_chunk(encode(Chunk{5, 2, 0, seal_chunk(keys, 5, 2, "payload")})));  // tx seq 0
-  CHECK(!decode_chunk(encode(Chunk{0, 2, 3, seal_chunk(keys, 0, 2, "payload")})));  // transfer id 0
+  CHECK(!open_chunk(keys, 5, 2, 3, longer->sealed));
+  CHECK(!decode_chunk(encode(Chunk{5, 2, 0, seal_chunk(keys, 5, 2, 0, "payload")})));  // tx seq 0
+  CHECK(!decode_chunk(encode(Chunk{0, 2, 3, seal_chunk(keys, 0, 2, 3, "payload")})));  // transfer id 0
   CHECK(!decode_chunk(encode(Chunk{5, 2, 3, std::string(kTagBytes, 'x')})));      // no payload byte
   std::string v1 = good;
   v1[0] = '{';
@@ -669,7 +671,7 @@ TEST_CASE("decoding random garbage never crashes and accepts nothing unauthentic
     CHECK(!decode_chunk_ack(bytes, keys));
     if (const auto c = decode_chunk(bytes)) {
       CHECK(bytes.size() <= chat::protocol::kMaxDatagram);
-      if (open_chunk(keys, c->transfer_id, c->index, c->sealed)) ++chunks_that_open;
+      if (open_chunk(keys, c->transfer_id, c->index, c->tx_seq, c->sealed)) ++chunks_that_open;
     }
   }
   CHECK(chunks_that_open == 0);
