@@ -62,6 +62,7 @@ struct Config {
   long long max_clients = 100'000;
   double keepalive_s = 15;
   std::string identity;      // client: the key file (empty: the default path for the name)
+  std::string download_dir;  // client: where received files go (empty: default_download_dir())
   std::string release_name;  // operator: the name to release, then exit
   std::uint16_t metrics_port = 0;  // server: serve Prometheus metrics over HTTP on it (0: not)
 };
@@ -128,6 +129,8 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: registered names at most")
       ("metrics", po::value<std::string>()->value_name("port"),
        "server: serve Prometheus text metrics at http://<bind>:<port>/metrics (TCP)")
+      ("download-dir", po::value<std::string>(&c.download_dir)->value_name("dir"),
+       "client: where received files are saved (default $XDG_DOWNLOAD_DIR, else ~/Downloads)")
       ("identity", po::value<std::string>(&c.identity)->value_name("file"),
        "client: the identity key file (default $XDG_DATA_HOME/chatapp/identities/<name>.key)")
       ("release-name", po::value<std::string>(&c.release_name)->value_name("name"),
@@ -196,6 +199,7 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     if (!args.empty()) throw UsageError{"unexpected argument '" + args.front() + "' after -s <port>"};
     if (!c.identity.empty()) throw UsageError{"--identity is a client option (-c)"};
     if (vm.count("fallback")) throw UsageError{"--fallback is a client option (-c)"};
+    if (!c.download_dir.empty()) throw UsageError{"--download-dir is a client option (-c)"};
     parse_store(c);
     c.server = true;
     c.port = parse_port(vm["server"].as<std::string>(), "port");
@@ -219,6 +223,13 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
   if (vm.count("fallback"))
     for (const auto& f : vm["fallback"].as<std::vector<std::string>>()) c.fallbacks.push_back(parse_fallback(f));
   return c;
+}
+
+/// $XDG_DOWNLOAD_DIR if set and absolute, else $HOME/Downloads, else ./Downloads.
+std::filesystem::path default_download_dir() {
+  if (const char* xdg = std::getenv("XDG_DOWNLOAD_DIR"); xdg != nullptr && xdg[0] == '/') return xdg;
+  if (const char* home = std::getenv("HOME"); home != nullptr && home[0] != '\0') return std::filesystem::path(home) / "Downloads";
+  return "Downloads";
 }
 
 chat::udp::endpoint make_endpoint(const std::string& ip, std::uint16_t port) {
@@ -385,6 +396,7 @@ int run_client(const Config& c) {
   chat::net::io_context io(1);
   chat::peer::ClientOptions opts{c.name, make_endpoint(c.server_ip, c.server_port), c.fallbacks, c.policy,
                                  keepalive_of(c), 0};
+  opts.files.download_dir = c.download_dir.empty() ? default_download_dir() : std::filesystem::path(c.download_dir);
   std::optional<chat::identity::Identity> me;
   std::unique_ptr<chat::identity::PeerState> state;
   try {

@@ -51,7 +51,8 @@ struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-constexpr std::string_view kBench = "product";
+/// The bench name of the figures: "product", or "files" with --files.
+std::string_view kBench = "product";
 /// Messages sent and not counted before the latency run.
 constexpr std::size_t kWarm = 200;
 /// Characters of every message text (a sequence number, then filler).
@@ -72,6 +73,11 @@ struct Options {
   std::optional<std::size_t> window;  // throughput: lines typed ahead of the receipts (0: all)
   std::vector<std::string> wrap_bob;  // --wrap-bob: a command bob's client runs under (valgrind ...)
   std::chrono::seconds start_timeout{10};
+  // --files: a file from alice to bob beside raw UDP, and chat round trips during it.
+  bool files = false;
+  std::uint64_t file_mib = 0;  // 0: 100, or 20 with --quick
+  bool no_chat = false;        // --no-chat: the transfer alone (the lossy runs of bench/files)
+  std::string label;           // --label: appended to each figure's name (e.g. "_loss20")
 };
 
 void emit(std::size_t n, std::string_view metric, double value, std::string_view unit, int precision = 1) {
@@ -385,8 +391,10 @@ struct Screen {
   std::size_t unexpected_count = 0;
   std::map<std::string, std::size_t> kinds;  // every other line, digits masked: how many of each
   std::function<void(std::string_view text)> on_message;  // bob: the text of "alice: <text>"
+  std::function<bool(std::string_view line)> on_line;     // first look at every line; true: taken
 
   void take(std::string_view line) {
+    if (on_line && on_line(line)) return;
     if (line == kReceipt) ++receipts;
     else if (line.starts_with(kFromAlice) && on_message) on_message(line.substr(kFromAlice.size()));
     else if (line == kWelcome) welcome = true;
@@ -499,7 +507,8 @@ class Session {
     fs::path home = root_ / name;
     fs::create_directory(home);
     std::vector<std::string> env{"XDG_DATA_HOME=" + (home / "data").string(),
-                                 "XDG_STATE_HOME=" + (home / "state").string(), "NO_COLOR=1"};
+                                 "XDG_STATE_HOME=" + (home / "state").string(),
+                                 "XDG_DOWNLOAD_DIR=" + (home / "downloads").string(), "NO_COLOR=1"};
     Screen& screen = name == "alice" ? alice_screen : bob_screen;
     screen.other = other;
     std::unique_ptr<Child>& slot = name == "alice" ? alice_ : bob_;
@@ -934,10 +943,177 @@ bool run(const Options& o) {
   }
 }
 
+// ---------------------------------------------------------------- --files: a file transfer
+
+/// Writes `bytes` pseudo-random bytes (not compressible, not all alike) to `path`.
+void write_file(const fs::path& path, std::uint64_t bytes) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) throw Failure(errno_text("fopen"));
+  std::vector<std::uint64_t> block(1 << 16);
+  std::uint64_t x = 0x9E3779B97F4A7C15ull;
+  for (std::uint64_t done = 0; done < bytes;) {
+    for (auto& w : block) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;  // xorshift64
+      w = x;
+    }
+    const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(bytes - done, block.size() * 8));
+    if (std::fwrite(block.data(), 1, n, f) != n) {
+      std::fclose(f);
+      throw Failure(errno_text("fwrite"));
+    }
+    done += n;
+  }
+  if (std::fclose(f) != 0) throw Failure(errno_text("fclose"));
+}
+
+/// Chat round trips, one message at a time: from the line written into alice's stdin to her
+/// "[Message received by bob.]", in µs. Stops after `n`, or (when `until` is set) as soon as
+/// `until()` holds (a message in flight then is not counted).
+std::vector<double> round_trips(Session& s, std::size_t n, const std::function<bool()>& until, char phase) {
+  std::vector<double> rtt;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (until && until()) break;
+    const std::size_t before = s.alice_screen.receipts;
+    s.alice().type(send_line(phase, i));
+    auto t0 = Clock::now();
+    s.alice().write_some();
+    s.pump_until([&] { return s.alice_screen.receipts > before; }, t0 + 10s,
+                 std::string("alice's receipt of message ").append(1, phase).append(std::to_string(i)));
+    if (until && until()) break;
+    rtt.push_back(us(Clock::now() - t0));
+  }
+  return rtt;
+}
+
+/// What a file transfer shows: bob's offer, bob's saved line, alice's sent line.
+struct FileLines {
+  bool offered = false;
+  bool saved = false;
+  bool sent = false;
+  Clock::time_point saved_at{};
+  std::string failed;  // a line that says it did not work
+};
+
+/// alice offers `path` (its name `name`), bob accepts; returns the seconds from bob's accept
+/// to his saved line. With `during`, chat round trips are measured while it runs.
+double transfer(Session& s, const fs::path& path, const std::string& name, std::uint64_t bytes,
+                std::vector<double>* during) {
+  FileLines f;
+  const std::string offer = std::string(">>> [alice offers ").append(name).append(" (");
+  const std::string saved = std::string(">>> [File ").append(name).append(" from alice saved to ");
+  const std::string sent = std::string(">>> [File ").append(name).append(" sent to bob.]");
+  const std::string progress = std::string(">>> [").append(name).append("  ");
+  s.bob_screen.on_line = [&](std::string_view line) {
+    if (line.starts_with(offer)) return f.offered = true;
+    if (line.starts_with(saved)) {
+      f.saved_at = Clock::now();
+      return f.saved = true;
+    }
+    if (line.starts_with(progress) || line.starts_with(">>> [Receiving ")) return true;
+    if (line.find(name) != std::string_view::npos) f.failed = std::string(line);
+    return false;
+  };
+  s.alice_screen.on_line = [&](std::string_view line) {
+    if (line == sent) return f.sent = true;
+    if (line.starts_with(">>> [Offering ") || line.starts_with(progress)) return true;
+    if (line.find(name) != std::string_view::npos) f.failed = std::string(line);
+    return false;
+  };
+  s.alice().type(std::string("sendfile bob ").append(path.string()).append("\n"));
+  s.alice().write_some();
+  s.pump_until([&] { return f.offered || !f.failed.empty(); }, Clock::now() + 60s, "bob to see the offer");
+  s.bob().type("accept alice\n");
+  const auto t0 = Clock::now();
+  s.bob().write_some();
+  // Bounded: 60 s plus 10 s per MiB (a path at 20 % loss moves a few hundred KiB/s).
+  const auto deadline = t0 + 60s + std::chrono::seconds(10 * (bytes >> 20));
+  if (during != nullptr) *during = round_trips(s, 1'000'000, [&] { return f.saved || !f.failed.empty(); }, 'D');
+  s.pump_until([&] { return (f.saved && f.sent) || !f.failed.empty(); }, deadline, name + " to be saved and confirmed");
+  if (!f.failed.empty()) throw Failure(std::string("the transfer of ").append(name).append(" failed: ").append(f.failed));
+  s.alice_screen.on_line = nullptr;
+  s.bob_screen.on_line = nullptr;
+  return std::chrono::duration<double>(f.saved_at - t0).count();
+}
+
+/// Raw UDP, two processes: `n` datagrams of 1472 bytes (a full file chunk), each answered
+/// with 35 bytes (an ack with no ranges), at most kBaselineWindow outstanding; datagrams per second.
+double raw_stream(std::size_t n) {
+  EchoProcess echo(1472, 35);
+  for (std::size_t i = 0; i < kWarm; ++i) {
+    echo.send();
+    echo.receive();
+  }
+  auto start = Clock::now();
+  std::size_t sent = 0, answered = 0;
+  while (answered < n) {
+    while (sent < n && sent - answered < kBaselineWindow) {
+      echo.send();
+      ++sent;
+    }
+    echo.receive();
+    ++answered;
+  }
+  return static_cast<double>(n) / std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+bool run_files(const Options& o) {
+  const std::uint64_t mib = o.file_mib != 0 ? o.file_mib : (o.quick ? 20 : 100);
+  const std::uint64_t bytes = mib << 20;
+  const std::size_t n_chat = o.quick ? 200 : 2000;
+  std::unique_ptr<TempDir> root;
+  std::unique_ptr<Session> s;
+  try {
+    root = std::make_unique<TempDir>(o.tmp, "bench-files");
+    const fs::path file = root->path() / "file.bin";
+    write_file(file, bytes);
+    s = std::make_unique<Session>(o, root->path());
+    s->start_server();
+    s->start_client("alice", "bob");
+    s->start_client("bob", "alice");
+    s->wait_for_each_other();
+    std::vector<double> idle, during;
+    if (!o.no_chat) idle = round_trips(*s, n_chat, nullptr, 'I');
+    const double secs = transfer(*s, file, "file.bin", bytes, nullptr);
+    fs::path got = root->path() / "bob" / "downloads" / "file.bin";
+    std::error_code ec;
+    if (fs::file_size(got, ec) != bytes) throw Failure(std::string("bob's file.bin is not ").append(std::to_string(bytes)).append(" bytes"));
+    if (!o.no_chat) {
+      // The same file again (saved as "file (1).bin"), chat round trips while it moves.
+      transfer(*s, file, "file.bin", bytes, &during);
+      if (during.size() < 10) throw Failure(std::string("only ").append(std::to_string(during.size())).append(" round trips during the transfer"));
+    }
+    s->finish();
+    s.reset();
+    const std::string l = o.label;
+    const double mib_s = static_cast<double>(bytes) / (1 << 20) / secs;
+    emit(mib, std::string("file_mib_per_s").append(l), mib_s, "MiB/s", 1);
+    emit(mib, std::string("file_seconds").append(l), secs, "s", 3);
+    if (!o.no_chat) {
+      const double raw = raw_stream(static_cast<std::size_t>(bytes / 1438 + 1));
+      const double raw_mib_s = raw * 1472 / (1 << 20);
+      emit(mib, "baseline_udp_mib_per_s", raw_mib_s, "MiB/s", 1);
+      emit(mib, "file_vs_baseline_udp", mib_s / raw_mib_s, "x", 2);
+      emit(n_chat, "chat_rtt_p50_idle", percentile(idle, 50), "us");
+      emit(n_chat, "chat_rtt_p99_idle", percentile(idle, 99), "us");
+      emit(during.size(), "chat_rtt_p50_during_transfer", percentile(during, 50), "us");
+      emit(during.size(), "chat_rtt_p99_during_transfer", percentile(during, 99), "us");
+      emit(during.size(), "chat_rtt_p99_during_vs_idle", percentile(during, 99) / percentile(idle, 99), "x", 2);
+    }
+    return true;
+  } catch (const std::exception& e) {
+    if (s) note_screens(*s);
+    emit_error(mib, e.what());
+    return false;
+  }
+}
+
 void usage(FILE* out) {
   std::fprintf(out,
                "usage: bench_product [--quick] [--n N] [--window W] [--bin path/to/ChatApp] [--tmp dir] [--start-timeout s]\n"
-               "                     [--wrap-bob 'cmd args']  (bob's client runs under cmd, e.g. valgrind)\n");
+               "                     [--wrap-bob 'cmd args']  (bob's client runs under cmd, e.g. valgrind)\n"
+               "       bench_product --files [--quick] [--mib M] [--no-chat] [--label L] [--bin ...] [--tmp dir]\n"
+               "                     (a file of M MiB, default 100, from alice to bob beside raw UDP; chat round trips\n"
+               "                     with and without a transfer; --no-chat: the transfer alone)\n");
 }
 
 }  // namespace
@@ -964,6 +1140,10 @@ int main(int argc, char** argv) {
         for (std::string w; in >> w;) o.wrap_bob.push_back(w);
       }
       else if (a == "--start-timeout") o.start_timeout = std::chrono::seconds(std::stol(value()));
+      else if (a == "--files") o.files = true;
+      else if (a == "--mib") o.file_mib = std::stoull(value());
+      else if (a == "--no-chat") o.no_chat = true;
+      else if (a == "--label") o.label = value();
       else if (a == "-h" || a == "--help") {
         usage(stdout);
         return 0;
@@ -982,6 +1162,10 @@ int main(int argc, char** argv) {
   if (::access(o.bin.c_str(), X_OK) != 0) {
     std::fprintf(stderr, "bench_product: no ChatApp binary at %s (use --bin)\n", o.bin.c_str());
     return 2;
+  }
+  if (o.files) {
+    kBench = "files";
+    return run_files(o) ? 0 : 1;
   }
   return run(o) ? 0 : 1;
 }

@@ -44,8 +44,8 @@
 
 namespace chat::files {
 
-inline constexpr std::uint8_t kChunkCode = 12;     // `chunk`: a request code, but never acknowledged by a reply
-inline constexpr std::uint8_t kChunkAckCode = 73;  // `chunk_ack`: a reply code, the answer to many chunks
+inline constexpr std::uint8_t kChunkCode = protocol::kFrameChunk;        // `chunk`: never acknowledged by a reply
+inline constexpr std::uint8_t kChunkAckCode = protocol::kFrameChunkAck;  // `chunk_ack`: the answer to many chunks
 inline constexpr std::size_t kHeaderBytes = 10;    // version, type, u64 transfer id
 inline constexpr std::size_t kChunkFieldBytes = 8;  // u32 index, u32 tx seq
 inline constexpr std::size_t kTagBytes = 16;        // Poly1305 tag of a chunk; BLAKE2b-128 tag of an ack

@@ -20,6 +20,8 @@ constexpr std::string_view kTokenSeedDomain = "chatapp-token-seed-v1";
 constexpr std::uint8_t kKindDirect = 1;
 /// The first plaintext byte of a sealed receipt.
 constexpr std::uint8_t kKindReceipt = 2;
+/// The first plaintext byte of a sealed file control message.
+constexpr std::uint8_t kKindFile = 3;
 
 constexpr std::size_t kNonceBytes = crypto_box_NONCEBYTES;
 static_assert(kBoxOverhead == crypto_box_NONCEBYTES + crypto_box_MACBYTES);
@@ -219,6 +221,33 @@ std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::
       m.text.assign(text);
       result = std::move(m);
     }
+  }
+  sodium_memzero(plain->data(), plain->size());
+  return result;
+}
+
+std::string seal_file(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
+                      std::string_view payload) {
+  check_name_length(to, "the recipient's name");
+  if (payload.size() > kMaxFilePayload) throw std::length_error("a file control message is too long");
+  Writer w;
+  w.u8(kKindFile).u64(mid).u64(sent_ms).short_bytes(to).raw(payload);
+  std::string sealed = pair.seal(w.str());
+  sodium_memzero(w.str().data(), w.str().size());
+  return sealed;
+}
+
+std::optional<Opened> open_file(const Pair& pair, std::string_view body, std::string_view me) {
+  auto plain = pair.open(body);
+  if (!plain) return std::nullopt;
+  Reader r(*plain);
+  std::uint8_t kind = 0;
+  Opened m;
+  std::string_view to;
+  std::optional<Opened> result;
+  if (r.u8(kind) && kind == kKindFile && r.u64(m.mid) && r.u64(m.sent_ms) && r.short_bytes(to) && to == me) {
+    m.text.assign(r.rest());
+    result = std::move(m);
   }
   sodium_memzero(plain->data(), plain->size());
   return result;

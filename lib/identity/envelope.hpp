@@ -77,6 +77,19 @@ std::string seal_direct(const Pair& pair, std::uint64_t mid, std::uint64_t sent_
 /// the caller checks the mid against the datagram's.
 std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::string_view me);
 
+/// The longest payload of a file control message: what a body holds after the box, kind, mid,
+/// sent_ms and the longest `to` name.
+inline constexpr std::size_t kMaxFilePayload = protocol::kMaxBody - kDirectOverhead;
+
+/// The sealed body of file control message `mid` to `to` (lib/files lays out `payload`); sent in
+/// a Direct datagram, answered by a receipt like a message. Throws like seal_direct (and
+/// std::length_error for a payload longer than kMaxFilePayload).
+std::string seal_file(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
+                      std::string_view payload);
+/// The file control message in a body sealed for `me` (kind and `to == me` checked), its payload
+/// in `text` as bytes; the caller checks the mid against the datagram's.
+std::optional<Opened> open_file(const Pair& pair, std::string_view body, std::string_view me);
+
 /// The sealed receipt of direct message `mid` from `to` (the message's sender); throws like seal_direct.
 std::string seal_receipt(const Pair& pair, std::uint64_t mid, std::string_view to);
 /// Whether `body` is the receipt of my (`me`) message `mid` sealed by the pair's peer.

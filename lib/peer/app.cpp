@@ -16,6 +16,9 @@ ClientApp::ClientApp(net::io_context& io, ClientOptions options, const udp::endp
                                     [this] { return client_.names(); });
                   },
                   [this](int code) { exit(code); },
+                  terminal_.interactive() ? std::function<void(const std::string&)>(
+                                                [this](const std::string& text) { terminal_.status(text); })
+                                          : nullptr,
               },
               std::move(me), std::move(state)),
       endpoint_(io, client_.core(), bind) {}

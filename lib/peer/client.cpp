@@ -14,6 +14,7 @@ namespace proto = chat::protocol;
 // The kinds of message the replay memory tells apart (a direct and a channel message may share an id).
 constexpr std::uint8_t kSeenDirect = 1;
 constexpr std::uint8_t kSeenChannel = 3;
+constexpr std::uint8_t kSeenFile = 4;
 // Saved messages held for `trust` at most (the rest are dropped, as a full mailbox would).
 constexpr std::size_t kMaxHeld = 1000;
 
@@ -58,6 +59,24 @@ Client::Client(ClientOptions options, const transport::TimeSource& clock, Client
       state_db_(std::move(state)) {
   core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
   servers_.insert(servers_.end(), options_.fallbacks.begin(), options_.fallbacks.end());
+  FileHost host{
+      .say = [this](const std::string& line) { say(line); },
+      .progress = io_.progress,
+      .send_control = [this](const std::string& to, const files::Control& c,
+                             std::function<void(bool)> done) { send_file_control(to, c, std::move(done)); },
+      .reachable = [this](const std::string& name) -> std::optional<udp::endpoint> {
+        const proto::Entry* e = table_.find(name);
+        if (e == nullptr || !e->online || !usable_key(name)) return std::nullopt;
+        return endpoint_of(*e);
+      },
+      .ended = [this] {
+        if (closing_) check_closing();
+      },
+  };
+  transfers_ = std::make_unique<Transfers>(core_, std::move(host), options_.files);
+  core_.set_frame_handler([this](std::string_view bytes, const udp::endpoint& from) {
+    if (state_ == State::online) transfers_->on_frame(bytes, from);
+  });
 }
 
 void Client::start() {
@@ -69,6 +88,7 @@ void Client::leave() { quit(0); }
 
 void Client::quit(int code) {
   if (done_) return;
+  transfers_->stop_all();  // the peers are told (one copy each, not waited for)
   done_ = true;
   core_.close();
   if (io_.exit) io_.exit(code);
@@ -124,6 +144,8 @@ void Client::finished_one() {
 }
 
 void Client::check_closing() {
+  // A running file transfer ends by itself (done, or stalled: FileOptions::stall).
+  if (transfers_->running() > 0) return core_.cancel(closing_timer_);
   if (busy_ == 0 && waiting_ == 0) return quit(0);
   // Each request ends within its retry budget; the longest chain (lookup, direct, save, exists,
   // direct again, forced save) is six of them, and a backlog moves on each time one ends. The
@@ -255,7 +277,55 @@ void Client::run(const Command& c) {
   } else if (auto* a = std::get_if<cmd::SendAll>(&c)) {
     if (std::string why = proto::check_text(a->text); !why.empty()) return say("[Error: " + why + "]");
     send_channel(a->text);
+  } else {
+    run_files(c);
   }
+}
+
+void Client::run_files(const Command& c) {
+  if (auto* f = std::get_if<cmd::SendFile>(&c)) {
+    if (f->to == options_.name) return say("[Error: you cannot send a file to yourself]");
+    // (One not online is told so by sendfile; one online whose key is not usable, here.)
+    if (const proto::Entry* e = table_.find(f->to); e != nullptr && e->online && !may_send(f->to)) return;
+    transfers_->sendfile(f->to, f->path);
+  } else if (auto* a = std::get_if<cmd::Accept>(&c)) {
+    transfers_->accept(a->from, a->id);
+  } else if (auto* d = std::get_if<cmd::Decline>(&c)) {
+    transfers_->decline(d->from, d->id);
+  } else if (std::get_if<cmd::Transfers>(&c)) {
+    show(transfers_->list());
+  } else if (auto* x = std::get_if<cmd::Cancel>(&c)) {
+    transfers_->cancel(x->id);
+  }
+}
+
+void Client::send_file_control(const std::string& to, const files::Control& c, std::function<void(bool)> done) {
+  const proto::Entry* e = table_.find(to);
+  auto key = usable_key(to);
+  if (e == nullptr || !key || done_) {
+    core_.after(transport::Duration::zero(), [done = std::move(done)] { done(false); });
+    return;
+  }
+  const std::uint64_t mid = core_.next_id();
+  std::string body = identity::seal_file(pair(*key), mid, now_ms(), to, files::encode(c));
+  user_request(proto::Direct{mid, options_.name, std::move(body)}, endpoint_of(*e),
+               [this, to, mid, done = std::move(done)](const proto::Message* reply) {
+                 const auto* receipt = reply != nullptr ? std::get_if<proto::Receipt>(reply) : nullptr;
+                 auto now_key = usable_key(to);
+                 done(receipt != nullptr && now_key &&
+                      identity::check_receipt(pair(*now_key), receipt->body, mid, options_.name));
+               });
+}
+
+bool Client::on_file_control(const proto::Direct& d, const udp::endpoint& from, const proto::Key& key) {
+  auto m = identity::open_file(pair(key), d.body, options_.name);
+  if (!m || m->mid != d.id) return false;
+  auto c = files::decode(m->text);
+  if (!c) return false;
+  if (state_db_->blocked(key)) ++stats_.blocked;
+  else if (first_seen(key, kSeenFile, d.id, m->sent_ms)) transfers_->on_control(d.from, from, *c);
+  core_.reply(from, proto::Receipt{d.id, identity::seal_receipt(pair(key), d.id, d.from)});
+  return true;
 }
 
 void Client::send_channel(const std::string& text) {
@@ -637,6 +707,7 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
   auto key = usable_key(d.from);
   std::optional<identity::Opened> m;
   if (key) m = identity::open_direct(pair(*key), d.body, options_.name);
+  if ((!m || m->mid != d.id) && key && on_file_control(d, from, *key)) return;
   if (!m || m->mid != d.id) {
     // Not sealed by the key the table gives that name (forged, or its key changed and is not
     // trusted): not shown and not answered.

@@ -18,6 +18,7 @@
 #include "identity/identity.hpp"
 #include "identity/peer_state.hpp"
 #include "peer/commands.hpp"
+#include "peer/files.hpp"
 #include "peer/local_table.hpp"
 #include "transport/core.hpp"
 
@@ -47,6 +48,8 @@ struct ClientOptions {
   /// Seeds the core's ids and the jitter; 0 = random (simulations pass their own).
   std::uint64_t seed = 0;
   Backlog backlog{};
+  /// File transfers: where received files go, their timings.
+  FileOptions files{};
 };
 
 /// Keep-alive intervals without any answer before the client says the server is not responding
@@ -61,6 +64,9 @@ struct ClientIo {
   std::function<void()> start_input;
   /// The client is done; the process ends with `code`.
   std::function<void(int code)> exit;
+  /// Redraws the progress line of file transfers in place (empty text: removes it). Not set
+  /// off a terminal: a line every 10 % is printed instead.
+  std::function<void(const std::string& text)> progress{};
 };
 
 /// What the client counted: datagrams it dropped, and messages it did not show.
@@ -170,6 +176,11 @@ class Client {
   void rejoin();
   void on_message(const protocol::Message& m, const udp::endpoint& from);
   void on_direct(const protocol::Direct& d, const udp::endpoint& from);
+  /// A Direct that is not a message: a file control message, if it opens as the sender's.
+  bool on_file_control(const protocol::Direct& d, const udp::endpoint& from, const protocol::Key& key);
+  /// FileHost::send_control: `c` sealed for `to`, in a Direct, a user request.
+  void send_file_control(const std::string& to, const files::Control& c, std::function<void(bool)> done);
+  void run_files(const Command& c);
   void on_relay(const protocol::Relay& r, const udp::endpoint& from);
   void on_probe(const protocol::Probe& p, const udp::endpoint& from);
   /// True if a server request (of `type`, for logs) is to be answered: it came from the
@@ -242,6 +253,7 @@ class Client {
   transport::Core::TimerId ready_timer_ = 0;
   transport::Core::TimerId keepalive_timer_ = 0;
   transport::Core::TimerId closing_timer_ = 0;
+  std::unique_ptr<Transfers> transfers_;  // after the core: its timers are the core's
 };
 
 }  // namespace chat::peer

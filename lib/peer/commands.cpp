@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <vector>
 
 #include "protocol/codec.hpp"
@@ -24,9 +25,9 @@ std::string_view take_word(std::string_view& rest) {
   return word;
 }
 
-constexpr std::array<const char*, 14> kCommands = {"send",  "send_all", "dereg",       "reg",   "list",
-                                                   "help",  "quit",     "exit",        "trust", "verify",
-                                                   "block", "unblock",  "fingerprint", "blocked"};
+constexpr std::array<const char*, 19> kCommands = {
+    "send",  "send_all", "dereg", "reg",         "list",    "help",     "quit",    "exit",    "trust",  "verify",
+    "block", "unblock",  "fingerprint", "blocked", "sendfile", "accept", "decline", "transfers", "cancel"};
 
 // Levenshtein distance, for "did you mean".
 std::size_t distance(std::string_view a, std::string_view b) {
@@ -56,6 +57,27 @@ Command one_name(std::string_view rest, const char* u) {
 
 bool nothing_after(std::string_view rest) { return rest.find_first_not_of(" \t") == std::string_view::npos; }
 
+/// A transfer id as typed: 1 to 999999, digits only.
+std::optional<unsigned> transfer_id(std::string_view word) {
+  if (word.empty() || word.size() > 6 || word.find_first_not_of("0123456789") != std::string_view::npos) return std::nullopt;
+  unsigned v = 0;
+  for (char ch : word) v = v * 10 + static_cast<unsigned>(ch - '0');
+  if (v == 0) return std::nullopt;
+  return v;
+}
+
+/// `<name> [<id>]`, or the usage line `u`.
+template <class C>
+Command name_and_id(std::string_view rest, const char* u) {
+  std::string_view name = take_word(rest);
+  std::string_view id = take_word(rest);
+  if (name.empty() || !nothing_after(rest)) return usage(u);
+  if (id.empty()) return C{std::string(name), 0};
+  auto v = transfer_id(id);
+  if (!v) return usage(u);
+  return C{std::string(name), *v};
+}
+
 }  // namespace
 
 Command parse_command(std::string_view line) {
@@ -83,6 +105,20 @@ Command parse_command(std::string_view line) {
   if (word == "block") return one_name<cmd::Block>(rest, "block <name>");
   if (word == "unblock") return one_name<cmd::Unblock>(rest, "unblock <name>");
   if (word == "blocked") return nothing_after(rest) ? Command(cmd::Blocked{}) : Command(usage("blocked"));
+  if (word == "sendfile") {
+    std::string_view to = take_word(rest);
+    if (to.empty() || rest.empty()) return usage("sendfile <name> <path>");
+    return cmd::SendFile{std::string(to), std::string(rest)};
+  }
+  if (word == "accept") return name_and_id<cmd::Accept>(rest, "accept <name> [<id>]");
+  if (word == "decline") return name_and_id<cmd::Decline>(rest, "decline <name> [<id>]");
+  if (word == "transfers") return nothing_after(rest) ? Command(cmd::Transfers{}) : Command(usage("transfers"));
+  if (word == "cancel") {
+    std::string_view id = take_word(rest);
+    auto v = transfer_id(id);
+    if (!v || !nothing_after(rest)) return usage("cancel <id>");
+    return cmd::Cancel{*v};
+  }
   if (word == "list") return cmd::List{};
   if (word == "help") return cmd::Help{};
   if (word == "quit" || word == "exit") return cmd::Quit{};
@@ -110,6 +146,11 @@ const char* help_text() {
          "block <name>            never show messages from name\n"
          "unblock <name>          show name's messages again\n"
          "blocked                 list who you blocked\n"
+         "sendfile <name> <path>  offer a file to a client\n"
+         "accept <name> [<id>]    accept a file name offered (id: one of several)\n"
+         "decline <name> [<id>]   decline a file name offered\n"
+         "transfers               list the file transfers and offers, with their ids\n"
+         "cancel <id>             stop a file transfer (offering the file again resumes it)\n"
          "help                    show this help\n"
          "quit                    leave once what is in flight is done";
 }

@@ -22,6 +22,13 @@ struct Trust { std::string name; };
 struct Block { std::string name; };
 struct Unblock { std::string name; };
 struct Blocked {};
+/// `sendfile <name> <path>`: the path is the rest of the line, spaces included.
+struct SendFile { std::string to; std::string path; };
+/// `accept <name> [<id>]` and `decline <name> [<id>]`: id 0 when not given (the only offer).
+struct Accept { std::string from; unsigned id = 0; };
+struct Decline { std::string from; unsigned id = 0; };
+struct Transfers {};
+struct Cancel { unsigned id = 0; };
 struct Empty {};
 /// A line that is not a valid command; `message` is the one line to show.
 struct Error { std::string message; };
@@ -29,7 +36,8 @@ struct Error { std::string message; };
 
 using Command = std::variant<cmd::Send, cmd::SendAll, cmd::Dereg, cmd::Reg, cmd::List, cmd::Help,
                              cmd::Quit, cmd::Fingerprint, cmd::Verify, cmd::Trust, cmd::Block, cmd::Unblock,
-                             cmd::Blocked, cmd::Empty, cmd::Error>;
+                             cmd::Blocked, cmd::SendFile, cmd::Accept, cmd::Decline, cmd::Transfers, cmd::Cancel,
+                             cmd::Empty, cmd::Error>;
 
 /// Parses one line. A message is the rest of the line after exactly one separating space,
 /// kept byte for byte (runs of spaces, punctuation, UTF-8).

@@ -88,13 +88,21 @@ void on_edited_line(char* line) {
   std::string text(line);
   std::free(line);
   if (!text.empty()) add_history(text.c_str());
-  // libedit has left editing mode for this line: output goes plainly until the next prompt.
-  if (g_terminal != nullptr) g_terminal->between_lines_ = true;
+  // libedit has left editing mode for this line: output goes plainly until the next prompt
+  // (the status line stays where it was, above the accepted line, and is shown afresh then).
+  if (g_terminal != nullptr) {
+    g_terminal->between_lines_ = true;
+    g_terminal->status_shown_ = false;
+  }
   net::post(*g_io, [text = std::move(text)] {
     if (g_on_line) (*g_on_line)(text);
     // A fresh prompt, back in editing mode, below whatever the line printed.
     if (g_terminal != nullptr && g_terminal->editing_) {
       g_terminal->between_lines_ = false;
+      if (!g_terminal->status_.empty()) {
+        std::cout << g_terminal->status_ << '\n' << std::flush;
+        g_terminal->status_shown_ = true;
+      }
       rl_callback_handler_install(kPrompt, on_edited_line);
     }
   });
@@ -210,8 +218,25 @@ void Terminal::print(const std::string& line) {
     std::cout << line << '\n' << std::flush;
     return;
   }
-  // Clear the prompt line, print above it, then let libedit redraw prompt and typed text.
-  std::cout << "\r\033[K" << colour(line) << '\n' << std::flush;
+  // Clear the prompt line (and the status line above it), print there, then the status line
+  // again, then let libedit redraw prompt and typed text.
+  std::cout << "\r\033[K";
+  if (status_shown_) std::cout << "\033[A\r\033[K";
+  std::cout << colour(line) << '\n';
+  if (status_shown_) std::cout << status_ << '\n';
+  std::cout << std::flush;
+  rl_forced_update_display();
+}
+
+void Terminal::status(const std::string& text) {
+  if (!editing_) return;
+  status_ = text;
+  if (between_lines_) return;  // shown with the next prompt
+  std::cout << "\r\033[K";
+  if (status_shown_) std::cout << "\033[A\r\033[K";
+  if (!text.empty()) std::cout << text << '\n';
+  status_shown_ = !text.empty();
+  std::cout << std::flush;
   rl_forced_update_display();
 }
 

@@ -32,6 +32,9 @@ class Terminal {
   void stop();
   /// Prints one line (without its newline) above the prompt; the typed text is redrawn intact.
   void print(const std::string& line);
+  /// On a terminal: shows `text` as the status line, just above the prompt, redrawn in place
+  /// (empty: removed). Lines printed meanwhile go above it. Does nothing off a terminal.
+  void status(const std::string& text);
   /// True when stdin is a terminal (line editing on).
   bool interactive() const { return interactive_; }
 
@@ -49,6 +52,8 @@ class Terminal {
   bool colour_ = false;
   bool editing_ = false;  // libedit's handler is installed
   bool between_lines_ = false;  // a line was accepted; its command runs before the next prompt
+  std::string status_;          // the status line, shown above the prompt when not empty
+  bool status_shown_ = false;   // it is on the screen, on the row above the prompt
   friend void on_edited_line(char* line);
   std::string history_path_;
 };

@@ -28,6 +28,16 @@ inline constexpr std::size_t kMaxName = 32;
 /// Longest free-text reason in a refusal.
 inline constexpr std::size_t kMaxReason = 200;
 
+/// The type codes of file frames: the file data plane (lib/files), carried in the same header
+/// but never a Message. Unacknowledged, unretried and not deduplicated by the transport; a
+/// Core hands them, undecoded, to its frame handler.
+inline constexpr std::uint8_t kFrameChunk = 12;
+inline constexpr std::uint8_t kFrameChunkAck = 73;
+/// True if a datagram starting with these two bytes is a file frame.
+inline constexpr bool is_frame(std::uint8_t version, std::uint8_t type) {
+  return version == kVersion && (type == kFrameChunk || type == kFrameChunkAck);
+}
+
 /// An Ed25519 public key: the identity a name is bound to.
 using Key = std::array<std::uint8_t, 32>;
 /// An Ed25519 signature.

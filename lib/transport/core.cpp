@@ -147,6 +147,11 @@ void Core::on_datagram(std::string_view bytes, const udp::endpoint& from) {
     return;
   }
   if (options_.guard.amplification > 0) route(from)->in += n;
+  if (frame_handler_ && n >= 2 && n <= protocol::kMaxDatagram &&
+      protocol::is_frame(static_cast<std::uint8_t>(bytes[0]), static_cast<std::uint8_t>(bytes[1]))) {
+    guarded("frame handler", [&] { frame_handler_(bytes, from); });
+    return;
+  }
   protocol::Decoded d = n > protocol::kMaxDatagram
                             ? protocol::Decoded{std::nullopt, protocol::DecodeError::too_large}
                             : protocol::decode(bytes);

@@ -82,6 +82,8 @@ class Core {
   /// Told when work appeared outside a driver's turn: a timer earlier than before, or deferred work.
   using Wakeup = std::function<void()>;
   using TimerId = std::uint64_t;
+  /// Gets each file frame (protocol::is_frame), undecoded: bytes and source.
+  using FrameHandler = std::function<void(std::string_view bytes, const udp::endpoint& from)>;
 
   Core(CoreOptions options, const TimeSource& clock);
   Core(const Core&) = delete;
@@ -90,6 +92,8 @@ class Core {
   void set_handler(Handler h) { handler_ = std::move(h); }
   void set_output(Output o) { output_ = std::move(o); }
   void set_wakeup(Wakeup w) { wakeup_ = std::move(w); }
+  /// Without one, a file frame is refused like any datagram of an unknown type.
+  void set_frame_handler(FrameHandler h) { frame_handler_ = std::move(h); }
 
   // ---- inputs, from the driver
   /// Handles one datagram that arrived from `from`.
@@ -178,6 +182,7 @@ class Core {
   CoreOptions options_;
   const TimeSource& clock_;
   Handler handler_;
+  FrameHandler frame_handler_;
   Output output_;
   Wakeup wakeup_;
   std::uint64_t id_counter_ = 0;

@@ -181,12 +181,13 @@ struct Peer {
   Peer(Net& net, const std::string& name, const udp::endpoint& at, const udp::endpoint& server,
        transport::RetryPolicy policy = {}, std::chrono::milliseconds keepalive = 15s, std::uint64_t seed = 1,
        std::uint8_t key_variant = 0, const std::string& state = ":memory:", peer::Backlog backlog = {},
-       std::vector<udp::endpoint> fallbacks = {})
+       std::vector<udp::endpoint> fallbacks = {}, peer::FileOptions files = {})
       : net_(net),
         at_(at),
-        client(peer::ClientOptions{name, server, std::move(fallbacks), policy, keepalive, seed, backlog}, net.clock,
+        client(peer::ClientOptions{name, server, std::move(fallbacks), policy, keepalive, seed, backlog, std::move(files)},
+               net.clock,
                peer::ClientIo{[this](const std::string& l) { lines.push_back(l); }, [this] { reading = true; },
-                              [this](int code) { exit_code = code; }},
+                              [this](int code) { exit_code = code; }, nullptr},
                identity_of(name, key_variant), std::make_unique<identity::PeerState>(state)) {
     net.attach(client.core(), at);
     net.act(client.core(), [&] { client.start(); });

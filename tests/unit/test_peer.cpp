@@ -50,6 +50,34 @@ TEST_CASE("other commands") {
   CHECK(std::get<cmd::Reg>(r).name == "alice");
 }
 
+TEST_CASE("the file commands: a path with spaces, an optional id, usage lines") {
+  auto f = parse_command("sendfile bob /tmp/my report (final).pdf");
+  REQUIRE(std::holds_alternative<cmd::SendFile>(f));
+  CHECK(std::get<cmd::SendFile>(f).to == "bob");
+  CHECK(std::get<cmd::SendFile>(f).path == "/tmp/my report (final).pdf");
+  CHECK(std::get<cmd::Error>(parse_command("sendfile bob")).message == "usage: sendfile <name> <path>");
+  auto a = parse_command("accept alice");
+  REQUIRE(std::holds_alternative<cmd::Accept>(a));
+  CHECK(std::get<cmd::Accept>(a).from == "alice");
+  CHECK(std::get<cmd::Accept>(a).id == 0);
+  auto a2 = parse_command("accept alice 12");
+  REQUIRE(std::holds_alternative<cmd::Accept>(a2));
+  CHECK(std::get<cmd::Accept>(a2).id == 12);
+  CHECK(std::get<cmd::Error>(parse_command("accept alice x1")).message == "usage: accept <name> [<id>]");
+  CHECK(std::get<cmd::Error>(parse_command("accept alice 0")).message == "usage: accept <name> [<id>]");
+  CHECK(std::get<cmd::Error>(parse_command("accept alice 1 2")).message == "usage: accept <name> [<id>]");
+  auto d = parse_command("decline alice 3");
+  REQUIRE(std::holds_alternative<cmd::Decline>(d));
+  CHECK(std::get<cmd::Decline>(d).id == 3);
+  CHECK(std::holds_alternative<cmd::Transfers>(parse_command("transfers")));
+  auto x = parse_command("cancel 7");
+  REQUIRE(std::holds_alternative<cmd::Cancel>(x));
+  CHECK(std::get<cmd::Cancel>(x).id == 7);
+  CHECK(std::get<cmd::Error>(parse_command("cancel")).message == "usage: cancel <id>");
+  CHECK(std::get<cmd::Error>(parse_command("cancel 1234567")).message == "usage: cancel <id>");
+  CHECK(std::get<cmd::Error>(parse_command("sendfil bob x")).message == "unknown command 'sendfil', did you mean 'sendfile'?");
+}
+
 TEST_CASE("a mistyped command suggests the nearest one") {
   auto c = parse_command("sned bob hi");
   auto* e = std::get_if<cmd::Error>(&c);

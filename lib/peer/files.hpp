@@ -1,0 +1,132 @@
+// The client's file transfers (SPEC §12): the offers, the transfers running both ways, their
+// status lines and progress. Runs on the client's transport::Core (its timers, its socket and
+// its time) and drives lib/files' cores: files::Sender and files::Receiver decide, this carries
+// out (reads chunks, seals them, writes what arrives, acknowledges). No socket and no clock of
+// its own; disk I/O is the files' own (pread, pwrite, fdatasync), synchronous.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "files/control.hpp"
+#include "transport/core.hpp"
+
+namespace chat::peer {
+
+struct FileOptions {
+  /// Where received files are saved (and their partial downloads kept).
+  std::filesystem::path download_dir;
+  /// An offer not answered in this time lapses, on both sides.
+  std::chrono::milliseconds offer_lapse{120'000};
+  /// A receiver that hears nothing of a running transfer for this long stops it (a sender
+  /// stops after files::SenderOptions::stall_limit without an ack).
+  std::chrono::milliseconds stall{20'000};
+  /// How often the progress line is redrawn on a terminal.
+  std::chrono::milliseconds redraw{250};
+  /// How often a receiver makes what it wrote durable (a restart resumes from there).
+  std::chrono::milliseconds flush{1'000};
+  /// Chunks in flight at most (128: 184 KB). The receiver's socket queues what it has not read
+  /// yet, chat behind the chunks; this bounds that queue and so what a chat message waits
+  /// behind (on loopback, bench/files: with 256 a chat round trip took 1-3 ms at p50 during a
+  /// transfer, with 128 about 0.7 ms, with 64 0.6 ms, at the same throughput). It also bounds a transfer to 184 KB per round
+  /// trip: 3.7 MB/s over a 50 ms path.
+  std::uint32_t max_window = 128;
+};
+
+/// What the transfers ask of the client.
+struct FileHost {
+  /// Shows one status line ("[...]", the client adds ">>> ").
+  std::function<void(const std::string& line)> say;
+  /// Redraws the progress line in place; empty on a pipe, where a line every 10 % is said instead.
+  std::function<void(const std::string& text)> progress;
+  /// Seals `c` for `to` and sends it in a Direct datagram, reliably; `done(true)` once `to`'s
+  /// receipt came, `done(false)` if it did not (or `to` has no address or usable key). Never
+  /// calls `done` before it returns.
+  std::function<void(const std::string& to, const files::Control& c, std::function<void(bool answered)> done)>
+      send_control;
+  /// The address of `name` if it is online in the table with a key messages can be sealed to.
+  std::function<std::optional<udp::endpoint>(const std::string& name)> reachable;
+  /// A transfer or offer ended (the client may be waiting for the last one to leave).
+  std::function<void()> ended{};
+};
+
+/// "2.4 MiB": one decimal from KiB up.
+std::string format_size(std::uint64_t bytes);
+
+class Transfers {
+ public:
+  Transfers(transport::Core& core, FileHost host, FileOptions options);
+  ~Transfers();
+  Transfers(const Transfers&) = delete;
+  Transfers& operator=(const Transfers&) = delete;
+
+  // The commands.
+  void sendfile(const std::string& to, const std::string& path);
+  void accept(const std::string& from, unsigned id);
+  void decline(const std::string& from, unsigned id);
+  /// The lines of `transfers`.
+  std::string list() const;
+  void cancel(unsigned id);
+
+  /// A control message from `from` (authenticated by the caller), which came from `at`.
+  void on_control(const std::string& from, const udp::endpoint& at, const files::Control& c);
+  /// A file frame (chunk or chunk_ack) from `from`.
+  void on_frame(std::string_view bytes, const udp::endpoint& from);
+
+  /// What end of input waits for: every outgoing transfer (an offer too, until it is answered
+  /// or lapses) and every incoming one that was accepted. Each ends by itself.
+  std::size_t running() const;
+  /// Withdraws every offer and stops every transfer, telling the peers (leaving).
+  void stop_all();
+
+ private:
+  struct Outgoing;
+  struct Incoming;
+
+  Outgoing* outgoing(std::uint64_t transfer);
+  Incoming* incoming(std::uint64_t transfer);
+  /// The offer of `from` the user means by `id` (0: the only one), or nullptr after saying why.
+  Incoming* offered_by(const std::string& from, unsigned id, const char* verb);
+
+  void on_offer(const std::string& from, const udp::endpoint& at, const files::ctl::Offer& o);
+  void on_accept(Outgoing& o, const udp::endpoint& at, const files::ctl::Accept& a);
+  void on_done(Outgoing& o, const files::ctl::Done& d);
+
+  /// Sends what the sender's window allows, then sets its timer.
+  void pump(Outgoing& o);
+  void on_chunk(Incoming& in, std::string_view bytes);
+  void send_ack(Incoming& in);
+  /// The whole file arrived: the check, the rename, the line, the Done.
+  void finish(Incoming& in);
+  /// (Re)arms a receiver's timer: its delayed ack, the stall limit, the next flush.
+  void arm(Incoming& in);
+  void on_incoming_timer(std::uint64_t transfer);
+
+  /// Progress of a running transfer: a redraw on a terminal, a line per 10 % on a pipe.
+  void progressed(std::uint64_t transfer);
+  void redraw();
+  std::string progress_line(std::uint64_t transfer) const;
+
+  void end_outgoing(std::uint64_t transfer);
+  void end_incoming(std::uint64_t transfer);
+  void tell(const std::string& to, const files::Control& c);
+
+  transport::Core& core_;
+  FileHost host_;
+  FileOptions o_;
+  unsigned next_id_ = 1;
+  std::map<std::uint64_t, std::unique_ptr<Outgoing>> out_;  // by transfer id
+  std::map<std::uint64_t, std::unique_ptr<Incoming>> in_;
+  transport::Core::TimerId redraw_timer_ = 0;
+  bool redraw_due_ = false;
+  std::string shown_;  // the progress line on screen
+};
+
+}  // namespace chat::peer

@@ -1,0 +1,140 @@
+"""File transfer between two real clients (SPEC §12): offer, accept, progress on a pipe, the
+check and the saved file, decline, cancel and resume, chat during a transfer, and the same at
+20 % loss inside a network namespace of the test's own."""
+import hashlib
+import os
+import re
+import time
+import unittest
+
+from harness import ChatTest, NetnsChatTest
+
+MiB = 1024 * 1024
+WELCOME = ">>> [Welcome, You are registered.]"
+# A progress line on a pipe: "report.pdf  40%  8.0/20.0 MiB  12.3 MiB/s  0:01 left" in brackets
+# (the rate and the time left once something moved).
+PROGRESS = r"^>>> \[{name}  {pct}%  \d+\.\d/{total}(  \d+(\.\d)? (B|KiB|MiB|GiB)/s  \d+:\d\d left)?\]$"
+
+
+def write_random(path, size):
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Files:
+    """What both test classes share: two clients, each with its own download directory."""
+
+    def pair(self, timeout=15):
+        self.downloads = os.path.join(self.dir, "downloads-bob")
+        self.alice = self.start_client("alice", extra=["--download-dir", os.path.join(self.dir, "downloads-alice")])
+        self.bob = self.start_client("bob", extra=["--download-dir", self.downloads])
+        self.wait_table(self.alice, ["alice", "bob"], timeout)
+        self.wait_table(self.bob, ["alice", "bob"], timeout)
+
+    def offer(self, name, size, line_size):
+        path = os.path.join(self.dir, name)
+        want = write_random(path, size)
+        self.alice.send(f"sendfile bob {path}")
+        self.alice.expect_exact(f">>> [Offering {name} ({line_size}) to bob.]")
+        self.bob.expect_exact(f">>> [alice offers {name} ({line_size}); type accept alice or decline alice]")
+        return path, want
+
+    def saved(self, name, timeout):
+        saved_to = os.path.join(self.downloads, name)
+        self.bob.expect_exact(f">>> [File {name} from alice saved to {saved_to}.]", timeout=timeout)
+        self.alice.expect_exact(f">>> [File {name} sent to bob.]", timeout=timeout)
+        return saved_to
+
+
+class FilesTest(Files, ChatTest):
+    def test_a_20_mib_file_arrives_byte_identical_with_progress_and_chat_stays_prompt(self):
+        self.pair()
+        _, want = self.offer("big.bin", 20 * MiB, "20.0 MiB")
+        self.bob.send("accept alice")
+        self.bob.expect_exact(">>> [Receiving big.bin (20.0 MiB) from alice.]")
+        # Messages both ways while the chunks flow: each is received (its receipt back) promptly.
+        self.bob.expect(PROGRESS.format(name=re.escape("big.bin"), pct=10, total=re.escape("20.0 MiB")), timeout=30)
+        a0, b0 = self.alice.mark(), self.bob.mark()
+        t0 = time.monotonic()
+        self.alice.send("send bob during the transfer")
+        self.bob.send("send alice also during it")
+        self.alice.wait_seen(r"^>>> \[Message received by bob\.\]$", since=a0)
+        self.bob.wait_seen(r"^>>> \[Message received by alice\.\]$", since=b0)
+        chat_s = time.monotonic() - t0
+        self.bob.wait_seen(r"^>>> alice: during the transfer$", since=b0)
+        self.alice.wait_seen(r"^>>> bob: also during it$", since=a0)
+        saved_to = self.saved("big.bin", timeout=120)
+        self.assertEqual(digest(saved_to), want)
+        self.assertLess(chat_s, 5.0, "a chat message took this long to be received during the transfer")
+        # On a pipe: one line per 10 % on both sides, 100 % last, in order.
+        for p in (self.alice, self.bob):
+            pcts = [int(m.group(1)) for m in (re.match(r"^>>> \[big\.bin  (\d+)%  ", l) for l in p.lines) if m]
+            self.assertEqual(pcts, sorted(pcts), p.dump())
+            self.assertEqual(pcts[-1], 100, p.dump())
+            self.assertGreaterEqual(len(pcts), 10, p.dump())
+            self.assertLessEqual(len(pcts), 10, p.dump())
+        self.assertEqual(sorted(os.listdir(self.downloads)), ["big.bin"])  # no part or sidecar left
+
+    def test_decline_tells_the_sender_and_nothing_is_written(self):
+        self.pair()
+        self.offer("report.pdf", 300_000, "293.0 KiB")
+        self.bob.send("decline alice")
+        self.bob.expect_exact(">>> [Declined report.pdf from alice.]")
+        self.alice.expect_exact(">>> [bob declined report.pdf.]")
+        self.bob.send("transfers")
+        self.bob.expect_exact("[No file transfers.]")
+        self.assertFalse(os.path.exists(self.downloads) and os.listdir(self.downloads))
+
+    def test_cancel_midway_then_the_same_file_offered_again_resumes(self):
+        self.pair()
+        path, want = self.offer("video.mp4", 20 * MiB, "20.0 MiB")
+        self.bob.send("accept alice")
+        self.bob.expect(PROGRESS.format(name=re.escape("video.mp4"), pct=30, total=re.escape("20.0 MiB")), timeout=60)
+        self.bob.send("cancel 1")
+        self.bob.expect_exact(">>> [Cancelled video.mp4 from alice; what arrived is kept, and an offer of it again resumes.]")
+        self.alice.expect_exact(">>> [bob cancelled video.mp4.]")
+        self.alice.send(f"sendfile bob {path}")
+        self.bob.expect_exact(">>> [alice offers video.mp4 (20.0 MiB); type accept alice or decline alice]")
+        self.bob.send("accept alice")
+        line = self.bob.expect(r"^>>> \[Receiving video\.mp4 \(20\.0 MiB\) from alice, resuming with (\d+\.\d) MiB already here\.\]$")
+        kept = float(re.search(r"with (\d+\.\d) MiB", line).group(1))
+        self.assertGreaterEqual(kept, 6.0, line)  # at least the 30 % seen before the cancel
+        saved_to = self.saved("video.mp4", timeout=120)
+        self.assertEqual(digest(saved_to), want)
+
+    def test_sendfile_refusals_each_have_a_line(self):
+        self.pair()
+        self.alice.send(f"sendfile bob {self.dir}")
+        self.alice.expect_exact(f">>> [Error: refusing to use {self.dir}: it is not a regular file]")
+        missing = os.path.join(self.dir, "nope.txt")
+        self.alice.send(f"sendfile bob {missing}")
+        self.alice.expect(r"^>>> \[Error: cannot open " + re.escape(missing) + r": No such file or directory\]$")
+        self.alice.send("sendfile carol " + missing)
+        self.alice.expect_exact(">>> [Error: carol is not online; a file goes only to a client that is online]")
+        self.alice.send("sendfile alice " + missing)
+        self.alice.expect_exact(">>> [Error: you cannot send a file to yourself]")
+        self.bob.send("accept alice")
+        self.bob.expect_exact(">>> [Error: alice offers no file]")
+
+
+class LossyFilesTest(Files, NetnsChatTest):
+    def test_a_20_mib_file_arrives_intact_at_20_percent_loss(self):
+        self.pair(timeout=30)
+        # From now on one datagram in five is dropped on the namespace's loopback, both ways.
+        self.iptables("-A", "OUTPUT", "-p", "udp", "-m", "statistic", "--mode", "random",
+                      "--probability", "0.2", "-j", "DROP")
+        _, want = self.offer("lossy.bin", 20 * MiB, "20.0 MiB")
+        self.bob.send("accept alice")
+        saved_to = self.saved("lossy.bin", timeout=240)
+        self.assertEqual(digest(saved_to), want)
+
+
+if __name__ == "__main__":
+    unittest.main()

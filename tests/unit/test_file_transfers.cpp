@@ -1,0 +1,297 @@
+// File transfers between two client cores on the fake network and clock (sim.hpp), SPEC §12:
+// what each user sees (the exact status lines) and what lands in the download directory; and
+// the control messages' layouts.
+#include <doctest/doctest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "files/control.hpp"
+#include "files/wire.hpp"
+#include "offline/memory_store.hpp"
+#include "sim.hpp"
+
+namespace {
+
+using namespace chat;
+using namespace chat::sim;
+namespace fs = std::filesystem;
+
+const udp::endpoint kServerAt = addr(1, 5000);
+
+/// A directory of the test's own under /tmp, removed with everything in it.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "chatapp-files-XXXXXX").string();
+    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  fs::path path;
+};
+
+std::string random_bytes(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+void write_file(const fs::path& p, const std::string& bytes) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+std::vector<std::string> names_in(const fs::path& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+/// How many of `p`'s lines start with `prefix`.
+std::size_t starting(const Peer& p, const std::string& prefix) {
+  std::size_t n = 0;
+  for (const auto& l : p.lines) n += l.rfind(prefix, 0) == 0 ? 1 : 0;
+  return n;
+}
+
+/// A server, alice and bob online, each with a download directory of its own.
+struct Two {
+  explicit Two(std::uint64_t seed = 3) : net(seed) {
+    peer::FileOptions fa;
+    fa.download_dir = dir.path / "alice-downloads";
+    peer::FileOptions fb;
+    fb.download_dir = dir.path / "bob-downloads";
+    alice = std::make_unique<Peer>(net, "alice", addr(10, 6000), kServerAt, transport::RetryPolicy{}, 15s, 1, 0,
+                                   ":memory:", peer::Backlog{}, std::vector<udp::endpoint>{}, fa);
+    bob = std::make_unique<Peer>(net, "bob", addr(11, 6000), kServerAt, transport::RetryPolicy{}, 15s, 2, 0, ":memory:",
+                                 peer::Backlog{}, std::vector<udp::endpoint>{}, fb);
+    REQUIRE(net.run_until([&] { return alice->sees_online("bob") && bob->sees_online("alice"); }, 10s));
+  }
+  fs::path downloads() const { return dir.path / "bob-downloads"; }
+  /// alice offers a file of `bytes` named `name`; both see the offer.
+  fs::path offer(const std::string& name, const std::string& bytes, const std::string& size) {
+    fs::path p = dir.path / name;
+    write_file(p, bytes);
+    alice->type("sendfile bob " + p.string());
+    CHECK(alice->saw(">>> [Offering " + name + " (" + size + ") to bob.]"));
+    REQUIRE(net.run_until([&] { return bob->saw(">>> [alice offers " + name + " (" + size + "); type accept alice or decline alice]"); }, 5s));
+    return p;
+  }
+  bool saved(const std::string& name, Duration limit) {
+    const std::string at = (downloads() / name).string();
+    return net.run_until([&] {
+      return bob->saw(">>> [File " + name + " from alice saved to " + at + ".]") && alice->saw(">>> [File " + name + " sent to bob.]");
+    }, limit);
+  }
+
+  TempDir dir;
+  Net net;
+  ServerNode server{net, kServerAt, offline::open_memory_store()};
+  std::unique_ptr<Peer> alice;
+  std::unique_ptr<Peer> bob;
+};
+
+TEST_CASE("§12 a file offered and accepted arrives intact, with a line every 10 % on both sides") {
+  Two t;
+  const std::string bytes = random_bytes(1'000'000, 1);
+  t.offer("report.pdf", bytes, "976.6 KiB");
+  t.bob->type("accept alice");
+  CHECK(t.bob->saw(">>> [Receiving report.pdf (976.6 KiB) from alice.]"));
+  REQUIRE(t.saved("report.pdf", 30s));
+  CHECK(read_file(t.downloads() / "report.pdf") == bytes);
+  CHECK(names_in(t.downloads()) == std::vector<std::string>{"report.pdf"});  // no part file, no sidecar
+  for (const auto* p : {t.alice.get(), t.bob.get()}) {
+    CHECK(starting(*p, ">>> [report.pdf  ") == 10);
+    CHECK(starting(*p, ">>> [report.pdf  100%  976.6/976.6 KiB  ") == 1);
+  }
+  t.bob->type("transfers");
+  CHECK(t.bob->lines.back() == "[No file transfers.]");
+}
+
+TEST_CASE("§12 at 5 % and 20 % loss, with reordering, the file still arrives intact") {
+  for (double loss : {0.05, 0.2}) {
+    CAPTURE(loss);
+    Two t(static_cast<std::uint64_t>(loss * 100));
+    const std::string bytes = random_bytes(400'000, 2);
+    t.offer("lossy.bin", bytes, "390.6 KiB");
+    t.net.loss = loss;
+    t.bob->type("accept alice");
+    REQUIRE(t.saved("lossy.bin", 300s));
+    CHECK(read_file(t.downloads() / "lossy.bin") == bytes);
+  }
+}
+
+TEST_CASE("§12 decline tells the sender, and nothing is written") {
+  Two t;
+  t.offer("photo.jpg", random_bytes(5000, 3), "4.9 KiB");
+  t.bob->type("decline alice");
+  CHECK(t.bob->saw(">>> [Declined photo.jpg from alice.]"));
+  REQUIRE(t.net.run_until([&] { return t.alice->saw(">>> [bob declined photo.jpg.]"); }, 5s));
+  CHECK_FALSE(fs::exists(t.downloads()));
+  t.bob->type("accept alice");
+  CHECK(t.bob->lines.back() == ">>> [Error: alice offers no file]");
+}
+
+TEST_CASE("§12 an offer not answered in 2 minutes lapses, with a line on both sides") {
+  Two t;
+  t.offer("notes.txt", "hello", "5 B");
+  t.net.run_for(119s);
+  CHECK_FALSE(t.alice->saw(">>> [The offer of notes.txt to bob lapsed.]"));
+  REQUIRE(t.net.run_until([&] {
+    return t.alice->saw(">>> [The offer of notes.txt to bob lapsed.]") && t.bob->saw(">>> [alice's offer of notes.txt lapsed.]");
+  }, 5s));
+  t.bob->type("accept alice");
+  CHECK(t.bob->lines.back() == ">>> [Error: alice offers no file]");
+}
+
+TEST_CASE("§12 a file changed after its offer fails the check: deleted at the receiver, said on both sides") {
+  Two t;
+  std::string bytes = random_bytes(200'000, 4);
+  fs::path p = t.offer("data.bin", bytes, "195.3 KiB");
+  bytes[123'456] ^= 0x01;  // one bit, same size: only the hash can tell
+  write_file(p, bytes);
+  t.bob->type("accept alice");
+  REQUIRE(t.net.run_until([&] {
+    return t.bob->saw(">>> [File data.bin from alice did not match its check and was deleted.]") &&
+           t.alice->saw(">>> [File data.bin did not match its check at bob and was deleted there.]");
+  }, 30s));
+  CHECK(names_in(t.downloads()).empty());
+}
+
+TEST_CASE("§12 cancelled midway and offered again, the transfer resumes with what arrived") {
+  Two t;
+  const std::string bytes = random_bytes(3'000'000, 5);
+  fs::path p = t.offer("video.mp4", bytes, "2.9 MiB");
+  t.bob->type("accept alice");
+  REQUIRE(t.net.run_until([&] { return starting(*t.bob, ">>> [video.mp4  40%") == 1; }, 30s));
+  t.alice->type("cancel 1");
+  CHECK(t.alice->saw(">>> [Cancelled video.mp4 to bob.]"));
+  REQUIRE(t.net.run_until([&] {
+    return t.bob->saw(">>> [alice cancelled video.mp4; what arrived is kept, and an offer of it again resumes.]");
+  }, 5s));
+  t.net.run_for(2s);
+  t.alice->type("sendfile bob " + p.string());
+  REQUIRE(t.net.run_until([&] { return t.bob->count(">>> [alice offers video.mp4 (2.9 MiB); type accept alice or decline alice]") == 2; }, 5s));
+  t.bob->type("accept alice");
+  const std::string resumed = t.bob->lines.back();
+  CAPTURE(resumed);
+  CHECK(resumed.rfind(">>> [Receiving video.mp4 (2.9 MiB) from alice, resuming with ", 0) == 0);
+  REQUIRE(t.saved("video.mp4", 30s));
+  CHECK(read_file(t.downloads() / "video.mp4") == bytes);
+  // The second run sent only what was missing: it started at 40 % or more.
+  CHECK(starting(*t.bob, ">>> [video.mp4  10%") == 1);
+  CHECK(starting(*t.bob, ">>> [video.mp4  100%") == 1);
+}
+
+TEST_CASE("§12 the sender leaves mid-transfer (a signal): the receiver is told and keeps what arrived") {
+  Two t;
+  t.offer("video.mp4", random_bytes(3'000'000, 6), "2.9 MiB");
+  t.bob->type("accept alice");
+  REQUIRE(t.net.run_until([&] { return starting(*t.bob, ">>> [video.mp4  30%") == 1; }, 30s));
+  t.net.act(t.alice->client.core(), [&] { t.alice->client.leave(); });
+  REQUIRE(t.net.run_until([&] {
+    return t.bob->saw(">>> [alice cancelled video.mp4; what arrived is kept, and an offer of it again resumes.]");
+  }, 5s));
+  bool part = false;
+  for (const auto& n : names_in(t.downloads())) part = part || n.ends_with(".part");
+  CHECK(part);
+}
+
+TEST_CASE("§12 end of input waits for a running transfer, then the client exits") {
+  Two t;
+  const std::string bytes = random_bytes(2'000'000, 7);
+  t.offer("big.bin", bytes, "1.9 MiB");
+  t.bob->type("accept alice");
+  t.alice->end_input();
+  REQUIRE(t.saved("big.bin", 30s));
+  REQUIRE(t.net.run_until([&] { return t.alice->exit_code == 0; }, 10s));
+  CHECK(read_file(t.downloads() / "big.bin") == bytes);
+}
+
+TEST_CASE("§12 two offers from one sender: accept without the id says which ids there are") {
+  Two t;
+  fs::path a = t.dir.path / "a.txt";
+  fs::path b = t.dir.path / "b.txt";
+  write_file(a, "first");
+  write_file(b, "second");
+  t.alice->type("sendfile bob " + a.string());
+  t.alice->type("sendfile bob " + b.string());
+  REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [alice offers b.txt (6 B); type accept alice 2 or decline alice 2]"); }, 5s));
+  CHECK(t.bob->saw(">>> [alice offers a.txt (5 B); type accept alice or decline alice]"));
+  t.bob->type("accept alice");
+  CHECK(t.bob->lines.back() == ">>> [alice offers 2 files: type accept alice <id> (transfers lists them)]");
+  t.bob->type("accept alice 2");
+  REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File b.txt from alice saved to " + (t.downloads() / "b.txt").string() + ".]"); }, 10s));
+  CHECK(read_file(t.downloads() / "b.txt") == "second");
+  t.bob->type("decline alice");  // the only one left
+  CHECK(t.bob->lines.back() == ">>> [Declined a.txt from alice.]");
+}
+
+TEST_CASE("§12 a file saved beside one of the same name never overwrites it") {
+  Two t;
+  fs::create_directories(t.downloads());
+  write_file(t.downloads() / "report.pdf", "mine");
+  t.offer("report.pdf", "theirs", "6 B");
+  t.bob->type("accept alice");
+  const std::string at = (t.downloads() / "report (1).pdf").string();
+  REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File report.pdf from alice saved to " + at + ".]"); }, 10s));
+  CHECK(read_file(t.downloads() / "report.pdf") == "mine");
+  CHECK(read_file(at) == "theirs");
+}
+
+TEST_CASE("file control messages: each round-trips, anything else is refused") {
+  files::ctl::Offer offer{7, 1'000'000, {}, {}, "report.pdf"};
+  offer.hash[0] = 1;
+  offer.key[31] = 2;
+  const std::vector<files::Control> all = {
+      offer,
+      files::ctl::Accept{8, {{0, 10}, {12, 20}}},
+      files::ctl::Accept{8, {}},
+      files::ctl::Decline{9},
+      files::ctl::Cancel{10},
+      files::ctl::Done{11, files::ctl::Done::Result::mismatch},
+  };
+  for (const auto& c : all) {
+    const std::string bytes = files::encode(c);
+    auto back = files::decode(bytes);
+    REQUIRE(back.has_value());
+    CHECK(*back == c);
+    for (std::size_t n = 0; n < bytes.size(); ++n) CHECK_FALSE(files::decode(bytes.substr(0, n)).has_value());
+    CHECK_FALSE(files::decode(bytes + "x").has_value());
+  }
+  // Ranges out of order, touching, empty; a transfer id 0; an unknown op; an empty name.
+  CHECK_FALSE(files::decode(files::encode(files::ctl::Accept{8, {{12, 20}, {0, 10}}})).has_value());
+  CHECK_FALSE(files::decode(files::encode(files::ctl::Accept{8, {{0, 10}, {10, 20}}})).has_value());
+  CHECK_FALSE(files::decode(files::encode(files::ctl::Accept{8, {{5, 5}}})).has_value());
+  CHECK_FALSE(files::decode(files::encode(files::ctl::Cancel{0})).has_value());
+  std::string unknown = files::encode(files::ctl::Cancel{3});
+  unknown[0] = 9;
+  CHECK_FALSE(files::decode(unknown).has_value());
+  files::ctl::Offer unnamed = offer;
+  unnamed.name.clear();
+  CHECK_FALSE(files::decode(files::encode(unnamed)).has_value());
+  files::ctl::Offer long_name = offer;
+  long_name.name.assign(256, 'x');
+  CHECK_THROWS_AS(files::encode(long_name), std::length_error);
+}
+
+}  // namespace
