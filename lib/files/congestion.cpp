@@ -16,7 +16,8 @@ void RttEstimator::sample(Duration rtt) {
     rttvar_ = (3 * rttvar_ + err) / 4;
     srtt_ = (7 * srtt_ + rtt) / 8;
   }
-  rto_ = std::clamp(srtt_ + std::max(o_.granularity, 4 * rttvar_), o_.min_rto, o_.max_rto);
+  const Duration rfc = srtt_ + std::max(o_.granularity, 4 * rttvar_);
+  rto_ = std::clamp(std::max(rfc, o_.min_srtts * srtt_), o_.min_rto, std::max(o_.min_rto, o_.max_rto));
 }
 
 void RttEstimator::backoff() { rto_ = std::min(rto_ * 2, o_.max_rto); }

@@ -14,11 +14,27 @@ using transport::Duration;
 using transport::Time;
 using namespace std::chrono_literals;
 
+/// The retransmission timeout is RFC 6298's SRTT + max(G, 4 * RTTVAR), but at least
+/// min_srtts * SRTT and within [min_rto, max_rto].
+///
+/// Why the floor is 20 ms and not RFC 6298's 1 s (or Linux's 200 ms): those floors guard against
+/// a receiver's delayed ack (up to 500 ms in TCP) and coarse timers taking a slow ack for a loss.
+/// Here the receiver is ours and delays an ack by ReceiverOptions::ack_delay (15 ms) at most, so
+/// 20 ms stays above it even on loopback, where SRTT is a fraction of a millisecond and a 200 ms
+/// floor made each timeout cost a thousand round trips. The RTO is also no longer the usual way
+/// a loss is found: RACK finds a loss (a retransmission's too, as it has a newer tx seq) from the
+/// ack of any later transmission, and the Sender's tail loss probe asks for such an ack after
+/// 2 * SRTT of silence; the RTO fires only when its probes got no answer either. A low floor is
+/// still safe on a slower or congested path: the RTO never goes below 2 * SRTT (so it never
+/// fires before the probe), backs off exponentially (x2 per timeout, up to max_rto) until a new
+/// RTT sample, and a spurious one (the Sender sees an ack for a transmission sent before it)
+/// costs the few chunks resent but not the window.
 struct RttOptions {
-  Duration initial_rto = 1s;   // before the first sample (RFC 6298 §2.1)
-  Duration min_rto = 200ms;    // lower than RFC 6298's 1 s, as Linux does: chunks are cheap to resend
-  Duration max_rto = 10s;      // a backed-off RTO never grows past this
-  Duration granularity = 1ms;  // G: the clock's tick in RTO = SRTT + max(G, 4 * RTTVAR)
+  Duration initial_rto = 1s;       // before the first sample (RFC 6298 §2.1)
+  Duration min_rto = 20ms;         // the floor; see above
+  std::uint32_t min_srtts = 2;     // the RTO is at least this many SRTTs (the tail loss probe's 2 * SRTT)
+  Duration max_rto = 10s;          // a backed-off RTO never grows past this
+  Duration granularity = 1ms;      // G: the clock's tick in RTO = SRTT + max(G, 4 * RTTVAR)
 };
 
 /// SRTT, RTTVAR and the retransmission timeout of RFC 6298, with exponential backoff.
@@ -56,8 +72,8 @@ struct CongestionOptions {
 
 /// The congestion window in chunks. Slow start (+1 per chunk delivered) up to ssthresh, then
 /// congestion avoidance (+1 per window delivered); a loss event halves it, once per window of
-/// data: losses of chunks sent before the cut are part of the same event. An RTO collapses it to
-/// timeout_window and restarts slow start.
+/// data (about one RTT): losses of chunks sent before the cut are part of the same event. An RTO
+/// the Sender found real (not spurious) collapses it to timeout_window and restarts slow start.
 class CongestionWindow {
  public:
   explicit CongestionWindow(CongestionOptions o = {});
@@ -69,7 +85,8 @@ class CongestionWindow {
   /// Transmission `lost_tx` was lost, `highest_sent_tx` is the last one sent so far. Returns
   /// true if that was a new loss event (the window was cut), false if it belongs to the last one.
   bool on_loss(std::uint32_t lost_tx, std::uint32_t highest_sent_tx);
-  /// The retransmission timer fired; `highest_sent_tx` as in on_loss.
+  /// A retransmission timeout that was not spurious; `highest_sent_tx`, the last transmission
+  /// before it, as in on_loss.
   void on_timeout(std::uint32_t highest_sent_tx);
 
   std::uint32_t window() const { return cwnd_; }

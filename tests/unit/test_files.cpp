@@ -206,14 +206,21 @@ struct RunResult {
 constexpr std::uint64_t kMaxIterations = 2'000'000;
 constexpr std::uint64_t kTransferId = 0x5EED'F11E'0000'0001;
 
-/// Moves `src` into `dst` over a Link with `loss` both ways (20 ms one way, 5 ms jitter), the
+/// The link's one-way delay and jitter: a WAN by default.
+struct Path {
+  chat::transport::Duration delay = 20ms;
+  chat::transport::Duration jitter = 5ms;
+};
+
+/// Moves `src` into `dst` over a Link with `loss` both ways (`path`'s delay and jitter), the
 /// Sender and Receiver exchanging real encoded, encrypted datagrams; time moves from one event
 /// to the next. Publishes `dst` when both ends are done.
-RunResult simulate(const SourceFile& src, Partial& dst, double loss, std::uint64_t seed) {
+RunResult simulate(const SourceFile& src, Partial& dst, double loss, std::uint64_t seed, Path path = {},
+                   SenderOptions options = {}) {
   ManualClock clock;
-  Link link(seed, loss, 20ms, 5ms);
+  Link link(seed, loss, path.delay, path.jitter);
   const TransferKeys keys = derive_keys(new_file_key());
-  Sender sender(kTransferId, src.chunk_count(), dst.have());
+  Sender sender(kTransferId, src.chunk_count(), dst.have(), options);
   Receiver receiver(kTransferId, src.chunk_count(), dst.have());
   const auto start = clock.now();
   RunResult out;
@@ -468,7 +475,9 @@ TEST_CASE("RangeSet merges, reports gaps and counts") {
 }
 
 TEST_CASE("RttEstimator follows RFC 6298 with a 200 ms floor, a 10 s ceiling and doubling backoff") {
-  RttEstimator r;
+  RttOptions o;
+  o.min_rto = 200ms;
+  RttEstimator r(o);
   CHECK(!r.has_sample());
   CHECK(r.rto() == 1s);
   r.sample(100ms);
@@ -487,6 +496,23 @@ TEST_CASE("RttEstimator follows RFC 6298 with a 200 ms floor, a 10 s ceiling and
   CHECK(r.rto() == 10s);  // the ceiling
   r.sample(10ms);
   CHECK(r.rto() == 200ms);  // a new sample ends the backoff
+}
+
+TEST_CASE("RttEstimator's default floor is 20 ms, and the RTO is never under 2 SRTT") {
+  RttEstimator r;
+  CHECK(r.rto() == 1s);
+  r.sample(200us);  // loopback
+  CHECK(r.rto() == 20ms);
+  for (int i = 0; i < 50; ++i) r.sample(300us);
+  CHECK(r.rto() == 20ms);
+  r.backoff();
+  CHECK(r.rto() == 40ms);
+  r.backoff();
+  CHECK(r.rto() == 80ms);
+  RttEstimator wan;
+  for (int i = 0; i < 100; ++i) wan.sample(100ms);  // a steady RTT: RTTVAR goes to ~0
+  CHECK(wan.rttvar() < 1ms);
+  CHECK(wan.rto() == 200ms);  // 2 SRTT, not SRTT + G: never before the tail loss probe
 }
 
 TEST_CASE("CongestionWindow grows in slow start and avoidance, halves once per window, collapses on an RTO") {
@@ -720,6 +746,19 @@ TEST_CASE("Receiver acks every second in-order chunk, after a delay for a lone o
   CHECK(r.make_ack().cumulative == 10);
 }
 
+TEST_CASE("Receiver acks at once a chunk after a skipped tx seq: a transmission, maybe a retransmission, was lost") {
+  ManualClock clock;
+  const auto t0 = clock.now();
+  Receiver r(1, 10, RangeSet{});
+  CHECK(!r.on_chunk(0, 1, t0));  // in order: waits for a second
+  CHECK(r.on_chunk(1, 2, t0));
+  r.make_ack();
+  CHECK(r.on_chunk(2, 4, t0));  // the next chunk, but tx 3 never came: the sender's RACK wants this ack
+  CHECK(r.make_ack().highest_tx == 4);
+  CHECK(!r.on_chunk(3, 5, t0));  // in step again: waits
+  CHECK(r.next_timer() == t0 + 15ms);
+}
+
 TEST_CASE("Receiver's ack carries at most 32 ranges, the latest chunk's among them") {
   RangeSet have;
   for (std::uint32_t i = 2; i < 200; i += 2) have.insert(i);  // 99 ranges, chunk 0 missing
@@ -788,6 +827,187 @@ TEST_CASE("Sender resends a chunk once a later one is acked and a quarter RTT ha
   REQUIRE(t);
   CHECK(t->index == 1);  // lost chunks go before new ones
   CHECK(t->retransmission);
+}
+
+TEST_CASE("Sender probes the tail after 2 SRTT without an ack, and RACK finds the losses from the probe's ack") {
+  ManualClock clock;
+  const auto t0 = clock.now();
+  SenderOptions o;
+  o.pacing = false;
+  Sender s(1, 6, RangeSet{}, o);
+  for (int i = 0; i < 4; ++i) REQUIRE(s.next(t0));  // chunks 0-3, tx 1-4
+  CHECK(s.next_timer() == t0 + 1s);                   // no RTT sample yet: no probe, the initial RTO
+  clock.advance(10ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 2, 2, {}}, clock.now()));  // chunks 0-1: SRTT 10 ms, RTO 30 ms, window 6
+  CHECK(s.rtt().rto() == 30ms);
+  std::optional<Transmission> t;
+  for (std::uint32_t i : {4u, 5u}) {
+    t = s.next(clock.now());
+    REQUIRE(t);
+    CHECK(t->index == i);
+  }
+  CHECK(!s.next(clock.now()));  // all sent; chunks 2-5 (tx 3-6) in flight, and all of them lost
+  CHECK(s.next_timer() == clock.now() + 20ms);  // PTO = 2 SRTT, before the RTO
+
+  clock.advance(20ms);
+  t = s.next(clock.now());
+  REQUIRE(t);  // the window has room but nothing new is left: the highest-sent chunk again
+  CHECK(t->index == 5);
+  CHECK(t->tx_seq == 7);
+  CHECK(t->retransmission);
+  CHECK(!s.next(clock.now()));  // one probe
+  CHECK(s.stats().probes == 1);
+  CHECK(s.stats().window_cuts == 0);  // a probe does not cut the window
+  CHECK(s.window() == 6);
+  CHECK(s.in_flight() == 4);
+  CHECK(s.next_timer() == clock.now() + 30ms);  // the second probe (at 2 x 20 ms) would be past the RTO: at it
+
+  clock.advance(10ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 7, 2, {{5, 6}}}, clock.now()));  // only the probe arrived
+  CHECK(s.stats().losses == 3);       // chunks 2-4, sent before it: found without an RTO
+  CHECK(s.stats().window_cuts == 1);  // one loss event (the probe's resend of chunk 5 is part of it)
+  CHECK(s.window() == 3);
+  std::vector<std::uint32_t> resent;
+  while ((t = s.next(clock.now()))) {
+    CHECK(t->retransmission);
+    resent.push_back(t->index);
+  }
+  CHECK(resent == std::vector<std::uint32_t>{2, 3, 4});
+  clock.advance(10ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 10, 6, {}}, clock.now()));
+  CHECK(s.done());
+  CHECK(s.stats().timeouts == 0);
+  CHECK(s.stats().probes == 1);
+}
+
+TEST_CASE("the probe waits out the receiver's delayed ack when a lone chunk is in flight, unless it is the last one") {
+  ManualClock clock;
+  SenderOptions o;
+  o.pacing = false;
+  {
+    Sender s(1, 10, RangeSet{}, o);
+    for (int i = 0; i < 4; ++i) REQUIRE(s.next(clock.now()));
+    clock.advance(100ms);
+    REQUIRE(s.on_ack(ChunkAck{1, 3, 3, {}}, clock.now()));  // SRTT 100 ms, RTO 300 ms; chunk 3 alone in flight
+    CHECK(s.in_flight() == 1);
+    CHECK(s.next_timer() == clock.now() + 215ms);  // 2 SRTT + the receiver's 15 ms
+  }
+  {
+    Sender s(1, 4, RangeSet{}, o);
+    for (int i = 0; i < 4; ++i) REQUIRE(s.next(clock.now()));
+    clock.advance(100ms);
+    REQUIRE(s.on_ack(ChunkAck{1, 3, 3, {}}, clock.now()));  // chunk 3 is the last one missing: acked at once
+    CHECK(s.next_timer() == clock.now() + 200ms);
+  }
+  {
+    o.max_probes = 0;
+    Sender s(1, 10, RangeSet{}, o);
+    for (int i = 0; i < 4; ++i) REQUIRE(s.next(clock.now()));
+    clock.advance(100ms);
+    REQUIRE(s.on_ack(ChunkAck{1, 3, 3, {}}, clock.now()));
+    CHECK(s.next_timer() == clock.now() + 300ms);  // no probes: the RTO
+  }
+}
+
+TEST_CASE("a lost retransmission is found by RACK from a later transmission's ack, without an RTO") {
+  ManualClock clock;
+  const auto t0 = clock.now();
+  SenderOptions o;
+  o.pacing = false;
+  o.max_probes = 0;  // RACK alone
+  Sender s(1, 20, RangeSet{}, o);
+  for (int i = 0; i < 4; ++i) REQUIRE(s.next(t0));  // chunks 0-3, tx 1-4
+  clock.set(t0 + 10ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 4, 1, {{2, 4}}}, clock.now()));  // chunk 1 (tx 2) missing
+  int sent = 0;
+  while (s.next(clock.now())) ++sent;
+  CHECK(sent == 6);  // chunks 4-9 (tx 5-10): the window grew to 7
+  clock.set(t0 + 12500us);  // SRTT + SRTT/4 after tx 2 went: lost
+  auto t = s.next(clock.now());
+  REQUIRE(t);
+  CHECK(t->index == 1);
+  CHECK(t->tx_seq == 11);
+  CHECK(t->retransmission);  // fast retransmit, past the halved window
+  CHECK(s.stats().window_cuts == 1);
+  CHECK(!s.next(clock.now()));
+
+  // The retransmission (tx 11) is lost too; chunks 4-9 arrive, and the acks make room for two more.
+  clock.set(t0 + 20ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 10, 1, {{2, 10}}}, clock.now()));
+  for (std::uint32_t i : {10u, 11u}) {
+    t = s.next(clock.now());
+    REQUIRE(t);
+    CHECK(t->index == i);  // tx 12 and 13, sent after the retransmission
+  }
+  CHECK(s.stats().losses == 1);
+  clock.set(t0 + 30ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 13, 1, {{2, 12}}}, clock.now()));  // their ack: tx 11 was sent before them
+  CHECK(s.stats().losses == 2);
+  CHECK(s.stats().window_cuts == 2);  // sent after the first cut: a new loss event
+  t = s.next(clock.now());
+  REQUIRE(t);
+  CHECK(t->index == 1);
+  CHECK(t->tx_seq == 14);
+  CHECK(s.stats().timeouts == 0);
+}
+
+TEST_CASE("an RTO collapses the window only once an ack shows it was not spurious") {
+  ManualClock clock;
+  const auto t0 = clock.now();
+  SenderOptions o;
+  o.pacing = false;
+  o.max_probes = 0;  // the RTO alone
+  Sender s(1, 100, RangeSet{}, o);
+  for (int i = 0; i < 4; ++i) REQUIRE(s.next(t0));
+  clock.advance(10ms);
+  REQUIRE(s.on_ack(ChunkAck{1, 4, 4, {}}, clock.now()));  // SRTT 10 ms, RTO 30 ms, window 8
+  int sent = 0;
+  while (s.next(clock.now())) ++sent;
+  CHECK(sent == 8);  // chunks 4-11, tx 5-12
+  CHECK(s.next_timer() == clock.now() + 30ms);
+  clock.advance(30ms);
+  std::vector<std::uint32_t> resent;
+  while (auto t = s.next(clock.now())) {
+    CHECK(t->retransmission);
+    resent.push_back(t->index);
+  }
+  CHECK(s.stats().timeouts == 1);
+  CHECK(resent == std::vector<std::uint32_t>{4, 5});  // tx 13 and 14: timeout_window chunks until an ack
+  CHECK(s.window() == 8);  // not collapsed yet
+  CHECK(s.rtt().rto() == 60ms);
+
+  SUBCASE("an ack for a transmission sent before the RTO: they were late, not lost") {
+    clock.advance(5ms);
+    REQUIRE(s.on_ack(ChunkAck{1, 8, 8, {}}, clock.now()));  // chunks 4-7, up to tx 8
+    CHECK(s.stats().spurious_timeouts == 1);
+    CHECK(s.window() == 12);             // kept, and grown by the 4 delivered
+    CHECK(s.in_flight() == 4);           // chunks 8-11 back in flight, not resent
+    CHECK(s.stats().losses == 2);        // only the two resent
+    const auto t = s.next(clock.now());
+    REQUIRE(t);
+    CHECK(t->index == 12);
+    CHECK(!t->retransmission);
+  }
+  SUBCASE("an ack for the retransmission: a real timeout") {
+    clock.advance(5ms);
+    REQUIRE(s.on_ack(ChunkAck{1, 13, 5, {}}, clock.now()));  // chunk 4's resend
+    CHECK(s.stats().spurious_timeouts == 0);
+    CHECK(s.window() == 3);  // collapsed to 2, then slow start: +1 for the chunk delivered
+    CHECK(s.stats().losses == 8);
+    const auto t = s.next(clock.now());
+    REQUIRE(t);
+    CHECK(t->index == 6);
+    CHECK(t->retransmission);
+  }
+  SUBCASE("no ack before the next RTO: a real timeout") {
+    REQUIRE(s.next_timer() == clock.now() + 60ms);
+    clock.advance(60ms);
+    const auto t = s.next(clock.now());
+    CHECK(s.stats().timeouts == 2);
+    CHECK(s.window() == 2);  // collapsed for the first
+    REQUIRE(t);
+    CHECK(t->index == 4);  // its resends lost as well: the lowest lost chunk first again
+  }
 }
 
 TEST_CASE("Sender backs off on timeouts and fails after 15 s without progress") {
@@ -1010,7 +1230,7 @@ TEST_CASE("a file crosses a lossy, reordering link intact, and the window backs 
     chat::transport::Duration limit;  // simulated time the transfer must finish in
   };
   std::vector<RunResult> runs;
-  for (const Case c : {Case{0.0, 2s}, Case{0.05, 60s}, Case{0.20, 200s}}) {
+  for (const Case c : {Case{0.0, 1s}, Case{0.05, 40s}, Case{0.20, 130s}}) {
     CAPTURE(c.loss);
     const fs::path dl = tmp.path() / std::string("dl-").append(std::to_string(runs.size()));
     fs::create_directory(dl);
@@ -1019,7 +1239,7 @@ TEST_CASE("a file crosses a lossy, reordering link intact, and the window backs 
     RunResult r = simulate(src_file.value(), p.value(), c.loss, 100 + runs.size());
     MESSAGE("loss " << c.loss << ": " << std::chrono::duration<double>(r.elapsed).count() << " s simulated, "
                     << r.stats.transmissions << " sent, " << r.stats.retransmissions << " resent, " << r.stats.timeouts
-                    << " timeouts, " << r.stats.window_cuts << " cuts, max window " << r.stats.max_window
+                    << " timeouts, " << r.stats.probes << " probes, " << r.stats.window_cuts << " cuts, max window " << r.stats.max_window
                     << ", max after a cut " << r.max_window_after_cut << ", " << r.iterations << " steps");
     CHECK(r.error == "");
     REQUIRE(r.finished);
@@ -1043,6 +1263,60 @@ TEST_CASE("a file crosses a lossy, reordering link intact, and the window backs 
   CHECK(runs[2].stats.retransmissions > runs[1].stats.retransmissions);
   CHECK(runs[2].stats.window_cuts > 0);
   CHECK(runs[2].max_window_after_cut * 4 < runs[0].stats.max_window);
+}
+
+TEST_CASE("a 20 MiB file crosses a lossy loopback link in seconds: the losses are found in round trips, not timeouts") {
+  // The CI test's setting: loopback in a network namespace, netem random loss, no added delay.
+  // 0.1 ms one way with up to 20 us of jitter; 14,600 chunks of 1438 bytes (20 MiB).
+  TempDir tmp;
+  constexpr std::uint32_t kChunks = 14600;
+  const Source src = make_source(tmp.path(), kChunks, 9);
+  auto src_file = SourceFile::open(src.path);
+  REQUIRE(src_file.ok());
+  const Path loopback{100us, 20us};
+
+  struct Case {
+    double loss;
+    chat::transport::Duration limit;  // simulated; over 12 seeds the slowest took 3 ms, 0.56 s, 5.1 s
+    std::uint32_t max_timeouts;       // over 12 seeds at most 0, 0, 49
+  };
+  int n = 0;
+  for (const Case c : {Case{0.0, 50ms, 0}, Case{0.05, 2s, 5}, Case{0.20, 10s, 100}}) {
+    for (const std::uint64_t seed : {200, 201}) {
+      CAPTURE(c.loss);
+      CAPTURE(seed);
+      const fs::path dl = tmp.path() / std::string("dl-").append(std::to_string(n++));
+      fs::create_directory(dl);
+      auto p = Partial::open(dl, "big.bin", src.hash, src.bytes.size());
+      REQUIRE(p.ok());
+      const RunResult r = simulate(src_file.value(), p.value(), c.loss, seed, loopback);
+      const double secs = std::chrono::duration<double>(r.elapsed).count();
+      MESSAGE("loopback, loss " << c.loss << ", seed " << seed << ": " << secs << " s simulated ("
+                                << static_cast<double>(src.bytes.size()) / secs / 1e6 << " MB/s), " << r.stats.transmissions
+                                << " sent, " << r.stats.retransmissions << " resent, " << r.stats.timeouts << " RTOs ("
+                                << r.stats.spurious_timeouts << " spurious), " << r.stats.probes << " probes, "
+                                << r.stats.window_cuts << " cuts, " << r.stats.losses << " losses, max window "
+                                << r.stats.max_window << ", " << r.iterations << " steps");
+      CHECK(r.error == "");
+      REQUIRE(r.finished);
+      CHECK(r.rejected == 0);
+      REQUIRE(r.saved);
+      CHECK(hash_file(*r.saved).value() == src.hash);
+      CHECK(r.stats.transmissions == kChunks + r.stats.retransmissions);
+      CHECK(r.elapsed < c.limit);
+      CHECK(r.stats.timeouts <= c.max_timeouts);
+      if (c.loss == 0.0) {
+        CHECK(r.stats.retransmissions == 0);
+        CHECK(r.stats.probes == 0);
+        CHECK(r.stats.window_cuts == 0);
+        CHECK(r.sent.size() == kChunks);
+      } else {
+        CHECK(r.stats.retransmissions > 0);
+        CHECK(r.stats.window_cuts > 0);
+        CHECK(r.stats.window_cuts < r.stats.losses);  // a cut per loss event, not per lost chunk
+      }
+    }
+  }
 }
 
 TEST_CASE("a resumed download fetches only the chunks it lacks and ends byte-identical") {
