@@ -705,6 +705,21 @@ class EchoProcess {
   pid_t pid_ = -1;
 };
 
+/// `n` datagrams through `echo` with up to kBaselineWindow outstanding, each answered: per second.
+double windowed_rate(EchoProcess& echo, std::size_t n) {
+  auto start = Clock::now();
+  std::size_t sent = 0, answered = 0;
+  while (answered < n) {
+    while (sent < n && sent - answered < kBaselineWindow) {
+      echo.send();
+      ++sent;
+    }
+    echo.receive();
+    ++answered;
+  }
+  return static_cast<double>(n) / std::chrono::duration<double>(Clock::now() - start).count();
+}
+
 struct Baseline {
   double p50 = 0;
   double p99 = 0;
@@ -726,17 +741,7 @@ Baseline run_baseline(std::size_t n, std::size_t request_size, std::size_t reply
   Baseline b;
   b.p50 = percentile(rtt, 50);
   b.p99 = percentile(rtt, 99);
-  auto start = Clock::now();
-  std::size_t sent = 0, answered = 0;
-  while (answered < n) {
-    while (sent < n && sent - answered < kBaselineWindow) {
-      echo.send();
-      ++sent;
-    }
-    echo.receive();
-    ++answered;
-  }
-  b.per_s = static_cast<double>(n) / std::chrono::duration<double>(Clock::now() - start).count();
+  b.per_s = windowed_rate(echo, n);
   return b;
 }
 
@@ -1043,17 +1048,7 @@ double raw_stream(std::size_t n) {
     echo.send();
     echo.receive();
   }
-  auto start = Clock::now();
-  std::size_t sent = 0, answered = 0;
-  while (answered < n) {
-    while (sent < n && sent - answered < kBaselineWindow) {
-      echo.send();
-      ++sent;
-    }
-    echo.receive();
-    ++answered;
-  }
-  return static_cast<double>(n) / std::chrono::duration<double>(Clock::now() - start).count();
+  return windowed_rate(echo, n);
 }
 
 bool run_files(const Options& o) {

@@ -1,6 +1,8 @@
 // Safe names for received files and a publish step that never overwrites.
 #include "files/safe_name.hpp"
 
+#include "protocol/codec.hpp"
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -15,30 +17,6 @@ namespace fs = std::filesystem;
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD, for each invalid byte
 constexpr int kMaxCopies = 100000;                          // "name (100000).ext" is the last try
 
-// Length of the well-formed UTF-8 sequence at the start of `s` (non-empty) and its code point
-// in `cp`; 0 if it is not one (overlong, surrogate, past U+10FFFF, cut short).
-std::size_t utf8_sequence(std::string_view s, char32_t& cp) {
-  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
-  char32_t c = b(0);
-  std::size_t n;
-  char32_t min;
-  if (c < 0x80) {
-    cp = c;
-    return 1;
-  }
-  if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
-  else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, c &= 0x0F;
-  else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, c &= 0x07;
-  else return 0;
-  if (s.size() < n) return 0;
-  for (std::size_t k = 1; k < n; ++k) {
-    if ((b(k) & 0xC0) != 0x80) return 0;
-    c = (c << 6) | (b(k) & 0x3F);
-  }
-  if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
-  cp = c;
-  return n;
-}
 
 // Characters a saved name never keeps: they hide, break or disguise it on a terminal or in a
 // file manager.
@@ -114,7 +92,7 @@ std::string safe_basename(std::string_view offered) {
   std::string clean;
   for (std::size_t i = 0; i < last.size();) {
     char32_t cp = 0;
-    const std::size_t n = utf8_sequence(last.substr(i), cp);
+    const std::size_t n = protocol::utf8_sequence(last.substr(i), cp);
     if (n == 0) {
       clean.append(kReplacement);
       ++i;

@@ -192,33 +192,36 @@ std::optional<std::string> Pair::open(std::string_view box) const {
 
 // ---- Direct messages and receipts ----
 
-std::string seal_direct(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
-                        std::string_view text) {
-  check_name_length(to, "the recipient's name");
-  check_text_length(text);
+namespace {
+
+/// The box of kind ‖ mid ‖ sent_ms ‖ to ‖ rest: a direct message's or a file control message's.
+std::string seal_addressed(const Pair& pair, std::uint8_t kind, std::uint64_t mid, std::uint64_t sent_ms,
+                           std::string_view to, std::string_view rest) {
   Writer w;
-  w.u8(kKindDirect).u64(mid).u64(sent_ms).short_bytes(to).raw(text);
+  w.u8(kind).u64(mid).u64(sent_ms).short_bytes(to).raw(rest);
   std::string sealed = pair.seal(w.str());
   sodium_memzero(w.str().data(), w.str().size());
   return sealed;
 }
 
-std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::string_view me) {
+/// What seal_addressed() sealed, if `body` opens, is of `kind`, is addressed to `me` and its
+/// rest passes `accept`; the plaintext is wiped either way.
+template <class Accept>
+std::optional<Opened> open_addressed(const Pair& pair, std::string_view body, std::uint8_t kind, std::string_view me,
+                                     Accept accept) {
   auto plain = pair.open(body);
   if (!plain) return std::nullopt;
   Reader r(*plain);
-  std::uint8_t kind = 0;
+  std::uint8_t got = 0;
   Opened m;
   std::string_view to;
   // `to == me`: the pairwise key is the same both ways, so without it a message could be sent back
   // to its own sender (reflected) and pass for one from the peer.
-  const bool ok = r.u8(kind) && kind == kKindDirect && r.u64(m.mid) && r.u64(m.sent_ms) && r.short_bytes(to) &&
-                  to == me;
   std::optional<Opened> result;
-  if (ok) {
-    const auto text = r.rest();
-    if (acceptable_text(text)) {
-      m.text.assign(text);
+  if (r.u8(got) && got == kind && r.u64(m.mid) && r.u64(m.sent_ms) && r.short_bytes(to) && to == me) {
+    const auto rest = r.rest();
+    if (accept(rest)) {
+      m.text.assign(rest);
       result = std::move(m);
     }
   }
@@ -226,31 +229,28 @@ std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::
   return result;
 }
 
+}  // namespace
+
+std::string seal_direct(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
+                        std::string_view text) {
+  check_name_length(to, "the recipient's name");
+  check_text_length(text);
+  return seal_addressed(pair, kKindDirect, mid, sent_ms, to, text);
+}
+
+std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::string_view me) {
+  return open_addressed(pair, body, kKindDirect, me, [](std::string_view text) { return acceptable_text(text); });
+}
+
 std::string seal_file(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
                       std::string_view payload) {
   check_name_length(to, "the recipient's name");
   if (payload.size() > kMaxFilePayload) throw std::length_error("a file control message is too long");
-  Writer w;
-  w.u8(kKindFile).u64(mid).u64(sent_ms).short_bytes(to).raw(payload);
-  std::string sealed = pair.seal(w.str());
-  sodium_memzero(w.str().data(), w.str().size());
-  return sealed;
+  return seal_addressed(pair, kKindFile, mid, sent_ms, to, payload);
 }
 
 std::optional<Opened> open_file(const Pair& pair, std::string_view body, std::string_view me) {
-  auto plain = pair.open(body);
-  if (!plain) return std::nullopt;
-  Reader r(*plain);
-  std::uint8_t kind = 0;
-  Opened m;
-  std::string_view to;
-  std::optional<Opened> result;
-  if (r.u8(kind) && kind == kKindFile && r.u64(m.mid) && r.u64(m.sent_ms) && r.short_bytes(to) && to == me) {
-    m.text.assign(r.rest());
-    result = std::move(m);
-  }
-  sodium_memzero(plain->data(), plain->size());
-  return result;
+  return open_addressed(pair, body, kKindFile, me, [](std::string_view) { return true; });
 }
 
 std::string seal_receipt(const Pair& pair, std::uint64_t mid, std::string_view to) {

@@ -10,6 +10,31 @@
 #include <nlohmann/json.hpp>
 
 namespace chat::protocol {
+
+// Declared in codec.hpp: the first UTF-8 sequence of `s`, its length and code point.
+std::size_t utf8_sequence(std::string_view s, char32_t& cp) {
+  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
+  char32_t c = b(0);
+  std::size_t n;
+  char32_t min;
+  if (c < 0x80) {
+    cp = c;
+    return 1;
+  }
+  if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
+  else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, c &= 0x0F;
+  else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, c &= 0x07;
+  else return 0;
+  if (s.size() < n) return 0;
+  for (std::size_t k = 1; k < n; ++k) {
+    if ((b(k) & 0xC0) != 0x80) return 0;
+    c = (c << 6) | (b(k) & 0x3F);
+  }
+  if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
+  cp = c;
+  return n;
+}
+
 namespace {
 
 template <class... Ts>
@@ -77,24 +102,9 @@ bool parse_ipv4(std::string_view s, std::uint8_t out[4]) {
   return i == s.size();
 }
 
-// Length of the well-formed UTF-8 sequence at the start of `s` (non-empty), or 0 if it is not one.
 std::size_t utf8_length(std::string_view s) {
-  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
-  unsigned c = b(0);
-  if (c < 0x80) return 1;
-  std::size_t n;
-  unsigned min;
-  if ((c & 0xE0) == 0xC0) n = 2, min = 0x80, c &= 0x1F;
-  else if ((c & 0xF0) == 0xE0) n = 3, min = 0x800, c &= 0x0F;
-  else if ((c & 0xF8) == 0xF0) n = 4, min = 0x10000, c &= 0x07;
-  else return 0;
-  if (s.size() < n) return 0;
-  for (std::size_t k = 1; k < n; ++k) {
-    if ((b(k) & 0xC0) != 0x80) return 0;
-    c = (c << 6) | (b(k) & 0x3F);
-  }
-  if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
-  return n;
+  char32_t cp = 0;
+  return utf8_sequence(s, cp);
 }
 
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD

@@ -88,6 +88,9 @@ std::size_t table_overhead(std::string_view recipient);
 bool valid_name(std::string_view name);
 /// True if `s` is well-formed UTF-8.
 bool valid_utf8(std::string_view s);
+/// Length of the well-formed UTF-8 sequence at the start of `s` (non-empty) and its code point
+/// in `cp`; 0 if it is not one (overlong, surrogate, past U+10FFFF, cut short).
+std::size_t utf8_sequence(std::string_view s, char32_t& cp);
 /// True if `s` is a dotted-decimal IPv4 address.
 bool valid_ipv4(std::string_view s);
 /// Why `text` cannot be sent, or an empty string if it can (checked at the prompt): not valid

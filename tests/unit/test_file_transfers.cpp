@@ -12,10 +12,13 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
 #include "files/control.hpp"
 #include "files/wire.hpp"
 #include "offline/memory_store.hpp"
 #include "sim.hpp"
+
+using TempDir = chat::test::TempDir;
 
 namespace {
 
@@ -25,22 +28,6 @@ namespace fs = std::filesystem;
 
 const udp::endpoint kServerAt = addr(1, 5000);
 
-/// A directory of the test's own under /tmp, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "chatapp-files-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  fs::path path;
-};
 
 std::string random_bytes(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -78,19 +65,19 @@ std::size_t starting(const Peer& p, const std::string& prefix) {
 struct Two {
   explicit Two(std::uint64_t seed = 3) : net(seed) {
     peer::FileOptions fa;
-    fa.download_dir = dir.path / "alice-downloads";
+    fa.download_dir = dir.path() / "alice-downloads";
     peer::FileOptions fb;
-    fb.download_dir = dir.path / "bob-downloads";
+    fb.download_dir = dir.path() / "bob-downloads";
     alice = std::make_unique<Peer>(net, "alice", addr(10, 6000), kServerAt, transport::RetryPolicy{}, 15s, 1, 0,
                                    ":memory:", peer::Backlog{}, std::vector<udp::endpoint>{}, fa);
     bob = std::make_unique<Peer>(net, "bob", addr(11, 6000), kServerAt, transport::RetryPolicy{}, 15s, 2, 0, ":memory:",
                                  peer::Backlog{}, std::vector<udp::endpoint>{}, fb);
     REQUIRE(net.run_until([&] { return alice->sees_online("bob") && bob->sees_online("alice"); }, 10s));
   }
-  fs::path downloads() const { return dir.path / "bob-downloads"; }
+  fs::path downloads() const { return dir.path() / "bob-downloads"; }
   /// alice offers a file of `bytes` named `name`; both see the offer.
   fs::path offer(const std::string& name, const std::string& bytes, const std::string& size) {
-    fs::path p = dir.path / name;
+    fs::path p = dir.path() / name;
     write_file(p, bytes);
     alice->type("sendfile bob " + p.string());
     CHECK(alice->saw(">>> [Offering " + name + " (" + size + ") to bob.]"));
@@ -252,20 +239,20 @@ TEST_CASE("§12 file frames that are not of a running transfer's peer are droppe
 
 TEST_CASE("§12 sendfile of a FIFO, a directory or a missing file: one error line each, at once") {
   Two t;
-  const fs::path fifo = t.dir.path / "pipe";
+  const fs::path fifo = t.dir.path() / "pipe";
   REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
   t.alice->type("sendfile bob " + fifo.string());  // opening it must not wait for a writer
   CHECK(t.alice->lines.back() == ">>> [Error: refusing to use " + fifo.string() + ": it is not a regular file]");
-  t.alice->type("sendfile bob " + t.dir.path.string());
-  CHECK(t.alice->lines.back() == ">>> [Error: refusing to use " + t.dir.path.string() + ": it is not a regular file]");
-  t.alice->type("sendfile bob " + (t.dir.path / "nope").string());
-  CHECK(t.alice->lines.back() == ">>> [Error: cannot open " + (t.dir.path / "nope").string() + ": No such file or directory]");
+  t.alice->type("sendfile bob " + t.dir.path().string());
+  CHECK(t.alice->lines.back() == ">>> [Error: refusing to use " + t.dir.path().string() + ": it is not a regular file]");
+  t.alice->type("sendfile bob " + (t.dir.path() / "nope").string());
+  CHECK(t.alice->lines.back() == ">>> [Error: cannot open " + (t.dir.path() / "nope").string() + ": No such file or directory]");
 }
 
 TEST_CASE("§12 two offers from one sender: accept without the id says which ids there are") {
   Two t;
-  fs::path a = t.dir.path / "a.txt";
-  fs::path b = t.dir.path / "b.txt";
+  fs::path a = t.dir.path() / "a.txt";
+  fs::path b = t.dir.path() / "b.txt";
   write_file(a, "first");
   write_file(b, "second");
   t.alice->type("sendfile bob " + a.string());

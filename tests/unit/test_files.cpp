@@ -17,6 +17,7 @@
 
 #include <sodium.h>
 
+#include "temp_dir.hpp"
 #include "files/congestion.hpp"
 #include "files/partial.hpp"
 #include "files/ranges.hpp"
@@ -30,27 +31,10 @@ using namespace chat::files;
 using namespace std::chrono_literals;
 using chat::transport::ManualClock;
 
+using TempDir = chat::test::TempDir;
+
 namespace {
 
-/// A fresh directory under the system's temp directory, removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "chat-files-test-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 std::string read_all(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);

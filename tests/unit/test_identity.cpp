@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
 #include "identity/envelope.hpp"
 #include "identity/identity.hpp"
 #include "identity/peer_state.hpp"
@@ -27,27 +28,10 @@ using namespace chat::identity;
 using chat::protocol::Key;
 using chat::protocol::Signature;
 
+using TempDir = chat::test::TempDir;
+
 namespace {
 
-/// A fresh directory under the system's temp directory, removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "chat-identity-test-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 /// Sets (or unsets, with nullptr) an environment variable for one test, restoring it afterwards.
 class EnvVar {

@@ -21,36 +21,19 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
 #include "offline/memory_store.hpp"
 #include "offline/store.hpp"
 
 namespace fs = std::filesystem;
 using namespace chat::offline;
 
+using TempDir = chat::test::TempDir;
+
 namespace {
 
 constexpr auto everything = std::numeric_limits<std::size_t>::max();
 
-/// A fresh directory under /tmp, removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = "/tmp/chat-store-test-XXXXXX";
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-  std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
 
 /// A raw connection for what the Store interface deliberately hides (pragmas, integrity checks).
 class RawDb {

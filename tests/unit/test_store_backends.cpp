@@ -19,6 +19,7 @@
 
 #include <boost/asio/io_context.hpp>
 
+#include "temp_dir.hpp"
 #include "offline/async_store.hpp"
 #include "offline/pg_store.hpp"
 #include "offline/store.hpp"
@@ -28,31 +29,14 @@ namespace net = boost::asio;
 using namespace chat::offline;
 using namespace std::chrono_literals;
 
+using TempDir = chat::test::TempDir;
+
 namespace {
 
 constexpr auto everything = std::numeric_limits<std::size_t>::max();
 /// How long any one expected event may take before the test fails.
 constexpr auto deadline = 20s;
 
-/// A fresh directory under /tmp, removed with everything in it when the test ends.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = "/tmp/chat-backends-XXXXXX";
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
 
 /// Runs a shell command; its standard output without the trailing newline. Fails the test if it fails.
 std::string run_command(const std::string& cmd) {
