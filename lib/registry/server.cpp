@@ -898,10 +898,7 @@ void Server::on_resync(const offline::Snapshot& s) {
     if (!present.contains(c.name)) gone.push_back(c.name);
   });
   for (const auto& name : gone) on_released(name);
-  for (auto& [name, n] : mailbox_) {
-    auto it = s.mailboxes.find(name);
-    n = it == s.mailboxes.end() ? 0 : it->second;
-  }
+  for (auto& [name, n] : mailbox_) n = 0;
   for (const auto& [name, n] : s.mailboxes) {
     mailbox(name) = n;
     mail_arrived(name);
