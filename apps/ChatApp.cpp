@@ -60,12 +60,35 @@ struct Config {
   double rate_limit = 2000;
   long long max_stored = 100'000;
   long long max_clients = 100'000;
+  std::string max_file_size = "16M";  // server: the largest file kept for an offline recipient
+  std::string file_quota = "64M";     // server: bytes of files kept per recipient at most
+  double file_days = 7;               // server: how long a file nobody downloads is kept
   double keepalive_s = 15;
   std::string identity;      // client: the key file (empty: the default path for the name)
   std::string download_dir;  // client: where received files go (empty: default_download_dir())
   std::string release_name;  // operator: the name to release, then exit
   std::uint16_t metrics_port = 0;  // server: serve Prometheus metrics over HTTP on it (0: not)
 };
+
+/// A size in bytes: digits, optionally followed by K, M or G (KiB, MiB, GiB).
+std::uint64_t parse_size(const std::string& s, const char* what) {
+  std::size_t digits = s.find_first_not_of("0123456789");
+  std::uint64_t unit = 1;
+  if (digits != std::string::npos && digits + 1 == s.size()) {
+    switch (s.back()) {
+      case 'K': unit = 1ull << 10; break;
+      case 'M': unit = 1ull << 20; break;
+      case 'G': unit = 1ull << 30; break;
+      default: unit = 0;
+    }
+  } else if (digits != std::string::npos) {
+    unit = 0;
+  }
+  const std::string number = s.substr(0, digits);
+  if (unit == 0 || number.empty() || number.size() > 6 || std::stoull(number) == 0)
+    throw UsageError{std::string("invalid ") + what + " '" + s + "': must be 1-999999, optionally followed by K, M or G"};
+  return std::stoull(number) * unit;
+}
 
 std::uint16_t parse_port(const std::string& s, const char* what, long min = 1024) {
   bool digits = !s.empty() && s.size() <= 5 && s.find_first_not_of("0123456789") == std::string::npos;
@@ -127,6 +150,12 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
        "server: saved messages kept per recipient at most")
       ("max-clients", po::value<long long>(&c.max_clients)->default_value(100'000)->value_name("n"),
        "server: registered names at most")
+      ("max-file-size", po::value<std::string>(&c.max_file_size)->default_value("16M")->value_name("size"),
+       "server: the largest file kept for an offline recipient (bytes, or with K, M, G)")
+      ("file-quota", po::value<std::string>(&c.file_quota)->default_value("64M")->value_name("size"),
+       "server: bytes of files kept for one recipient at most")
+      ("file-days", po::value<double>(&c.file_days)->default_value(7)->value_name("days"),
+       "server: how long a file nobody downloads is kept")
       ("metrics", po::value<std::string>()->value_name("port"),
        "server: serve Prometheus text metrics at http://<bind>:<port>/metrics (TCP)")
       ("download-dir", po::value<std::string>(&c.download_dir)->value_name("dir"),
@@ -191,6 +220,10 @@ std::optional<Config> parse(int argc, char** argv, int& exit_code) {
     throw UsageError{"invalid --max-stored '" + std::to_string(c.max_stored) + "': must be 1-1000000000"};
   if (c.max_clients < 1 || c.max_clients > 1'000'000'000)
     throw UsageError{"invalid --max-clients '" + std::to_string(c.max_clients) + "': must be 1-1000000000"};
+  parse_size(c.max_file_size, "--max-file-size");
+  parse_size(c.file_quota, "--file-quota");
+  if (!std::isfinite(c.file_days) || c.file_days <= 0 || c.file_days > 3650)
+    throw UsageError{"invalid --file-days '" + std::to_string(c.file_days) + "': must be more than 0, at most 3650"};
   if (!std::isfinite(c.keepalive_s) || c.keepalive_s < 0.1 || c.keepalive_s > 3600)
     throw UsageError{"invalid --keepalive '" + std::to_string(c.keepalive_s) + "': must be 0.1-3600 seconds"};
   if (!chat::protocol::valid_ipv4(c.bind))
@@ -305,6 +338,9 @@ int run_server(const Config& c) {
   opts.max_stored = static_cast<std::size_t>(c.max_stored);
   opts.max_clients = static_cast<std::size_t>(c.max_clients);
   opts.keepalive = keepalive_of(c);
+  opts.files.max_file_size = parse_size(c.max_file_size, "--max-file-size");
+  opts.files.quota = parse_size(c.file_quota, "--file-quota");
+  opts.files.keep = std::chrono::seconds(static_cast<long long>(std::llround(c.file_days * 86400)));
   // glibc keeps freed heap for reuse; after a burst that is most of the RSS (issue 13).
   opts.on_quiet = [] { ::malloc_trim(0); };
   // The server reads the store's snapshot (the table, the mailboxes) as it is built.

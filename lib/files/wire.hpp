@@ -52,6 +52,10 @@ inline constexpr std::size_t kTagBytes = 16;        // Poly1305 tag of a chunk; 
 /// Plaintext bytes in every chunk but the last: the largest that keeps a chunk datagram within
 /// kMaxDatagram (1472 - 10 - 8 - 16 = 1438), so none needs IP fragmentation.
 inline constexpr std::size_t kChunkPayload = protocol::kMaxDatagram - kHeaderBytes - kChunkFieldBytes - kTagBytes;
+/// The tx seq in the nonce of a chunk of a file the server keeps for an offline recipient: such
+/// a chunk is sealed once, by the uploader, and sent as it is however often (and by whoever) it
+/// is transmitted; no live transmission has tx seq 0, so its nonce is never a live chunk's.
+inline constexpr std::uint32_t kKeptTxSeq = 0;
 /// Most SACK ranges in one ack (an ack is then at most 291 bytes).
 inline constexpr std::size_t kMaxAckRanges = 32;
 

@@ -4,6 +4,7 @@
 // reply arrives. Several servers sharing one database hear each other's changes through watch().
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -84,6 +85,24 @@ class AsyncStore {
   /// refused: another server bound the name to another key first; or an online flag for an
   /// address the row no longer has).
   virtual void store_clients(std::vector<RowWrite> rows, std::function<void(Reply<std::vector<bool>>)> done) = 0;
+
+  /// Whether the store keeps files for offline recipients (SPEC §12). One that does not (the
+  /// PostgreSQL store, so far) answers every file call with an error.
+  virtual bool keeps_files() const { return false; }
+  /// Store::put_file: true if kept, false if a file with its (to, transfer) is kept already;
+  /// durable when `done` runs with a value.
+  virtual void put_file(NewFile f, std::function<void(Reply<bool>)> done);
+  /// Store::files_for.
+  virtual void files_for(const std::string& to, std::function<void(Reply<std::vector<HeldFile>>)> done);
+  /// Store::file_data: the value holds nullopt if no such file is kept.
+  virtual void file_data(const std::string& to, std::uint64_t transfer,
+                         std::function<void(Reply<std::optional<std::string>>)> done);
+  /// Store::delete_file; `done` may be empty.
+  virtual void delete_file(const std::string& to, std::uint64_t transfer, std::function<void(Reply<bool>)> done);
+  /// Store::file_bytes_for.
+  virtual void file_bytes_for(const std::string& to, std::function<void(Reply<std::uint64_t>)> done);
+  /// Store::expire_files.
+  virtual void expire_files(std::int64_t before_us, std::function<void(Reply<std::size_t>)> done);
 
   /// Changes other servers make are handed to `on_change`, in the order they were committed,
   /// each once, from the io_context (an embedded store has no other writer: never called).

@@ -1,6 +1,7 @@
 // The in-memory implementation of the offline store, mirroring the SQLite store's behaviour call for call.
 #include "offline/memory_store.hpp"
 
+#include <algorithm>
 #include <string_view>
 
 namespace chat::offline {
@@ -141,7 +142,39 @@ Released MemoryStore::release(const std::string& name) {
     out.messages = box->second.by_position.size();
     mailboxes_.erase(box);
   }
+  out.files = std::erase_if(files_, [&](const auto& kv) { return kv.first.first == name; });
   return out;
+}
+
+bool MemoryStore::put_file(const NewFile& f) { return files_.emplace(std::pair{f.to, f.transfer}, f).second; }
+
+std::vector<HeldFile> MemoryStore::files_for(const std::string& to) {
+  std::vector<HeldFile> out;
+  for (auto it = files_.lower_bound({to, 0}); it != files_.end() && it->first.first == to; ++it) {
+    const NewFile& f = it->second;
+    out.push_back(HeldFile{f.from, f.from_key, f.transfer, f.ts_us, f.size, f.offer});
+  }
+  // Oldest first, as the SQLite store reads them (ties by transfer id).
+  std::stable_sort(out.begin(), out.end(), [](const HeldFile& a, const HeldFile& b) { return a.ts_us < b.ts_us; });
+  return out;
+}
+
+std::optional<std::string> MemoryStore::file_data(const std::string& to, std::uint64_t transfer) {
+  auto it = files_.find({to, transfer});
+  if (it == files_.end()) return std::nullopt;
+  return it->second.data;
+}
+
+bool MemoryStore::delete_file(const std::string& to, std::uint64_t transfer) { return files_.erase({to, transfer}) == 1; }
+
+std::uint64_t MemoryStore::file_bytes_for(const std::string& to) {
+  std::uint64_t n = 0;
+  for (auto it = files_.lower_bound({to, 0}); it != files_.end() && it->first.first == to; ++it) n += it->second.size;
+  return n;
+}
+
+std::size_t MemoryStore::expire_files(std::int64_t before_us) {
+  return std::erase_if(files_, [&](const auto& kv) { return kv.second.ts_us < before_us; });
 }
 
 std::unique_ptr<Store> open_memory_store() { return std::make_unique<MemoryStore>(); }

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -30,6 +31,12 @@ class MemoryStore final : public Store {
   std::vector<ClientRow> load_clients() override;
   Released release(const std::string& name) override;
   std::size_t legacy_count() override { return 0; }
+  bool put_file(const NewFile& f) override;
+  std::vector<HeldFile> files_for(const std::string& to) override;
+  std::optional<std::string> file_data(const std::string& to, std::uint64_t transfer) override;
+  bool delete_file(const std::string& to, std::uint64_t transfer) override;
+  std::uint64_t file_bytes_for(const std::string& to) override;
+  std::size_t expire_files(std::int64_t before_us) override;
 
   /// Makes the next `n` calls of save, pending_for, remove_delivered or store_clients throw StoreError, changing nothing.
   void fail_next(std::size_t n);
@@ -54,6 +61,7 @@ class MemoryStore final : public Store {
   void maybe_fail(Call call);
 
   std::unordered_map<std::string, Mailbox> mailboxes_;  // only recipients with messages
+  std::map<std::pair<std::string, std::uint64_t>, NewFile> files_;  // by (to, transfer)
   std::map<std::string, ClientRow> clients_;            // by name, the order load_clients returns
   std::int64_t last_seq_ = 0;                           // like AUTOINCREMENT: never reused
   std::size_t fail_any_ = 0;

@@ -16,7 +16,7 @@ namespace chat::offline {
 namespace {
 
 /// The schema this code writes; kept in `PRAGMA user_version`. Older ones are migrated on open.
-constexpr int schema_version = 3;
+constexpr int schema_version = 4;
 
 /// How long a statement waits for another connection's lock before failing with SQLITE_BUSY.
 constexpr int busy_timeout_ms = 5000;
@@ -76,8 +76,25 @@ CREATE UNIQUE INDEX messages_once ON messages (recipient, sender, mid);
 ALTER TABLE clients ADD COLUMN key BLOB;
 )sql";
 
+/// Version 4 keeps files for offline recipients (SPEC §12): the offer and the chunks, both sealed
+/// by the sender for the recipient, with the plaintext size the recipient's quota counts.
+constexpr std::string_view migrate_3_to_4 = R"sql(
+CREATE TABLE files (
+  recipient  TEXT    NOT NULL,
+  transfer   INTEGER NOT NULL,
+  sender     TEXT    NOT NULL,
+  sender_key BLOB    NOT NULL,
+  ts_us      INTEGER NOT NULL,
+  size       INTEGER NOT NULL,
+  offer      BLOB    NOT NULL,
+  data       BLOB    NOT NULL,
+  PRIMARY KEY (recipient, transfer)
+);
+CREATE INDEX files_by_arrival ON files (ts_us);
+)sql";
+
 /// migrations[v - 1] takes a store from version v to v + 1.
-constexpr std::array<std::string_view, schema_version - 1> migrations{migrate_1_to_2, migrate_2_to_3};
+constexpr std::array<std::string_view, schema_version - 1> migrations{migrate_1_to_2, migrate_2_to_3, migrate_3_to_4};
 
 using sqlite::Statement;
 using sqlite::Transaction;
@@ -171,7 +188,18 @@ class SqliteStore final : public Store {
         select_key_(db_, "SELECT key FROM clients WHERE name = ?1"),
         delete_client_(db_, "DELETE FROM clients WHERE name = ?1"),
         delete_messages_(db_, "DELETE FROM messages WHERE recipient = ?1"),
-        count_legacy_(db_, "SELECT count(*) FROM legacy_messages") {
+        count_legacy_(db_, "SELECT count(*) FROM legacy_messages"),
+        insert_file_(db_,
+                     "INSERT INTO files (recipient, transfer, sender, sender_key, ts_us, size, offer, data) "
+                     "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (recipient, transfer) DO NOTHING"),
+        select_files_(db_,
+                      "SELECT sender, sender_key, transfer, ts_us, size, offer FROM files "
+                      "WHERE recipient = ?1 ORDER BY ts_us, transfer"),
+        select_file_data_(db_, "SELECT data FROM files WHERE recipient = ?1 AND transfer = ?2"),
+        delete_file_(db_, "DELETE FROM files WHERE recipient = ?1 AND transfer = ?2"),
+        file_bytes_(db_, "SELECT coalesce(sum(size), 0) FROM files WHERE recipient = ?1"),
+        expire_files_(db_, "DELETE FROM files WHERE ts_us < ?1"),
+        delete_files_(db_, "DELETE FROM files WHERE recipient = ?1") {
   } catch (const sqlite::Error& e) {
     rethrow_as_store_error(e);
   }
@@ -302,6 +330,10 @@ class SqliteStore final : public Store {
       Use u(delete_messages_);
       out.messages = static_cast<std::size_t>(u.text(1, name).run("delete released messages"));
     }
+    {
+      Use u(delete_files_);
+      out.files = static_cast<std::size_t>(u.text(1, name).run("delete released files"));
+    }
     tx.commit();
     return out;
   } catch (const sqlite::Error& e) {
@@ -312,6 +344,72 @@ class SqliteStore final : public Store {
     Use u(count_legacy_);
     if (!u.step("count legacy messages")) throw StoreError("offline store: count returned no row");
     return static_cast<std::size_t>(u.column_int(0));
+  } catch (const sqlite::Error& e) {
+    rethrow_as_store_error(e);
+  }
+
+  bool put_file(const NewFile& f) override try {
+    Use u(insert_file_);
+    return u.text(1, f.to)
+               .integer(2, std::bit_cast<std::int64_t>(f.transfer))
+               .text(3, f.from)
+               .blob(4, f.from_key)
+               .integer(5, f.ts_us)
+               .integer(6, static_cast<std::int64_t>(f.size))
+               .blob(7, f.offer)
+               .blob(8, f.data)
+               .run("keep file") == 1;
+  } catch (const sqlite::Error& e) {
+    rethrow_as_store_error(e);
+  }
+
+  std::vector<HeldFile> files_for(const std::string& to) override try {
+    std::vector<HeldFile> out;
+    Use u(select_files_);
+    u.text(1, to);
+    while (u.step("list files")) {
+      out.push_back(HeldFile{
+          .from = u.column_text(0),
+          .from_key = u.column_blob(1),
+          .transfer = std::bit_cast<std::uint64_t>(u.column_int(2)),
+          .ts_us = u.column_int(3),
+          .size = static_cast<std::uint64_t>(u.column_int(4)),
+          .offer = u.column_blob(5),
+      });
+    }
+    return out;
+  } catch (const sqlite::Error& e) {
+    rethrow_as_store_error(e);
+  }
+
+  std::optional<std::string> file_data(const std::string& to, std::uint64_t transfer) override try {
+    Use u(select_file_data_);
+    u.text(1, to).integer(2, std::bit_cast<std::int64_t>(transfer));
+    if (!u.step("read file")) return std::nullopt;
+    return u.column_blob(0);
+  } catch (const sqlite::Error& e) {
+    rethrow_as_store_error(e);
+  }
+
+  bool delete_file(const std::string& to, std::uint64_t transfer) override try {
+    Use u(delete_file_);
+    return u.text(1, to).integer(2, std::bit_cast<std::int64_t>(transfer)).run("delete file") == 1;
+  } catch (const sqlite::Error& e) {
+    rethrow_as_store_error(e);
+  }
+
+  std::uint64_t file_bytes_for(const std::string& to) override try {
+    Use u(file_bytes_);
+    u.text(1, to);
+    if (!u.step("count file bytes")) throw StoreError("offline store: sum returned no row");
+    return static_cast<std::uint64_t>(u.column_int(0));
+  } catch (const sqlite::Error& e) {
+    rethrow_as_store_error(e);
+  }
+
+  std::size_t expire_files(std::int64_t before_us) override try {
+    Use u(expire_files_);
+    return static_cast<std::size_t>(u.integer(1, before_us).run("expire files"));
   } catch (const sqlite::Error& e) {
     rethrow_as_store_error(e);
   }
@@ -332,6 +430,13 @@ class SqliteStore final : public Store {
   Statement delete_client_;
   Statement delete_messages_;
   Statement count_legacy_;
+  Statement insert_file_;
+  Statement select_files_;
+  Statement select_file_data_;
+  Statement delete_file_;
+  Statement file_bytes_;
+  Statement expire_files_;
+  Statement delete_files_;
 };
 
 }  // namespace

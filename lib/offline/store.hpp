@@ -66,6 +66,33 @@ struct Released {
   bool found = false;    // the name had a row
   std::string key;       // the identity it was bound to (empty if none)
   std::size_t messages = 0;  // saved messages for it, sealed for that identity, now deleted
+  std::size_t files = 0;     // files kept for it, likewise deleted
+};
+
+/// A file the server keeps for an offline recipient (SPEC §12). Both parts are sealed by the
+/// sender for the recipient: the offer (identity::seal_file of a files::ctl::Offer, which holds
+/// the file's key) and the data (the file's chunks, each sealed with that key); the store never
+/// sees its name or its contents.
+struct NewFile {
+  std::string to;
+  std::string from;
+  std::string from_key{};    // the 32-byte identity `from` was bound to when it was uploaded
+  std::uint64_t transfer = 0;  // the sender's id for it (the offer's), unique per recipient
+  std::int64_t ts_us = 0;    // server arrival time, microseconds since the Unix epoch
+  std::uint64_t size = 0;    // the file's plaintext bytes
+  std::string offer;
+  std::string data;          // the sealed chunks, in index order, back to back
+};
+
+/// A kept file as listed for its recipient: everything but the data.
+struct HeldFile {
+  std::string from;
+  std::string from_key{};
+  std::uint64_t transfer = 0;
+  std::int64_t ts_us = 0;
+  std::uint64_t size = 0;
+  std::string offer;
+  bool operator==(const HeldFile&) const = default;
 };
 
 /// Raised when the store cannot be opened or written (bad schema version, I/O error, full disk).
@@ -99,6 +126,19 @@ class Store {
   virtual Released release(const std::string& name) = 0;
   /// Messages saved by protocol version 1 (plain text, from unauthenticated senders): kept, never delivered.
   virtual std::size_t legacy_count() = 0;
+
+  /// Keeps `f`, durable on return. False (nothing changed) if a file with its (to, transfer) is kept already.
+  [[nodiscard]] virtual bool put_file(const NewFile& f) = 0;
+  /// The files kept for `to`, oldest first.
+  virtual std::vector<HeldFile> files_for(const std::string& to) = 0;
+  /// The data of `to`'s file `transfer`, or nullopt if none is kept.
+  virtual std::optional<std::string> file_data(const std::string& to, std::uint64_t transfer) = 0;
+  /// Deletes `to`'s file `transfer`; false if none was kept.
+  virtual bool delete_file(const std::string& to, std::uint64_t transfer) = 0;
+  /// The plaintext bytes of the files kept for `to` (what its quota counts).
+  virtual std::uint64_t file_bytes_for(const std::string& to) = 0;
+  /// Deletes every file that arrived before `before_us`; returns how many.
+  virtual std::size_t expire_files(std::int64_t before_us) = 0;
 };
 
 /// Opens (creating if needed) the SQLite store `chat.db` in `dir` (created if missing), migrating an older schema.

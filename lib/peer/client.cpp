@@ -72,6 +72,15 @@ Client::Client(ClientOptions options, const transport::TimeSource& clock, Client
       .ended = [this] {
         if (closing_) check_closing();
       },
+      .sealable = [this](const std::string& name) { return usable_key(name).has_value(); },
+      .seal_for = [this](const std::string& to, const files::Control& c) {
+        return identity::seal_file(pair(*usable_key(to)), files::transfer_of(c), now_ms(), to, files::encode(c));
+      },
+      .to_server = [this](const proto::Message& m, std::function<void(const proto::Message*)> done) {
+        server_request(m, std::move(done));
+      },
+      .server = [this] { return server(); },
+      .me = options_.name,
   };
   transfers_ = std::make_unique<Transfers>(core_, std::move(host), options_.files);
   core_.set_frame_handler([this](std::string_view bytes, const udp::endpoint& from) {
@@ -287,8 +296,9 @@ void Client::run(const Command& c) {
 void Client::run_files(const Command& c) {
   if (auto* f = std::get_if<cmd::SendFile>(&c)) {
     if (f->to == options_.name) return say("[Error: you cannot send a file to yourself]");
-    // (One not online is told so by sendfile; one online whose key is not usable, here.)
-    if (const proto::Entry* e = table_.find(f->to); e != nullptr && e->online && !may_send(f->to)) return;
+    // Online or not (the server keeps a file for one offline), its key must be usable.
+    if (table_.find(f->to) == nullptr) return say("[Error: unknown client " + f->to + "; type list to see the table]");
+    if (!may_send(f->to)) return;
     transfers_->sendfile(f->to, f->path);
   } else if (auto* a = std::get_if<cmd::Accept>(&c)) {
     transfers_->accept(a->from, a->id);
@@ -666,6 +676,7 @@ struct Client::Dispatch {
   void operator()(const proto::Probe& m) { c.on_probe(m, from); }
   void operator()(const proto::Table& m) { c.on_table(m, from); }
   void operator()(const proto::Stored& m) { c.on_stored(m, from); }
+  void operator()(const proto::FileOffer& m) { c.on_file_offer(m, from); }
   // Requests only the server is sent.
   void operator()(const proto::Register& m) { c.unexpected(m, from); }
   void operator()(const proto::Dereg& m) { c.unexpected(m, from); }
@@ -673,6 +684,10 @@ struct Client::Dispatch {
   void operator()(const proto::Channel& m) { c.unexpected(m, from); }
   void operator()(const proto::KeepAlive& m) { c.unexpected(m, from); }
   void operator()(const proto::Lookup& m) { c.unexpected(m, from); }
+  void operator()(const proto::FilePut& m) { c.unexpected(m, from); }
+  void operator()(const proto::FileCommit& m) { c.unexpected(m, from); }
+  void operator()(const proto::FileGet& m) { c.unexpected(m, from); }
+  void operator()(const proto::FileDone& m) { c.unexpected(m, from); }
   // Replies: the core hands them to the request they answer, never here.
   void operator()(const proto::Ack& m) { c.unexpected(m, from); }
   void operator()(const proto::Challenge& m) { c.unexpected(m, from); }
@@ -795,6 +810,23 @@ void Client::on_stored(const proto::Stored& s, const udp::endpoint& from) {
   // Acknowledged as a whole, shown or not: what did not authenticate or is blocked is
   // discarded, so it does not come back.
   core_.reply(from, proto::Ack{s.id});
+}
+
+void Client::on_file_offer(const proto::FileOffer& f, const udp::endpoint& from) {
+  if (!for_me("file_offer", f.recipient, from)) return core_.forget(from, f.id);
+  // Not checked as seen before: the server offers a kept file at every registration until it
+  // is downloaded or declined, and can only ever send it while it keeps it.
+  observe(proto::Entry{f.from, "", 0, false, f.key});
+  auto key = usable_key(f.from);
+  std::optional<identity::Opened> m;
+  if (key && *key == f.key) m = identity::open_file(pair(*key), f.body, options_.name);
+  std::optional<files::Control> c;
+  if (m && m->mid == f.transfer) c = files::decode(m->text);
+  const auto* offer = c ? std::get_if<files::ctl::Offer>(&*c) : nullptr;
+  if (offer == nullptr || offer->transfer != f.transfer || offer->size != f.size) ++stats_.unauthenticated;
+  else if (state_db_->blocked(*key)) ++stats_.blocked;
+  else transfers_->on_kept_offer(f.from, *offer);
+  core_.reply(from, proto::Ack{f.id});
 }
 
 void Client::show_held(const std::string& name) {

@@ -198,6 +198,8 @@ class Client {
   void next_server();
   void on_table(const protocol::Table& t, const udp::endpoint& from);
   void on_stored(const protocol::Stored& s, const udp::endpoint& from);
+  /// A file the server keeps for us: offered if it opens as its sender's and is not blocked.
+  void on_file_offer(const protocol::FileOffer& f, const udp::endpoint& from);
   void unexpected(const protocol::Message& m, const udp::endpoint& from);
   /// Pins the keys of rows new to us, and warns once about a key that differs from its pin.
   void observe(const protocol::Entry& e);

@@ -80,7 +80,8 @@ std::string format_size(std::uint64_t bytes) {
 // ---------------------------------------------------------------- the two sides
 
 struct Transfers::Outgoing {
-  enum class State { offered, sending, finishing };
+  /// `uploading`: waiting for the server's go (a file for it to keep).
+  enum class State { offered, uploading, sending, finishing };
   unsigned id = 0;
   std::uint64_t transfer = 0;
   std::string to;
@@ -97,6 +98,8 @@ struct Transfers::Outgoing {
   std::uint64_t base = 0;  // chunks the receiver already held when it accepted
   int decile = 0;          // the last 10 % step said on a pipe
   bool saved = false;      // the receiver said it saved the file (its last acks may still be on their way)
+  bool via_server = false;  // sent to the server, which keeps it for `to`
+  std::string sealed;      // then: every chunk, sealed once (files::kKeptTxSeq), back to back
 
   explicit Outgoing(files::SourceFile s) : source(std::move(s)) {}
 };
@@ -119,6 +122,7 @@ struct Transfers::Incoming {
   transport::Time started{};
   std::uint64_t base = 0;
   int decile = 0;
+  bool via_server = false;  // the server keeps the file: it comes from there, `at`
 };
 
 Transfers::Transfers(transport::Core& core, FileHost host, FileOptions options)
@@ -151,7 +155,8 @@ void Transfers::tell(const std::string& to, const files::Control& c) {
 
 void Transfers::sendfile(const std::string& to, const std::string& path) {
   auto at = host_.reachable(to);
-  if (!at) return host_.say("[Error: " + to + " is not online; a file goes only to a client that is online]");
+  if (!at && !(host_.sealable && host_.sealable(to)))
+    return host_.say("[Error: no key known for " + to + "]");
   auto source = files::SourceFile::open(path);
   if (!source) return host_.say(error_line(source.error().message));
   auto hash = source.value().hash();
@@ -161,12 +166,18 @@ void Transfers::sendfile(const std::string& to, const std::string& path) {
   do o->transfer = core_.random();
   while (o->transfer == 0 || out_.contains(o->transfer));
   o->to = to;
-  o->at = *at;
+  if (at) o->at = *at;
   o->name = files::safe_basename(std::filesystem::path(path).filename().string());
   o->hash = hash.value();
   o->key = files::new_file_key();
   o->keys = files::derive_keys(o->key);
   const std::uint64_t t = o->transfer;
+  if (!at) {
+    host_.say("[" + to + " is offline; sending " + o->name + " (" + format_size(o->source.size()) +
+              ") to the server for " + to + ".]");
+    out_.emplace(t, std::move(o));
+    return upload(t);
+  }
   host_.say("[Offering " + o->name + " (" + format_size(o->source.size()) + ") to " + to + ".]");
   files::ctl::Offer offer{t, o->source.size(), o->hash, o->key, o->name};
   o->timer = core_.after(o_.offer_lapse, [this, t] {
@@ -179,16 +190,86 @@ void Transfers::sendfile(const std::string& to, const std::string& path) {
   host_.send_control(to, offer, [this, t](bool answered) {
     Outgoing* cur = outgoing(t);
     if (answered || cur == nullptr || cur->state != Outgoing::State::offered) return;
-    host_.say("[" + cur->to + " did not answer; the offer of " + cur->name + " is withdrawn.]");
+    if (!host_.sealable || !host_.sealable(cur->to)) {
+      host_.say("[" + cur->to + " did not answer; the offer of " + cur->name + " is withdrawn.]");
+      return end_outgoing(t);
+    }
+    host_.say("[" + cur->to + " did not answer; sending " + cur->name + " to the server for " + cur->to + ".]");
+    upload(t);
+  });
+}
+
+std::optional<std::string> Transfers::refusal(const protocol::Message* reply) {
+  if (reply == nullptr) return "the server did not answer";
+  if (std::holds_alternative<protocol::Ack>(*reply)) return std::nullopt;
+  if (const auto* r = std::get_if<protocol::Refused>(reply)) return r->reason;
+  return "the server gave an answer of another kind";
+}
+
+void Transfers::upload(std::uint64_t t) {
+  Outgoing& o = *outgoing(t);
+  core_.cancel(o.timer);  // an offer's lapse
+  o.timer = 0;
+  o.via_server = true;
+  o.state = Outgoing::State::uploading;
+  const files::FileKey leg = files::new_file_key();  // the server's acks are tagged with it
+  std::copy(leg.begin(), leg.end(), o.keys.ack.begin());
+  protocol::Key ack_key{};
+  std::copy(leg.begin(), leg.end(), ack_key.begin());
+  host_.to_server(protocol::FilePut{core_.next_id(), host_.me, o.to, t, o.source.size(), ack_key},
+                  [this, t](const protocol::Message* reply) {
+                    Outgoing* cur = outgoing(t);
+                    if (cur == nullptr || cur->state != Outgoing::State::uploading) return;
+                    if (auto why = refusal(reply)) {
+                      host_.say("[The server did not take " + cur->name + " for " + cur->to + ": " + *why + ".]");
+                      return end_outgoing(t);
+                    }
+                    // Each chunk sealed once, from one reading: a resend repeats the same bytes.
+                    const std::uint32_t count = cur->source.chunk_count();
+                    cur->sealed.reserve(cur->source.size() + std::uint64_t{count} * files::kTagBytes);
+                    for (std::uint32_t i = 0; i < count; ++i) {
+                      auto plain = cur->source.read_chunk(i);
+                      if (!plain) {
+                        host_.say("[The transfer of " + cur->name + " to " + cur->to + " stopped: " +
+                                  plain.error().message + "]");
+                        return end_outgoing(t);
+                      }
+                      cur->sealed += files::seal_chunk(cur->keys, t, i, files::kKeptTxSeq, plain.value());
+                    }
+                    cur->at = host_.server();
+                    files::SenderOptions so;
+                    so.congestion.max_window = o_.max_window;
+                    so.peer_ack_delay = 15ms;  // the server's Receiver acks as ours does
+                    cur->sender.emplace(t, count, files::RangeSet{}, so);
+                    cur->state = Outgoing::State::sending;
+                    cur->started = core_.now();
+                    pump(*cur);
+                    progressed(t);
+                  });
+}
+
+void Transfers::commit(std::uint64_t t) {
+  Outgoing& o = *outgoing(t);
+  const std::string body = host_.seal_for(o.to, files::ctl::Offer{t, o.source.size(), o.hash, o.key, o.name});
+  host_.to_server(protocol::FileCommit{core_.next_id(), host_.me, t, body}, [this, t](const protocol::Message* reply) {
+    Outgoing* cur = outgoing(t);
+    if (cur == nullptr) return;
+    if (auto why = refusal(reply)) host_.say("[The server did not keep " + cur->name + " for " + cur->to + ": " + *why + ".]");
+    else host_.say("[" + cur->name + " saved by the server for " + cur->to + ".]");
     end_outgoing(t);
   });
 }
 
-void Transfers::on_offer(const std::string& from, const udp::endpoint& at, const files::ctl::Offer& offer) {
+void Transfers::on_kept_offer(const std::string& from, const files::ctl::Offer& offer) {
+  on_offer(from, host_.server(), offer, true);
+}
+
+void Transfers::on_offer(const std::string& from, const udp::endpoint& at, const files::ctl::Offer& offer, bool kept) {
   if (incoming(offer.transfer) != nullptr) return;  // told again
   const std::string name = files::safe_basename(offer.name);
   if (!files::chunk_count(offer.size)) {
     host_.say("[" + from + " offers " + name + " (" + format_size(offer.size) + "), too large to receive; declined.]");
+    if (kept) return host_.to_server(protocol::FileDone{core_.next_id(), host_.me, offer.transfer, false}, [](auto) {});
     return tell(from, files::ctl::Decline{offer.transfer});
   }
   auto in = std::make_unique<Incoming>();
@@ -199,8 +280,10 @@ void Transfers::on_offer(const std::string& from, const udp::endpoint& at, const
   in->offer = offer;
   in->name = name;
   in->keys = files::derive_keys(offer.key);
+  in->via_server = kept;
   const std::uint64_t t = offer.transfer;
-  in->timer = core_.after(o_.offer_lapse, [this, t] {
+  // A kept file waits on the server (for days): its offer stands while we run.
+  if (!kept) in->timer = core_.after(o_.offer_lapse, [this, t] {
     Incoming* cur = incoming(t);
     if (cur == nullptr || cur->state != Incoming::State::offered) return;
     host_.say("[" + cur->from + "'s offer of " + cur->name + " lapsed.]");
@@ -251,12 +334,29 @@ void Transfers::accept(const std::string& from, unsigned id) {
   if (held > 0) line += ", resuming with " + format_size(held) + " already here";
   host_.say(line + ".]");
   const std::uint64_t t = in->transfer;
-  host_.send_control(from, files::ctl::Accept{t, std::move(have)}, [this, t](bool answered) {
-    Incoming* cur = incoming(t);
-    if (answered || cur == nullptr) return;
-    host_.say("[" + cur->from + " did not answer; the transfer of " + cur->name + " is stopped.]");
-    end_incoming(t);
-  });
+  if (in->via_server) {
+    // The server sends from the start; the receiver's acks tell it what is here already.
+    const files::FileKey leg = files::new_file_key();  // our acks to the server are tagged with it
+    std::copy(leg.begin(), leg.end(), in->keys.ack.begin());
+    protocol::Key ack_key{};
+    std::copy(leg.begin(), leg.end(), ack_key.begin());
+    in->at = host_.server();
+    host_.to_server(protocol::FileGet{core_.next_id(), host_.me, t, ack_key}, [this, t](const protocol::Message* reply) {
+      Incoming* cur = incoming(t);
+      if (cur == nullptr) return;
+      if (auto why = refusal(reply)) {
+        host_.say("[The server did not send " + cur->name + " from " + cur->from + ": " + *why + ".]");
+        end_incoming(t);
+      }
+    });
+  } else {
+    host_.send_control(from, files::ctl::Accept{t, std::move(have)}, [this, t](bool answered) {
+      Incoming* cur = incoming(t);
+      if (answered || cur == nullptr) return;
+      host_.say("[" + cur->from + " did not answer; the transfer of " + cur->name + " is stopped.]");
+      end_incoming(t);
+    });
+  }
   if (in->receiver->complete()) return finish(*in);  // every chunk was here already
   arm(*in);
   progressed(t);
@@ -265,7 +365,8 @@ void Transfers::accept(const std::string& from, unsigned id) {
 void Transfers::decline(const std::string& from, unsigned id) {
   Incoming* in = offered_by(from, id, "decline");
   if (in == nullptr) return;
-  tell(from, files::ctl::Decline{in->transfer});
+  if (in->via_server) host_.to_server(protocol::FileDone{core_.next_id(), host_.me, in->transfer, false}, [](auto) {});
+  else tell(from, files::ctl::Decline{in->transfer});
   host_.say("[Declined " + in->name + " from " + from + ".]");
   end_incoming(in->transfer);
 }
@@ -273,14 +374,14 @@ void Transfers::decline(const std::string& from, unsigned id) {
 void Transfers::cancel(unsigned id) {
   for (const auto& [t, o] : out_) {
     if (o->id != id) continue;
-    tell(o->to, files::ctl::Cancel{t});
+    if (!o->via_server) tell(o->to, files::ctl::Cancel{t});  // (the server drops a silent upload)
     host_.say("[Cancelled " + o->name + " to " + o->to + ".]");
     return end_outgoing(t);
   }
   for (const auto& [t, in] : in_) {
     if (in->id != id) continue;
     if (in->state == Incoming::State::offered) return decline(in->from, id);
-    tell(in->from, files::ctl::Cancel{t});
+    if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
     host_.say("[Cancelled " + in->name + " from " + in->from + "; what arrived is kept, and an offer of it again resumes.]");
     return end_incoming(t);
   }
@@ -294,6 +395,8 @@ std::string Transfers::list() const {
   for (const auto& [t, o] : out_) {
     if (o->state == Outgoing::State::offered)
       row(o->id, o->name + " (" + format_size(o->source.size()) + ") to " + o->to + ", offered");
+    else if (o->state == Outgoing::State::uploading)
+      row(o->id, o->name + " (" + format_size(o->source.size()) + ") to " + o->to + ", waiting for the server");
     else
       row(o->id, progress_line(t) + ", to " + o->to);
   }
@@ -318,7 +421,7 @@ void Transfers::on_control(const std::string& from, const udp::endpoint& at, con
                  [&](const files::ctl::Accept& a) {
                    Outgoing* o = outgoing(t);
                    // An accept of an offer that lapsed or was withdrawn: the receiver stops waiting.
-                   if (o == nullptr || o->to != from) return tell(from, files::ctl::Cancel{t});
+                   if (o == nullptr || o->to != from || o->via_server) return tell(from, files::ctl::Cancel{t});
                    on_accept(*o, at, a);
                  },
                  [&](const files::ctl::Decline&) {
@@ -332,7 +435,7 @@ void Transfers::on_control(const std::string& from, const udp::endpoint& at, con
                      host_.say("[" + from + " cancelled " + o->name + ".]");
                      return end_outgoing(t);
                    }
-                   if (Incoming* in = incoming(t); in != nullptr && in->from == from) {
+                   if (Incoming* in = incoming(t); in != nullptr && in->from == from && !in->via_server) {
                      if (in->state == Incoming::State::offered)
                        host_.say("[" + from + " withdrew the offer of " + in->name + ".]");
                      else
@@ -420,6 +523,14 @@ void Transfers::pump(Outgoing& o) {
   while (sent < kBurst) {
     auto tx = o.sender->next(now);
     if (!tx) break;
+    if (o.via_server) {
+      const std::size_t n = files::chunk_size(o.source.size(), tx->index) + files::kTagBytes;
+      core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq,
+                                                  o.sealed.substr(std::size_t{tx->index} * (files::kChunkPayload + files::kTagBytes), n)}),
+                       o.at);
+      ++sent;
+      continue;
+    }
     auto plain = o.source.read_chunk(tx->index);
     if (!plain) {
       host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: " + plain.error().message + "]");
@@ -431,9 +542,17 @@ void Transfers::pump(Outgoing& o) {
     ++sent;
   }
   if (o.sender->failed()) {
+    if (o.via_server) {
+      host_.say("[The transfer of " + o.name + " to the server stopped: no answer.]");
+      return end_outgoing(t);
+    }
     host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: no answer; offer it again to resume.]");
     tell(o.to, files::ctl::Cancel{t});
     return end_outgoing(t);
+  }
+  if (o.sender->done() && o.via_server) {
+    o.state = Outgoing::State::finishing;
+    return commit(t);
   }
   if (o.sender->done()) {
     o.state = Outgoing::State::finishing;
@@ -455,7 +574,7 @@ void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoi
   auto c = files::decode_chunk(bytes);
   if (!c) return dropped("a chunk that does not decode", from);
   if (c->index >= in.partial->chunk_count()) return dropped("a chunk past the file's end", from);
-  auto plain = files::open_chunk(in.keys, in.transfer, c->index, c->tx_seq, c->sealed);
+  auto plain = files::open_chunk(in.keys, in.transfer, c->index, in.via_server ? files::kKeptTxSeq : c->tx_seq, c->sealed);
   if (!plain) return dropped("a chunk that does not authenticate", from);
   if (plain->size() != files::chunk_size(in.offer.size, c->index)) return dropped("a chunk of the wrong size", from);
   const auto now = core_.now();
@@ -465,7 +584,7 @@ void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoi
       host_.say("[The transfer of " + in.name + " from " + in.from + " stopped: " + st.error().message +
                 " The partial file was removed.]");
       in.partial->discard();
-      tell(in.from, files::ctl::Cancel{in.transfer});
+      if (!in.via_server) tell(in.from, files::ctl::Cancel{in.transfer});
       return end_incoming(in.transfer);
     }
   }
@@ -500,7 +619,7 @@ void Transfers::on_incoming_timer(std::uint64_t t) {
   if (now >= in->heard + o_.stall) {
     host_.say("[The transfer of " + in->name + " from " + in->from +
               " stopped: nothing arrived for a while; what arrived is kept, and an offer of it again resumes.]");
-    tell(in->from, files::ctl::Cancel{t});
+    if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
     return end_incoming(t);
   }
   if (now >= in->flushed + o_.flush) {
@@ -509,7 +628,7 @@ void Transfers::on_incoming_timer(std::uint64_t t) {
       host_.say("[The transfer of " + in->name + " from " + in->from + " stopped: " + st.error().message +
                 " The partial file was removed.]");
       in->partial->discard();
-      tell(in->from, files::ctl::Cancel{t});
+      if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
       return end_incoming(t);
     }
   }
@@ -520,16 +639,24 @@ void Transfers::finish(Incoming& in) {
   const std::uint64_t t = in.transfer;
   progressed(t);
   auto saved = in.partial->finish();
+  // A kept file: the server deletes it once it is saved here, or failed its check (it would
+  // fail it again); after another failure (a full disk) it stays, offered again later.
+  auto done = [&](files::ctl::Done::Result result) {
+    if (!in.via_server) return tell(in.from, files::ctl::Done{t, result});
+    if (result != files::ctl::Done::Result::failed)
+      host_.to_server(protocol::FileDone{core_.next_id(), host_.me, t, result == files::ctl::Done::Result::saved},
+                      [](const protocol::Message*) {});
+  };
   if (saved) {
     host_.say("[File " + in.name + " from " + in.from + " saved to " + saved.value().string() + ".]");
-    tell(in.from, files::ctl::Done{t, files::ctl::Done::Result::saved});
+    done(files::ctl::Done::Result::saved);
   } else if (saved.error().kind == files::ErrorKind::hash_mismatch) {
     host_.say("[File " + in.name + " from " + in.from + " did not match its check and was deleted.]");
-    tell(in.from, files::ctl::Done{t, files::ctl::Done::Result::mismatch});
+    done(files::ctl::Done::Result::mismatch);
   } else {
     host_.say("[File " + in.name + " from " + in.from + " could not be saved: " + saved.error().message + "]");
     in.partial->discard();
-    tell(in.from, files::ctl::Done{t, files::ctl::Done::Result::failed});
+    done(files::ctl::Done::Result::failed);
   }
   end_incoming(t);
 }
@@ -611,7 +738,7 @@ void Transfers::redraw() {
   if (!host_.progress) return;
   std::string text;
   for (const auto& [t, o] : out_)
-    if (o->state != Outgoing::State::offered) text += (text.empty() ? "" : "  |  ") + progress_line(t);
+    if (o->sender) text += (text.empty() ? "" : "  |  ") + progress_line(t);
   for (const auto& [t, in] : in_)
     if (in->state == Incoming::State::receiving) text += (text.empty() ? "" : "  |  ") + progress_line(t);
   if (text == shown_) return;
@@ -642,11 +769,11 @@ void Transfers::end_incoming(std::uint64_t t) {
 void Transfers::stop_all() {
   for (const auto& [t, o] : out_) {
     core_.cancel(o->timer);
-    tell(o->to, files::ctl::Cancel{t});
+    if (!o->via_server) tell(o->to, files::ctl::Cancel{t});
   }
   for (const auto& [t, in] : in_) {
     core_.cancel(in->timer);
-    tell(in->from, files::ctl::Cancel{t});
+    if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
   }
   out_.clear();
   in_.clear();

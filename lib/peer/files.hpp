@@ -55,6 +55,19 @@ struct FileHost {
   std::function<std::optional<udp::endpoint>(const std::string& name)> reachable;
   /// A transfer or offer ended (the client may be waiting for the last one to leave).
   std::function<void()> ended{};
+
+  // Files the server keeps for an offline recipient (SPEC §12).
+  /// True if a file can be sealed for `name`, online or not (its key is known and usable).
+  std::function<bool(const std::string& name)> sealable{};
+  /// `c` sealed for `to` (identity::seal_file, its transfer id as the mid), for the server to keep.
+  std::function<std::string(const std::string& to, const files::Control& c)> seal_for{};
+  /// Sends `m` (its id set) to the server in use, reliably; `done` gets the reply (nullptr: none).
+  std::function<void(const protocol::Message& m, std::function<void(const protocol::Message* reply)> done)>
+      to_server{};
+  /// The server in use.
+  std::function<udp::endpoint()> server{};
+  /// Our own name, as the server knows it.
+  std::string me{};
 };
 
 /// "2.4 MiB": one decimal from KiB up.
@@ -77,6 +90,9 @@ class Transfers {
 
   /// A control message from `from` (authenticated by the caller), which came from `at`.
   void on_control(const std::string& from, const udp::endpoint& at, const files::Control& c);
+  /// A file the server keeps for us, offered by `from` (authenticated by the caller: sealed by
+  /// `from` for us); accepting it downloads it from the server.
+  void on_kept_offer(const std::string& from, const files::ctl::Offer& o);
   /// A file frame (chunk or chunk_ack) from `from`.
   void on_frame(std::string_view bytes, const udp::endpoint& from);
 
@@ -97,7 +113,14 @@ class Transfers {
   /// The offer of `from` the user means by `id` (0: the only one), or nullptr after saying why.
   Incoming* offered_by(const std::string& from, unsigned id, const char* verb);
 
-  void on_offer(const std::string& from, const udp::endpoint& at, const files::ctl::Offer& o);
+  /// `kept`: the server keeps the file (at `at`); the offer does not lapse.
+  void on_offer(const std::string& from, const udp::endpoint& at, const files::ctl::Offer& o, bool kept = false);
+  /// Sends an outgoing file to the server, for its recipient (offline, or not answering).
+  void upload(std::uint64_t transfer);
+  /// Every chunk of an upload is acknowledged: the server keeps it with its sealed offer.
+  void commit(std::uint64_t transfer);
+  /// The server's answer to one of our requests about a file: "" for an Ack, else why not.
+  static std::optional<std::string> refusal(const protocol::Message* reply);
   void on_accept(Outgoing& o, const udp::endpoint& at, const files::ctl::Accept& a);
   void on_done(Outgoing& o, const files::ctl::Done& d);
 

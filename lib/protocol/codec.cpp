@@ -49,13 +49,14 @@ overloaded(Ts...) -> overloaded<Ts...>;  // clang 14 (the fuzz build) needs the 
 // The type code of each Message alternative, in variant order. Requests < 64, replies >= 64.
 constexpr std::uint8_t kCodes[] = {
     1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11,  // Register .. Lookup
+    13, 14, 15, 16, 17,                          // FilePut .. FileOffer (12 is the chunk frame)
     64, 65, 66, 67, 68, 69, 70, 71, 72,          // Ack .. Found
 };
 static_assert(std::size(kCodes) == std::variant_size_v<Message>);
 constexpr std::uint8_t kFirstReply = 64;
 constexpr std::size_t kHeader = 10;  // version, type, u64 id/re
 
-constexpr bool is_request_code(std::uint8_t c) { return c >= 1 && c <= 11; }
+constexpr bool is_request_code(std::uint8_t c) { return c >= 1 && c <= 17 && c != kFrameChunk; }
 
 // ---------------------------------------------------------------- encode
 
@@ -252,6 +253,37 @@ void write_message(Sink& sink, const Message& m) {
                  },
                  [&](const KeepAlive& r) { w.name(r.name); },
                  [&](const Lookup& r) { w.name(r.name); },
+                 [&](const FilePut& r) {
+                   w.name(r.from);
+                   w.name(r.to);
+                   w.u64(r.transfer);
+                   w.u64(r.size);
+                   w.key(r.ack_key);
+                 },
+                 [&](const FileCommit& r) {
+                   w.name(r.from);
+                   w.u64(r.transfer);
+                   w.bytes16(r.body);
+                 },
+                 [&](const FileGet& r) {
+                   w.name(r.name);
+                   w.u64(r.transfer);
+                   w.key(r.ack_key);
+                 },
+                 [&](const FileDone& r) {
+                   w.name(r.name);
+                   w.u64(r.transfer);
+                   w.boolean(r.saved);
+                 },
+                 [&](const FileOffer& r) {
+                   w.name(r.recipient);
+                   w.name(r.from);
+                   w.i64(r.ts_us);
+                   w.u64(r.transfer);
+                   w.u64(r.size);
+                   w.key(r.key);
+                   w.bytes16(r.body);
+                 },
                  [&](const Ack& r) {
                    w.u64(r.epoch);
                    w.u64(r.have);
@@ -318,6 +350,8 @@ class Reader {
     if (v > 1) fail(DecodeError::bad_value);
     return v == 1;
   }
+  // A file's transfer id: never 0.
+  std::uint64_t transfer() { return id(); }
   // A request id or a reply's re: 0 means "none" inside the program.
   std::uint64_t id() {
     std::uint64_t v = u64();
@@ -440,6 +474,18 @@ std::optional<Message> read_body(Reader& r, std::uint8_t code, std::uint64_t id)
     }
     case 10: return KeepAlive{id, r.name()};
     case 11: return Lookup{id, r.name()};
+    case 13: {
+      FilePut m{id, r.name(), r.name(), r.transfer(), r.u64(), r.fixed<32>()};
+      return m;
+    }
+    case 14: return FileCommit{id, r.name(), r.transfer(), r.bytes16(kMaxBody)};
+    case 15: return FileGet{id, r.name(), r.transfer(), r.fixed<32>()};
+    case 16: return FileDone{id, r.name(), r.transfer(), r.boolean()};
+    case 17: {
+      FileOffer m{id, r.name(), r.name(), r.i64(), r.transfer(), r.u64(), r.fixed<32>(), r.bytes16(kMaxBody)};
+      if (r.ok() && m.ts_us < 0) r.fail(DecodeError::bad_value);
+      return m;
+    }
     case 64: return Ack{id, r.u64(), r.u64(), r.u64()};
     case 65: return Challenge{id, r.bytes8(kMaxToken)};
     case 66: return Receipt{id, r.bytes16(kMaxBody)};
@@ -671,7 +717,8 @@ std::uint64_t reply_to(const Message& m) {
 const char* type_name(const Message& m) {
   static constexpr const char* names[] = {"register", "dereg",     "direct",  "save",   "channel",
                                           "relay",    "probe",     "table",   "stored", "keepalive",
-                                          "lookup",   "ack",       "challenge", "receipt", "reg_ok",
+                                          "lookup",   "file_put",  "file_commit", "file_get", "file_done",
+                                          "file_offer", "ack",       "challenge", "receipt", "reg_ok",
                                           "reg_err",  "exists",    "refused", "alive",  "found"};
   static_assert(std::size(names) == std::variant_size_v<Message>);
   return names[m.index()];

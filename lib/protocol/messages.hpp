@@ -165,6 +165,64 @@ struct Lookup {
   bool operator==(const Lookup&) const = default;
 };
 
+// Files kept by the server for an offline recipient (SPEC §12). The file's chunks travel as file
+// frames (kFrameChunk, kFrameChunkAck) between the client and the server, under the transfer id
+// and an ack key the client chose: the server keeps the chunks sealed as the sender sealed them,
+// and never holds the key that opens them.
+
+/// Client -> server: I will upload a file of `size` bytes for `to`, as transfer `transfer`
+/// (never 0), its chunk_acks tagged with `ack_key`; answered by Ack (send the chunks) or
+/// Refused (too large, quota full, `to` unknown, ...).
+struct FilePut {
+  std::uint64_t id = 0;
+  std::string from;
+  std::string to;
+  std::uint64_t transfer = 0;
+  std::uint64_t size = 0;
+  Key ack_key{};
+  bool operator==(const FilePut&) const = default;
+};
+/// Client -> server: every chunk of `transfer` is acknowledged; keep the file with its offer
+/// `body` (sealed for the recipient); answered by Ack once durable, or Refused.
+struct FileCommit {
+  std::uint64_t id = 0;
+  std::string from;
+  std::uint64_t transfer = 0;
+  std::string body;
+  bool operator==(const FileCommit&) const = default;
+};
+/// Client -> server: send me (`name`) the kept file `transfer`, my chunk_acks tagged with
+/// `ack_key`; answered by Ack (its chunks follow) or Refused (no such file).
+struct FileGet {
+  std::uint64_t id = 0;
+  std::string name;
+  std::uint64_t transfer = 0;
+  Key ack_key{};
+  bool operator==(const FileGet&) const = default;
+};
+/// Client -> server: delete my (`name`'s) kept file `transfer`: `saved` (downloaded and
+/// checked) or declined; answered by Ack.
+struct FileDone {
+  std::uint64_t id = 0;
+  std::string name;
+  std::uint64_t transfer = 0;
+  bool saved = false;
+  bool operator==(const FileDone&) const = default;
+};
+/// Server -> client: a file kept for `recipient`, offered (one datagram per file, after the saved
+/// messages of a registration); answered by Ack. `body` is the sender's sealed offer.
+struct FileOffer {
+  std::uint64_t id = 0;
+  std::string recipient{};
+  std::string from;
+  std::int64_t ts_us = 0;  // server arrival time, microseconds since the Unix epoch
+  std::uint64_t transfer = 0;
+  std::uint64_t size = 0;
+  Key key{};  // the key `from` was bound to when the file was uploaded
+  std::string body;
+  bool operator==(const FileOffer&) const = default;
+};
+
 // ---- Replies: carry `re`, the id of the request they answer. ----
 
 /// Generic acknowledgement. For a Table, `epoch`/`have` say where the client's table now is.
@@ -231,7 +289,7 @@ struct Found {
 };
 
 using Message = std::variant<Register, Dereg, Direct, Save, Channel, Relay, Probe, Table, Stored,
-                             KeepAlive, Lookup,
+                             KeepAlive, Lookup, FilePut, FileCommit, FileGet, FileDone, FileOffer,
                              Ack, Challenge, Receipt, RegOk, RegErr, Exists, Refused, Alive, Found>;
 
 /// The request id of a request, or 0 for a reply.

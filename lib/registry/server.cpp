@@ -42,6 +42,17 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store
       table_(core_.random() >> 12 | 1),
       minter_(options_.seed) {
   core_.set_handler([this](const proto::Message& m, const udp::endpoint& from) { on_message(m, from); });
+  depot_ = std::make_unique<Depot>(
+      core_, *store_,
+      DepotHost{
+          .is_at = [this](const std::string& name, const udp::endpoint& from) { return is_at(name, from); },
+          .key_of = [this](const std::string& name) { return key_of(name); },
+          .store_failed = [this](const std::string& what, const std::string& why) { store_failed(what, why); },
+      },
+      options_.files);
+  core_.set_frame_handler([this](std::string_view bytes, const udp::endpoint& from) {
+    if (from.address().is_v4()) depot_->on_frame(bytes, from);
+  });
   // A restart keeps every name, address and online flag; clients that were online keep a
   // session (until their keep-alives prove otherwise), and the new epoch tells them to take a
   // fresh snapshot on the next update. Of a shared store's rows, only the sessions this server
@@ -73,6 +84,7 @@ void Server::start() {
   store_->watch([this](const offline::Change& c) { on_change(c); });
   log_stats();
   core_.after(options_.keepalive, [this] { expire_silent(); });
+  depot_->start();
   if (options_.on_quiet) core_.after(kQuietCheck, [this] { check_quiet(); });
 }
 
@@ -125,12 +137,17 @@ struct Server::Dispatch {
   void operator()(const proto::Channel& m) { s.on_channel(m, from); }
   void operator()(const proto::KeepAlive& m) { s.on_keepalive(m, from); }
   void operator()(const proto::Lookup& m) { s.on_lookup(m, from); }
+  void operator()(const proto::FilePut& m) { s.depot_->on_put(m, from); }
+  void operator()(const proto::FileCommit& m) { s.depot_->on_commit(m, from); }
+  void operator()(const proto::FileGet& m) { s.depot_->on_get(m, from); }
+  void operator()(const proto::FileDone& m) { s.depot_->on_done(m, from); }
   // Requests only a peer is sent.
   void operator()(const proto::Direct& m) { s.unexpected(m, from); }
   void operator()(const proto::Relay& m) { s.unexpected(m, from); }
   void operator()(const proto::Probe& m) { s.unexpected(m, from); }
   void operator()(const proto::Table& m) { s.unexpected(m, from); }
   void operator()(const proto::Stored& m) { s.unexpected(m, from); }
+  void operator()(const proto::FileOffer& m) { s.unexpected(m, from); }
   // Replies: the core hands them to the request they answer, never here.
   void operator()(const proto::Ack& m) { s.unexpected(m, from); }
   void operator()(const proto::Challenge& m) { s.unexpected(m, from); }
@@ -344,6 +361,7 @@ void Server::admit(const proto::Register& r, const udp::endpoint& from) {
     core_.reply(from, proto::RegOk{r.id, table_.epoch(), pending});
     sync(r.name);
     if (pending > 0) deliver(r.name);
+    else offer_files(r.name);
   };
   if (!binds) return welcome();
   // The binding is the name's for good: the client hears "registered" only once it is durable.
@@ -619,6 +637,7 @@ void Server::deliver(const std::string& name) {
   if (s == nullptr || table_.find(name) == nullptr || s->delivery != Session::Delivery::none) return;
   if (mailbox(name) == 0) {
     set_online(name, true);
+    offer_files(name);
     return;
   }
   s->delivery = Session::Delivery::sending;
@@ -687,7 +706,16 @@ void Server::end_drain(const std::string& name) {
     if (s.delivered_count > 0) spdlog::info("delivered {} saved messages to {}", s.delivered_count, name);
     s.delivered_count = 0;
     set_online(name, true);
+    offer_files(name);
   });
+}
+
+void Server::offer_files(const std::string& name) {
+  Session* s = session(name);
+  const Client* c = table_.find(name);
+  if (s == nullptr || c == nullptr || s->files_offered) return;
+  s->files_offered = true;
+  depot_->offer(name, endpoint_of(*c));
 }
 
 void Server::send_stored(const std::string& name) {

@@ -17,6 +17,7 @@
 #include "offline/async_store.hpp"
 #include "offline/store.hpp"
 #include "protocol/codec.hpp"
+#include "registry/depot.hpp"
 #include "registry/table.hpp"
 #include "transport/core.hpp"
 
@@ -38,6 +39,8 @@ struct ServerOptions {
   std::chrono::milliseconds keepalive{15'000};
   /// How often dropped-datagram counters are logged (when they changed).
   std::chrono::seconds stats_interval{10};
+  /// Files kept for offline recipients (SPEC §12): limits, quota, how long.
+  DepotOptions files{};
   /// Seeds the core's ids and the table epoch; 0 = random (simulations pass their own).
   std::uint64_t seed = 0;
   /// Called when the server has gone quiet after work (nothing in flight, something received
@@ -94,6 +97,7 @@ class Server {
   transport::Core& core() { return core_; }
   const transport::Counters& counters() const { return core_.counters(); }
   const ServerCounters& server_counters() const { return stats_; }
+  const Depot& depot() const { return *depot_; }
   const Table& table() const { return table_; }
   /// True if `name` has a session (registered, not yet expired or left).
   bool has_session(const std::string& name) const { return sessions_.contains(name); }
@@ -123,6 +127,7 @@ class Server {
     /// vector: empty, it costs no allocation, unlike a deque, in every idle session.)
     std::vector<offline::StoredMessage> ahead;
     std::uint64_t table_request = 0;   // the Table datagram in flight, if any
+    bool files_offered = false;        // the files kept for it were offered in this session
   };
   using SessionRef = std::weak_ptr<Session>;
   using AfterCommit = std::function<void(bool ok)>;
@@ -221,6 +226,8 @@ class Server {
   void send_stored(const std::string& name);
   /// The end of a drain: the mailbox counted again, then another pass or online.
   void end_drain(const std::string& name);
+  /// Once per session, after its saved messages: offers the files kept for `name`.
+  void offer_files(const std::string& name);
   /// Deletes the saved messages clients ACKed since the last flush.
   void remove_delivered();
   /// Deletes ACKed messages soon, in one transaction with others: at the next flush, after
@@ -248,6 +255,7 @@ class Server {
   std::unique_ptr<offline::AsyncStore> store_;
   transport::Core core_;
   Table table_;
+  std::unique_ptr<Depot> depot_;
   std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
   /// What one commit writes and whom it answers: the saves (with their answers and their
   /// count per recipient), then the changed rows (with the registrations among them and the

@@ -89,6 +89,30 @@ class FaultyStore final : public offline::Store {
     check();
     return s_.legacy_count();
   }
+  bool put_file(const offline::NewFile& f) override {
+    check();
+    return s_.put_file(f);
+  }
+  std::vector<offline::HeldFile> files_for(const std::string& to) override {
+    check();
+    return s_.files_for(to);
+  }
+  std::optional<std::string> file_data(const std::string& to, std::uint64_t transfer) override {
+    check();
+    return s_.file_data(to, transfer);
+  }
+  bool delete_file(const std::string& to, std::uint64_t transfer) override {
+    check();
+    return s_.delete_file(to, transfer);
+  }
+  std::uint64_t file_bytes_for(const std::string& to) override {
+    check();
+    return s_.file_bytes_for(to);
+  }
+  std::size_t expire_files(std::int64_t before_us) override {
+    check();
+    return s_.expire_files(before_us);
+  }
 
  private:
   void check() {

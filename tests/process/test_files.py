@@ -117,11 +117,70 @@ class FilesTest(Files, ChatTest):
         self.alice.send(f"sendfile bob {missing}")
         self.alice.expect(r"^>>> \[Error: cannot open " + re.escape(missing) + r": No such file or directory\]$")
         self.alice.send("sendfile carol " + missing)
-        self.alice.expect_exact(">>> [Error: carol is not online; a file goes only to a client that is online]")
+        self.alice.expect_exact(">>> [Error: unknown client carol; type list to see the table]")
         self.alice.send("sendfile alice " + missing)
         self.alice.expect_exact(">>> [Error: you cannot send a file to yourself]")
         self.bob.send("accept alice")
         self.bob.expect_exact(">>> [Error: alice offers no file]")
+
+
+class KeptFilesTest(Files, ChatTest):
+    """Files the server keeps for an offline recipient (SPEC §12), with small limits."""
+
+    server_args = ChatTest.server_args + ["--max-file-size", "1M", "--file-quota", "1M"]
+
+    def bob_away(self):
+        self.pair()
+        self.bob.send("dereg bob")
+        self.bob.expect_exact(">>> [You are Offline. Bye.]")
+        self.wait_table(self.alice, ["alice"])
+
+    def upload(self, name, size, line_size):
+        path = os.path.join(self.dir, name)
+        want = write_random(path, size)
+        self.alice.send(f"sendfile bob {path}")
+        self.alice.expect_exact(f">>> [bob is offline; sending {name} ({line_size}) to the server for bob.]")
+        return want
+
+    def test_an_offline_recipient_gets_the_file_from_the_server_after_reg(self):
+        self.bob_away()
+        want = self.upload("kept.bin", 600 * 1024, "600.0 KiB")
+        self.alice.expect_exact(">>> [kept.bin saved by the server for bob.]", timeout=30)
+        self.bob.send("reg bob")
+        self.bob.expect_exact(WELCOME)
+        self.bob.expect_exact(">>> [alice offers kept.bin (600.0 KiB); type accept alice or decline alice]")
+        self.bob.send("accept alice")
+        self.bob.expect_exact(">>> [Receiving kept.bin (600.0 KiB) from alice.]")
+        saved_to = os.path.join(self.downloads, "kept.bin")
+        self.bob.expect_exact(f">>> [File kept.bin from alice saved to {saved_to}.]", timeout=30)
+        self.assertEqual(digest(saved_to), want)
+        # Downloaded and checked, it is deleted: the next registration offers nothing, and a
+        # file as large fits the quota again.
+        self.bob.send("dereg bob")
+        self.bob.expect_exact(">>> [You are Offline. Bye.]")
+        self.wait_table(self.alice, ["alice"])
+        self.upload("again.bin", 600 * 1024, "600.0 KiB")
+        self.alice.expect_exact(">>> [again.bin saved by the server for bob.]", timeout=30)
+        mark = self.bob.mark()
+        self.bob.send("reg bob")
+        self.bob.expect_exact(">>> [alice offers again.bin (600.0 KiB); type accept alice or decline alice]")
+        self.bob.send("decline alice")
+        self.bob.expect_exact(">>> [Declined again.bin from alice.]")
+        self.assertEqual([l for l in self.bob.lines[mark:] if "offers kept.bin" in l], [], self.bob.dump())
+
+    def test_a_file_larger_than_the_limit_is_refused_with_the_line(self):
+        self.bob_away()
+        self.upload("big.bin", 2 * MiB, "2.0 MiB")
+        self.alice.expect_exact(
+            ">>> [The server did not take big.bin for bob: the file is larger than the server's limit of 1 MiB.]")
+
+    def test_the_quota_full_is_refused_with_the_line(self):
+        self.bob_away()
+        self.upload("one.bin", 600 * 1024, "600.0 KiB")
+        self.alice.expect_exact(">>> [one.bin saved by the server for bob.]", timeout=30)
+        self.upload("two.bin", 600 * 1024, "600.0 KiB")
+        self.alice.expect_exact(
+            ">>> [The server did not take two.bin for bob: the space the server keeps for bob is full (1 MiB).]")
 
 
 class LossyFilesTest(Files, NetnsChatTest):

@@ -251,6 +251,14 @@ class SharedStore final : public offline::Store {
   std::vector<offline::ClientRow> load_clients() override { return inner_.load_clients(); }
   offline::Released release(const std::string& name) override { return inner_.release(name); }
   std::size_t legacy_count() override { return inner_.legacy_count(); }
+  bool put_file(const offline::NewFile& f) override { return inner_.put_file(f); }
+  std::vector<offline::HeldFile> files_for(const std::string& to) override { return inner_.files_for(to); }
+  std::optional<std::string> file_data(const std::string& to, std::uint64_t transfer) override {
+    return inner_.file_data(to, transfer);
+  }
+  bool delete_file(const std::string& to, std::uint64_t transfer) override { return inner_.delete_file(to, transfer); }
+  std::uint64_t file_bytes_for(const std::string& to) override { return inner_.file_bytes_for(to); }
+  std::size_t expire_files(std::int64_t before_us) override { return inner_.expire_files(before_us); }
 
  private:
   offline::Store& inner_;

@@ -643,7 +643,7 @@ TEST_CASE("an unknown schema version is refused and left as found") {
   { auto store = open_sqlite_store(tmp.str()); }
   {
     RawDb raw(tmp.path() / "chat.db");
-    CHECK(raw.query_text("PRAGMA user_version") == "3");
+    CHECK(raw.query_text("PRAGMA user_version") == "4");
     raw.exec("PRAGMA user_version=99");
   }
   std::string what;
@@ -655,7 +655,7 @@ TEST_CASE("an unknown schema version is refused and left as found") {
   }
   INFO(what);
   CHECK(what.find("99") != std::string::npos);
-  CHECK(what.find("expects 3") != std::string::npos);
+  CHECK(what.find("expects 4") != std::string::npos);
   RawDb raw(tmp.path() / "chat.db");
   CHECK(raw.query_text("PRAGMA user_version") == "99");
 }
@@ -747,8 +747,8 @@ TEST_CASE("a schema-1 store is migrated to 3 on open and ends up with a fresh st
       "FROM (SELECT * FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name)";
   RawDb migrated(old_dir / "chat.db");
   RawDb fresh(fresh_dir / "chat.db");
-  CHECK(migrated.query_text("PRAGMA user_version") == "3");
-  CHECK(fresh.query_text("PRAGMA user_version") == "3");
+  CHECK(migrated.query_text("PRAGMA user_version") == "4");
+  CHECK(fresh.query_text("PRAGMA user_version") == "4");
   const auto schema = fresh.query_text(schema_query);
   INFO(schema);
   CHECK(migrated.query_text(schema_query) == schema);

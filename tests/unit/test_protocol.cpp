@@ -177,6 +177,15 @@ std::vector<Message> one_of_each() {
       proto::KeepAlive{kMaxU64, kName1},
       proto::Lookup{13, kName1},
       proto::Lookup{kMaxU64, kName32},
+      proto::FilePut{30, kName1, kName32, 1, 0, {}},
+      proto::FilePut{kMaxU64, kName32, kName1, kMaxU64, kMaxU64, counting_key()},
+      proto::FileCommit{31, kName1, 7, ""},
+      proto::FileCommit{kMaxU64, kName32, kMaxU64, all_bytes(proto::kMaxBody)},
+      proto::FileGet{32, kName1, 1, key_of(0xFF)},
+      proto::FileDone{33, kName32, kMaxU64, true},
+      proto::FileDone{34, kName1, 1, false},
+      proto::FileOffer{35, "a", kName32, 0, 1, 0, {}, ""},
+      proto::FileOffer{kMaxU64, kName32, kName1, kMaxI64, kMaxU64, kMaxU64, counting_key(), all_bytes(proto::kMaxBody)},
       proto::Ack{14, 0, 0, 0},
       proto::Ack{15, 4, 5, 0},
       proto::Ack{16, 0, 0, 3},
@@ -224,10 +233,12 @@ TEST_CASE("the samples cover every type, requests come before replies in the var
     if (reply) in_replies = true;
   }
   CHECK(in_replies);
-  // The type codes: 1-11 for requests in variant order, 64-72 for replies.
+  // The type codes: 1-11 and 13-17 for requests in variant order (12 is the chunk frame), 64-72 for replies.
   std::vector<Message> each = {proto::Register{},  proto::Dereg{},   proto::Direct{}, proto::Save{},
                                proto::Channel{},   proto::Relay{},   proto::Probe{},  proto::Table{},
-                               proto::Stored{},    proto::KeepAlive{}, proto::Lookup{}, proto::Ack{},
+                               proto::Stored{},    proto::KeepAlive{}, proto::Lookup{}, proto::FilePut{},
+                               proto::FileCommit{}, proto::FileGet{}, proto::FileDone{}, proto::FileOffer{},
+                               proto::Ack{},
                                proto::Challenge{}, proto::Receipt{}, proto::RegOk{},  proto::RegErr{},
                                proto::Exists{},    proto::Refused{}, proto::Alive{},  proto::Found{}};
   for (Message& m : each) {
@@ -239,7 +250,7 @@ TEST_CASE("the samples cover every type, requests come before replies in the var
         m);
   }
   REQUIRE(each.size() == std::variant_size_v<Message>);
-  const unsigned codes[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 64, 65, 66, 67, 68, 69, 70, 71, 72};
+  const unsigned codes[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 64, 65, 66, 67, 68, 69, 70, 71, 72};
   for (std::size_t i = 0; i < each.size(); ++i) {
     CHECK(each[i].index() == i);
     CHECK(static_cast<std::uint8_t>(proto::encode(each[i])[1]) == codes[i]);
@@ -259,6 +270,8 @@ TEST_CASE("request_id, reply_to and type_name") {
       {proto::Save{}, "save"},         {proto::Channel{}, "channel"},   {proto::Relay{}, "relay"},
       {proto::Probe{}, "probe"},       {proto::Table{}, "table"},       {proto::Stored{}, "stored"},
       {proto::KeepAlive{}, "keepalive"}, {proto::Lookup{}, "lookup"},   {proto::Ack{}, "ack"},
+      {proto::FilePut{}, "file_put"},  {proto::FileCommit{}, "file_commit"}, {proto::FileGet{}, "file_get"},
+      {proto::FileDone{}, "file_done"}, {proto::FileOffer{}, "file_offer"},
       {proto::Challenge{}, "challenge"}, {proto::Receipt{}, "receipt"}, {proto::RegOk{}, "reg_ok"},
       {proto::RegErr{}, "reg_err"},    {proto::Exists{}, "exists"},     {proto::Refused{}, "refused"},
       {proto::Alive{}, "alive"},       {proto::Found{}, "found"}};
@@ -417,7 +430,7 @@ TEST_CASE("every refusal reason, with the exact reason") {
   t.push_back({"the version byte alone", "\x02", DecodeError::truncated});
   t.push_back({"header without its id", probe.substr(0, 9), DecodeError::truncated});
   for (unsigned code = 0; code < 256; ++code) {
-    if ((code >= 1 && code <= 11) || (code >= 64 && code <= 72)) continue;
+    if ((code >= 1 && code <= 11) || (code >= 13 && code <= 17) || (code >= 64 && code <= 72)) continue;
     t.push_back({std::string("type code ").append(std::to_string(code)), header(code, 1), DecodeError::unknown_type});
   }
   t.push_back({"unknown type, header only two bytes", "\x02\x0C", DecodeError::unknown_type});
@@ -546,6 +559,23 @@ TEST_CASE("every refusal reason, with the exact reason") {
                header(9, 1) + str8("a") + u16(1) + str8("a") + u8(0) + u64(1) + u64(1) + raw(proto::Key{}) +
                    str16(std::string(proto::kMaxBody + 1, 'x')),
                DecodeError::text_too_long});
+  t.push_back({"file_commit body kMaxBody + 1",
+               header(14, 1) + str8("a") + u64(1) + str16(std::string(proto::kMaxBody + 1, 'x')),
+               DecodeError::text_too_long});
+  // ---- file requests: a transfer id is never 0, an arrival time never negative
+  t.push_back({"file_put transfer 0", header(13, 1) + str8("a") + str8("b") + u64(0) + u64(1) + raw(proto::Key{}),
+               DecodeError::bad_value});
+  t.push_back({"file_commit transfer 0", header(14, 1) + str8("a") + u64(0) + str16("x"), DecodeError::bad_value});
+  t.push_back({"file_get transfer 0", header(15, 1) + str8("a") + u64(0) + raw(proto::Key{}), DecodeError::bad_value});
+  t.push_back({"file_done transfer 0", header(16, 1) + str8("a") + u64(0) + u8(1), DecodeError::bad_value});
+  t.push_back({"file_done saved 2", header(16, 1) + str8("a") + u64(1) + u8(2), DecodeError::bad_value});
+  t.push_back({"file_offer ts_us < 0",
+               header(17, 1) + str8("a") + str8("b") + u64(~0ull) + u64(1) + u64(1) + raw(proto::Key{}) + str16("x"),
+               DecodeError::bad_value});
+  t.push_back({"file_offer recipient empty",
+               header(17, 1) + str8("") + str8("b") + u64(1) + u64(1) + u64(1) + raw(proto::Key{}) + str16("x"),
+               DecodeError::bad_name});
+  t.push_back({"file_put without its key", header(13, 1) + str8("a") + str8("b") + u64(1) + u64(1), DecodeError::truncated});
   t.push_back({"a body's length past the datagram", header(3, 1) + str8("a") + u16(10) + "abc", DecodeError::truncated});
   t.push_back({"a name's length past the datagram", header(2, 1) + u8(5) + "ab", DecodeError::truncated});
 
@@ -695,7 +725,7 @@ TEST_CASE("share and address give each recipient exactly the encoding of its own
       }
     }
   }
-  CHECK(shared.size() == 4);  // relay, probe, table, stored
+  CHECK(shared.size() == 5);  // relay, probe, table, stored, file_offer
 }
 
 namespace {
