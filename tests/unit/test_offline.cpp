@@ -402,6 +402,80 @@ TEST_CASE_TEMPLATE("a name's binding round-trips as bytes, and release removes i
   CHECK(again.messages == 0);
 }
 
+namespace {
+NewFile kept_file(const std::string& to, std::uint64_t transfer, std::int64_t ts_us, std::string data) {
+  NewFile f{to, "alice", std::string(32, '\x05'), transfer, ts_us, data.size() / 2, std::string("sealed offer \x00\xff", 15), std::move(data)};
+  return f;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("kept files: put, list without the data, read back byte for byte, count, delete, expire", Backend,
+                   SqliteBackend, MemoryBackend) {
+  const Backend backend;
+  auto store = backend.open();
+  std::mt19937_64 rng(7);
+  std::string big(3 << 20, '\0');
+  for (auto& c : big) c = static_cast<char>(rng());
+  CHECK(store->put_file(kept_file("bob", 0xFFFF'FFFF'FFFF'FFFFull, 2'000, big)));  // the largest transfer id
+  CHECK(store->put_file(kept_file("bob", 7, 1'000, std::string("\x00two\x00", 5))));
+  CHECK(store->put_file(kept_file("carol", 7, 500, "c")));
+  // The same (to, transfer) again: kept once, unchanged.
+  CHECK_FALSE(store->put_file(kept_file("bob", 7, 9'000, "other")));
+
+  const auto held = store->files_for("bob");
+  REQUIRE(held.size() == 2);
+  CHECK(held[0].transfer == 7);  // oldest first
+  CHECK(held[0].ts_us == 1'000);
+  CHECK(held[0].size == 2);
+  CHECK(held[0].from == "alice");
+  CHECK(held[0].from_key == std::string(32, '\x05'));
+  CHECK(held[0].offer == std::string("sealed offer \x00\xff", 15));
+  CHECK(held[1].transfer == 0xFFFF'FFFF'FFFF'FFFFull);
+  CHECK(store->files_for("nobody").empty());
+
+  CHECK(store->file_data("bob", 0xFFFF'FFFF'FFFF'FFFFull) == big);
+  CHECK(store->file_data("bob", 7) == std::string("\x00two\x00", 5));
+  CHECK(store->file_data("carol", 8) == std::nullopt);
+  CHECK(store->file_data("alice", 7) == std::nullopt);  // another recipient's transfer id is not ours
+  CHECK(store->file_bytes_for("bob") == big.size() / 2 + 2);
+  CHECK(store->file_bytes_for("nobody") == 0);
+
+  CHECK(store->delete_file("bob", 7));
+  CHECK_FALSE(store->delete_file("bob", 7));
+  CHECK_FALSE(store->delete_file("alice", 0xFFFF'FFFF'FFFF'FFFFull));
+  CHECK(store->files_for("bob").size() == 1);
+
+  // Only what arrived before the bound goes.
+  CHECK(store->expire_files(500) == 0);
+  CHECK(store->expire_files(1'000) == 1);  // carol's, at 500
+  CHECK(store->files_for("carol").empty());
+  CHECK(store->files_for("bob").size() == 1);
+  CHECK(store->expire_files(2'001) == 1);
+  CHECK(store->file_bytes_for("bob") == 0);
+}
+
+TEST_CASE_TEMPLATE("release deletes the files kept for the name, and only those", Backend, SqliteBackend, MemoryBackend) {
+  const Backend backend;
+  auto store = backend.open();
+  store->store_clients(std::vector<ClientRow>{{"bob", "10.0.0.2", 5001, false, std::string(32, '\x01')}});
+  CHECK(store->put_file(kept_file("bob", 1, 10, "aa")));
+  CHECK(store->put_file(kept_file("bob", 2, 11, "bb")));
+  CHECK(store->put_file(kept_file("carol", 1, 12, "cc")));
+  const Released r = store->release("bob");
+  CHECK(r.found);
+  CHECK(r.files == 2);
+  CHECK(store->files_for("bob").empty());
+  CHECK(store->files_for("carol").size() == 1);
+}
+
+TEST_CASE("kept files survive a reopen of the SQLite store") {
+  TempDir tmp;
+  { CHECK(open_sqlite_store(tmp.path().string())->put_file(kept_file("bob", 3, 42, "data!"))); }
+  auto store = open_sqlite_store(tmp.path().string());
+  CHECK(store->file_data("bob", 3) == std::string("data!"));
+  CHECK(store->files_for("bob").size() == 1);
+}
+
 TEST_CASE_TEMPLATE("save reports per message whether it inserted it, a repeat (recipient, sender, mid) is kept once",
                    Backend, SqliteBackend, MemoryBackend) {
   const Backend backend;
@@ -729,7 +803,7 @@ TEST_CASE("the golden schema-1 database opens: every client row intact, its plai
   CHECK(raw.query_text("SELECT text FROM legacy_messages WHERE seq = 6") == "late commit, early stamp");
 }
 
-TEST_CASE("a schema-1 store is migrated to 3 on open and ends up with a fresh store's schema") {
+TEST_CASE("a schema-1 store is migrated to 4 on open and ends up with a fresh store's schema") {
   TempDir tmp;
   const fs::path old_dir = tmp.path() / "old";
   const fs::path fresh_dir = tmp.path() / "fresh";
@@ -762,7 +836,8 @@ TEST_CASE("a schema-1 store is migrated to 3 on open and ends up with a fresh st
   CHECK(migrated.query_text("SELECT count(*) FROM clients") == "4");
   CHECK(migrated.query_text("PRAGMA integrity_check") == "ok");
 
-  // A second open finds version 3 and changes nothing.
+  CHECK(schema.find("table files files: CREATE TABLE files") != std::string::npos);
+  // A second open finds version 4 and changes nothing.
   { auto store = open_sqlite_store(old_dir.string()); }
   CHECK(migrated.query_text(schema_query) == schema);
   CHECK(migrated.query_text("SELECT count(*) FROM legacy_messages") == "6");
