@@ -204,31 +204,6 @@ std::string seal_addressed(const Pair& pair, std::uint8_t kind, std::uint64_t mi
   return sealed;
 }
 
-/// What seal_addressed() sealed, if `body` opens, is of `kind`, is addressed to `me` and its
-/// rest passes `accept`; the plaintext is wiped either way.
-template <class Accept>
-std::optional<Opened> open_addressed(const Pair& pair, std::string_view body, std::uint8_t kind, std::string_view me,
-                                     Accept accept) {
-  auto plain = pair.open(body);
-  if (!plain) return std::nullopt;
-  Reader r(*plain);
-  std::uint8_t got = 0;
-  Opened m;
-  std::string_view to;
-  // `to == me`: the pairwise key is the same both ways, so without it a message could be sent back
-  // to its own sender (reflected) and pass for one from the peer.
-  std::optional<Opened> result;
-  if (r.u8(got) && got == kind && r.u64(m.mid) && r.u64(m.sent_ms) && r.short_bytes(to) && to == me) {
-    const auto rest = r.rest();
-    if (accept(rest)) {
-      m.text.assign(rest);
-      result = std::move(m);
-    }
-  }
-  sodium_memzero(plain->data(), plain->size());
-  return result;
-}
-
 }  // namespace
 
 std::string seal_direct(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
@@ -239,7 +214,9 @@ std::string seal_direct(const Pair& pair, std::uint64_t mid, std::uint64_t sent_
 }
 
 std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::string_view me) {
-  return open_addressed(pair, body, kKindDirect, me, [](std::string_view text) { return acceptable_text(text); });
+  auto opened = open_addressed_body(pair, body, me);
+  if (!opened || opened->kind != OpenedBody::Kind::direct) return std::nullopt;
+  return std::move(opened->message);
 }
 
 std::string seal_file(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
@@ -249,8 +226,28 @@ std::string seal_file(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms
   return seal_addressed(pair, kKindFile, mid, sent_ms, to, payload);
 }
 
-std::optional<Opened> open_file(const Pair& pair, std::string_view body, std::string_view me) {
-  return open_addressed(pair, body, kKindFile, me, [](std::string_view) { return true; });
+std::optional<OpenedBody> open_addressed_body(const Pair& pair, std::string_view body, std::string_view me) {
+  auto plain = pair.open(body);
+  if (!plain) return std::nullopt;
+  Reader r(*plain);
+  std::uint8_t kind = 0;
+  OpenedBody b;
+  std::string_view to;
+  // `to == me`: the pairwise key is the same both ways, so without it a message could be sent back
+  // to its own sender (reflected) and pass for one from the peer.
+  std::optional<OpenedBody> result;
+  if (r.u8(kind) && (kind == kKindDirect || kind == kKindFile) && r.u64(b.message.mid) &&
+      r.u64(b.message.sent_ms) && r.short_bytes(to) && to == me) {
+    const auto rest = r.rest();
+    // A file control payload is bytes that lib/files decodes; a text must be one we would show.
+    if (kind == kKindFile || acceptable_text(rest)) {
+      b.kind = kind == kKindFile ? OpenedBody::Kind::file : OpenedBody::Kind::direct;
+      b.message.text.assign(rest);
+      result = std::move(b);
+    }
+  }
+  sodium_memzero(plain->data(), plain->size());
+  return result;
 }
 
 std::string seal_receipt(const Pair& pair, std::uint64_t mid, std::string_view to) {

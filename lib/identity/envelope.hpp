@@ -74,7 +74,7 @@ struct Opened {
 std::string seal_direct(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
                         std::string_view text);
 /// The message in a direct body sealed for `me`: kind, `to == me`, text length and UTF-8 checked;
-/// the caller checks the mid against the datagram's.
+/// the caller checks the mid against the datagram's. open_addressed_body() less its file kind.
 std::optional<Opened> open_direct(const Pair& pair, std::string_view body, std::string_view me);
 
 /// The longest payload of a file control message: what a body holds after the box, kind, mid,
@@ -86,9 +86,19 @@ inline constexpr std::size_t kMaxFilePayload = protocol::kMaxBody - kDirectOverh
 /// std::length_error for a payload longer than kMaxFilePayload).
 std::string seal_file(const Pair& pair, std::uint64_t mid, std::uint64_t sent_ms, std::string_view to,
                       std::string_view payload);
-/// The file control message in a body sealed for `me` (kind and `to == me` checked), its payload
-/// in `text` as bytes; the caller checks the mid against the datagram's.
-std::optional<Opened> open_file(const Pair& pair, std::string_view body, std::string_view me);
+
+/// What a sealed Direct body held, once opened: a direct message or a file control message.
+struct OpenedBody {
+  enum class Kind { direct, file };
+  Kind kind = Kind::direct;
+  Opened message;  // a file control message's payload is in message.text, as bytes
+  bool operator==(const OpenedBody&) const = default;
+};
+
+/// The direct message (kind 1: text length and UTF-8 checked) or file control message (kind 3)
+/// in a body sealed for `me` (`to == me` checked), opened once; nullopt for anything else. The
+/// caller checks the mid against the datagram's.
+std::optional<OpenedBody> open_addressed_body(const Pair& pair, std::string_view body, std::string_view me);
 
 /// The sealed receipt of direct message `mid` from `to` (the message's sender); throws like seal_direct.
 std::string seal_receipt(const Pair& pair, std::uint64_t mid, std::string_view to);

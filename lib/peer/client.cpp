@@ -329,13 +329,12 @@ void Client::send_file_control(const std::string& to, const files::Control& c, s
                });
 }
 
-bool Client::on_file_control(const proto::Direct& d, const udp::endpoint& from, const proto::Key& key) {
-  auto m = identity::open_file(pair(key), d.body, options_.name);
-  if (!m || m->mid != d.id) return false;
-  auto c = files::decode(m->text);
+bool Client::on_file_control(const proto::Direct& d, const udp::endpoint& from, const proto::Key& key,
+                             const identity::Opened& m) {
+  auto c = files::decode(m.text);
   if (!c) return false;
   if (state_db_->blocked(key)) ++stats_.blocked;
-  else if (first_seen(key, kSeenFile, d.id, m->sent_ms)) transfers_->on_control(d.from, from, *c);
+  else if (first_seen(key, kSeenFile, d.id, m.sent_ms)) transfers_->on_control(d.from, from, *c);
   core_.reply(from, proto::Receipt{d.id, identity::seal_receipt(pair(key), d.id, d.from)});
   return true;
 }
@@ -722,19 +721,23 @@ void Client::on_direct(const proto::Direct& d, const udp::endpoint& from) {
     return core_.forget(from, d.id);
   }
   auto key = usable_key(d.from);
-  std::optional<identity::Opened> m;
-  if (key) m = identity::open_direct(pair(*key), d.body, options_.name);
-  if ((!m || m->mid != d.id) && key && on_file_control(d, from, *key)) return;
-  if (!m || m->mid != d.id) {
+  // Opened once: a text message or a file control message, told apart by the sealed kind.
+  std::optional<identity::OpenedBody> body;
+  if (key) body = identity::open_addressed_body(pair(*key), d.body, options_.name);
+  const bool authentic = body && body->message.mid == d.id;
+  using Kind = identity::OpenedBody::Kind;
+  if (authentic && body->kind == Kind::file && on_file_control(d, from, *key, body->message)) return;
+  if (!authentic || body->kind != Kind::direct) {
     // Not sealed by the key the table gives that name (forged, or its key changed and is not
-    // trusted): not shown and not answered.
+    // trusted), or a file control message that does not decode: not shown and not answered.
     ++stats_.unauthenticated;
     spdlog::debug("direct message claiming to be from {} did not authenticate", d.from);
     if (state_db_->changed(d.from)) warn_once(d.from);
     return core_.forget(from, d.id);
   }
+  const identity::Opened& m = body->message;
   if (state_db_->blocked(*key)) ++stats_.blocked;
-  else if (first_seen(*key, kSeenDirect, d.id, m->sent_ms)) say(d.from + ": " + printable(m->text));
+  else if (first_seen(*key, kSeenDirect, d.id, m.sent_ms)) say(d.from + ": " + printable(m.text));
   // Answered either way (a copy seen before is a retry whose receipt was lost).
   core_.reply(from, proto::Receipt{d.id, identity::seal_receipt(pair(*key), d.id, d.from)});
 }

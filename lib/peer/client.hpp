@@ -178,8 +178,10 @@ class Client {
   void rejoin();
   void on_message(const protocol::Message& m, const udp::endpoint& from);
   void on_direct(const protocol::Direct& d, const udp::endpoint& from);
-  /// A Direct that is not a message: a file control message, if it opens as the sender's.
-  bool on_file_control(const protocol::Direct& d, const udp::endpoint& from, const protocol::Key& key);
+  /// A Direct whose body opened as the sender's file control message `m` (mid checked): false if
+  /// its payload does not decode.
+  bool on_file_control(const protocol::Direct& d, const udp::endpoint& from, const protocol::Key& key,
+                       const identity::Opened& m);
   /// FileHost::send_control: `c` sealed for `to`, in a Direct, a user request.
   void send_file_control(const std::string& to, const files::Control& c, std::function<void(bool)> done);
   void run_files(const Command& c);

@@ -1,5 +1,8 @@
-"""The client on a real terminal (tmux): editing, history, completion, messages above the prompt."""
+"""The client on a real terminal (tmux): editing, history, completion, messages and file progress
+above the prompt."""
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -7,6 +10,7 @@ import time
 import unittest
 
 from harness import BIN, FAST, ChatTest, DEADLINE, free_port
+from test_files import MiB, digest, write_random
 
 
 def ensure_tmux():
@@ -31,9 +35,10 @@ class TerminalTest(ChatTest):
         shutil.rmtree(self.state, ignore_errors=True)
         super().tearDown()
 
-    def start_tty_client(self, name):
+    def start_tty_client(self, name, extra=()):
         port = free_port()
-        cmd = " ".join([BIN, "-c", name, "127.0.0.1", str(self.server_port), str(port)] + FAST)
+        cmd = " ".join(shlex.quote(a) for a in
+                       [BIN, "-c", name, "127.0.0.1", str(self.server_port), str(port)] + FAST + list(extra))
         # The tmux server may be older than this test: its environment is not ours, so the
         # test's own XDG_DATA_HOME (identities, client state) is passed explicitly.
         env = f"XDG_STATE_HOME={self.state} XDG_DATA_HOME={self.xdg_data_home} TERM=xterm"
@@ -46,14 +51,14 @@ class TerminalTest(ChatTest):
     def keys(self, *keys):
         subprocess.run(["tmux", "send-keys", "-t", self.session] + list(keys), check=True)
 
-    def screen(self):
-        out = subprocess.run(["tmux", "capture-pane", "-t", self.session, "-p"], capture_output=True,
-                             text=True, check=True).stdout
+    def screen(self, history=False):
+        """The visible lines, or with `history` the scrollback above them too (no colours)."""
+        out = subprocess.run(["tmux", "capture-pane", "-t", self.session, "-p"] + (["-S", "-"] if history else []),
+                             capture_output=True, text=True, check=True).stdout
         return [l.rstrip() for l in out.split("\n")]
 
     def screen_until(self, pattern, timeout=DEADLINE):
         """Polls the screen until a line matches (the terminal has no event to wait on)."""
-        import re
         rx = re.compile(pattern)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -91,6 +96,72 @@ class TerminalTest(ChatTest):
         bob.expect_exact(">>> alice: half a line")
         print("\n--- tmux screen: a message arriving mid-typing ---\n" +
               "\n".join(l for l in lines if l) + "\n---")
+
+    def test_file_progress_is_redrawn_above_the_half_typed_line(self):
+        """SPEC §12 on a tty: one status line redrawn in place just above the prompt (no ">>> ["
+        and no line per 10 %, which are for pipes), gone when the transfer ends; the half-typed
+        line survives it all and the file arrives byte-identical."""
+        downloads = os.path.join(self.dir, "downloads-alice")
+        self.start_tty_client("alice", extra=["--download-dir", downloads])
+        bob = self.start_client("bob", extra=["--download-dir", os.path.join(self.dir, "downloads-bob")])
+        self.wait_table(bob, ["alice", "bob"])
+        path = os.path.join(self.dir, "big.bin")
+        want = write_random(path, 30 * MiB)
+        bob.send(f"sendfile alice {path}")
+        bob.expect_exact(">>> [Offering big.bin (30.0 MiB) to alice.]")
+        self.screen_until(r"^>>> \[bob offers big\.bin \(30\.0 MiB\); type accept bob or decline bob\]$")
+        self.keys("accept bob", "Enter")
+        self.screen_until(r"^>>> \[Receiving big\.bin \(30\.0 MiB\) from bob\.\]$")
+        half = ">>> send bob half a li"
+        self.keys("send bob half a li")
+        saved_to = os.path.join(downloads, "big.bin")
+        saved = f">>> [File big.bin from bob saved to {saved_to}.]"
+        # The tty's status line is Transfers::progress_line() as it is; a pipe's line per 10 % is
+        # the same text in ">>> [...]".
+        status_rx = re.compile(r"^big\.bin  \d{1,3}%  \d+\.\d/30\.0 MiB"
+                               r"(  \d+(\.\d)? (B|KiB|MiB|GiB)/s  \d+:\d\d left)?$")
+        pipe_rx = re.compile(r"big\.bin  \d+%")
+
+        def check(lines):
+            """What holds on every screen: no pipe-style line, at most one status line, well formed."""
+            text = "\n".join(lines)
+            self.assertFalse([l for l in lines if l.startswith(">>> ") and pipe_rx.search(l)], text)
+            shown = [l for l in lines if pipe_rx.search(l)]
+            self.assertLessEqual(len(shown), 1, text)
+            for l in shown:
+                self.assertRegex(l, status_rx, text)
+            return shown
+
+        # During the transfer (it may be over before the first look: nothing here waits on it).
+        redrawn = set()
+        end = time.monotonic() + 120
+        while True:
+            lines = self.screen()
+            shown = check(lines)
+            filled = [l for l in lines if l]
+            if shown and filled[-2:] == [shown[0], half]:
+                redrawn.add(shown[0])  # the status line just above the intact half line
+            if saved in lines:
+                break
+            if time.monotonic() > end:
+                self.fail("the file was never saved:\n" + "\n".join(lines))
+            time.sleep(0.02)
+        # At the end: the status line is gone, the saved line sits just above the half line.
+        end = time.monotonic() + DEADLINE
+        while [l for l in self.screen() if l][-2:] != [saved, half] and time.monotonic() < end:
+            time.sleep(0.05)
+        everything = self.screen(history=True)
+        self.assertEqual([l for l in everything if l][-2:], [saved, half], "\n".join(everything))
+        self.assertEqual(check(everything), [], "\n".join(everything))
+        self.assertEqual(everything.count(saved), 1, "\n".join(everything))
+        bob.expect_exact(">>> [File big.bin sent to alice.]")
+        self.assertEqual(digest(saved_to), want)
+        self.assertEqual(sorted(os.listdir(downloads)), ["big.bin"])
+        # The typed text was kept by the line editor, not only drawn: it finishes and goes.
+        self.keys("ne", "Enter")
+        bob.expect_exact(">>> alice: half a line")
+        print(f"\n--- {len(redrawn)} distinct status lines seen above the half-typed line: "
+              + " / ".join(sorted(redrawn)) + " ---")
 
     def test_tab_completes_a_name_and_up_recalls_history(self):
         self.start_tty_client("alice")

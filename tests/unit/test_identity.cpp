@@ -525,6 +525,52 @@ TEST_CASE("direct message limits: 600 bytes fit a body, longer texts and names t
   CHECK(open_direct(t.bob_alice, t.alice_bob.seal(plain), "bob"));
 }
 
+TEST_CASE("open_addressed_body opens a direct or a file control body once and says which") {
+  Trio t;
+  using Kind = OpenedBody::Kind;
+  const std::string direct = seal_direct(t.alice_bob, 42, 1000, "bob", "hi bob");
+  const std::string payload("\x01\x00\xff binary", 10);
+  const std::string file = seal_file(t.alice_bob, 43, 2000, "bob", payload);
+
+  const auto d = open_addressed_body(t.bob_alice, direct, "bob");
+  REQUIRE(d);
+  CHECK(*d == OpenedBody{Kind::direct, Opened{42, 1000, "hi bob"}});
+  const auto f = open_addressed_body(t.bob_alice, file, "bob");
+  REQUIRE(f);
+  CHECK(*f == OpenedBody{Kind::file, Opened{43, 2000, payload}});
+  // open_direct is the direct kind alone: a file control body is not a message.
+  CHECK(open_direct(t.bob_alice, direct, "bob") == Opened{42, 1000, "hi bob"});
+  CHECK_FALSE(open_direct(t.bob_alice, file, "bob"));
+
+  // Sealed for someone else: another pair, another name, or reflected back to its sender.
+  for (const auto* body : {&direct, &file}) {
+    CHECK_FALSE(open_addressed_body(t.carol_alice, *body, "carol"));
+    CHECK_FALSE(open_addressed_body(t.carol_alice, *body, "bob"));
+    CHECK_FALSE(open_addressed_body(t.alice_bob, *body, "alice"));
+    CHECK_FALSE(open_addressed_body(t.bob_alice, *body, "carol"));
+    // Tampered: any one flipped byte, a byte cut off or added.
+    for (std::size_t i = 0; i < body->size(); ++i) {
+      std::string bad = *body;
+      bad[i] = static_cast<char>(bad[i] ^ 0x01);
+      CHECK_FALSE(open_addressed_body(t.bob_alice, bad, "bob"));
+    }
+    CHECK_FALSE(open_addressed_body(t.bob_alice, body->substr(0, body->size() - 1), "bob"));
+    CHECK_FALSE(open_addressed_body(t.bob_alice, *body + "x", "bob"));
+  }
+
+  // The direct kind keeps its text checks (bad UTF-8 refused); a file payload is bytes. Receipts
+  // and other kinds are neither.
+  CHECK_FALSE(open_addressed_body(t.bob_alice, seal_direct(t.alice_bob, 1, 2, "bob", "\xff"), "bob"));
+  CHECK(open_addressed_body(t.bob_alice, seal_file(t.alice_bob, 1, 2, "bob", "\xff"), "bob")->kind == Kind::file);
+  CHECK_FALSE(open_addressed_body(t.bob_alice, seal_receipt(t.alice_bob, 1, "bob"), "bob"));
+  std::string other(1, '\x04');
+  other += std::string(16, '\0') + "\x03" "bob" "x";
+  CHECK_FALSE(open_addressed_body(t.bob_alice, t.alice_bob.seal(other), "bob"));
+  other[0] = '\x03';
+  CHECK(open_addressed_body(t.bob_alice, t.alice_bob.seal(other), "bob"));
+  CHECK_FALSE(open_addressed_body(Pair(t.bob, Key{}), file, "bob"));
+}
+
 TEST_CASE("valid_utf8 accepts well-formed text only") {
   CHECK(valid_utf8(""));
   CHECK(valid_utf8("plain ascii"));
