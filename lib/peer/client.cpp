@@ -821,10 +821,10 @@ void Client::on_file_offer(const proto::FileOffer& f, const udp::endpoint& from)
   // is downloaded or declined, and can only ever send it while it keeps it.
   observe(proto::Entry{f.from, "", 0, false, f.key});
   auto key = usable_key(f.from);
-  std::optional<identity::Opened> m;
-  if (key && *key == f.key) m = identity::open_file(pair(*key), f.body, options_.name);
+  std::optional<identity::OpenedBody> m;
+  if (key && *key == f.key) m = identity::open_addressed_body(pair(*key), f.body, options_.name);
   std::optional<files::Control> c;
-  if (m && m->mid == f.transfer) c = files::decode(m->text);
+  if (m && m->kind == identity::OpenedBody::Kind::file && m->message.mid == f.transfer) c = files::decode(m->message.text);
   const auto* offer = c ? std::get_if<files::ctl::Offer>(&*c) : nullptr;
   if (offer == nullptr || offer->transfer != f.transfer || offer->size != f.size) ++stats_.unauthenticated;
   else if (state_db_->blocked(*key)) ++stats_.blocked;
