@@ -1,0 +1,199 @@
+// Files the server keeps for an offline recipient (SPEC §12), on the fake network and clock:
+// a server core with its Depot, alice uploading, bob downloading after he registers; what each
+// user sees (the exact status lines), what the store keeps, and the limits.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <random>
+#include <string>
+
+#include "temp_dir.hpp"
+#include "files/wire.hpp"
+#include "offline/memory_store.hpp"
+#include "sim.hpp"
+
+using TempDir = chat::test::TempDir;
+
+namespace {
+
+using namespace chat;
+using namespace chat::sim;
+namespace fs = std::filesystem;
+
+const udp::endpoint kServerAt = addr(1, 5000);
+
+std::string random_bytes(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+void write_file(const fs::path& p, const std::string& bytes) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+registry::ServerOptions small_limits() {
+  registry::ServerOptions o;
+  o.files.max_file_size = 1 << 20;
+  o.files.quota = 1 << 20;
+  o.files.keep = std::chrono::hours(48);
+  return o;
+}
+
+/// A server keeping its files in `kept` (which the test reads), alice online, bob gone offline.
+struct Away {
+  explicit Away(std::uint64_t seed = 5, registry::ServerOptions so = small_limits()) : net(seed) {
+    server = std::make_unique<ServerNode>(net, kServerAt, std::make_unique<SharedStore>(kept), so);
+    peer::FileOptions fa;
+    fa.download_dir = dir.path() / "alice-downloads";
+    peer::FileOptions fb;
+    fb.download_dir = dir.path() / "bob-downloads";
+    alice = std::make_unique<Peer>(net, "alice", addr(10, 6000), kServerAt, transport::RetryPolicy{}, 15s, 1, 0,
+                                   ":memory:", peer::Backlog{}, std::vector<udp::endpoint>{}, fa);
+    bob = std::make_unique<Peer>(net, "bob", addr(11, 6000), kServerAt, transport::RetryPolicy{}, 15s, 2, 0, ":memory:",
+                                 peer::Backlog{}, std::vector<udp::endpoint>{}, fb);
+    REQUIRE(net.run_until([&] { return alice->sees_online("bob") && bob->sees_online("alice"); }, 10s));
+    bob->type("dereg bob");
+    REQUIRE(net.run_until([&] { return bob->saw(">>> [You are Offline. Bye.]") && !alice->sees_online("bob"); }, 10s));
+  }
+  fs::path downloads() const { return dir.path() / "bob-downloads"; }
+  /// alice sends a file of `bytes` named `name` to offline bob.
+  void send(const std::string& name, const std::string& bytes, const std::string& size) {
+    fs::path p = dir.path() / name;
+    write_file(p, bytes);
+    alice->type("sendfile bob " + p.string());
+    CHECK(alice->saw(">>> [bob is offline; sending " + name + " (" + size + ") to the server for bob.]"));
+  }
+  bool kept_line(const std::string& name, Duration limit) {
+    return net.run_until([&] { return alice->saw(">>> [" + name + " saved by the server for bob.]"); }, limit);
+  }
+  bool offered(const std::string& name, const std::string& size, std::size_t times, Duration limit) {
+    const std::string line = ">>> [alice offers " + name + " (" + size + "); type accept alice or decline alice]";
+    return net.run_until([&] { return bob->count(line) == times; }, limit);
+  }
+
+  TempDir dir;
+  Net net;
+  offline::MemoryStore kept;
+  std::unique_ptr<ServerNode> server;
+  std::unique_ptr<Peer> alice;
+  std::unique_ptr<Peer> bob;
+};
+
+}  // namespace
+
+TEST_CASE("§12 a file for an offline recipient is kept sealed by the server and downloaded after reg, at 0 % and 20 % loss") {
+  for (double loss : {0.0, 0.2}) {
+    CAPTURE(loss);
+    Away t(static_cast<std::uint64_t>(loss * 100) + 1);
+    const std::string bytes = random_bytes(700'000, 1);
+    t.net.loss = loss;
+    t.send("report.pdf", bytes, "683.6 KiB");
+    REQUIRE(t.kept_line("report.pdf", 120s));
+    // What the server keeps is sealed: the plaintext appears nowhere in it, nor the name.
+    const auto held = t.kept.files_for("bob");
+    REQUIRE(held.size() == 1);
+    CHECK(held[0].size == bytes.size());
+    CHECK(held[0].offer.find("report.pdf") == std::string::npos);
+    const auto data = t.kept.file_data("bob", held[0].transfer);
+    REQUIRE(data);
+    CHECK(data->size() == bytes.size() + files::kTagBytes * *files::chunk_count(bytes.size()));
+    CHECK(data->find(bytes.substr(1000, 64)) == std::string::npos);
+
+    t.bob->type("reg bob");
+    REQUIRE(t.offered("report.pdf", "683.6 KiB", 1, 60s));
+    t.bob->type("accept alice");
+    CHECK(t.bob->saw(">>> [Receiving report.pdf (683.6 KiB) from alice.]"));
+    const std::string at = (t.downloads() / "report.pdf").string();
+    REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File report.pdf from alice saved to " + at + ".]"); }, 300s));
+    CHECK(read_file(t.downloads() / "report.pdf") == bytes);
+    // Downloaded and checked: deleted from the server.
+    REQUIRE(t.net.run_until([&] { return t.kept.files_for("bob").empty(); }, 30s));
+    CHECK(t.server->server.depot().kept() == 1);
+  }
+}
+
+TEST_CASE("§12 a kept file is offered at every registration until it is taken; decline deletes it") {
+  Away t;
+  t.send("a.bin", random_bytes(5000, 2), "4.9 KiB");
+  REQUIRE(t.kept_line("a.bin", 30s));
+  t.bob->type("reg bob");
+  REQUIRE(t.offered("a.bin", "4.9 KiB", 1, 30s));
+  // Not answered: still kept, offered again at the next registration (it does not lapse).
+  t.net.run_for(150s);
+  CHECK_FALSE(t.bob->saw(">>> [alice's offer of a.bin lapsed.]"));
+  t.bob->type("dereg bob");
+  REQUIRE(t.net.run_until([&] { return t.bob->count(">>> [You are Offline. Bye.]") == 2; }, 10s));
+  t.bob->type("reg bob");
+  // The client keeps the first offer: the same transfer is not offered twice while it runs.
+  t.net.run_for(5s);
+  CHECK(t.bob->count(">>> [alice offers a.bin (4.9 KiB); type accept alice or decline alice]") == 1);
+  t.bob->type("decline alice");
+  CHECK(t.bob->saw(">>> [Declined a.bin from alice.]"));
+  REQUIRE(t.net.run_until([&] { return t.kept.files_for("bob").empty(); }, 10s));
+  CHECK_FALSE(fs::exists(t.downloads()));
+}
+
+TEST_CASE("§12 a file larger than the server's limit, or past the recipient's quota, is refused with a line") {
+  Away t;
+  t.send("big.bin", random_bytes((1 << 20) + 1, 3), "1.0 MiB");
+  REQUIRE(t.net.run_until([&] {
+    return t.alice->saw(
+        ">>> [The server did not take big.bin for bob: the file is larger than the server's limit of 1 MiB.]");
+  }, 10s));
+  t.send("one.bin", random_bytes(600'000, 4), "585.9 KiB");
+  REQUIRE(t.kept_line("one.bin", 30s));
+  t.send("two.bin", random_bytes(600'000, 5), "585.9 KiB");
+  REQUIRE(t.net.run_until([&] {
+    return t.alice->saw(">>> [The server did not take two.bin for bob: the space the server keeps for bob is full (1 MiB).]");
+  }, 10s));
+  CHECK(t.kept.files_for("bob").size() == 1);
+  CHECK(t.alice->client.transfers().running() == 0);
+}
+
+TEST_CASE("§12 a kept file nobody downloads is deleted after its time") {
+  registry::ServerOptions so = small_limits();
+  so.files.keep = std::chrono::hours(2);
+  Away t(6, so);
+  t.send("old.bin", random_bytes(3000, 6), "2.9 KiB");
+  REQUIRE(t.kept_line("old.bin", 30s));
+  t.net.run_for(std::chrono::minutes(119));
+  CHECK(t.kept.files_for("bob").size() == 1);
+  // Expiry runs hourly: gone within an hour past its time.
+  t.net.run_for(std::chrono::minutes(62));
+  CHECK(t.kept.files_for("bob").empty());
+}
+
+TEST_CASE("§12 file requests from an address that is not the name's session are refused") {
+  Away t;
+  // A datagram forged as bob's FileGet from another address: refused, nothing sent there.
+  const udp::endpoint mallory = addr(66, 6666);
+  CHECK(t.kept.put_file(offline::NewFile{"bob", "alice", std::string(32, '\x01'), 9, 1, 10, "offer", std::string(26, 'x')}));
+  transport::Core raw(transport::CoreOptions{}, t.net.clock);
+  std::size_t frames = 0;
+  raw.set_frame_handler([&](std::string_view, const udp::endpoint&) { ++frames; });
+  t.net.attach(raw, mallory);
+  std::optional<protocol::Message> answer;
+  t.net.act(raw, [&] {
+    raw.request(protocol::FileGet{77, "bob", 9, {}}, kServerAt, [&](const protocol::Message* m) {
+      if (m != nullptr) answer = *m;
+    });
+  });
+  REQUIRE(t.net.run_until([&] { return answer.has_value(); }, 5s));
+  const auto* refused = std::get_if<protocol::Refused>(&*answer);
+  REQUIRE(refused != nullptr);
+  CHECK(refused->reason == "register first");
+  t.net.run_for(2s);
+  CHECK(frames == 0);
+  t.net.detach(mallory);
+  CHECK(t.kept.files_for("bob").size() == 1);
+}
