@@ -196,6 +196,7 @@ void Depot::on_commit(const proto::FileCommit& r, const udp::endpoint& from) {
       spdlog::info("kept a file ({} bytes) from {} for {}", size, r.from, to);
     }
     core_.reply(from, proto::Ack{r.id});
+    if (*kept.value && host_.kept) host_.kept(to);
   });
 }
 

@@ -43,6 +43,9 @@ struct DepotHost {
   std::function<std::string(const std::string& name)> key_of;
   /// A store call failed (logged and counted by the server).
   std::function<void(const std::string& what, const std::string& why)> store_failed;
+  /// A file for `to` is kept now (the recipient may be online here after all: a peer that did
+  /// not answer its sender's offer).
+  std::function<void(const std::string& to)> kept{};
 };
 
 class Depot {
@@ -61,7 +64,8 @@ class Depot {
   void on_done(const protocol::FileDone& r, const udp::endpoint& from);
   /// A chunk of an upload or a chunk_ack of a download.
   void on_frame(std::string_view bytes, const udp::endpoint& from);
-  /// Offers `name`, registered at `to`, every file kept for it (one FileOffer each).
+  /// Offers `name`, registered at `to`, every file kept for it (one FileOffer each; a client
+  /// that holds an offer already ignores it again).
   void offer(const std::string& name, const udp::endpoint& to);
 
   /// File frames dropped: malformed, forged, or of no upload or download of theirs.

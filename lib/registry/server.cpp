@@ -48,6 +48,13 @@ Server::Server(ServerOptions options, std::unique_ptr<offline::AsyncStore> store
           .is_at = [this](const std::string& name, const udp::endpoint& from) { return is_at(name, from); },
           .key_of = [this](const std::string& name) { return key_of(name); },
           .store_failed = [this](const std::string& what, const std::string& why) { store_failed(what, why); },
+          // Online here and past its registration's offers: offered now, not at its next registration.
+          .kept =
+              [this](const std::string& to) {
+                const Session* s = session(to);
+                const Client* c = table_.find(to);
+                if (s != nullptr && s->files_offered && c != nullptr && c->online) depot_->offer(to, endpoint_of(*c));
+              },
       },
       options_.files);
   core_.set_frame_handler([this](std::string_view bytes, const udp::endpoint& from) {

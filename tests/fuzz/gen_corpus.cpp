@@ -160,6 +160,11 @@ Seeds decode_seeds() {
   msg("stored_empty", p::Stored{19, "bob", {}});
   msg("keepalive", p::KeepAlive{20, "alice"});
   msg("lookup", p::Lookup{21, "carol"});
+  msg("file_put", p::FilePut{35, "alice", "bob", 9, 700000, key("ack")});
+  msg("file_commit", p::FileCommit{36, "alice", 9, body(200)});
+  msg("file_get", p::FileGet{37, "bob", 9, key("ack2")});
+  msg("file_done", p::FileDone{38, "bob", 9, true});
+  msg("file_offer", p::FileOffer{39, "bob", "alice", 1700000000000000, 9, 700000, key("alice"), body(200)});
   msg("ack", p::Ack{22, 0, 0, 0});
   msg("ack_table", p::Ack{23, 5, 9, 0});
   msg("ack_missed", p::Ack{24, 0, 0, 2});
@@ -357,6 +362,13 @@ Seeds server_seeds() {
   add("probe_timeout", two().sealed(1, save(ALICE, BOB, 1, "x")).advance(127).answer_all());
   add("relay_miss", three().channel(1, chan(ALICE, 170, "hi")).advance(127).advance(200).answer_all());
   add("lookup", three().send(1, p::Lookup{180, "bob"}).send(4, p::Lookup{181, "alice"}));
+  // Kept files: an upload accepted, its commit (incomplete: refused), a download of nothing, a done.
+  add("file_requests", three()
+                           .send(1, p::FilePut{190, "alice", "bob", 9, 3000, key("ack")})
+                           .send(1, p::FileCommit{191, "alice", 9, body(200)})
+                           .send(2, p::FileGet{192, "bob", 9, key("ack2")})
+                           .send(2, p::FileDone{193, "bob", 9, false})
+                           .send(3, p::FilePut{194, "carol", "nobody", 10, 1, key("ack")}));
   return out;
 }
 

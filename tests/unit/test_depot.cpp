@@ -143,6 +143,29 @@ TEST_CASE("§12 a kept file is offered at every registration until it is taken; 
   CHECK_FALSE(fs::exists(t.downloads()));
 }
 
+TEST_CASE("§12 a peer that does not answer the offer gets the file through the server, offered as soon as it is kept") {
+  Away t;
+  t.bob->type("reg bob");
+  REQUIRE(t.net.run_until([&] { return t.alice->sees_online("bob"); }, 10s));
+  // bob hears nothing from alice for a while (a firewall, a suspended laptop): the offer goes
+  // unanswered, and alice's client gives the file to the server instead.
+  t.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const protocol::Message&) {
+    return from == t.alice->at() && to == t.bob->at();
+  };
+  const std::string bytes = random_bytes(50'000, 7);
+  write_file(t.dir.path() / "memo.txt", bytes);
+  t.alice->type("sendfile bob " + (t.dir.path() / "memo.txt").string());
+  CHECK(t.alice->saw(">>> [Offering memo.txt (48.8 KiB) to bob.]"));
+  REQUIRE(t.net.run_until([&] { return t.alice->saw(">>> [bob did not answer; sending memo.txt to the server for bob.]"); }, 30s));
+  REQUIRE(t.kept_line("memo.txt", 30s));
+  // bob is online at the server: offered now, not at his next registration.
+  REQUIRE(t.offered("memo.txt", "48.8 KiB", 1, 10s));
+  t.bob->type("accept alice");
+  const std::string at = (t.downloads() / "memo.txt").string();
+  REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File memo.txt from alice saved to " + at + ".]"); }, 30s));
+  CHECK(read_file(t.downloads() / "memo.txt") == bytes);
+}
+
 TEST_CASE("§12 a file larger than the server's limit, or past the recipient's quota, is refused with a line") {
   Away t;
   t.send("big.bin", random_bytes((1 << 20) + 1, 3), "1.0 MiB");
