@@ -424,7 +424,9 @@ int report_release(const Config& c, const chat::offline::Released& r) {
     fp = "identity " + chat::identity::fingerprint(k);
   }
   std::cout << "released " << c.release_name << ": removed its binding (" << fp << ") and " << r.messages
-            << (r.messages == 1 ? " saved message" : " saved messages") << " sealed for it\n";
+            << (r.messages == 1 ? " saved message" : " saved messages") << " sealed for it";
+  if (r.files > 0) std::cout << ", and " << r.files << (r.files == 1 ? " kept file" : " kept files");
+  std::cout << '\n';
   return 0;
 }
 

@@ -826,9 +826,16 @@ void Client::on_file_offer(const proto::FileOffer& f, const udp::endpoint& from)
   std::optional<files::Control> c;
   if (m && m->kind == identity::OpenedBody::Kind::file && m->message.mid == f.transfer) c = files::decode(m->message.text);
   const auto* offer = c ? std::get_if<files::ctl::Offer>(&*c) : nullptr;
-  if (offer == nullptr || offer->transfer != f.transfer || offer->size != f.size) ++stats_.unauthenticated;
-  else if (state_db_->blocked(*key)) ++stats_.blocked;
-  else transfers_->on_kept_offer(f.from, *offer);
+  if (offer == nullptr || offer->transfer != f.transfer || offer->size != f.size) {
+    ++stats_.unauthenticated;
+  } else if (state_db_->blocked(*key)) {
+    // Never shown: declined at once, so the server deletes it instead of offering it again.
+    ++stats_.blocked;
+    server_request(proto::FileDone{core_.next_id(), options_.name, f.transfer, false}, [](const proto::Message*) {},
+                   std::nullopt, false);
+  } else {
+    transfers_->on_kept_offer(f.from, *offer);
+  }
   core_.reply(from, proto::Ack{f.id});
 }
 

@@ -166,6 +166,18 @@ TEST_CASE("§12 a peer that does not answer the offer gets the file through the 
   CHECK(read_file(t.downloads() / "memo.txt") == bytes);
 }
 
+TEST_CASE("§12 a kept file from a blocked sender is never offered, and declined: the server deletes it") {
+  Away t;
+  t.bob->type("block alice");
+  CHECK(t.bob->saw(">>> [alice is blocked.]"));
+  t.send("spam.bin", random_bytes(9000, 8), "8.8 KiB");
+  REQUIRE(t.kept_line("spam.bin", 30s));
+  t.bob->type("reg bob");
+  REQUIRE(t.net.run_until([&] { return t.kept.files_for("bob").empty(); }, 10s));
+  CHECK(t.bob->count(">>> [alice offers spam.bin (8.8 KiB); type accept alice or decline alice]") == 0);
+  CHECK(t.bob->client.client_counters().blocked == 1);
+}
+
 TEST_CASE("§12 a file larger than the server's limit, or past the recipient's quota, is refused with a line") {
   Away t;
   t.send("big.bin", random_bytes((1 << 20) + 1, 3), "1.0 MiB");
