@@ -86,8 +86,8 @@ class AsyncStore {
   /// address the row no longer has).
   virtual void store_clients(std::vector<RowWrite> rows, std::function<void(Reply<std::vector<bool>>)> done) = 0;
 
-  /// Whether the store keeps files for offline recipients (SPEC §12). One that does not (the
-  /// PostgreSQL store, so far) answers every file call with an error.
+  /// Whether the store keeps files for offline recipients (SPEC §12). Every store built here
+  /// does (SQLite, memory, PostgreSQL); one that does not answers every file call with an error.
   virtual bool keeps_files() const { return false; }
   /// Store::put_file: true if kept, false if a file with its (to, transfer) is kept already;
   /// durable when `done` runs with a value.

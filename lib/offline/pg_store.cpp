@@ -30,9 +30,9 @@ using error_code = boost::system::error_code;
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-/// The schema this code writes, kept in the schema_version table. Version 1 had no `trimmed`
-/// table: ensure_schema() adds it.
-constexpr int schema_version = 2;
+/// The schema this code writes, kept in the schema_version table. An older one is migrated on
+/// open (migrations below), a newer one refused.
+constexpr int schema_version = 3;
 
 /// Advisory lock keys (any constants, as long as nothing else in the database uses them).
 constexpr std::int64_t schema_lock = 0x4368'6174'0001;  // held while the schema is checked or created
@@ -120,6 +120,31 @@ CREATE TABLE trimmed (upto bigint NOT NULL);
 INSERT INTO trimmed (upto) VALUES (0);
 )sql";
 
+/// Version 3 keeps files for offline recipients (SPEC §12), as the SQLite store's version 4:
+/// the offer and the chunks, both sealed by the sender for the recipient, with the plaintext
+/// size the recipient's quota counts. No change rows: files are in no count a server keeps,
+/// and any server reads them here when the recipient registers with it. The data is sealed,
+/// so it is stored out of line without trying to compress it.
+constexpr std::string_view files_sql = R"sql(
+CREATE TABLE files (
+  recipient  text   NOT NULL,
+  transfer   bigint NOT NULL,  -- the sender's u64 id, stored as its signed bit pattern
+  sender     text   NOT NULL,
+  sender_key bytea  NOT NULL,
+  ts_us      bigint NOT NULL,
+  size       bigint NOT NULL,
+  offer      bytea  NOT NULL,
+  data       bytea  NOT NULL,
+  PRIMARY KEY (recipient, transfer)
+);
+ALTER TABLE files ALTER COLUMN data SET STORAGE EXTERNAL;
+CREATE INDEX files_by_arrival ON files (ts_us);
+)sql";
+
+/// schema_sql is version 1; migrations[v - 1] takes a database from version v to v + 1 (a new
+/// database runs them all after it).
+constexpr std::array<std::string_view, schema_version - 1> migrations{trimmed_sql, files_sql};
+
 // ---------------------------------------------------------------------------------------------
 // Values in libpq's binary format.
 
@@ -165,6 +190,8 @@ class Params {
  public:
   Params& text(std::string_view v) { return add(text_oid, std::string(v)); }
   Params& bytes(std::string_view v) { return add(bytea_oid, std::string(v)); }
+  /// A large value (a kept file's data) moved in rather than copied.
+  Params& owned_bytes(std::string v) { return add(bytea_oid, std::move(v)); }
   /// NULL for an empty value (an unbound key).
   Params& bytes_or_null(std::string_view v) {
     if (v.empty()) return add(bytea_oid, std::string(), true);
@@ -265,6 +292,12 @@ Kind to_kind(std::int16_t v) {
   return static_cast<Kind>(v);
 }
 
+/// A size or a byte count (never negative as written).
+std::uint64_t to_size(std::int64_t v) {
+  if (v < 0) throw StoreError(std::string("offline store: negative size ").append(std::to_string(v)).append(" in the database"));
+  return static_cast<std::uint64_t>(v);
+}
+
 std::uint16_t to_port(std::int32_t v) {
   if (v < 0 || v > std::numeric_limits<std::uint16_t>::max()) {
     throw StoreError(std::string("offline store: client port ").append(std::to_string(v)).append(" out of range in the database"));
@@ -353,9 +386,13 @@ void ensure_schema(PGconn* c) {
     if (rows.boolean(0, 0)) {
       Result v = exec(c, "SELECT coalesce(max(version), 0) FROM schema_version", "read the schema version");
       const auto version = Rows(v.get()).int4(0, 0);
-      if (version == 1) {
-        exec_script(c, trimmed_sql, "add the trimmed table");
+      if (version >= 1 && version < schema_version) {
+        for (auto from = version; from < schema_version; ++from) {
+          exec_script(c, migrations[static_cast<std::size_t>(from - 1)],
+                      std::string("migrate the schema from version ").append(std::to_string(from)));
+        }
         exec(c, "UPDATE schema_version SET version = $1", Params().int4(schema_version), "set the schema version");
+        spdlog::info("offline store: the database's schema migrated from version {} to {}", version, schema_version);
         return;
       }
       if (version != schema_version) {
@@ -372,7 +409,7 @@ void ensure_schema(PGconn* c) {
                        "not a ChatApp database");
     }
     exec_script(c, schema_sql, "create the schema");
-    exec_script(c, trimmed_sql, "create the schema");
+    for (const auto sql : migrations) exec_script(c, sql, "create the schema");
     exec(c, "INSERT INTO schema_version (version) VALUES ($1)", Params().int4(schema_version), "set the schema version");
   });
 }
@@ -511,6 +548,23 @@ ORDER BY c.seq
 const std::string clients_sql = "SELECT name, ip, port, online, key, server FROM clients ORDER BY name";
 const std::string counts_sql = "SELECT recipient, count(*) FROM messages GROUP BY recipient";
 const std::string log_end_sql = "SELECT greatest(coalesce(max(seq), 0), (SELECT upto FROM trimmed)) FROM changes";
+
+/// Kept files (no change rows: see files_sql). Each answers rows, so that a statement's effect
+/// is read from its result in binary like any other value.
+const std::string put_file_sql =
+    "INSERT INTO files (recipient, transfer, sender, sender_key, ts_us, size, offer, data) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (recipient, transfer) DO NOTHING RETURNING 1";
+const std::string files_for_sql =
+    "SELECT sender, sender_key, transfer, ts_us, size, offer FROM files "
+    "WHERE recipient = $1 ORDER BY ts_us, transfer";
+const std::string file_data_sql = "SELECT data FROM files WHERE recipient = $1 AND transfer = $2";
+const std::string delete_file_sql = "DELETE FROM files WHERE recipient = $1 AND transfer = $2 RETURNING 1";
+// sum(bigint) is numeric: cast back, read as int8.
+const std::string file_bytes_sql = "SELECT coalesce(sum(size), 0)::bigint FROM files WHERE recipient = $1";
+const std::string expire_files_sql =
+    "WITH d AS (DELETE FROM files WHERE ts_us < $1 RETURNING 1) SELECT count(*) FROM d";
+const std::string release_files_sql =
+    "WITH d AS (DELETE FROM files WHERE recipient = $1 RETURNING 1) SELECT count(*) FROM d";
 
 /// What an operation's completion receives: one result per statement, or an error.
 using Completion = std::function<void(std::vector<Result>&&, std::string error)>;
@@ -728,6 +782,80 @@ class PgStore final : public AsyncStore {
         for (int i = 0; i < written.size(); ++i) flags[(*positions)[static_cast<std::size_t>(i)]] = written.boolean(i, 0);
       }
       return flags;
+    });
+  }
+
+  bool keeps_files() const override { return true; }
+
+  void put_file(NewFile f, std::function<void(Reply<bool>)> done) override {
+    if (f.size > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+      fail_soon(done, "offline store: keep file: the size is out of range");
+      return;
+    }
+    std::vector<Statement> st;
+    st.push_back({put_file_sql, Params()
+                                    .text(f.to)
+                                    .int8(std::bit_cast<std::int64_t>(f.transfer))
+                                    .text(f.from)
+                                    .bytes(f.from_key)
+                                    .int8(f.ts_us)
+                                    .int8(static_cast<std::int64_t>(f.size))
+                                    .bytes(f.offer)
+                                    .owned_bytes(std::move(f.data))});  // up to --max-file-size: moved, not copied
+    run<bool>(std::move(st), "keep file", std::move(done),
+              [](std::vector<Result>& rs) { return Rows(rs.at(0).get()).size() == 1; });
+  }
+
+  void files_for(const std::string& to, std::function<void(Reply<std::vector<HeldFile>>)> done) override {
+    std::vector<Statement> st;
+    st.push_back({files_for_sql, Params().text(to)});
+    run<std::vector<HeldFile>>(std::move(st), "list files", std::move(done), [](std::vector<Result>& rs) {
+      std::vector<HeldFile> out;
+      Rows rows(rs.at(0).get());
+      for (int i = 0; i < rows.size(); ++i) {
+        out.push_back(HeldFile{
+            .from = rows.bytes(i, 0),
+            .from_key = rows.bytes(i, 1),
+            .transfer = std::bit_cast<std::uint64_t>(rows.int8(i, 2)),
+            .ts_us = rows.int8(i, 3),
+            .size = to_size(rows.int8(i, 4)),
+            .offer = rows.bytes(i, 5),
+        });
+      }
+      return out;
+    });
+  }
+
+  void file_data(const std::string& to, std::uint64_t transfer,
+                 std::function<void(Reply<std::optional<std::string>>)> done) override {
+    std::vector<Statement> st;
+    st.push_back({file_data_sql, Params().text(to).int8(std::bit_cast<std::int64_t>(transfer))});
+    run<std::optional<std::string>>(std::move(st), "read file", std::move(done), [](std::vector<Result>& rs) {
+      Rows rows(rs.at(0).get());
+      if (rows.size() == 0) return std::optional<std::string>();
+      return std::optional<std::string>(rows.bytes(0, 0));
+    });
+  }
+
+  void delete_file(const std::string& to, std::uint64_t transfer, std::function<void(Reply<bool>)> done) override {
+    std::vector<Statement> st;
+    st.push_back({delete_file_sql, Params().text(to).int8(std::bit_cast<std::int64_t>(transfer))});
+    run<bool>(std::move(st), "delete file", std::move(done),
+              [](std::vector<Result>& rs) { return Rows(rs.at(0).get()).size() == 1; });
+  }
+
+  void file_bytes_for(const std::string& to, std::function<void(Reply<std::uint64_t>)> done) override {
+    std::vector<Statement> st;
+    st.push_back({file_bytes_sql, Params().text(to)});
+    run<std::uint64_t>(std::move(st), "count file bytes", std::move(done),
+                       [](std::vector<Result>& rs) { return to_size(Rows(rs.at(0).get()).int8(0, 0)); });
+  }
+
+  void expire_files(std::int64_t before_us, std::function<void(Reply<std::size_t>)> done) override {
+    std::vector<Statement> st;
+    st.push_back({expire_files_sql, Params().int8(before_us)});
+    run<std::size_t>(std::move(st), "expire files", std::move(done), [](std::vector<Result>& rs) {
+      return static_cast<std::size_t>(Rows(rs.at(0).get()).int8(0, 0));
     });
   }
 
@@ -1262,6 +1390,9 @@ Released pg_release(const std::string& uri, const std::string& name) {
     Result del = exec(c.get(), "WITH d AS (DELETE FROM messages WHERE recipient = $1 RETURNING 1) SELECT count(*) FROM d",
                       Params().text(name), "delete released messages");
     out.messages = static_cast<std::size_t>(Rows(del.get()).int8(0, 0));
+    // Kept files count in nothing a server holds: deleted without a change row.
+    Result files = exec(c.get(), release_files_sql, Params().text(name), "delete released files");
+    out.files = static_cast<std::size_t>(Rows(files.get()).int8(0, 0));
     // Running servers read a client change whose row is gone as the name released (they unbind
     // it, and end its session), and drop the mailbox count by the delta.
     exec(c.get(), "INSERT INTO changes (server, kind, name) VALUES ('release', 0, $1)", Params().text(name), "log release");

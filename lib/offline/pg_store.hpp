@@ -1,5 +1,6 @@
 // The PostgreSQL store: several servers share one database (names and keys, the client table,
-// the mailboxes) and hear each other's changes through a change log; see docs/ARCHITECTURE.md.
+// the mailboxes, the files kept for offline recipients) and hear each other's changes through a
+// change log; see docs/ARCHITECTURE.md.
 #pragma once
 
 #include <chrono>
@@ -28,7 +29,8 @@ struct PgOptions {
 /// a callback must not destroy the store.
 std::unique_ptr<AsyncStore> open_pg_store(boost::asio::io_context& io, PgOptions o);
 
-/// The operator's --release-name against a shared database (blocking). Throws StoreError.
+/// The operator's --release-name against a shared database (blocking): the name's row, its
+/// saved messages and the files kept for it, in one transaction. Throws StoreError.
 Released pg_release(const std::string& uri, const std::string& name);
 
 }  // namespace chat::offline
