@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -102,6 +103,32 @@ NewMessage msg(std::string to, std::string from, std::uint64_t mid, std::int64_t
                     .body = std::move(body)};
 }
 
+/// A kept file from alice; `size` stands for the plaintext bytes (the data is what the sender sealed).
+NewFile kept_file(std::string to, std::uint64_t transfer, std::int64_t ts_us, std::string data, std::uint64_t size) {
+  return NewFile{.to = std::move(to),
+                 .from = "alice",
+                 .from_key = std::string(32, '\x05'),
+                 .transfer = transfer,
+                 .ts_us = ts_us,
+                 .size = size,
+                 .offer = std::string("sealed offer \x00\xff", 15),
+                 .data = std::move(data)};
+}
+
+/// What files_for lists of `f`: everything but the data.
+HeldFile held(const NewFile& f) { return HeldFile{f.from, f.from_key, f.transfer, f.ts_us, f.size, f.offer}; }
+
+/// `n` bytes of noise (as sealed data is), the same for the same seed.
+std::string random_bytes(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::string out(n, '\0');
+  for (std::size_t i = 0; i < n; i += 8) {
+    const std::uint64_t v = rng();
+    for (std::size_t j = 0; j < 8 && i + j < n; ++j) out[i + j] = static_cast<char>(v >> (8 * j));
+  }
+  return out;
+}
+
 ClientRow client(std::string name, std::uint16_t port, bool online, std::string key) {
   return ClientRow{.name = std::move(name), .ip = "127.0.0.1", .port = port, .online = online, .key = std::move(key)};
 }
@@ -128,6 +155,22 @@ class Harness {
   }
   std::vector<bool> write(std::vector<RowWrite> rows) {
     return value(answer<std::vector<bool>>(io_, [&](auto cb) { store_->store_clients(std::move(rows), cb); }));
+  }
+  bool put_file(NewFile f) { return value(answer<bool>(io_, [&](auto cb) { store_->put_file(std::move(f), cb); })); }
+  std::vector<HeldFile> files(const std::string& to) {
+    return value(answer<std::vector<HeldFile>>(io_, [&](auto cb) { store_->files_for(to, cb); }));
+  }
+  std::optional<std::string> file_data(const std::string& to, std::uint64_t transfer) {
+    return value(answer<std::optional<std::string>>(io_, [&](auto cb) { store_->file_data(to, transfer, cb); }));
+  }
+  bool delete_file(const std::string& to, std::uint64_t transfer) {
+    return value(answer<bool>(io_, [&](auto cb) { store_->delete_file(to, transfer, cb); }));
+  }
+  std::uint64_t file_bytes(const std::string& to) {
+    return value(answer<std::uint64_t>(io_, [&](auto cb) { store_->file_bytes_for(to, cb); }));
+  }
+  std::size_t expire_files(std::int64_t before_us) {
+    return value(answer<std::size_t>(io_, [&](auto cb) { store_->expire_files(before_us, cb); }));
   }
 
  private:
@@ -273,6 +316,68 @@ TEST_CASE_TEMPLATE("store_clients and load: the rows, the mailboxes, this server
   CHECK(s.mailboxes.size() == 2);
   CHECK(s.legacy == 0);
   CHECK(f.h.store().lease_held().has_value() == B::shared);
+}
+
+TEST_CASE_TEMPLATE("kept files: put, list oldest first without the data, read back byte for byte, count, delete, expire",
+                   B, ALL_BACKENDS) {
+  Fixture<B> f;
+  REQUIRE(f.h.store().keeps_files());
+  constexpr std::uint64_t last_id = 0xFFFF'FFFF'FFFF'FFFFull;  // the largest transfer id: its bit pattern is negative
+  const std::string big = random_bytes(16u << 20, 7);          // the server's --max-file-size default
+  const NewFile big_file = kept_file("bob", last_id, 2'000, big, 16'000'000);
+  const NewFile small_file = kept_file("bob", 7, 1'000, std::string("\x00two\x00", 5), 2);
+  const NewFile carol_file = kept_file("carol", 7, 500, "c", 1);
+  CHECK(f.h.put_file(big_file));
+  CHECK(f.h.put_file(small_file));
+  CHECK(f.h.put_file(carol_file));  // the same transfer id for another recipient is another file
+
+  // Oldest first (not in the order put), everything but the data.
+  CHECK(f.h.files("bob") == std::vector<HeldFile>{held(small_file), held(big_file)});
+  CHECK(f.h.files("carol") == std::vector<HeldFile>{held(carol_file)});
+  CHECK(f.h.files("nobody").empty());
+
+  const auto data = f.h.file_data("bob", last_id);
+  REQUIRE(data.has_value());
+  CHECK(data->size() == big.size());
+  CHECK((*data == big));  // (not decomposed: 16 MiB would be printed)
+  CHECK(f.h.file_data("bob", 7) == std::string("\x00two\x00", 5));
+  CHECK(f.h.file_data("carol", 8) == std::nullopt);
+  CHECK(f.h.file_data("alice", 7) == std::nullopt);  // another recipient's transfer id is not ours
+  CHECK(f.h.file_bytes("bob") == 16'000'002);
+  CHECK(f.h.file_bytes("carol") == 1);
+  CHECK(f.h.file_bytes("nobody") == 0);
+
+  // The same (to, transfer) again, with other contents: false, and what is kept is unchanged.
+  CHECK_FALSE(f.h.put_file(kept_file("bob", 7, 9'000, "other", 5)));
+  CHECK(f.h.file_data("bob", 7) == std::string("\x00two\x00", 5));
+  CHECK(f.h.files("bob") == std::vector<HeldFile>{held(small_file), held(big_file)});
+  CHECK(f.h.file_bytes("bob") == 16'000'002);
+
+  CHECK(f.h.delete_file("bob", 7));
+  CHECK_FALSE(f.h.delete_file("bob", 7));
+  CHECK_FALSE(f.h.delete_file("alice", last_id));
+  CHECK(f.h.files("bob") == std::vector<HeldFile>{held(big_file)});
+  CHECK(f.h.file_data("bob", 7) == std::nullopt);
+  CHECK(f.h.file_bytes("bob") == 16'000'000);
+
+  // Only what arrived before the bound goes.
+  CHECK(f.h.expire_files(500) == 0);
+  CHECK(f.h.expire_files(1'000) == 1);  // carol's, at 500
+  CHECK(f.h.files("carol").empty());
+  CHECK(f.h.files("bob") == std::vector<HeldFile>{held(big_file)});
+  CHECK(f.h.expire_files(2'000) == 0);
+  CHECK(f.h.expire_files(2'001) == 1);
+  CHECK(f.h.files("bob").empty());
+  CHECK(f.h.file_bytes("bob") == 0);
+  CHECK(f.h.expire_files(std::numeric_limits<std::int64_t>::max()) == 0);
+}
+
+TEST_CASE_TEMPLATE("delete_file with no callback still deletes, and calls behind it see it gone", B, ALL_BACKENDS) {
+  Fixture<B> f;
+  CHECK(f.h.put_file(kept_file("bob", 1, 10, "aa", 2)));
+  CHECK(f.h.put_file(kept_file("bob", 2, 11, "bb", 2)));
+  f.h.store().delete_file("bob", 1, {});
+  CHECK(f.h.files("bob") == std::vector<HeldFile>{held(kept_file("bob", 2, 11, "bb", 2))});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,16 +642,42 @@ TEST_CASE("pg: an unreachable database at start is a clear error") {
   }
 }
 
-TEST_CASE("pg: release removes the binding and the saved messages") {
+TEST_CASE("pg: release removes the binding, the saved messages and the kept files, only the name's") {
   Fixture<backend::Pg> f;
   f.h.write({{client("bob", 5001, true, std::string(32, 'b')), true}});
-  f.h.save({msg("bob", "alice", 1, 1, "x"), msg("bob", "alice", 2, 2, "y")});
+  f.h.save({msg("bob", "alice", 1, 1, "x"), msg("bob", "alice", 2, 2, "y"), msg("carol", "alice", 1, 1, "z")});
+  CHECK(f.h.put_file(kept_file("bob", 1, 10, "aa", 2)));
+  CHECK(f.h.put_file(kept_file("bob", 2, 11, "bb", 2)));
+  CHECK(f.h.put_file(kept_file("bob", 3, 12, "cc", 2)));
+  CHECK(f.h.put_file(kept_file("carol", 1, 12, "dd", 2)));
   const Released r = pg_release(f.backend.uri, "bob");
   CHECK(r.found);
   CHECK(r.key == std::string(32, 'b'));
   CHECK(r.messages == 2);
+  CHECK(r.files == 3);
   CHECK(f.h.count("bob") == 0);
-  CHECK(!pg_release(f.backend.uri, "bob").found);
+  CHECK(f.h.files("bob").empty());
+  CHECK(f.h.file_bytes("bob") == 0);
+  CHECK(f.h.count("carol") == 1);
+  CHECK(f.h.files("carol") == std::vector<HeldFile>{held(kept_file("carol", 1, 12, "dd", 2))});
+  const Released again = pg_release(f.backend.uri, "bob");
+  CHECK(!again.found);
+  CHECK(again.files == 0);
+}
+
+TEST_CASE("pg: a file kept through one server is listed, read and deleted through another") {
+  Servers db;
+  Harness ha(db.io, db.open("a:1"));
+  Harness hb(db.io, db.open("b:1"));
+  const std::string data = random_bytes(3u << 20, 11);
+  CHECK(ha.put_file(kept_file("bob", 42, 100, data, 3'000'000)));
+  CHECK_FALSE(hb.put_file(kept_file("bob", 42, 200, "retry", 5)));  // kept already, whichever server asks
+  CHECK(hb.files("bob") == std::vector<HeldFile>{held(kept_file("bob", 42, 100, data, 3'000'000))});
+  CHECK(hb.file_bytes("bob") == 3'000'000);
+  CHECK((hb.file_data("bob", 42) == std::optional<std::string>(data)));
+  CHECK(hb.delete_file("bob", 42));
+  CHECK(ha.files("bob").empty());
+  CHECK_FALSE(ha.delete_file("bob", 42));
 }
 
 TEST_CASE("pg: the log trimmed past what a server read: it gets the whole state once, then reads on") {
@@ -584,22 +715,90 @@ TEST_CASE("pg: a name released while the servers run reaches them as released, w
   b->watch([&](const Change& ch) { seen.push_back(describe(ch)); });
   CHECK(ha.write({{client("alice", 5000, false, std::string(32, 'a')), true}}) == std::vector<bool>{true});
   ha.save({msg("alice", "bob", 1, 1, "x")});
+  CHECK(ha.put_file(kept_file("alice", 1, 1, "f", 1)));  // a kept file writes no change
   REQUIRE(run_until(db.io, [&] { return seen.size() >= 2; }));
-  CHECK(pg_release(db.uri, "alice").found);
+  const Released r = pg_release(db.uri, "alice");
+  CHECK(r.found);
+  CHECK(r.files == 1);
   REQUIRE(run_until(db.io, [&] { return seen.size() >= 4; }));
   CHECK(seen == std::vector<std::string>{"client alice offline", "mail alice 1", "released alice", "mail alice -1"});
+  CHECK(value(answer<std::vector<HeldFile>>(db.io, [&](auto cb) { b->files_for("alice", cb); })).empty());
 }
 
-TEST_CASE("pg: a database of schema version 1 is upgraded to version 2 when a server opens it") {
+namespace {
+
+/// The files table as the catalog describes it: columns, storage, indexes.
+std::string files_schema(RawPg& raw) {
+  return raw.query(
+             "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || (CASE WHEN attnotnull THEN "
+             "' not null' ELSE '' END) || ' ' || attstorage::text, ', ' ORDER BY attnum) FROM pg_attribute "
+             "WHERE attrelid = 'files'::regclass AND attnum > 0 AND NOT attisdropped") +
+         "; " + raw.query("SELECT string_agg(indexdef, '; ' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'files'");
+}
+
+}  // namespace
+
+TEST_CASE("pg: a database of schema version 1 is upgraded to version 3 when a server opens it") {
   Servers db;
   db.open("a:1")->close();
   RawPg raw(db.uri);
+  raw.query("DROP TABLE files");
   raw.query("DROP TABLE trimmed");
   raw.query("UPDATE schema_version SET version = 1");
-  auto b = db.open("b:1");
-  CHECK(raw.query("SELECT max(version) FROM schema_version") == "2");
+  Harness b(db.io, db.open("b:1"));
+  CHECK(raw.query("SELECT max(version) FROM schema_version") == "3");
+  CHECK(raw.query("SELECT count(*) FROM schema_version") == "1");
   CHECK(raw.query("SELECT upto FROM trimmed") == "0");
-  b->load();
+  CHECK(b.put_file(kept_file("bob", 1, 1, "x", 1)));
+  b.store().load();
+}
+
+TEST_CASE("pg: a database of schema version 2 is upgraded to version 3, its rows kept, its files table a new one's") {
+  Servers db;
+  RawPg raw(db.uri);
+  std::string fresh;
+  {
+    Harness a(db.io, db.open("a:1"));
+    fresh = files_schema(raw);
+    CHECK(a.write({{client("bob", 5001, false, std::string(32, 'b')), true},
+                   {client("alice", 5000, true, std::string(32, 'a')), true}}) == std::vector<bool>{true, true});
+    a.save({msg("bob", "alice", 1, 1, "x"), msg("bob", "alice", 2, 2, "y")});
+    a.store().close();
+  }
+  // Back to what version 2 had: no files table.
+  raw.query("DROP TABLE files");
+  raw.query("UPDATE schema_version SET version = 2");
+  const std::string changes_before = raw.query("SELECT count(*) FROM changes");
+  Harness b(db.io, db.open("b:1"));
+  CHECK(raw.query("SELECT max(version) FROM schema_version") == "3");
+  CHECK(files_schema(raw) == fresh);
+  CHECK(fresh.find("data bytea not null e") != std::string::npos);  // out of line, never compressed
+  CHECK(fresh.find("files_pkey ON public.files USING btree (recipient, transfer)") != std::string::npos);
+  CHECK(fresh.find("files_by_arrival ON public.files USING btree (ts_us)") != std::string::npos);
+  CHECK(raw.query("SELECT count(*) FROM changes") == changes_before);
+  const Snapshot s = b.store().load();
+  REQUIRE(s.clients.size() == 2);
+  CHECK(s.clients[0].name == "alice");
+  CHECK(s.clients[1].key == std::string(32, 'b'));
+  CHECK(s.mailboxes.at("bob") == 2);
+  CHECK(b.pending("bob").at(1).body == "y");
+  CHECK(b.put_file(kept_file("bob", 1, 1, "x", 1)));
+  CHECK(b.file_data("bob", 1) == std::string("x"));
+}
+
+TEST_CASE("pg: a database of a newer schema version is refused, and left as it is") {
+  Servers db;
+  db.open("a:1")->close();
+  RawPg raw(db.uri);
+  raw.query("UPDATE schema_version SET version = 4");
+  try {
+    db.open("b:1");
+    FAIL("opened a database of a newer schema");
+  } catch (const StoreError& e) {
+    CHECK(std::string(e.what()) == "offline store: the database has schema version 4, this build expects 3; refusing to use it");
+  }
+  CHECK_THROWS_AS(pg_release(db.uri, "bob"), StoreError);
+  CHECK(raw.query("SELECT max(version) FROM schema_version") == "4");
 }
 
 namespace {
