@@ -3,6 +3,7 @@
 Each test gets a fresh database in the throwaway cluster the ctest fixture started
 (scripts/pg, CHATAPP_PG_DIR); the database-restart test starts a cluster of its own, so that
 restarting it cannot disturb tests running beside it."""
+import hashlib
 import os
 import re
 import signal
@@ -70,14 +71,14 @@ class Servers(unittest.TestCase):
         s.expect("server listening")
         return s
 
-    def start_client(self, name, home, wait=True, env=None):
+    def start_client(self, name, home, wait=True, env=None, extra=()):
         """A client of server `home` with every other server as a fallback, in order."""
         fallbacks = []
         for i, port in enumerate(self.ports):
             if i != home:
                 fallbacks += ["--fallback", f"127.0.0.1:{port}"]
-        c = Proc(["-c", name, "127.0.0.1", str(self.ports[home]), str(free_port())] + FAST + KEEPALIVE + fallbacks,
-                 name=name, env=env)
+        c = Proc(["-c", name, "127.0.0.1", str(self.ports[home]), str(free_port())] + FAST + KEEPALIVE + fallbacks
+                 + list(extra), name=name, env=env)
         self.procs.append(c)
         if wait:
             c.expect_exact(WELCOME)
@@ -159,6 +160,40 @@ class ServersTest(Servers):
         alice.send("send bob fresh")
         again.expect_exact(">>> alice: fresh")
         self.assertEqual(again.count(r"saved on server 0"), 1, again.dump())
+
+    def test_a_file_kept_on_one_server_for_an_offline_client_is_downloaded_from_another(self):
+        self.start_server(0)
+        self.start_server(1)
+        downloads = os.path.join(self.dir, "downloads-bob")
+        alice = self.start_client("alice", 0, extra=["--download-dir", os.path.join(self.dir, "downloads-alice")])
+        bob = self.start_client("bob", 1, extra=["--download-dir", downloads])
+        self.wait_table(alice, ["alice", "bob"])
+        bob.send("dereg bob")
+        bob.expect_exact(">>> [You are Offline. Bye.]")
+        self.wait_table(alice, ["alice"])
+        path = os.path.join(self.dir, "kept.bin")
+        data = os.urandom(3 * 1024 * 1024)
+        with open(path, "wb") as f:
+            f.write(data)
+        alice.send(f"sendfile bob {path}")
+        alice.expect_exact(">>> [bob is offline; sending kept.bin (3.0 MiB) to the server for bob.]")
+        alice.expect_exact(">>> [kept.bin saved by the server for bob.]", timeout=60)
+        # Kept in the shared database (sealed: 3 MiB and a tag per chunk), not in server 0.
+        self.assertEqual(self.sql("SELECT count(*) FROM files WHERE recipient = 'bob' AND sender = 'alice'"), "1")
+        self.assertGreater(int(self.sql("SELECT octet_length(data) FROM files WHERE recipient = 'bob'")), len(data))
+        bob.send("reg bob")  # with server 1, which never saw the upload
+        bob.expect_exact(WELCOME)
+        bob.expect_exact(">>> [alice offers kept.bin (3.0 MiB); type accept alice or decline alice]")
+        bob.send("accept alice")
+        saved_to = os.path.join(downloads, "kept.bin")
+        bob.expect_exact(f">>> [File kept.bin from alice saved to {saved_to}.]", timeout=60)
+        with open(saved_to, "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), hashlib.sha256(data).hexdigest())
+        # Downloaded and checked, it is deleted from the database (after bob's FileDone).
+        end = time.monotonic() + DEADLINE
+        while self.sql("SELECT count(*) FROM files") != "0" and time.monotonic() < end:
+            time.sleep(0.1)  # polling the database
+        self.assertEqual(self.sql("SELECT count(*) FROM files"), "0")
 
     def test_server_killed_its_client_moves_and_gets_every_saved_message_once(self):
         self.start_server(0)
