@@ -272,10 +272,15 @@ class ServersTest(Servers):
         self.assertIn("\nchatapp_registrations_total 1\n", text)
         alice.send("quit")
         self.assertEqual(alice.wait_exit(), 0)
+        # A file kept for alice (as a server keeps one: the bytes are opaque to the store) goes too.
+        self.sql("INSERT INTO files (recipient, transfer, sender, sender_key, ts_us, size, offer, data) "
+                 "VALUES ('alice', 1, 'bob', '\\x00', 0, 1, '\\x01', '\\x02')")
         r = subprocess.run([BIN, "--store", self.uri, "--release-name", "alice"],
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertRegex(r.stdout, r"^released alice: removed its binding \(identity( \d{5}){6}\) and 0 saved messages sealed for it\n$")
+        self.assertRegex(r.stdout, r"^released alice: removed its binding \(identity( \d{5}){6}\) and 0 saved messages "
+                                   r"sealed for it, and 1 kept file\n$")
+        self.assertEqual(self.sql("SELECT count(*) FROM files"), "0")
         r = subprocess.run([BIN, "--store", self.uri, "--release-name", "alice"],
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 1)
