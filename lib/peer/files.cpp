@@ -114,6 +114,7 @@ struct Transfers::Incoming {
   std::optional<files::Receiver> receiver;
   State state = State::offered;
   transport::Core::TimerId timer = 0;  // the offer's lapse; then the receiver's timers
+  transport::Time armed{};             // while receiving: when `timer` fires (0 timer: none armed)
   transport::Time heard{};
   transport::Time flushed{};
   transport::Time started{};
@@ -484,10 +485,15 @@ void Transfers::send_ack(Incoming& in) {
 }
 
 void Transfers::arm(Incoming& in) {
-  core_.cancel(in.timer);
   transport::Time when = std::min(in.heard + o_.stall, in.flushed + o_.flush);
   if (auto ack = in.receiver->next_timer()) when = std::min(when, *ack);
+  // A timer already armed for no later than that stays: its handler checks what is due and
+  // arms again. So a chunk (which moves the stall limit later, and often the delayed ack) costs
+  // no cancel and re-add; only a deadline earlier than the armed one does.
+  if (in.timer != 0 && in.armed <= when) return;
+  core_.cancel(in.timer);
   const std::uint64_t t = in.transfer;
+  in.armed = when;
   in.timer = core_.at(when, [this, t] { on_incoming_timer(t); });
 }
 
