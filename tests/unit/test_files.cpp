@@ -1139,13 +1139,15 @@ TEST_CASE("a flipped byte fails the hash check and leaves nothing behind") {
       REQUIRE(p.write(i, chunk).ok());
     }
   }
-  SUBCASE("the part file changed on disk before finish") {
-    for (std::uint32_t i = 0; i < 8; ++i) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
+  SUBCASE("a chunk written out of order, changed on disk before the gap before it filled") {
+    // Chunks past a gap are hashed when the gap fills, read back from the part file.
+    for (std::uint32_t i = 1; i < 8; ++i) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
     REQUIRE(p.flush().ok());
     std::fstream f(p.part_path(), std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(3000);
     f.put('\x55' ^ src.bytes[3000]);
     f.close();
+    REQUIRE(p.write(0, src_file.value().read_chunk(0).value()).ok());
   }
   const auto out = p.finish();
   REQUIRE(!out.ok());
@@ -1154,6 +1156,35 @@ TEST_CASE("a flipped byte fails the hash check and leaves nothing behind") {
         "The file data.bin arrived damaged (its BLAKE2b-256 hash does not match the offer), so the partial download was deleted.");
   CHECK(names_in(dl).empty());  // no part file, no sidecar, nothing published
   CHECK(!p.write(0, src_file.value().read_chunk(0).value()).ok());  // closed
+}
+
+TEST_CASE("a resumed download whose part file changed between two runs fails the hash check") {
+  TempDir tmp;
+  const Source src = make_source(tmp.path(), 8, 3);
+  const fs::path dl = tmp.path() / "dl";
+  fs::create_directory(dl);
+  auto src_file = SourceFile::open(src.path);
+  REQUIRE(src_file.ok());
+  fs::path part;
+  {
+    auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
+    REQUIRE(r.ok());
+    for (std::uint32_t i = 0; i < 7; ++i) REQUIRE(r.value().write(i, src_file.value().read_chunk(i).value()).ok());
+    part = r.value().part_path();
+  }  // closed: flushed
+  {
+    std::fstream f(part, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(3000);
+    f.put('\x55' ^ src.bytes[3000]);
+  }
+  auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
+  REQUIRE(r.ok());
+  CHECK(r.value().have().count() == 7);
+  REQUIRE(r.value().write(7, src_file.value().read_chunk(7).value()).ok());  // the resumed chunks are read back
+  const auto out = r.value().finish();
+  REQUIRE(!out.ok());
+  CHECK(out.error().kind == ErrorKind::hash_mismatch);
+  CHECK(names_in(dl).empty());
 }
 
 TEST_CASE("hash_file and SourceFile read the sender's file") {
