@@ -173,15 +173,34 @@ Result<SourceFile> SourceFile::open(const fs::path& file) {
 
 Result<Hash> SourceFile::hash() const { return hash_fd(fd_.get(), path_); }
 
-Result<std::string> SourceFile::read_chunk(std::uint32_t index) const {
+Result<std::string_view> SourceFile::read_chunk(std::uint32_t index) const {
   if (index >= chunks_)
     return error(ErrorKind::bad_input, std::string("Chunk ").append(std::to_string(index)).append(" is past the end of ").append(path_.string()).append("."));
-  std::string out(chunk_size(size_, index), '\0');
-  const ssize_t r = pread_all(fd_.get(), out.data(), out.size(), std::uint64_t{index} * kChunkPayload);
-  if (r < 0) return sys_error(errno, std::string("Cannot read ").append(path_.string()));
-  if (static_cast<std::size_t>(r) != out.size())
-    return error(ErrorKind::io, std::string("The file ").append(path_.string()).append(" got shorter while it was being sent."));
-  return out;
+  const std::size_t n = chunk_size(size_, index);
+  if (index < ahead_first_ && ahead_count_ > 0) {
+    // A resend of a chunk before the block: read alone, so the block stays for the new ones.
+    once_.resize(n);
+    const ssize_t r = pread_all(fd_.get(), once_.data(), n, std::uint64_t{index} * kChunkPayload);
+    if (r < 0) return sys_error(errno, std::string("Cannot read ").append(path_.string()));
+    if (static_cast<std::size_t>(r) != n)
+      return error(ErrorKind::io, std::string("The file ").append(path_.string()).append(" got shorter while it was being sent."));
+    return std::string_view(once_);
+  }
+  if (index - ahead_first_ >= ahead_count_) {
+    const std::uint32_t count = std::min(kReadAhead, chunks_ - index);
+    const std::uint64_t offset = std::uint64_t{index} * kChunkPayload;
+    ahead_.resize(static_cast<std::size_t>(std::min<std::uint64_t>(std::uint64_t{count} * kChunkPayload, size_ - offset)));
+    ahead_count_ = 0;
+    const ssize_t r = pread_all(fd_.get(), ahead_.data(), ahead_.size(), offset);
+    if (r < 0) return sys_error(errno, std::string("Cannot read ").append(path_.string()));
+    if (static_cast<std::size_t>(r) < n)
+      return error(ErrorKind::io, std::string("The file ").append(path_.string()).append(" got shorter while it was being sent."));
+    // Only whole chunks count (the last one of the file may be short); a chunk past a short read is read again.
+    ahead_first_ = index;
+    ahead_count_ = static_cast<std::uint32_t>(static_cast<std::size_t>(r) / kChunkPayload);
+    if (static_cast<std::size_t>(r) == ahead_.size()) ahead_count_ = count;
+  }
+  return std::string_view(ahead_).substr(std::size_t{index - ahead_first_} * kChunkPayload, n);
 }
 
 // ---------------------------------------------------------------- Partial

@@ -70,7 +70,7 @@ class Fd {
   int fd_ = -1;
 };
 
-/// The file being sent: its size and its chunks, read with pread.
+/// The file being sent: its size and its chunks, read with pread, kReadAhead chunks at a time.
 class SourceFile {
  public:
   /// Opens `file` for reading; refuses anything but a regular file, and files of more chunks than a u32 counts.
@@ -81,9 +81,12 @@ class SourceFile {
   /// The BLAKE2b-256 of the file as it is now, read through the descriptor opened (so it is the
   /// same file the chunks are read from, even if the path was replaced since).
   Result<Hash> hash() const;
-  /// The plaintext of chunk `index` (chunk_size() bytes); an error if it is past the end or the
-  /// file got shorter since it was opened.
-  Result<std::string> read_chunk(std::uint32_t index) const;
+  /// The plaintext of chunk `index` (chunk_size() bytes), valid until the next call; an error if
+  /// it is past the end or the file got shorter since it was opened. A chunk not among those
+  /// read last is read with the ones after it (kReadAhead in one pread), as chunks mostly go
+  /// out in order; a resend of one before them is read alone. So a chunk may come from a read
+  /// made before the file changed (the receiver's whole-file check refuses the result anyway).
+  Result<std::string_view> read_chunk(std::uint32_t index) const;
 
  private:
   SourceFile(Fd fd, std::filesystem::path path, std::uint64_t size, std::uint32_t chunks)
@@ -92,7 +95,14 @@ class SourceFile {
   std::filesystem::path path_;
   std::uint64_t size_;
   std::uint32_t chunks_;
+  mutable std::string ahead_;            // chunks ahead_first_ .. ahead_first_ + ahead_count_ - 1
+  mutable std::uint32_t ahead_first_ = 0;
+  mutable std::uint32_t ahead_count_ = 0;
+  mutable std::string once_;             // a chunk before them, read alone
 };
+
+/// Chunks a SourceFile reads in one pread (92 KB).
+inline constexpr std::uint32_t kReadAhead = 64;
 
 /// The receiver's partial download of one offered file (see the top of this header).
 class Partial {

@@ -1134,7 +1134,7 @@ TEST_CASE("a flipped byte fails the hash check and leaves nothing behind") {
 
   SUBCASE("a chunk written with one byte changed") {
     for (std::uint32_t i = 0; i < 8; ++i) {
-      std::string chunk = src_file.value().read_chunk(i).value();
+      std::string chunk(src_file.value().read_chunk(i).value());
       if (i == 5) chunk[100] = static_cast<char>(chunk[100] ^ 0x01);
       REQUIRE(p.write(i, chunk).ok());
     }
@@ -1210,8 +1210,13 @@ TEST_CASE("hash_file and SourceFile read the sender's file") {
   REQUIRE(f.ok());
   CHECK(f.value().read_chunk(3).value() == bytes.substr(3 * kChunkPayload));
   CHECK(f.value().read_chunk(1).value() == bytes.substr(kChunkPayload, kChunkPayload));
+  CHECK(f.value().read_chunk(0).value() == bytes.substr(0, kChunkPayload));  // before the block: read alone
+  CHECK(f.value().read_chunk(2).value() == bytes.substr(2 * kChunkPayload, kChunkPayload));
+  // A file that gets shorter is seen by the next read (chunks read ahead before it are served as read).
+  auto g = SourceFile::open(tmp.path() / "f");
+  REQUIRE(g.ok());
   fs::resize_file(tmp.path() / "f", kChunkPayload);
-  const auto shorter = f.value().read_chunk(2);
+  const auto shorter = g.value().read_chunk(2);
   REQUIRE(!shorter.ok());
   CHECK(shorter.error().message == std::string("The file ").append((tmp.path() / "f").string()).append(" got shorter while it was being sent."));
 }
