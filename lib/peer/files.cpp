@@ -427,8 +427,7 @@ void Transfers::pump(Outgoing& o) {
       tell(o.to, files::ctl::Cancel{t});
       return end_outgoing(t);
     }
-    core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq, files::seal_chunk(o.keys, t, tx->index, tx->tx_seq, plain.value())}),
-                     o.at);
+    core_.send_bytes(files::seal_chunk_datagram(o.keys, t, tx->index, tx->tx_seq, plain.value()), o.at);
     ++sent;
   }
   if (o.sender->failed()) {
@@ -453,16 +452,17 @@ void Transfers::pump(Outgoing& o) {
 }
 
 void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoint& from) {
-  auto c = files::decode_chunk(bytes);
+  auto c = files::decode_chunk_view(bytes);
   if (!c) return dropped("a chunk that does not decode", from);
   if (c->index >= in.partial->chunk_count()) return dropped("a chunk past the file's end", from);
-  auto plain = files::open_chunk(in.keys, in.transfer, c->index, c->tx_seq, c->sealed);
-  if (!plain) return dropped("a chunk that does not authenticate", from);
-  if (plain->size() != files::chunk_size(in.offer.size, c->index)) return dropped("a chunk of the wrong size", from);
+  std::string& plain = plain_;  // one buffer for every chunk
+  if (!files::open_chunk_into(in.keys, in.transfer, c->index, c->tx_seq, c->sealed, plain))
+    return dropped("a chunk that does not authenticate", from);
+  if (plain.size() != files::chunk_size(in.offer.size, c->index)) return dropped("a chunk of the wrong size", from);
   const auto now = core_.now();
   in.heard = now;
   if (in.receiver->wanted(c->index)) {
-    if (auto st = in.partial->write(c->index, *plain); !st) {
+    if (auto st = in.partial->write(c->index, plain); !st) {
       host_.say("[The transfer of " + in.name + " from " + in.from + " stopped: " + st.error().message +
                 " The partial file was removed.]");
       in.partial->discard();

@@ -131,6 +131,7 @@ class Transfers {
   bool redraw_due_ = false;
   std::string shown_;  // the progress line on screen
   std::uint64_t dropped_ = 0;
+  std::string plain_;  // the plaintext of the chunk being received (a buffer kept, not one per chunk)
 };
 
 }  // namespace chat::peer

@@ -561,6 +561,15 @@ TEST_CASE("a chunk opens only with its key, transfer id, index and tx seq, and u
   const std::string sealed = seal_chunk(keys, 42, 7, 1, plain);
   CHECK(sealed.size() == plain.size() + kTagBytes);
   CHECK(seal_chunk(keys, 42, 7, 1, plain) == sealed);  // deterministic: no random nonce
+  CHECK(seal_chunk_datagram(keys, 42, 7, 1, plain) == encode(Chunk{42, 7, 1, sealed}));  // sealed in place, the same bytes
+  const std::string datagram = encode(Chunk{42, 7, 1, sealed});
+  const auto view = decode_chunk_view(datagram);
+  REQUIRE(view);
+  CHECK((view->transfer_id == 42 && view->index == 7 && view->tx_seq == 1 && view->sealed == sealed));
+  std::string reused = "old contents";
+  CHECK(open_chunk_into(keys, 42, 7, 1, sealed, reused));
+  CHECK(reused == plain);
+  CHECK(!open_chunk_into(keys, 42, 7, 2, sealed, reused));
   CHECK(seal_chunk(keys, 42, 7, 2, plain) != sealed);  // a resend (a new tx seq) has a nonce of its own
   CHECK(open_chunk(keys, 42, 7, 1, sealed) == plain);
   CHECK(!open_chunk(keys, 42, 7, 2, sealed));  // another transmission
