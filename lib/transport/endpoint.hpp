@@ -2,6 +2,7 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -35,6 +36,8 @@ class Endpoint {
 
  private:
   void receive();
+  /// Hands the core every datagram already queued (up to kReadBurst), recvmmsg by recvmmsg.
+  void drain();
   void finish_turn();
   void arm();
   bool send(const std::string& bytes, const udp::endpoint& to);
@@ -49,6 +52,8 @@ class Endpoint {
   bool closed_ = false;
   udp::endpoint sender_;
   std::array<char, 2048> buffer_{};  // larger than kMaxDatagram, so an oversized datagram shows
+  struct Batch;                      // the buffers of one recvmmsg
+  std::unique_ptr<Batch> batch_;
 };
 
 /// A Core with its own Endpoint: a bare reliable socket for tools, benches and transport tests.
