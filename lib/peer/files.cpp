@@ -417,19 +417,24 @@ void Transfers::pump(Outgoing& o) {
   core_.cancel(o.timer);
   o.timer = 0;
   const std::uint64_t t = o.transfer;
+  // The burst is sealed first and sent in one go (sendmmsg); a chat datagram waits no longer
+  // for it than before, as none is sent in between.
+  burst_.clear();
   int sent = 0;
   while (sent < kBurst) {
     auto tx = o.sender->next(now);
     if (!tx) break;
     auto plain = o.source.read_chunk(tx->index);
     if (!plain) {
+      core_.send_many(burst_, o.at);
       host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: " + plain.error().message + "]");
       tell(o.to, files::ctl::Cancel{t});
       return end_outgoing(t);
     }
-    core_.send_bytes(files::seal_chunk_datagram(o.keys, t, tx->index, tx->tx_seq, plain.value()), o.at);
+    burst_.push_back(files::seal_chunk_datagram(o.keys, t, tx->index, tx->tx_seq, plain.value()));
     ++sent;
   }
+  core_.send_many(burst_, o.at);
   if (o.sender->failed()) {
     host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: no answer; offer it again to resume.]");
     tell(o.to, files::ctl::Cancel{t});

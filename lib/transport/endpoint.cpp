@@ -3,6 +3,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <sys/socket.h>
@@ -50,6 +51,8 @@ Endpoint::Endpoint(net::io_context& io, Core& core, const udp::endpoint& bind)
   socket_.non_blocking(true);
   grow_buffers(socket_);
   core_.set_output([this](const std::string& bytes, const udp::endpoint& to) { return send(bytes, to); });
+  core_.set_batch_output(
+      [this](std::span<const std::string> datagrams, const udp::endpoint& to) { return send_many(datagrams, to); });
   // Work that appears outside a turn (a test's request, a reply callback elsewhere) still
   // gets its timer armed: once, after the current handler.
   core_.set_wakeup([this] {
@@ -65,6 +68,7 @@ Endpoint::Endpoint(net::io_context& io, Core& core, const udp::endpoint& bind)
 Endpoint::~Endpoint() {
   close();
   core_.set_output({});
+  core_.set_batch_output({});
   core_.set_wakeup({});
 }
 
@@ -87,6 +91,34 @@ bool Endpoint::send(const std::string& bytes, const udp::endpoint& to) {
     return false;
   }
   return true;
+}
+
+std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const udp::endpoint& to) {
+  // kBatch datagrams per sendmmsg, all to `to`; stops at the first that cannot go (a full buffer).
+  std::array<iovec, kBatch> iov;
+  std::array<mmsghdr, kBatch> msgs;
+  std::size_t sent = 0;
+  while (sent < datagrams.size() && !closed_) {
+    const unsigned n = static_cast<unsigned>(std::min<std::size_t>(kBatch, datagrams.size() - sent));
+    for (unsigned i = 0; i < n; ++i) {
+      const std::string& d = datagrams[sent + i];
+      iov[i] = iovec{const_cast<char*>(d.data()), d.size()};
+      msgs[i] = mmsghdr{};
+      msgs[i].msg_hdr.msg_name = const_cast<void*>(static_cast<const void*>(to.data()));
+      msgs[i].msg_hdr.msg_namelen = static_cast<socklen_t>(to.size());
+      msgs[i].msg_hdr.msg_iov = &iov[i];
+      msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    const int r = ::sendmmsg(socket_.native_handle(), msgs.data(), n, MSG_DONTWAIT);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      spdlog::debug("send to {}:{} failed: {}", to.address().to_string(), to.port(), std::strerror(errno));
+      break;
+    }
+    sent += static_cast<std::size_t>(r);
+    if (static_cast<unsigned>(r) < n) break;
+  }
+  return sent;
 }
 
 void Endpoint::receive() {

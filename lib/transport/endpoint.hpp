@@ -4,6 +4,7 @@
 #include <array>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 
 #include "transport/core.hpp"
@@ -41,6 +42,7 @@ class Endpoint {
   void finish_turn();
   void arm();
   bool send(const std::string& bytes, const udp::endpoint& to);
+  std::size_t send_many(std::span<const std::string> datagrams, const udp::endpoint& to);
 
   net::io_context& io_;
   Core& core_;
