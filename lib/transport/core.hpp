@@ -80,8 +80,8 @@ class Core {
   using Done = std::function<void(const protocol::Message* reply)>;
   /// Carries one datagram out; false if it could not be sent.
   using Output = std::function<bool(const std::string& bytes, const udp::endpoint& to)>;
-  /// Carries several datagrams to one address out in one go (sendmmsg); how many were sent,
-  /// from the front (the rest could not be).
+  /// Carries several datagrams to one address out in one go (sendmmsg), each as Output would
+  /// (one that fails does not stop the others); how many were sent.
   using BatchOutput = std::function<std::size_t(std::span<const std::string> datagrams, const udp::endpoint& to)>;
   /// Told when work appeared outside a driver's turn: a timer earlier than before, or deferred work.
   using Wakeup = std::function<void()>;

@@ -94,14 +94,17 @@ bool Endpoint::send(const std::string& bytes, const udp::endpoint& to) {
 }
 
 std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const udp::endpoint& to) {
-  // kBatch datagrams per sendmmsg, all to `to`; stops at the first that cannot go (a full buffer).
+  // kBatch datagrams per sendmmsg, all to `to`. sendmmsg stops at the first datagram that fails:
+  // that one is skipped and the rest go on, as each would with a send of its own (a firewall's
+  // DROP fails just the one, with EPERM); a full buffer (EAGAIN) ends the batch.
   std::array<iovec, kBatch> iov;
   std::array<mmsghdr, kBatch> msgs;
   std::size_t sent = 0;
-  while (sent < datagrams.size() && !closed_) {
-    const unsigned n = static_cast<unsigned>(std::min<std::size_t>(kBatch, datagrams.size() - sent));
+  std::size_t next = 0;
+  while (next < datagrams.size() && !closed_) {
+    const unsigned n = static_cast<unsigned>(std::min<std::size_t>(kBatch, datagrams.size() - next));
     for (unsigned i = 0; i < n; ++i) {
-      const std::string& d = datagrams[sent + i];
+      const std::string& d = datagrams[next + i];
       iov[i] = iovec{const_cast<char*>(d.data()), d.size()};
       msgs[i] = mmsghdr{};
       msgs[i].msg_hdr.msg_name = const_cast<void*>(static_cast<const void*>(to.data()));
@@ -111,12 +114,15 @@ std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const ud
     }
     const int r = ::sendmmsg(socket_.native_handle(), msgs.data(), n, MSG_DONTWAIT);
     if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      spdlog::debug("send to {}:{} failed: {}", to.address().to_string(), to.port(), std::strerror(errno));
-      break;
+    if (r > 0) {
+      sent += static_cast<std::size_t>(r);
+      next += static_cast<std::size_t>(r);
+      continue;  // a short count: the next call reports the error of the one that stopped it
     }
-    sent += static_cast<std::size_t>(r);
-    if (static_cast<unsigned>(r) < n) break;
+    const int err = r < 0 ? errno : EIO;
+    spdlog::debug("send to {}:{} failed: {}", to.address().to_string(), to.port(), std::strerror(err));
+    if (err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS) break;
+    ++next;  // that one fails alone
   }
   return sent;
 }

@@ -782,7 +782,7 @@ TEST_CASE("core: send_many() goes through the batch output in one call, or the o
     b.core.set_batch_output([&](std::span<const std::string> d, const udp::endpoint& to) {
       CHECK(to == kPeer);
       calls.push_back(d.size());
-      return d.size() - 1;  // the last could not go (a full buffer)
+      return d.size() - 1;  // one could not go (a full buffer)
     });
     CHECK(b.core.send_many(burst, kPeer) == 2);
     CHECK(calls == std::vector<std::size_t>{3});
