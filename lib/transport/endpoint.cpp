@@ -94,9 +94,10 @@ bool Endpoint::send(const std::string& bytes, const udp::endpoint& to) {
 }
 
 std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const udp::endpoint& to) {
-  // kBatch datagrams per sendmmsg, all to `to`. sendmmsg stops at the first datagram that fails:
-  // that one is skipped and the rest go on, as each would with a send of its own (a firewall's
-  // DROP fails just the one, with EPERM); a full buffer (EAGAIN) ends the batch.
+  // kBatch datagrams per sendmmsg, all to `to`. sendmmsg stops at the first datagram that fails
+  // (a short count; its error is lost): that one is skipped, not sent again, and the rest go
+  // on, as each would with a send of its own (a firewall's DROP fails just the one, with
+  // EPERM); a full buffer (EAGAIN) ends the batch.
   std::array<iovec, kBatch> iov;
   std::array<mmsghdr, kBatch> msgs;
   std::size_t sent = 0;
@@ -117,7 +118,8 @@ std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const ud
     if (r > 0) {
       sent += static_cast<std::size_t>(r);
       next += static_cast<std::size_t>(r);
-      continue;  // a short count: the next call reports the error of the one that stopped it
+      if (static_cast<unsigned>(r) < n) ++next;  // datagram r failed: dropped, as a send of its own would be
+      continue;
     }
     const int err = r < 0 ? errno : EIO;
     spdlog::debug("send to {}:{} failed: {}", to.address().to_string(), to.port(), std::strerror(err));
