@@ -173,15 +173,34 @@ Result<SourceFile> SourceFile::open(const fs::path& file) {
 
 Result<Hash> SourceFile::hash() const { return hash_fd(fd_.get(), path_); }
 
-Result<std::string> SourceFile::read_chunk(std::uint32_t index) const {
+Result<std::string_view> SourceFile::read_chunk(std::uint32_t index) const {
   if (index >= chunks_)
     return error(ErrorKind::bad_input, std::string("Chunk ").append(std::to_string(index)).append(" is past the end of ").append(path_.string()).append("."));
-  std::string out(chunk_size(size_, index), '\0');
-  const ssize_t r = pread_all(fd_.get(), out.data(), out.size(), std::uint64_t{index} * kChunkPayload);
-  if (r < 0) return sys_error(errno, std::string("Cannot read ").append(path_.string()));
-  if (static_cast<std::size_t>(r) != out.size())
-    return error(ErrorKind::io, std::string("The file ").append(path_.string()).append(" got shorter while it was being sent."));
-  return out;
+  const std::size_t n = chunk_size(size_, index);
+  if (index < ahead_first_ && ahead_count_ > 0) {
+    // A resend of a chunk before the block: read alone, so the block stays for the new ones.
+    once_.resize(n);
+    const ssize_t r = pread_all(fd_.get(), once_.data(), n, std::uint64_t{index} * kChunkPayload);
+    if (r < 0) return sys_error(errno, std::string("Cannot read ").append(path_.string()));
+    if (static_cast<std::size_t>(r) != n)
+      return error(ErrorKind::io, std::string("The file ").append(path_.string()).append(" got shorter while it was being sent."));
+    return std::string_view(once_);
+  }
+  if (index - ahead_first_ >= ahead_count_) {
+    const std::uint32_t count = std::min(kReadAhead, chunks_ - index);
+    const std::uint64_t offset = std::uint64_t{index} * kChunkPayload;
+    ahead_.resize(static_cast<std::size_t>(std::min<std::uint64_t>(std::uint64_t{count} * kChunkPayload, size_ - offset)));
+    ahead_count_ = 0;
+    const ssize_t r = pread_all(fd_.get(), ahead_.data(), ahead_.size(), offset);
+    if (r < 0) return sys_error(errno, std::string("Cannot read ").append(path_.string()));
+    if (static_cast<std::size_t>(r) < n)
+      return error(ErrorKind::io, std::string("The file ").append(path_.string()).append(" got shorter while it was being sent."));
+    // Only whole chunks count (the last one of the file may be short); a chunk past a short read is read again.
+    ahead_first_ = index;
+    ahead_count_ = static_cast<std::uint32_t>(static_cast<std::size_t>(r) / kChunkPayload);
+    if (static_cast<std::size_t>(r) == ahead_.size()) ahead_count_ = count;
+  }
+  return std::string_view(ahead_).substr(std::size_t{index - ahead_first_} * kChunkPayload, n);
 }
 
 // ---------------------------------------------------------------- Partial
@@ -209,6 +228,9 @@ Result<Partial> Partial::open(const fs::path& dir, std::string_view offered_name
     return sys_error(errno, std::string("Cannot lock ").append(p.part_path_.string()));
   }
   p.bitmap_.assign((std::size_t{p.chunks_} + 7) / 8, 0);
+  init_sodium();
+  p.hash_state_.reset(new crypto_generichash_state);
+  crypto_generichash_init(p.hash_state_.get(), nullptr, 0, crypto_generichash_BYTES);
 
   // Resume if the sidecar is exactly one of ours for this content, with the part file behind it.
   const std::size_t want = kSidecarHeader + p.bitmap_.size();
@@ -255,6 +277,10 @@ Status Partial::start_afresh() {
   have_ = RangeSet();
   std::fill(bitmap_.begin(), bitmap_.end(), 0);
   dirty_ = false;
+  batch_.clear();
+  batch_count_ = 0;
+  crypto_generichash_init(hash_state_.get(), nullptr, 0, crypto_generichash_BYTES);
+  hashed_ = 0;
   if (::ftruncate(part_fd_.get(), 0) != 0) return sys_error(errno, std::string("Cannot truncate ").append(part_path_.string()));
   std::vector<unsigned char> buf(kSidecarHeader + bitmap_.size(), 0);
   std::memcpy(buf.data(), kMagic, 8);
@@ -264,6 +290,8 @@ Status Partial::start_afresh() {
     return sys_error(errno, std::string("Cannot write ").append(have_path_.string()));
   return success();
 }
+
+void Partial::HashStateDelete::operator()(crypto_generichash_blake2b_state* s) const { delete s; }
 
 Partial::~Partial() {
   if (part_fd_.valid()) std::ignore = flush();
@@ -276,16 +304,71 @@ Status Partial::write(std::uint32_t index, std::string_view bytes) {
   if (bytes.size() != chunk_size(size_, index))
     return error(ErrorKind::bad_input, std::string("Chunk ").append(std::to_string(index)).append(" of ").append(name_).append(" has the wrong size."));
   if (have_.contains(index)) return success();
-  if (!pwrite_all(part_fd_.get(), bytes.data(), bytes.size(), std::uint64_t{index} * kChunkPayload))
-    return sys_error(errno, std::string("Cannot write ").append(part_path_.string()));
+  // Contiguous chunks go out together; anything else first writes what is kept.
+  if (batch_count_ > 0 && (index != batch_first_ + batch_count_ || batch_count_ >= kWriteBatch)) {
+    if (auto st = write_batch(); !st) return st;
+  }
+  if (batch_count_ == 0) {
+    batch_first_ = index;
+    batch_.reserve(std::size_t{kWriteBatch} * kChunkPayload);
+  }
+  batch_.append(bytes);
+  ++batch_count_;
+  // The bit reaches the sidecar only in flush(), which writes the batch and fdatasyncs first.
   bitmap_[index / 8] |= static_cast<std::uint8_t>(1u << (index % 8));
   have_.insert(index);
   dirty_ = true;
+  return advance_hash(index, bytes);
+}
+
+Status Partial::write_batch() {
+  if (batch_count_ == 0) return success();
+  const std::uint64_t offset = std::uint64_t{batch_first_} * kChunkPayload;
+  const bool ok = pwrite_all(part_fd_.get(), batch_.data(), batch_.size(), offset);
+  batch_.clear();
+  batch_count_ = 0;
+  if (!ok) return sys_error(errno, std::string("Cannot write ").append(part_path_.string()));
+  return success();
+}
+
+Status Partial::advance_hash(std::uint32_t index, std::string_view bytes) {
+  while (hashed_ < chunks_ && have_.contains(hashed_)) {
+    if (hashed_ == index) {
+      crypto_generichash_update(hash_state_.get(), reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+      ++hashed_;
+      continue;
+    }
+    // Held, but not the chunk in hand: read back from the part file up to the chunk in hand or the end of the run.
+    std::uint32_t end = have_.end_of(hashed_);
+    if (index > hashed_ && index < end) end = index;
+    if (auto st = hash_from_disk(end); !st) return st;
+  }
+  return success();
+}
+
+Status Partial::hash_from_disk(std::uint32_t end) {
+  if (end <= hashed_) return success();
+  if (auto st = write_batch(); !st) return st;  // what is read back must be on the file
+  const std::uint64_t last = std::uint64_t{end} * kChunkPayload;
+  std::uint64_t offset = std::uint64_t{hashed_} * kChunkPayload;
+  const std::uint64_t stop = std::min(last, size_);
+  std::vector<unsigned char> buf(kBlock);
+  while (offset < stop) {
+    const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(kBlock, stop - offset));
+    const ssize_t r = pread_all(part_fd_.get(), buf.data(), want, offset);
+    if (r < 0) return sys_error(errno, std::string("Cannot read ").append(part_path_.string()));
+    if (static_cast<std::size_t>(r) != want)
+      return error(ErrorKind::io, std::string("The file ").append(part_path_.string()).append(" got shorter while it was being received."));
+    crypto_generichash_update(hash_state_.get(), buf.data(), want);
+    offset += want;
+  }
+  hashed_ = end;
   return success();
 }
 
 Status Partial::flush() {
   if (!part_fd_.valid() || !dirty_) return success();
+  if (auto st = write_batch(); !st) return st;
   if (::fdatasync(part_fd_.get()) != 0) return sys_error(errno, std::string("Cannot flush ").append(part_path_.string()));
   if (!pwrite_all(have_fd_.get(), bitmap_.data(), bitmap_.size(), kSidecarHeader))
     return sys_error(errno, std::string("Cannot write ").append(have_path_.string()));
@@ -305,9 +388,13 @@ Result<fs::path> Partial::finish() {
   if (static_cast<std::uint64_t>(st.st_size) > size_ && ::ftruncate(part_fd_.get(), static_cast<off_t>(size_)) != 0)
     return sys_error(errno, std::string("Cannot truncate ").append(part_path_.string()));
 
-  auto h = hash_fd(part_fd_.get(), part_path_);
-  if (!h) return h.error();
-  if (h.value() != hash_) {
+  // Chunks not hashed yet (a download resumed whole, say) are read back; then the hash is complete.
+  if (auto hashed = hash_from_disk(chunks_); !hashed) return hashed.error();
+  Hash h;
+  static_assert(std::tuple_size_v<Hash> == crypto_generichash_BYTES);
+  crypto_generichash_state final_state = *hash_state_;  // finish() may be called again after an error
+  crypto_generichash_final(&final_state, h.data(), h.size());
+  if (h != hash_) {
     discard();
     return error(ErrorKind::hash_mismatch, std::string("The file ").append(name_).append(
         " arrived damaged (its BLAKE2b-256 hash does not match the offer), so the partial download was deleted."));
@@ -338,6 +425,8 @@ void Partial::close() {
   part_fd_.close();
   have_fd_.close();
   dirty_ = false;
+  batch_.clear();
+  batch_count_ = 0;
 }
 
 }  // namespace chat::files

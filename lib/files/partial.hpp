@@ -12,6 +12,14 @@
 // only ever go from 0 to 1, so even a torn write of the bitmap claims nothing unwritten. A
 // chunk whose bit was lost in a crash is fetched again; anything else wrong is caught by the
 // hash at the end.
+//
+// The hash is kept as the download goes, over the chunks in file order: a chunk that extends
+// the in-order prefix is hashed from the bytes handed to write() (the same bytes that go to
+// disk), and chunks held beyond a gap (written out of order, or resumed from the sidecar) are
+// read back from the part file once the gap before them fills. So finish() compares the whole
+// file's BLAKE2b-256 with the offer's without reading the file again, and the check covers
+// every byte of the file as written (a change made to the part file by someone else after a
+// chunk was hashed is no longer seen; one made between two runs is, as resumed chunks are read).
 #pragma once
 
 #include <array>
@@ -22,8 +30,12 @@
 #include <utility>
 #include <vector>
 
+#include <memory>
+
 #include "files/ranges.hpp"
 #include "files/result.hpp"
+
+struct crypto_generichash_blake2b_state;  // libsodium's, kept behind a pointer (64-byte aligned)
 
 namespace chat::files {
 
@@ -58,7 +70,7 @@ class Fd {
   int fd_ = -1;
 };
 
-/// The file being sent: its size and its chunks, read with pread.
+/// The file being sent: its size and its chunks, read with pread, kReadAhead chunks at a time.
 class SourceFile {
  public:
   /// Opens `file` for reading; refuses anything but a regular file, and files of more chunks than a u32 counts.
@@ -69,9 +81,12 @@ class SourceFile {
   /// The BLAKE2b-256 of the file as it is now, read through the descriptor opened (so it is the
   /// same file the chunks are read from, even if the path was replaced since).
   Result<Hash> hash() const;
-  /// The plaintext of chunk `index` (chunk_size() bytes); an error if it is past the end or the
-  /// file got shorter since it was opened.
-  Result<std::string> read_chunk(std::uint32_t index) const;
+  /// The plaintext of chunk `index` (chunk_size() bytes), valid until the next call; an error if
+  /// it is past the end or the file got shorter since it was opened. A chunk not among those
+  /// read last is read with the ones after it (kReadAhead in one pread), as chunks mostly go
+  /// out in order; a resend of one before them is read alone. So a chunk may come from a read
+  /// made before the file changed (the receiver's whole-file check refuses the result anyway).
+  Result<std::string_view> read_chunk(std::uint32_t index) const;
 
  private:
   SourceFile(Fd fd, std::filesystem::path path, std::uint64_t size, std::uint32_t chunks)
@@ -80,7 +95,14 @@ class SourceFile {
   std::filesystem::path path_;
   std::uint64_t size_;
   std::uint32_t chunks_;
+  mutable std::string ahead_;            // chunks ahead_first_ .. ahead_first_ + ahead_count_ - 1
+  mutable std::uint32_t ahead_first_ = 0;
+  mutable std::uint32_t ahead_count_ = 0;
+  mutable std::string once_;             // a chunk before them, read alone
 };
+
+/// Chunks a SourceFile reads in one pread (92 KB).
+inline constexpr std::uint32_t kReadAhead = 64;
 
 /// The receiver's partial download of one offered file (see the top of this header).
 class Partial {
@@ -102,13 +124,17 @@ class Partial {
   ~Partial();
 
   /// Writes chunk `index` (exactly chunk_size() bytes) at index * kChunkPayload; a chunk already
-  /// held is left as it is. An error of kind disk_full (ENOSPC, EDQUOT) or io says why; on
-  /// disk_full the caller gives up the transfer and discard()s.
+  /// held is left as it is. A chunk that continues the one before it is kept in memory (up to
+  /// kWriteBatch chunks) and written with it in one pwrite, so an error may be reported by a
+  /// later write(), flush() or finish(). An error of kind disk_full (ENOSPC, EDQUOT) or io says
+  /// why; on any error the caller gives up the transfer and discard()s.
   Status write(std::uint32_t index, std::string_view bytes);
-  /// Makes the chunks written so far durable (fdatasync) and then records them in the sidecar.
-  /// Call it now and then (every second or few MiB); the destructor calls it too.
+  /// Writes the chunks kept in memory, makes everything written durable (fdatasync) and then
+  /// records it in the sidecar. Call it now and then (every second or few MiB); the destructor
+  /// calls it too.
   Status flush();
-  /// Checks the whole file's BLAKE2b-256 against the offered hash. If it matches, publishes the
+  /// Checks the whole file's BLAKE2b-256 (kept as the chunks came, see the top of this header,
+  /// and completed from the part file for chunks not hashed yet) against the offered hash. If it matches, publishes the
   /// file under unique_path(dir, name), never over an existing file, removes the sidecar and
   /// returns where it now is. If it does not, deletes the part file and the sidecar and returns
   /// an error of kind hash_mismatch. Before every chunk is held: kind incomplete, nothing changed.
@@ -126,9 +152,20 @@ class Partial {
   const std::filesystem::path& have_path() const { return have_path_; }
 
  private:
+  struct HashStateDelete {
+    void operator()(crypto_generichash_blake2b_state* s) const;
+  };
+
   Partial() = default;
   Status start_afresh();
   void close();
+  /// Writes the batch kept in memory, if any.
+  Status write_batch();
+  /// Hashes the in-order prefix as far as the chunks held allow; `index`/`bytes`: the chunk
+  /// just written (hashed from memory if it is next), the rest read back from the part file.
+  Status advance_hash(std::uint32_t index, std::string_view bytes);
+  /// Hashes chunks [hashed_, end), read from the part file.
+  Status hash_from_disk(std::uint32_t end);
 
   std::filesystem::path dir_;
   std::string name_;
@@ -142,6 +179,14 @@ class Partial {
   std::vector<std::uint8_t> bitmap_;
   RangeSet have_;
   bool dirty_ = false;  // chunks written since the last flush
+  std::string batch_;   // chunks batch_first_ .. batch_first_ + batch_count_ - 1, not written yet
+  std::uint32_t batch_first_ = 0;
+  std::uint32_t batch_count_ = 0;
+  std::unique_ptr<crypto_generichash_blake2b_state, HashStateDelete> hash_state_;  // over chunks [0, hashed_)
+  std::uint32_t hashed_ = 0;
 };
+
+/// Chunks a Partial keeps in memory at most before it writes them in one pwrite (92 KB).
+inline constexpr std::uint32_t kWriteBatch = 64;
 
 }  // namespace chat::files

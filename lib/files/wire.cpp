@@ -72,11 +72,22 @@ std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> chunk_no
 }
 
 // The additional data of chunk `index`: "chunk", transfer id, index.
-std::string chunk_ad(std::uint64_t id, std::uint32_t index) {
-  std::string ad("chunk");
-  put_u64(ad, id);
-  put_u32(ad, index);
+std::array<unsigned char, 5 + 8 + 4> chunk_ad(std::uint64_t id, std::uint32_t index) {
+  std::array<unsigned char, 5 + 8 + 4> ad{'c', 'h', 'u', 'n', 'k'};
+  for (int i = 0; i < 8; ++i) ad[5 + i] = static_cast<unsigned char>((id >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 4; ++i) ad[13 + i] = static_cast<unsigned char>((index >> (8 * i)) & 0xFF);
   return ad;
+}
+
+// Seals `plaintext` into `out` (plaintext.size() + kTagBytes bytes of room).
+void seal_into(unsigned char* out, const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
+               std::uint32_t tx_seq, std::string_view plaintext) {
+  init_sodium();
+  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
+  const auto ad = chunk_ad(transfer_id, index);
+  crypto_aead_xchacha20poly1305_ietf_encrypt(out, nullptr, reinterpret_cast<const unsigned char*>(plaintext.data()),
+                                             plaintext.size(), ad.data(), ad.size(), nullptr, nonce.data(),
+                                             keys.chunk.data());
 }
 
 std::array<unsigned char, kTagBytes> ack_tag(const TransferKeys& keys, std::string_view body) {
@@ -123,33 +134,40 @@ TransferKeys derive_keys(const FileKey& key) {
 
 std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::uint32_t tx_seq,
                        std::string_view plaintext) {
-  init_sodium();
-  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
-  const std::string ad = chunk_ad(transfer_id, index);
   std::string out(plaintext.size() + kTagBytes, '\0');
-  unsigned long long len = 0;
-  crypto_aead_xchacha20poly1305_ietf_encrypt(reinterpret_cast<unsigned char*>(out.data()), &len,
-                                             reinterpret_cast<const unsigned char*>(plaintext.data()), plaintext.size(),
-                                             reinterpret_cast<const unsigned char*>(ad.data()), ad.size(), nullptr,
-                                             nonce.data(), keys.chunk.data());
-  out.resize(static_cast<std::size_t>(len));
+  seal_into(reinterpret_cast<unsigned char*>(out.data()), keys, transfer_id, index, tx_seq, plaintext);
   return out;
+}
+
+std::string seal_chunk_datagram(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
+                                std::uint32_t tx_seq, std::string_view plaintext) {
+  std::string out;
+  out.reserve(kHeaderBytes + kChunkFieldBytes + plaintext.size() + kTagBytes);
+  put_header(out, kChunkCode, transfer_id);
+  put_u32(out, index);
+  put_u32(out, tx_seq);
+  const std::size_t at = out.size();
+  out.resize(at + plaintext.size() + kTagBytes);
+  seal_into(reinterpret_cast<unsigned char*>(out.data() + at), keys, transfer_id, index, tx_seq, plaintext);
+  return out;
+}
+
+bool open_chunk_into(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::uint32_t tx_seq,
+                     std::string_view sealed, std::string& out) {
+  init_sodium();
+  if (sealed.size() < kTagBytes) return false;
+  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
+  const auto ad = chunk_ad(transfer_id, index);
+  out.resize(sealed.size() - kTagBytes);
+  return crypto_aead_xchacha20poly1305_ietf_decrypt(reinterpret_cast<unsigned char*>(out.data()), nullptr, nullptr,
+                                                    reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(),
+                                                    ad.data(), ad.size(), nonce.data(), keys.chunk.data()) == 0;
 }
 
 std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
                                       std::uint32_t tx_seq, std::string_view sealed) {
-  init_sodium();
-  if (sealed.size() < kTagBytes) return std::nullopt;
-  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
-  const std::string ad = chunk_ad(transfer_id, index);
-  std::string out(sealed.size() - kTagBytes, '\0');
-  unsigned long long len = 0;
-  if (crypto_aead_xchacha20poly1305_ietf_decrypt(reinterpret_cast<unsigned char*>(out.data()), &len, nullptr,
-                                                 reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(),
-                                                 reinterpret_cast<const unsigned char*>(ad.data()), ad.size(),
-                                                 nonce.data(), keys.chunk.data()) != 0)
-    return std::nullopt;
-  out.resize(static_cast<std::size_t>(len));
+  std::string out;
+  if (!open_chunk_into(keys, transfer_id, index, tx_seq, sealed, out)) return std::nullopt;
   return out;
 }
 
@@ -190,17 +208,23 @@ std::string encode(const ChunkAck& a, const TransferKeys& keys) {
   return out;
 }
 
-std::optional<Chunk> decode_chunk(std::string_view bytes) {
+std::optional<ChunkView> decode_chunk_view(std::string_view bytes) {
   if (bytes.size() > protocol::kMaxDatagram) return std::nullopt;
   const auto h = peek_header(bytes);
   if (!h || h->type != kChunkCode) return std::nullopt;
   Reader r(bytes.substr(kHeaderBytes));
-  Chunk c;
+  ChunkView c;
   c.transfer_id = h->transfer_id;
   if (!r.u32(c.index) || !r.u32(c.tx_seq) || c.tx_seq == 0) return std::nullopt;
   if (r.left() < kTagBytes + 1) return std::nullopt;  // a chunk carries at least one byte
-  c.sealed = std::string(r.rest());
+  c.sealed = r.rest();
   return c;
+}
+
+std::optional<Chunk> decode_chunk(std::string_view bytes) {
+  const auto v = decode_chunk_view(bytes);
+  if (!v) return std::nullopt;
+  return Chunk{v->transfer_id, v->index, v->tx_seq, std::string(v->sealed)};
 }
 
 std::optional<ChunkAck> decode_chunk_ack(std::string_view bytes, const TransferKeys& keys) {

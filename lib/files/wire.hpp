@@ -108,6 +108,14 @@ std::string seal_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std:
 /// index or tx seq.
 std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
                                       std::uint32_t tx_seq, std::string_view sealed);
+/// As open_chunk(), into `out` (its old contents replaced; a buffer reused for every chunk);
+/// false, and `out` unspecified, if `sealed` does not open.
+bool open_chunk_into(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index, std::uint32_t tx_seq,
+                     std::string_view sealed, std::string& out);
+/// The datagram of encode(Chunk{transfer_id, index, tx_seq, seal_chunk(keys, transfer_id, index,
+/// tx_seq, plaintext)}), byte for byte, sealed straight into it (one buffer, no copies).
+std::string seal_chunk_datagram(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
+                                std::uint32_t tx_seq, std::string_view plaintext);
 
 /// The type code (kChunkCode or kChunkAckCode) and transfer id of a file datagram, read from
 /// its header only, so a dispatcher can route it (and find its keys) before protocol::decode(),
@@ -126,6 +134,15 @@ std::string encode(const ChunkAck& a, const TransferKeys& keys);
 
 /// The chunk in `bytes`, or nullopt if it is not exactly one well-formed chunk datagram. Never throws.
 std::optional<Chunk> decode_chunk(std::string_view bytes);
+/// A decoded chunk whose sealed payload is a view into the datagram's bytes.
+struct ChunkView {
+  std::uint64_t transfer_id = 0;
+  std::uint32_t index = 0;
+  std::uint32_t tx_seq = 0;
+  std::string_view sealed;
+};
+/// As decode_chunk(), without copying the payload: `sealed` points into `bytes`.
+std::optional<ChunkView> decode_chunk_view(std::string_view bytes);
 /// The ack in `bytes`, or nullopt if it is not exactly one well-formed chunk_ack whose tag
 /// verifies under `keys.ack`. Never throws.
 std::optional<ChunkAck> decode_chunk_ack(std::string_view bytes, const TransferKeys& keys);

@@ -117,6 +117,7 @@ struct Transfers::Incoming {
   std::optional<files::Receiver> receiver;
   State state = State::offered;
   transport::Core::TimerId timer = 0;  // the offer's lapse; then the receiver's timers
+  transport::Time armed{};             // while receiving: when `timer` fires (0 timer: none armed)
   transport::Time heard{};
   transport::Time flushed{};
   transport::Time started{};
@@ -519,28 +520,31 @@ void Transfers::pump(Outgoing& o) {
   core_.cancel(o.timer);
   o.timer = 0;
   const std::uint64_t t = o.transfer;
+  // The burst is sealed first and sent in one go (sendmmsg); a chat datagram waits no longer
+  // for it than before, as none is sent in between.
+  burst_.clear();
   int sent = 0;
   while (sent < kBurst) {
     auto tx = o.sender->next(now);
     if (!tx) break;
-    if (o.via_server) {
+    if (o.via_server) {  // sealed once already: the same bytes in a frame of this transmission
       const std::size_t n = files::chunk_size(o.source.size(), tx->index) + files::kTagBytes;
-      core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq,
-                                                  o.sealed.substr(std::size_t{tx->index} * (files::kChunkPayload + files::kTagBytes), n)}),
-                       o.at);
+      burst_.push_back(files::encode(files::Chunk{
+          t, tx->index, tx->tx_seq, o.sealed.substr(std::size_t{tx->index} * (files::kChunkPayload + files::kTagBytes), n)}));
       ++sent;
       continue;
     }
     auto plain = o.source.read_chunk(tx->index);
     if (!plain) {
+      core_.send_many(burst_, o.at);
       host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: " + plain.error().message + "]");
       tell(o.to, files::ctl::Cancel{t});
       return end_outgoing(t);
     }
-    core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq, files::seal_chunk(o.keys, t, tx->index, tx->tx_seq, plain.value())}),
-                     o.at);
+    burst_.push_back(files::seal_chunk_datagram(o.keys, t, tx->index, tx->tx_seq, plain.value()));
     ++sent;
   }
+  core_.send_many(burst_, o.at);
   if (o.sender->failed()) {
     if (o.via_server) {
       host_.say("[The transfer of " + o.name + " to the server stopped: no answer.]");
@@ -571,16 +575,18 @@ void Transfers::pump(Outgoing& o) {
 }
 
 void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoint& from) {
-  auto c = files::decode_chunk(bytes);
+  auto c = files::decode_chunk_view(bytes);
   if (!c) return dropped("a chunk that does not decode", from);
   if (c->index >= in.partial->chunk_count()) return dropped("a chunk past the file's end", from);
-  auto plain = files::open_chunk(in.keys, in.transfer, c->index, in.via_server ? files::kKeptTxSeq : c->tx_seq, c->sealed);
-  if (!plain) return dropped("a chunk that does not authenticate", from);
-  if (plain->size() != files::chunk_size(in.offer.size, c->index)) return dropped("a chunk of the wrong size", from);
+  std::string& plain = plain_;  // one buffer for every chunk
+  const std::uint32_t nonce_tx = in.via_server ? files::kKeptTxSeq : c->tx_seq;
+  if (!files::open_chunk_into(in.keys, in.transfer, c->index, nonce_tx, c->sealed, plain))
+    return dropped("a chunk that does not authenticate", from);
+  if (plain.size() != files::chunk_size(in.offer.size, c->index)) return dropped("a chunk of the wrong size", from);
   const auto now = core_.now();
   in.heard = now;
   if (in.receiver->wanted(c->index)) {
-    if (auto st = in.partial->write(c->index, *plain); !st) {
+    if (auto st = in.partial->write(c->index, plain); !st) {
       host_.say("[The transfer of " + in.name + " from " + in.from + " stopped: " + st.error().message +
                 " The partial file was removed.]");
       in.partial->discard();
@@ -603,10 +609,15 @@ void Transfers::send_ack(Incoming& in) {
 }
 
 void Transfers::arm(Incoming& in) {
-  core_.cancel(in.timer);
   transport::Time when = std::min(in.heard + o_.stall, in.flushed + o_.flush);
   if (auto ack = in.receiver->next_timer()) when = std::min(when, *ack);
+  // A timer already armed for no later than that stays: its handler checks what is due and
+  // arms again. So a chunk (which moves the stall limit later, and often the delayed ack) costs
+  // no cancel and re-add; only a deadline earlier than the armed one does.
+  if (in.timer != 0 && in.armed <= when) return;
+  core_.cancel(in.timer);
   const std::uint64_t t = in.transfer;
+  in.armed = when;
   in.timer = core_.at(when, [this, t] { on_incoming_timer(t); });
 }
 

@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "files/control.hpp"
 #include "transport/core.hpp"
@@ -154,6 +155,8 @@ class Transfers {
   bool redraw_due_ = false;
   std::string shown_;  // the progress line on screen
   std::uint64_t dropped_ = 0;
+  std::string plain_;  // the plaintext of the chunk being received (a buffer kept, not one per chunk)
+  std::vector<std::string> burst_;  // the chunk datagrams of one pump(), sent together
 };
 
 }  // namespace chat::peer

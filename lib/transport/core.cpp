@@ -308,6 +308,35 @@ bool Core::send_bytes(const std::string& bytes, const udp::endpoint& to) {
   return true;
 }
 
+std::size_t Core::send_many(std::span<const std::string> datagrams, const udp::endpoint& to) {
+  if (closed_ || !output_) return 0;
+  if (!batch_output_) {
+    std::size_t n = 0;
+    for (const std::string& d : datagrams) n += send_bytes(d, to) ? 1 : 0;
+    return n;
+  }
+  std::size_t allowed = datagrams.size();
+  if (options_.guard.amplification > 0) {
+    // The prefix the allowance covers; the rest is not sent, as send_bytes() would refuse it.
+    std::size_t left = allowance(to);
+    for (allowed = 0; allowed < datagrams.size() && datagrams[allowed].size() <= left; ++allowed)
+      if (left != SIZE_MAX) left -= datagrams[allowed].size();
+    counters_.amplification += datagrams.size() - allowed;
+  }
+  if (allowed == 0) return 0;
+  const std::size_t sent = batch_output_(datagrams.first(allowed), to);
+  std::uint64_t bytes = 0;
+  for (std::size_t i = 0; i < sent; ++i) bytes += datagrams[i].size();
+  if (options_.guard.amplification > 0) {
+    Route* r = route(to);
+    if (!r->validated) r->out += bytes;
+  }
+  counters_.sent += sent;
+  counters_.bytes_sent += bytes;
+  counters_.send_failed += allowed - sent;  // a full buffer drops them, as the network could
+  return sent;
+}
+
 // ---------------------------------------------------------------- timers and turns
 
 Core::TimerId Core::at(Time when, std::function<void()> f) {

@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -79,6 +80,9 @@ class Core {
   using Done = std::function<void(const protocol::Message* reply)>;
   /// Carries one datagram out; false if it could not be sent.
   using Output = std::function<bool(const std::string& bytes, const udp::endpoint& to)>;
+  /// Carries several datagrams to one address out in one go (sendmmsg), each as Output would
+  /// (one that fails does not stop the others); how many were sent.
+  using BatchOutput = std::function<std::size_t(std::span<const std::string> datagrams, const udp::endpoint& to)>;
   /// Told when work appeared outside a driver's turn: a timer earlier than before, or deferred work.
   using Wakeup = std::function<void()>;
   using TimerId = std::uint64_t;
@@ -91,6 +95,8 @@ class Core {
 
   void set_handler(Handler h) { handler_ = std::move(h); }
   void set_output(Output o) { output_ = std::move(o); }
+  /// Optional: without one, send_many() sends through the Output one by one.
+  void set_batch_output(BatchOutput o) { batch_output_ = std::move(o); }
   void set_wakeup(Wakeup w) { wakeup_ = std::move(w); }
   /// Without one, a file frame is refused like any datagram of an unknown type.
   void set_frame_handler(FrameHandler h) { frame_handler_ = std::move(h); }
@@ -129,6 +135,9 @@ class Core {
   void forget(const udp::endpoint& from, std::uint64_t id);
   /// Sends already-encoded bytes once; false if not sent.
   bool send_bytes(const std::string& bytes, const udp::endpoint& to);
+  /// Sends each of `datagrams` once to `to`, in order, as send_bytes() would (the same limits and
+  /// counters), in one go through the BatchOutput if there is one; how many were sent.
+  std::size_t send_many(std::span<const std::string> datagrams, const udp::endpoint& to);
   /// Bytes that may still be sent to `to` before it proves it receives (SIZE_MAX if it has).
   std::size_t allowance(const udp::endpoint& to) const;
   /// `to` has proven it receives by other means (it echoed a token only it was sent).
@@ -184,6 +193,7 @@ class Core {
   Handler handler_;
   FrameHandler frame_handler_;
   Output output_;
+  BatchOutput batch_output_;
   Wakeup wakeup_;
   std::uint64_t id_counter_ = 0;
   std::uint64_t id_secret_;

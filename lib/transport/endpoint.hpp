@@ -2,7 +2,9 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <optional>
+#include <span>
 #include <string>
 
 #include "transport/core.hpp"
@@ -35,9 +37,12 @@ class Endpoint {
 
  private:
   void receive();
+  /// Hands the core every datagram already queued (up to kReadBurst), recvmmsg by recvmmsg.
+  void drain();
   void finish_turn();
   void arm();
   bool send(const std::string& bytes, const udp::endpoint& to);
+  std::size_t send_many(std::span<const std::string> datagrams, const udp::endpoint& to);
 
   net::io_context& io_;
   Core& core_;
@@ -49,6 +54,8 @@ class Endpoint {
   bool closed_ = false;
   udp::endpoint sender_;
   std::array<char, 2048> buffer_{};  // larger than kMaxDatagram, so an oversized datagram shows
+  struct Batch;                      // the buffers of one recvmmsg
+  std::unique_ptr<Batch> batch_;
 };
 
 /// A Core with its own Endpoint: a bare reliable socket for tools, benches and transport tests.

@@ -561,6 +561,15 @@ TEST_CASE("a chunk opens only with its key, transfer id, index and tx seq, and u
   const std::string sealed = seal_chunk(keys, 42, 7, 1, plain);
   CHECK(sealed.size() == plain.size() + kTagBytes);
   CHECK(seal_chunk(keys, 42, 7, 1, plain) == sealed);  // deterministic: no random nonce
+  CHECK(seal_chunk_datagram(keys, 42, 7, 1, plain) == encode(Chunk{42, 7, 1, sealed}));  // sealed in place, the same bytes
+  const std::string datagram = encode(Chunk{42, 7, 1, sealed});
+  const auto view = decode_chunk_view(datagram);
+  REQUIRE(view);
+  CHECK((view->transfer_id == 42 && view->index == 7 && view->tx_seq == 1 && view->sealed == sealed));
+  std::string reused = "old contents";
+  CHECK(open_chunk_into(keys, 42, 7, 1, sealed, reused));
+  CHECK(reused == plain);
+  CHECK(!open_chunk_into(keys, 42, 7, 2, sealed, reused));
   CHECK(seal_chunk(keys, 42, 7, 2, plain) != sealed);  // a resend (a new tx seq) has a nonce of its own
   CHECK(open_chunk(keys, 42, 7, 1, sealed) == plain);
   CHECK(!open_chunk(keys, 42, 7, 2, sealed));  // another transmission
@@ -1134,18 +1143,20 @@ TEST_CASE("a flipped byte fails the hash check and leaves nothing behind") {
 
   SUBCASE("a chunk written with one byte changed") {
     for (std::uint32_t i = 0; i < 8; ++i) {
-      std::string chunk = src_file.value().read_chunk(i).value();
+      std::string chunk(src_file.value().read_chunk(i).value());
       if (i == 5) chunk[100] = static_cast<char>(chunk[100] ^ 0x01);
       REQUIRE(p.write(i, chunk).ok());
     }
   }
-  SUBCASE("the part file changed on disk before finish") {
-    for (std::uint32_t i = 0; i < 8; ++i) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
+  SUBCASE("a chunk written out of order, changed on disk before the gap before it filled") {
+    // Chunks past a gap are hashed when the gap fills, read back from the part file.
+    for (std::uint32_t i = 1; i < 8; ++i) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
     REQUIRE(p.flush().ok());
     std::fstream f(p.part_path(), std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(3000);
     f.put('\x55' ^ src.bytes[3000]);
     f.close();
+    REQUIRE(p.write(0, src_file.value().read_chunk(0).value()).ok());
   }
   const auto out = p.finish();
   REQUIRE(!out.ok());
@@ -1154,6 +1165,35 @@ TEST_CASE("a flipped byte fails the hash check and leaves nothing behind") {
         "The file data.bin arrived damaged (its BLAKE2b-256 hash does not match the offer), so the partial download was deleted.");
   CHECK(names_in(dl).empty());  // no part file, no sidecar, nothing published
   CHECK(!p.write(0, src_file.value().read_chunk(0).value()).ok());  // closed
+}
+
+TEST_CASE("a resumed download whose part file changed between two runs fails the hash check") {
+  TempDir tmp;
+  const Source src = make_source(tmp.path(), 8, 3);
+  const fs::path dl = tmp.path() / "dl";
+  fs::create_directory(dl);
+  auto src_file = SourceFile::open(src.path);
+  REQUIRE(src_file.ok());
+  fs::path part;
+  {
+    auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
+    REQUIRE(r.ok());
+    for (std::uint32_t i = 0; i < 7; ++i) REQUIRE(r.value().write(i, src_file.value().read_chunk(i).value()).ok());
+    part = r.value().part_path();
+  }  // closed: flushed
+  {
+    std::fstream f(part, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(3000);
+    f.put('\x55' ^ src.bytes[3000]);
+  }
+  auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
+  REQUIRE(r.ok());
+  CHECK(r.value().have().count() == 7);
+  REQUIRE(r.value().write(7, src_file.value().read_chunk(7).value()).ok());  // the resumed chunks are read back
+  const auto out = r.value().finish();
+  REQUIRE(!out.ok());
+  CHECK(out.error().kind == ErrorKind::hash_mismatch);
+  CHECK(names_in(dl).empty());
 }
 
 TEST_CASE("hash_file and SourceFile read the sender's file") {
@@ -1179,8 +1219,13 @@ TEST_CASE("hash_file and SourceFile read the sender's file") {
   REQUIRE(f.ok());
   CHECK(f.value().read_chunk(3).value() == bytes.substr(3 * kChunkPayload));
   CHECK(f.value().read_chunk(1).value() == bytes.substr(kChunkPayload, kChunkPayload));
+  CHECK(f.value().read_chunk(0).value() == bytes.substr(0, kChunkPayload));  // before the block: read alone
+  CHECK(f.value().read_chunk(2).value() == bytes.substr(2 * kChunkPayload, kChunkPayload));
+  // A file that gets shorter is seen by the next read (chunks read ahead before it are served as read).
+  auto g = SourceFile::open(tmp.path() / "f");
+  REQUIRE(g.ok());
   fs::resize_file(tmp.path() / "f", kChunkPayload);
-  const auto shorter = f.value().read_chunk(2);
+  const auto shorter = g.value().read_chunk(2);
   REQUIRE(!shorter.ok());
   CHECK(shorter.error().message == std::string("The file ").append((tmp.path() / "f").string()).append(" got shorter while it was being sent."));
 }

@@ -8,6 +8,7 @@
 #include <functional>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -463,6 +464,25 @@ TEST_CASE("a version-1 register gets the v1 reg_err an old client shows, with it
   CHECK(refused(server, proto::DecodeError::old_version) == 2);
 }
 
+TEST_CASE("a burst queued at an endpoint is read in batches and handed up whole and in order; send_many() delivers in order") {
+  net::io_context io;
+  Endpoint server(io, kAnyLoopbackPort, kFast);
+  std::vector<std::uint64_t> ids;
+  server.start([&](const proto::Message& m, const udp::endpoint&) { ids.push_back(proto::request_id(m)); });
+  RawPeer client(io);
+  // 300 datagrams queued before the loop runs: one asynchronous receive, the rest drained by recvmmsg.
+  for (std::uint64_t id = 1; id <= 300; ++id) client.send(proto::Probe{id, "peer"}, server.local_endpoint());
+  REQUIRE(run_until(io, [&] { return ids.size() == 300; }));
+  for (std::uint64_t id = 1; id <= 300; ++id) CHECK(ids[id - 1] == id);
+
+  std::vector<std::string> burst;
+  for (std::uint64_t id = 1; id <= 70; ++id) burst.push_back(proto::encode(proto::Probe{id, "x"}));  // more than one sendmmsg
+  CHECK(server.send_many(burst, client.endpoint()) == 70);
+  REQUIRE(run_until(io, [&] { return client.count() == 70; }));
+  for (std::size_t i = 0; i < 70; ++i) CHECK(client.bytes(i) == burst[i]);
+  CHECK(server.counters().sent == 70);
+}
+
 TEST_CASE("close() abandons pending requests without calling Done") {
   net::io_context io;
   Endpoint client(io, kAnyLoopbackPort, kFast);
@@ -745,6 +765,46 @@ TEST_CASE("core: timers fire in order, cancelled ones never, deferred work runs 
   b.advance(10ms);
   CHECK(fired.size() == 4);
   CHECK_FALSE(b.core.next_deadline().has_value());
+}
+
+TEST_CASE("core: send_many() goes through the batch output in one call, or the output one by one, within the amplification limit") {
+  const std::vector<std::string> burst{std::string(100, 'a'), std::string(100, 'b'), std::string(100, 'c')};
+  {
+    Bare b(RetryPolicy{});
+    CHECK(b.core.send_many(burst, kPeer) == 3);  // no batch output: one by one
+    REQUIRE(b.sent.size() == 3);
+    CHECK(b.sent[2].first == burst[2]);
+    CHECK(b.core.counters().sent == 3);
+  }
+  {
+    Bare b(RetryPolicy{});
+    std::vector<std::size_t> calls;
+    b.core.set_batch_output([&](std::span<const std::string> d, const udp::endpoint& to) {
+      CHECK(to == kPeer);
+      calls.push_back(d.size());
+      return d.size() - 1;  // one could not go (a full buffer)
+    });
+    CHECK(b.core.send_many(burst, kPeer) == 2);
+    CHECK(calls == std::vector<std::size_t>{3});
+    CHECK(b.sent.empty());
+    CHECK(b.core.counters().sent == 2);
+    CHECK(b.core.counters().bytes_sent == 200);
+    CHECK(b.core.counters().send_failed == 1);
+  }
+  {
+    chat::transport::Guard guard;
+    guard.amplification = 3;
+    Bare b(RetryPolicy{}, guard);
+    std::vector<std::size_t> calls;
+    b.core.set_batch_output([&](std::span<const std::string> d, const udp::endpoint&) {
+      calls.push_back(d.size());
+      return d.size();
+    });
+    CHECK(b.core.send_many(burst, kPeer) == 2);  // an address never heard from: 256 bytes of grace
+    CHECK(calls == std::vector<std::size_t>{2});
+    CHECK(b.core.counters().amplification == 1);
+    CHECK(b.core.allowance(kPeer) == 56);
+  }
 }
 
 TEST_CASE("core: a v1 request is answered only within the rate limit, and never with more bytes than it had") {
