@@ -9,12 +9,16 @@
 #include <random>
 #include <string>
 
+#include "file_bytes.hpp"
 #include "temp_dir.hpp"
 #include "files/wire.hpp"
 #include "offline/memory_store.hpp"
 #include "sim.hpp"
 
 using TempDir = chat::test::TempDir;
+using chat::test::random_bytes;
+using chat::test::read_file;
+using chat::test::write_file;
 
 namespace {
 
@@ -23,23 +27,6 @@ using namespace chat::sim;
 namespace fs = std::filesystem;
 
 const udp::endpoint kServerAt = addr(1, 5000);
-
-std::string random_bytes(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::string s(n, '\0');
-  for (auto& c : s) c = static_cast<char>(rng());
-  return s;
-}
-
-void write_file(const fs::path& p, const std::string& bytes) {
-  std::ofstream f(p, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
 registry::ServerOptions small_limits() {
   registry::ServerOptions o;

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "file_bytes.hpp"
 #include "temp_dir.hpp"
 #include "files/control.hpp"
 #include "files/wire.hpp"
@@ -19,6 +20,10 @@
 #include "sim.hpp"
 
 using TempDir = chat::test::TempDir;
+using chat::test::names_in;
+using chat::test::random_bytes;
+using chat::test::read_file;
+using chat::test::write_file;
 
 namespace {
 
@@ -27,32 +32,6 @@ using namespace chat::sim;
 namespace fs = std::filesystem;
 
 const udp::endpoint kServerAt = addr(1, 5000);
-
-
-std::string random_bytes(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::string s(n, '\0');
-  for (auto& c : s) c = static_cast<char>(rng());
-  return s;
-}
-
-void write_file(const fs::path& p, const std::string& bytes) {
-  std::ofstream f(p, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-std::vector<std::string> names_in(const fs::path& dir) {
-  std::vector<std::string> out;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
-}
 
 /// How many of `p`'s lines start with `prefix`.
 std::size_t starting(const Peer& p, const std::string& prefix) {

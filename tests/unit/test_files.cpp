@@ -17,6 +17,7 @@
 
 #include <sodium.h>
 
+#include "file_bytes.hpp"
 #include "temp_dir.hpp"
 #include "files/congestion.hpp"
 #include "files/partial.hpp"
@@ -32,36 +33,12 @@ using namespace std::chrono_literals;
 using chat::transport::ManualClock;
 
 using TempDir = chat::test::TempDir;
+using chat::test::names_in;
+using chat::test::random_bytes;
+using chat::test::read_file;
+using chat::test::write_file;
 
 namespace {
-
-
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_all(const fs::path& p, std::string_view bytes) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
-}
-
-/// `n` bytes from a generator seeded with `seed`: the same file every run.
-std::string random_bytes(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::string s(n, '\0');
-  for (char& c : s) c = static_cast<char>(rng() & 0xFF);
-  return s;
-}
-
-/// The names in `dir`, sorted.
-std::vector<std::string> names_in(const fs::path& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
-}
 
 /// Whether `s` is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
 bool valid_utf8(std::string_view s) {
@@ -276,7 +253,7 @@ Source make_source(const fs::path& dir, std::uint32_t chunks, std::uint64_t seed
   Source s;
   s.path = dir / "source.bin";
   s.bytes = random_bytes(std::size_t{chunks} * kChunkPayload - 100, seed);
-  write_all(s.path, s.bytes);
+  write_file(s.path, s.bytes);
   auto h = hash_file(s.path);
   REQUIRE(h.ok());
   s.hash = h.value();
@@ -383,12 +360,12 @@ TEST_CASE("safe_basename of random bytes is always a safe, stable name") {
 TEST_CASE("unique_path numbers a taken name and keeps the extension") {
   TempDir tmp;
   CHECK(unique_path(tmp.path(), "report.pdf") == tmp.path() / "report.pdf");
-  write_all(tmp.path() / "report.pdf", "first");
+  write_file(tmp.path() / "report.pdf", "first");
   CHECK(unique_path(tmp.path(), "report.pdf") == tmp.path() / "report (1).pdf");
-  write_all(tmp.path() / "report (1).pdf", "second");
+  write_file(tmp.path() / "report (1).pdf", "second");
   CHECK(unique_path(tmp.path(), "report.pdf") == tmp.path() / "report (2).pdf");
 
-  write_all(tmp.path() / "README", "x");
+  write_file(tmp.path() / "README", "x");
   CHECK(unique_path(tmp.path(), "README") == tmp.path() / "README (1)");
 
   // A dangling symlink is a taken name: writing through it would create its target.
@@ -397,7 +374,7 @@ TEST_CASE("unique_path numbers a taken name and keeps the extension") {
 
   // A 255-byte name numbered: the stem gives way, the result stays within 255 bytes.
   const std::string longname = std::string(251, 'x').append(".pdf");
-  write_all(tmp.path() / longname, "x");
+  write_file(tmp.path() / longname, "x");
   const fs::path p = unique_path(tmp.path(), longname);
   CHECK(p.filename().string().size() <= kMaxNameBytes);
   CHECK(p.filename().string() == std::string(247, 'x').append(" (1).pdf"));
@@ -409,30 +386,30 @@ TEST_CASE("publish never replaces an existing file") {
   const fs::path to = tmp.path() / "report.pdf";
 
   for (auto* fn : {&publish, &publish_by_link}) {
-    write_all(from, "new");
-    write_all(to, "old");
+    write_file(from, "new");
+    write_file(to, "old");
     Status st = fn(from, to);
     REQUIRE(!st.ok());
     CHECK(st.error().kind == ErrorKind::exists);
-    CHECK(read_all(to) == "old");
-    CHECK(read_all(from) == "new");
+    CHECK(read_file(to) == "old");
+    CHECK(read_file(from) == "new");
 
     fs::remove(to);
     st = fn(from, to);
     REQUIRE(st.ok());
-    CHECK(read_all(to) == "new");
+    CHECK(read_file(to) == "new");
     CHECK(!fs::exists(from));
     fs::remove(to);
   }
 
   // The retry a caller does: the next unique_path() after `exists`.
-  write_all(from, "new");
-  write_all(to, "old");
+  write_file(from, "new");
+  write_file(to, "old");
   const fs::path next = unique_path(tmp.path(), "report.pdf");
   CHECK(next == tmp.path() / "report (1).pdf");
   CHECK(publish(from, next).ok());
-  CHECK(read_all(to) == "old");
-  CHECK(read_all(next) == "new");
+  CHECK(read_file(to) == "old");
+  CHECK(read_file(next) == "new");
 }
 
 // ================================================================ ranges and congestion
@@ -1063,12 +1040,12 @@ TEST_CASE("Partial writes chunks, resumes from its sidecar and publishes only a 
     CHECK(p.have().contains(18));
     CHECK(!p.have().contains(19));
     for (std::uint32_t i = 1; i < 20; i += 2) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
-    write_all(dl / "report.pdf", "someone else's report");
+    write_file(dl / "report.pdf", "someone else's report");
     const auto done = p.finish();
     REQUIRE(done.ok());
     CHECK(done.value() == dl / "report (1).pdf");
-    CHECK(read_all(done.value()) == src.bytes);
-    CHECK(read_all(dl / "report.pdf") == "someone else's report");
+    CHECK(read_file(done.value()) == src.bytes);
+    CHECK(read_file(dl / "report.pdf") == "someone else's report");
     CHECK(names_in(dl) == std::vector<std::string>{"report (1).pdf", "report.pdf"});  // no part, no sidecar
   }
 
@@ -1097,9 +1074,9 @@ TEST_CASE("a damaged sidecar starts the download afresh") {
     REQUIRE(r.value().write(3, std::string(kChunkPayload, 'a')).ok());
     have = r.value().have_path();
   }
-  std::string bytes = read_all(have);
+  std::string bytes = read_file(have);
   bytes[0] = 'X';  // not our magic
-  write_all(have, bytes);
+  write_file(have, bytes);
   auto r = Partial::open(tmp.path(), "a.bin", hash, 10 * kChunkPayload);
   REQUIRE(r.ok());
   CHECK(r.value().have().empty());
@@ -1110,12 +1087,12 @@ TEST_CASE("Partial refuses a symlink planted at its part name") {
   TempDir tmp;
   const Hash hash{};
   const fs::path target = tmp.path() / "victim";
-  write_all(target, "precious");
+  write_file(target, "precious");
   fs::create_symlink(target, tmp.path() / part_name("a.bin", hash));
   auto r = Partial::open(tmp.path(), "a.bin", hash, 100);
   REQUIRE(!r.ok());
   CHECK(r.error().message == std::string("Refusing to open ").append((tmp.path() / part_name("a.bin", hash)).string()).append(": it is a symbolic link."));
-  CHECK(read_all(target) == "precious");
+  CHECK(read_file(target) == "precious");
 }
 
 TEST_CASE("a download open in one Partial cannot be opened in a second") {
@@ -1198,11 +1175,11 @@ TEST_CASE("a resumed download whose part file changed between two runs fails the
 
 TEST_CASE("hash_file and SourceFile read the sender's file") {
   TempDir tmp;
-  write_all(tmp.path() / "empty", "");
+  write_file(tmp.path() / "empty", "");
   auto h = hash_file(tmp.path() / "empty");
   REQUIRE(h.ok());
   CHECK(to_hex(h.value().data(), 32) == "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8");  // BLAKE2b-256("")
-  write_all(tmp.path() / "abc", "abc");
+  write_file(tmp.path() / "abc", "abc");
   CHECK(to_hex(hash_file(tmp.path() / "abc").value().data(), 32) ==
         "bddd813c634239723171ef3fee98579b94964e3bb1cb3e427262c8c068d52319");  // BLAKE2b-256("abc")
   CHECK(!hash_file(tmp.path() / "missing").ok());
@@ -1214,7 +1191,7 @@ TEST_CASE("hash_file and SourceFile read the sender's file") {
   CHECK(!e.value().read_chunk(0).ok());
 
   const std::string bytes = random_bytes(3 * kChunkPayload + 7, 5);
-  write_all(tmp.path() / "f", bytes);
+  write_file(tmp.path() / "f", bytes);
   auto f = SourceFile::open(tmp.path() / "f");
   REQUIRE(f.ok());
   CHECK(f.value().read_chunk(3).value() == bytes.substr(3 * kChunkPayload));
@@ -1232,7 +1209,7 @@ TEST_CASE("hash_file and SourceFile read the sender's file") {
 
 TEST_CASE("an empty file is complete at once and publishes an empty file") {
   TempDir tmp;
-  write_all(tmp.path() / "src", "");
+  write_file(tmp.path() / "src", "");
   const Hash empty = hash_file(tmp.path() / "src").value();
   const fs::path dl = tmp.path() / "dl";
   fs::create_directory(dl);
@@ -1381,13 +1358,13 @@ TEST_CASE("a resumed download fetches only the chunks it lacks and ends byte-ide
     CHECK(r.sent.size() == kChunks - first.count());
     CHECK(std::none_of(r.sent.begin(), r.sent.end(), [&](std::uint32_t i) { return first.contains(i); }));
     REQUIRE(r.saved);
-    CHECK(read_all(*r.saved) == src.bytes);
+    CHECK(read_file(*r.saved) == src.bytes);
   }
   SUBCASE("on a lossy link") {
     const RunResult r = simulate(src_file.value(), p.value(), 0.05, 8);
     REQUIRE(r.finished);
     CHECK(std::none_of(r.sent.begin(), r.sent.end(), [&](std::uint32_t i) { return first.contains(i); }));
     REQUIRE(r.saved);
-    CHECK(read_all(*r.saved) == src.bytes);
+    CHECK(read_file(*r.saved) == src.bytes);
   }
 }

@@ -20,6 +20,7 @@
 
 #include <boost/asio/io_context.hpp>
 
+#include "file_bytes.hpp"
 #include "temp_dir.hpp"
 #include "offline/async_store.hpp"
 #include "offline/pg_store.hpp"
@@ -31,13 +32,13 @@ using namespace chat::offline;
 using namespace std::chrono_literals;
 
 using TempDir = chat::test::TempDir;
+using chat::test::random_bytes;
 
 namespace {
 
 constexpr auto everything = std::numeric_limits<std::size_t>::max();
 /// How long any one expected event may take before the test fails.
 constexpr auto deadline = 20s;
-
 
 /// Runs a shell command; its standard output without the trailing newline. Fails the test if it fails.
 std::string run_command(const std::string& cmd) {
@@ -117,17 +118,6 @@ NewFile kept_file(std::string to, std::uint64_t transfer, std::int64_t ts_us, st
 
 /// What files_for lists of `f`: everything but the data.
 HeldFile held(const NewFile& f) { return HeldFile{f.from, f.from_key, f.transfer, f.ts_us, f.size, f.offer}; }
-
-/// `n` bytes of noise (as sealed data is), the same for the same seed.
-std::string random_bytes(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::string out(n, '\0');
-  for (std::size_t i = 0; i < n; i += 8) {
-    const std::uint64_t v = rng();
-    for (std::size_t j = 0; j < 8 && i + j < n; ++j) out[i + j] = static_cast<char>(v >> (8 * j));
-  }
-  return out;
-}
 
 ClientRow client(std::string name, std::uint16_t port, bool online, std::string key) {
   return ClientRow{.name = std::move(name), .ip = "127.0.0.1", .port = port, .online = online, .key = std::move(key)};
