@@ -59,6 +59,7 @@ std::string encode(const Control& c) {
     out.append(reinterpret_cast<const char*>(o->key.data()), o->key.size());
     put(out, o->name.size(), 2);
     out.append(o->name);
+    put(out, o->ciphers, 1);
   } else if (const auto* a = std::get_if<ctl::Accept>(&c)) {
     if (a->have.size() > kMaxAcceptRanges) throw std::length_error("too many ranges in an accept");
     out.push_back(static_cast<char>(kOpAccept));
@@ -68,6 +69,7 @@ std::string encode(const Control& c) {
       put(out, r.start, 4);
       put(out, r.end, 4);
     }
+    put(out, static_cast<std::uint8_t>(a->cipher), 1);
   } else if (const auto* d = std::get_if<ctl::Decline>(&c)) {
     out.push_back(static_cast<char>(kOpDecline));
     put(out, d->transfer, 8);
@@ -97,6 +99,10 @@ std::optional<Control> decode(std::string_view payload) {
       if (!r.take(o.size, 8) || !r.take(o.hash) || !r.take(o.key) || !r.take(n, 2) || n == 0 ||
           n > kMaxOfferedName || !r.take(o.name, static_cast<std::size_t>(n)))
         return std::nullopt;
+      std::uint64_t ciphers = 0;
+      if (!r.take(ciphers, 1) || (ciphers & static_cast<std::uint8_t>(Cipher::xchacha20poly1305)) == 0)
+        return std::nullopt;
+      o.ciphers = static_cast<std::uint8_t>(ciphers);
       out = std::move(o);
       break;
     }
@@ -115,6 +121,12 @@ std::optional<Control> decode(std::string_view payload) {
         a.have.push_back({static_cast<std::uint32_t>(first), static_cast<std::uint32_t>(last)});
         end = static_cast<std::uint32_t>(last);
       }
+      std::uint64_t cipher = 0;
+      if (!r.take(cipher, 1)) return std::nullopt;
+      if (cipher != static_cast<std::uint8_t>(Cipher::xchacha20poly1305) &&
+          cipher != static_cast<std::uint8_t>(Cipher::aes256gcm))
+        return std::nullopt;
+      a.cipher = static_cast<Cipher>(cipher);
       out = std::move(a);
       break;
     }

@@ -32,12 +32,15 @@ struct Offer {
   Hash hash{};
   FileKey key{};
   std::string name;
+  /// The chunk ciphers the sender can use (files::Cipher bits; XChaCha20-Poly1305's always set).
+  std::uint8_t ciphers = static_cast<std::uint8_t>(Cipher::xchacha20poly1305);
   bool operator==(const Offer&) const = default;
 };
-/// Receiver -> sender: "send it; I already hold these chunks" (resume).
+/// Receiver -> sender: "send it, sealed with `cipher`; I already hold these chunks" (resume).
 struct Accept {
   std::uint64_t transfer = 0;
   std::vector<Range> have;
+  Cipher cipher = Cipher::xchacha20poly1305;  // one of the offer's
   bool operator==(const Accept&) const = default;
 };
 struct Decline {
@@ -65,7 +68,8 @@ using Control = std::variant<ctl::Offer, ctl::Accept, ctl::Decline, ctl::Cancel,
 std::string encode(const Control& c);
 /// The control message in `payload`, or nullopt if it is not exactly one well-formed message
 /// (unknown op, truncated, trailing bytes, a transfer id 0, a range empty or out of order, an
-/// empty name). Never throws.
+/// empty name, an offer without XChaCha20-Poly1305, an accept of an unknown cipher). Bits of
+/// ciphers this build does not know are kept in Offer::ciphers, never chosen. Never throws.
 std::optional<Control> decode(std::string_view payload);
 
 /// The transfer id a control message names.

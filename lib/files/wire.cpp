@@ -7,9 +7,19 @@
 #include <sodium.h>
 
 namespace chat::files {
+
+struct AesGcmKey {
+  crypto_aead_aes256gcm_state state;  // 16-byte aligned by its type
+  AesGcmKey() = default;
+  AesGcmKey(const AesGcmKey&) = delete;
+  AesGcmKey& operator=(const AesGcmKey&) = delete;
+  ~AesGcmKey() { sodium_memzero(&state, sizeof state); }
+};
+
 namespace {
 
 static_assert(kTagBytes == crypto_aead_xchacha20poly1305_ietf_ABYTES);
+static_assert(kTagBytes == crypto_aead_aes256gcm_ABYTES);
 static_assert(kHeaderBytes + kChunkFieldBytes + kChunkPayload + kTagBytes == protocol::kMaxDatagram);
 static_assert(kMaxAckRanges <= 255);  // the count is a u8
 
@@ -59,15 +69,20 @@ class Reader {
   std::size_t pos_ = 0;
 };
 
-// The 24-byte nonce of one transmission of chunk `index`: index (4), transfer id (8), tx seq
-// (4), zeros. The Sender never reuses a tx seq within a transfer, so no two transmissions share
-// a nonce, even if the file changed between a chunk and its resend.
-std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> chunk_nonce(std::uint64_t id, std::uint32_t index,
-                                                                                     std::uint32_t tx_seq) {
-  std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES> n{};
+// The nonce of one transmission of chunk `index`, in the first bytes of XChaCha20's 24: index
+// (4), transfer id (8), tx seq (4), zeros. AES-GCM takes the first 12 of a nonce laid out
+// index (4), tx seq (4), transfer id's low 4 (its key is the transfer's own). The Sender never
+// reuses a tx seq within a transfer, so no two transmissions share a nonce, even if the file
+// changed between a chunk and its resend.
+using Nonce = std::array<unsigned char, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES>;
+static_assert(crypto_aead_aes256gcm_NPUBBYTES == 12);
+
+Nonce chunk_nonce(Cipher cipher, std::uint64_t id, std::uint32_t index, std::uint32_t tx_seq) {
+  Nonce n{};
+  const bool aes = cipher == Cipher::aes256gcm;
   for (int i = 0; i < 4; ++i) n[i] = static_cast<unsigned char>((index >> (8 * i)) & 0xFF);
-  for (int i = 0; i < 8; ++i) n[4 + i] = static_cast<unsigned char>((id >> (8 * i)) & 0xFF);
-  for (int i = 0; i < 4; ++i) n[12 + i] = static_cast<unsigned char>((tx_seq >> (8 * i)) & 0xFF);
+  for (int i = 0; i < (aes ? 4 : 8); ++i) n[(aes ? 8 : 4) + i] = static_cast<unsigned char>((id >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 4; ++i) n[(aes ? 4 : 12) + i] = static_cast<unsigned char>((tx_seq >> (8 * i)) & 0xFF);
   return n;
 }
 
@@ -83,11 +98,16 @@ std::array<unsigned char, 5 + 8 + 4> chunk_ad(std::uint64_t id, std::uint32_t in
 void seal_into(unsigned char* out, const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,
                std::uint32_t tx_seq, std::string_view plaintext) {
   init_sodium();
-  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
+  const auto nonce = chunk_nonce(keys.cipher, transfer_id, index, tx_seq);
   const auto ad = chunk_ad(transfer_id, index);
-  crypto_aead_xchacha20poly1305_ietf_encrypt(out, nullptr, reinterpret_cast<const unsigned char*>(plaintext.data()),
-                                             plaintext.size(), ad.data(), ad.size(), nullptr, nonce.data(),
-                                             keys.chunk.data());
+  const auto* in = reinterpret_cast<const unsigned char*>(plaintext.data());
+  if (keys.cipher == Cipher::aes256gcm) {
+    crypto_aead_aes256gcm_encrypt_afternm(out, nullptr, in, plaintext.size(), ad.data(), ad.size(), nullptr,
+                                          nonce.data(), &keys.aes->state);
+    return;
+  }
+  crypto_aead_xchacha20poly1305_ietf_encrypt(out, nullptr, in, plaintext.size(), ad.data(), ad.size(), nullptr,
+                                             nonce.data(), keys.chunk.data());
 }
 
 std::array<unsigned char, kTagBytes> ack_tag(const TransferKeys& keys, std::string_view body) {
@@ -124,11 +144,32 @@ FileKey new_file_key() {
   return k;
 }
 
-TransferKeys derive_keys(const FileKey& key) {
+std::uint8_t local_ciphers() {
+  init_sodium();
+  static const std::uint8_t ciphers = static_cast<std::uint8_t>(
+      static_cast<unsigned>(Cipher::xchacha20poly1305) |
+      (crypto_aead_aes256gcm_is_available() != 0 ? static_cast<unsigned>(Cipher::aes256gcm) : 0u));
+  return ciphers;
+}
+
+Cipher choose_cipher(std::uint8_t offered, std::uint8_t mine) {
+  const auto aes = static_cast<std::uint8_t>(Cipher::aes256gcm);
+  return (offered & mine & aes) != 0 ? Cipher::aes256gcm : Cipher::xchacha20poly1305;
+}
+
+TransferKeys derive_keys(const FileKey& key, Cipher cipher) {
   init_sodium();
   TransferKeys t;
+  t.cipher = cipher;
   crypto_kdf_derive_from_key(t.chunk.data(), t.chunk.size(), 1, kKdfContext, key.data());
   crypto_kdf_derive_from_key(t.ack.data(), t.ack.size(), 2, kKdfContext, key.data());
+  if (cipher == Cipher::aes256gcm) {
+    if ((local_ciphers() & static_cast<std::uint8_t>(Cipher::aes256gcm)) == 0)
+      throw std::invalid_argument("AES-256-GCM is not available on this CPU");
+    auto aes = std::make_shared<AesGcmKey>();
+    crypto_aead_aes256gcm_beforenm(&aes->state, t.chunk.data());
+    t.aes = std::move(aes);
+  }
   return t;
 }
 
@@ -156,12 +197,16 @@ bool open_chunk_into(const TransferKeys& keys, std::uint64_t transfer_id, std::u
                      std::string_view sealed, std::string& out) {
   init_sodium();
   if (sealed.size() < kTagBytes) return false;
-  const auto nonce = chunk_nonce(transfer_id, index, tx_seq);
+  const auto nonce = chunk_nonce(keys.cipher, transfer_id, index, tx_seq);
   const auto ad = chunk_ad(transfer_id, index);
   out.resize(sealed.size() - kTagBytes);
-  return crypto_aead_xchacha20poly1305_ietf_decrypt(reinterpret_cast<unsigned char*>(out.data()), nullptr, nullptr,
-                                                    reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(),
-                                                    ad.data(), ad.size(), nonce.data(), keys.chunk.data()) == 0;
+  auto* to = reinterpret_cast<unsigned char*>(out.data());
+  const auto* in = reinterpret_cast<const unsigned char*>(sealed.data());
+  if (keys.cipher == Cipher::aes256gcm)
+    return crypto_aead_aes256gcm_decrypt_afternm(to, nullptr, nullptr, in, sealed.size(), ad.data(), ad.size(),
+                                                 nonce.data(), &keys.aes->state) == 0;
+  return crypto_aead_xchacha20poly1305_ietf_decrypt(to, nullptr, nullptr, in, sealed.size(), ad.data(), ad.size(),
+                                                    nonce.data(), keys.chunk.data()) == 0;
 }
 
 std::optional<std::string> open_chunk(const TransferKeys& keys, std::uint64_t transfer_id, std::uint32_t index,

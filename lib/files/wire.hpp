@@ -8,7 +8,7 @@
 //   2  u64   transfer id (never 0)
 //   10 u32   chunk index
 //   14 u32   tx seq: this transmission's number, new on every (re)send, never 0
-//   18 bytes the sealed payload: n plaintext bytes (1..kChunkPayload) + 16-byte Poly1305 tag
+//   18 bytes the sealed payload: n plaintext bytes (1..kChunkPayload) + 16-byte tag (Poly1305 or GCM)
 // chunk_ack (type 73, receiver -> sender), 35 + 8 r bytes (at most 291):
 //   0  u8    version 2
 //   1  u8    type 73
@@ -22,18 +22,22 @@
 // All integers little-endian. A datagram must end exactly after its last field.
 //
 // Keys: the offer carries a random 32-byte FileKey (new_file_key()) inside the sealed control
-// message; derive_keys() splits it (crypto_kdf) into the chunk key (XChaCha20-Poly1305-IETF)
-// and the ack key (so that only the receiver can acknowledge, and a forged ack cannot make the
-// sender believe a chunk arrived). A chunk's nonce is its index, the transfer id and the
-// transmission's tx seq, and the additional data binds the transfer id and the index: a chunk
-// moved to another index, transfer or tx seq does not open. The Sender never reuses a tx seq in
-// a transfer, and every offer has a new key, so no (key, nonce) pair ever seals two plaintexts,
-// even when the file changes while it is sent (the whole-file check then refuses the result).
+// message; derive_keys() splits it (crypto_kdf) into the chunk key and the ack key (so that only
+// the receiver can acknowledge, and a forged ack cannot make the sender believe a chunk arrived).
+// The chunk cipher is XChaCha20-Poly1305-IETF, or AES-256-GCM when the offer says the sender can
+// use it and the receiver can too (libsodium's AES-GCM needs AES-NI and PCLMUL); the accept names
+// the choice. A chunk's nonce is its index and the transmission's tx seq (and, for XChaCha20,
+// the transfer id; AES-GCM's 12 bytes take its low 32 bits), and the additional data binds the
+// transfer id and the index: a chunk moved to another index, transfer or tx seq does not open.
+// The Sender never reuses a tx seq in a transfer, and every offer has a new key, so no (key,
+// nonce) pair ever seals two plaintexts, even when the file changes while it is sent (the
+// whole-file check then refuses the result).
 #pragma once
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -48,7 +52,7 @@ inline constexpr std::uint8_t kChunkCode = protocol::kFrameChunk;        // `chu
 inline constexpr std::uint8_t kChunkAckCode = protocol::kFrameChunkAck;  // `chunk_ack`: the answer to many chunks
 inline constexpr std::size_t kHeaderBytes = 10;    // version, type, u64 transfer id
 inline constexpr std::size_t kChunkFieldBytes = 8;  // u32 index, u32 tx seq
-inline constexpr std::size_t kTagBytes = 16;        // Poly1305 tag of a chunk; BLAKE2b-128 tag of an ack
+inline constexpr std::size_t kTagBytes = 16;        // AEAD tag of a chunk (either cipher); BLAKE2b-128 tag of an ack
 /// Plaintext bytes in every chunk but the last: the largest that keeps a chunk datagram within
 /// kMaxDatagram (1472 - 10 - 8 - 16 = 1438), so none needs IP fragmentation.
 inline constexpr std::size_t kChunkPayload = protocol::kMaxDatagram - kHeaderBytes - kChunkFieldBytes - kTagBytes;
@@ -89,16 +93,31 @@ void init_sodium();
 /// The secret of one offered file: 32 random bytes, sent only inside sealed messages.
 using FileKey = std::array<std::uint8_t, 32>;
 
+/// The AEAD that seals chunk payloads; each value is also its bit in an offer's `ciphers`.
+enum class Cipher : std::uint8_t { xchacha20poly1305 = 1, aes256gcm = 2 };
+/// The ciphers this machine can use, as offer bits: XChaCha20-Poly1305 always, AES-256-GCM where
+/// libsodium finds the CPU instructions it needs (crypto_aead_aes256gcm_is_available()).
+std::uint8_t local_ciphers();
+/// The receiver's choice from the sender's `offered` bits and its own `mine`: AES-256-GCM when
+/// both have it (several times faster on such CPUs), else XChaCha20-Poly1305.
+Cipher choose_cipher(std::uint8_t offered, std::uint8_t mine);
+
+struct AesGcmKey;  // libsodium's precomputed AES-256-GCM key schedule (wire.cpp)
+
 /// The keys derived from a FileKey, once per transfer.
 struct TransferKeys {
-  std::array<std::uint8_t, 32> chunk{};  // XChaCha20-Poly1305 key of chunk payloads
+  Cipher cipher = Cipher::xchacha20poly1305;
+  std::array<std::uint8_t, 32> chunk{};  // the AEAD key of chunk payloads
   std::array<std::uint8_t, 32> ack{};    // BLAKE2b key of the tag on chunk_acks
+  std::shared_ptr<const AesGcmKey> aes;  // with aes256gcm: `chunk` expanded once
 };
 
 /// A new random FileKey (libsodium's randombytes). Throws std::runtime_error if libsodium fails to start.
 FileKey new_file_key();
-/// The chunk and ack keys of `key` (crypto_kdf_derive_from_key, context "chatfile", ids 1 and 2).
-TransferKeys derive_keys(const FileKey& key);
+/// The chunk and ack keys of `key` (crypto_kdf_derive_from_key, context "chatfile", ids 1 and 2)
+/// for chunks sealed with `cipher`. Throws std::invalid_argument for AES-256-GCM on a machine
+/// that cannot use it (local_ciphers() says which can).
+TransferKeys derive_keys(const FileKey& key, Cipher cipher = Cipher::xchacha20poly1305);
 
 /// `plaintext` encrypted and authenticated for transmission `tx_seq` of chunk `index` of
 /// transfer `transfer_id`: plaintext.size() + kTagBytes bytes.

@@ -171,7 +171,7 @@ void Transfers::sendfile(const std::string& to, const std::string& path) {
   o->name = files::safe_basename(std::filesystem::path(path).filename().string());
   o->hash = hash.value();
   o->key = files::new_file_key();
-  o->keys = files::derive_keys(o->key);
+  o->keys = files::derive_keys(o->key);  // an upload's; a peer's accept names the cipher it takes
   const std::uint64_t t = o->transfer;
   if (!at) {
     host_.say("[" + to + " is offline; sending " + o->name + " (" + format_size(o->source.size()) +
@@ -180,7 +180,7 @@ void Transfers::sendfile(const std::string& to, const std::string& path) {
     return upload(t);
   }
   host_.say("[Offering " + o->name + " (" + format_size(o->source.size()) + ") to " + to + ".]");
-  files::ctl::Offer offer{t, o->source.size(), o->hash, o->key, o->name};
+  files::ctl::Offer offer{t, o->source.size(), o->hash, o->key, o->name, o_.ciphers};
   o->timer = core_.after(o_.offer_lapse, [this, t] {
     Outgoing* cur = outgoing(t);
     if (cur == nullptr || cur->state != Outgoing::State::offered) return;
@@ -280,7 +280,9 @@ void Transfers::on_offer(const std::string& from, const udp::endpoint& at, const
   in->at = at;
   in->offer = offer;
   in->name = name;
-  in->keys = files::derive_keys(offer.key);
+  // A kept file's chunks were sealed by the uploader, with XChaCha20-Poly1305, before anyone chose.
+  in->keys = files::derive_keys(
+      offer.key, kept ? files::Cipher::xchacha20poly1305 : files::choose_cipher(offer.ciphers, o_.ciphers));
   in->via_server = kept;
   const std::uint64_t t = offer.transfer;
   // A kept file waits on the server (for days): its offer stands while we run.
@@ -351,7 +353,7 @@ void Transfers::accept(const std::string& from, unsigned id) {
       }
     });
   } else {
-    host_.send_control(from, files::ctl::Accept{t, std::move(have)}, [this, t](bool answered) {
+    host_.send_control(from, files::ctl::Accept{t, std::move(have), in->keys.cipher}, [this, t](bool answered) {
       Incoming* cur = incoming(t);
       if (answered || cur == nullptr) return;
       host_.say("[" + cur->from + " did not answer; the transfer of " + cur->name + " is stopped.]");
@@ -455,6 +457,12 @@ void Transfers::on_control(const std::string& from, const udp::endpoint& at, con
 
 void Transfers::on_accept(Outgoing& o, const udp::endpoint& at, const files::ctl::Accept& a) {
   if (o.state != Outgoing::State::offered) return;  // told again
+  if ((o_.ciphers & static_cast<std::uint8_t>(a.cipher)) == 0) {
+    tell(o.to, files::ctl::Cancel{o.transfer});
+    host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: " + o.to + " chose a cipher it was not offered.]");
+    return end_outgoing(o.transfer);
+  }
+  o.keys = files::derive_keys(o.key, a.cipher);
   const std::uint32_t count = o.source.chunk_count();
   files::RangeSet have;
   for (const auto& r : a.have) have.insert(std::min(r.start, count), std::min(r.end, count));

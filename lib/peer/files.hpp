@@ -39,6 +39,8 @@ struct FileOptions {
   /// transfer, with 128 about 0.7 ms, with 64 0.6 ms, at the same throughput). It also bounds a transfer to 184 KB per round
   /// trip: 3.7 MB/s over a 50 ms path.
   std::uint32_t max_window = 128;
+  /// The chunk ciphers this client offers and accepts (files::Cipher bits): what the machine can use.
+  std::uint8_t ciphers = files::local_ciphers();
 };
 
 /// What the transfers ask of the client.

@@ -42,11 +42,15 @@ std::size_t starting(const Peer& p, const std::string& prefix) {
 
 /// A server, alice and bob online, each with a download directory of its own.
 struct Two {
-  explicit Two(std::uint64_t seed = 3) : net(seed) {
+  explicit Two(std::uint64_t seed = 3, std::uint8_t alice_ciphers = files::local_ciphers(),
+               std::uint8_t bob_ciphers = files::local_ciphers())
+      : net(seed) {
     peer::FileOptions fa;
     fa.download_dir = dir.path() / "alice-downloads";
+    fa.ciphers = alice_ciphers;
     peer::FileOptions fb;
     fb.download_dir = dir.path() / "bob-downloads";
+    fb.ciphers = bob_ciphers;
     alice = std::make_unique<Peer>(net, "alice", addr(10, 6000), kServerAt, transport::RetryPolicy{}, 15s, 1, 0,
                                    ":memory:", peer::Backlog{}, std::vector<udp::endpoint>{}, fa);
     bob = std::make_unique<Peer>(net, "bob", addr(11, 6000), kServerAt, transport::RetryPolicy{}, 15s, 2, 0, ":memory:",
@@ -263,10 +267,17 @@ TEST_CASE("file control messages: each round-trips, anything else is refused") {
   files::ctl::Offer offer{7, 1'000'000, {}, {}, "report.pdf"};
   offer.hash[0] = 1;
   offer.key[31] = 2;
+  files::ctl::Offer both = offer;
+  both.ciphers = 3;
+  files::ctl::Offer unknown_bit = offer;
+  unknown_bit.ciphers = 0x81;  // a cipher of a later build: kept, never chosen
   const std::vector<files::Control> all = {
       offer,
+      both,
+      unknown_bit,
       files::ctl::Accept{8, {{0, 10}, {12, 20}}},
       files::ctl::Accept{8, {}},
+      files::ctl::Accept{8, {{1, 2}}, files::Cipher::aes256gcm},
       files::ctl::Decline{9},
       files::ctl::Cancel{10},
       files::ctl::Done{11, files::ctl::Done::Result::mismatch},
@@ -293,6 +304,30 @@ TEST_CASE("file control messages: each round-trips, anything else is refused") {
   files::ctl::Offer long_name = offer;
   long_name.name.assign(256, 'x');
   CHECK_THROWS_AS(files::encode(long_name), std::length_error);
+  // An offer without XChaCha20-Poly1305 (which every peer has); an accept of no cipher or an unknown one.
+  files::ctl::Offer aes_only = offer;
+  aes_only.ciphers = 2;
+  CHECK_FALSE(files::decode(files::encode(aes_only)).has_value());
+  for (const char c : {'\x00', '\x03', '\x04'}) {
+    std::string accept = files::encode(files::ctl::Accept{8, {}});
+    accept.back() = c;
+    CHECK_FALSE(files::decode(accept).has_value());
+  }
+}
+
+TEST_CASE("§12 the chunks are sealed with the cipher both can use; a file arrives intact whichever it is") {
+  const auto x = static_cast<std::uint8_t>(files::Cipher::xchacha20poly1305);
+  const std::uint8_t mine = files::local_ciphers();
+  for (const auto& [a, b] : std::vector<std::pair<std::uint8_t, std::uint8_t>>{{mine, mine}, {x, mine}, {mine, x}}) {
+    CAPTURE(int{a});
+    CAPTURE(int{b});
+    Two t(3, a, b);
+    const std::string bytes = random_bytes(300'000, 11);
+    t.offer("c.bin", bytes, "293.0 KiB");
+    t.bob->type("accept alice");
+    REQUIRE(t.saved("c.bin", 30s));
+    CHECK(read_file(t.downloads() / "c.bin") == bytes);
+  }
 }
 
 }  // namespace
