@@ -137,6 +137,12 @@ std::size_t chunk_size(std::uint64_t size, std::uint32_t index) {
   return static_cast<std::size_t>(std::min<std::uint64_t>(kChunkPayload, size - start));
 }
 
+std::size_t sealed_length(std::uint64_t size, std::uint32_t index) { return chunk_size(size, index) + kTagBytes; }
+
+std::uint64_t sealed_size(std::uint64_t size) {
+  return size + std::uint64_t{chunk_count(size).value_or(0)} * kTagBytes;
+}
+
 FileKey new_file_key() {
   init_sodium();
   FileKey k;

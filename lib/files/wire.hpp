@@ -68,6 +68,15 @@ std::optional<std::uint32_t> chunk_count(std::uint64_t size);
 /// Plaintext bytes of chunk `index` of a file of `size` bytes: kChunkPayload, less for the last.
 std::size_t chunk_size(std::uint64_t size, std::uint32_t index);
 
+// A file's chunks sealed back to back (a file the server keeps: sealed once, by the uploader):
+// chunk `index` at sealed_offset(index), sealed_length(size, index) bytes long.
+/// Every sealed chunk but the last is this long.
+inline constexpr std::size_t kSealedChunk = kChunkPayload + kTagBytes;
+inline std::size_t sealed_offset(std::uint32_t index) { return std::size_t{index} * kSealedChunk; }
+std::size_t sealed_length(std::uint64_t size, std::uint32_t index);
+/// All of a file of `size` bytes, its chunks sealed back to back.
+std::uint64_t sealed_size(std::uint64_t size);
+
 /// One chunk on the wire; `sealed` is seal_chunk()'s output.
 struct Chunk {
   std::uint64_t transfer_id = 0;

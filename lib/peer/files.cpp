@@ -227,7 +227,7 @@ void Transfers::upload(std::uint64_t t) {
                     }
                     // Each chunk sealed once, from one reading: a resend repeats the same bytes.
                     const std::uint32_t count = cur->source.chunk_count();
-                    cur->sealed.reserve(cur->source.size() + std::uint64_t{count} * files::kTagBytes);
+                    cur->sealed.reserve(files::sealed_size(cur->source.size()));
                     for (std::uint32_t i = 0; i < count; ++i) {
                       auto plain = cur->source.read_chunk(i);
                       if (!plain) {
@@ -536,9 +536,9 @@ void Transfers::pump(Outgoing& o) {
     auto tx = o.sender->next(now);
     if (!tx) break;
     if (o.via_server) {  // sealed once already: the same bytes in a frame of this transmission
-      const std::size_t n = files::chunk_size(o.source.size(), tx->index) + files::kTagBytes;
       burst_.push_back(files::encode(files::Chunk{
-          t, tx->index, tx->tx_seq, o.sealed.substr(std::size_t{tx->index} * (files::kChunkPayload + files::kTagBytes), n)}));
+          t, tx->index, tx->tx_seq,
+          o.sealed.substr(files::sealed_offset(tx->index), files::sealed_length(o.source.size(), tx->index))}));
       ++sent;
       continue;
     }

@@ -22,8 +22,6 @@ constexpr int kBurst = 32;
 /// How long a finished download waits for the client's FileDone before it is dropped.
 constexpr auto kDoneWait = 60s;
 constexpr auto kExpiryEvery = 1h;
-/// One sealed chunk's place in a kept file's data: every chunk but the last is this long.
-constexpr std::size_t kSealedChunk = files::kChunkPayload + files::kTagBytes;
 
 std::string where(const udp::endpoint& e) { return e.address().to_string() + ":" + std::to_string(e.port()); }
 
@@ -32,9 +30,6 @@ std::string limit_text(std::uint64_t bytes) {
   if (bytes % (1u << 20) == 0) return std::to_string(bytes >> 20) + " MiB";
   return std::to_string(bytes) + " bytes";
 }
-
-/// The sealed bytes of `size` plaintext bytes in `count` chunks.
-std::uint64_t sealed_size(std::uint64_t size, std::uint32_t count) { return size + std::uint64_t{count} * files::kTagBytes; }
 
 files::TransferKeys ack_keys(const proto::Key& ack_key) {
   files::TransferKeys k;
@@ -53,7 +48,7 @@ struct Depot::Upload {
   std::uint32_t count = 0;
   files::TransferKeys keys;  // the ack key the uploader chose (the chunk key is not the server's)
   files::Receiver receiver;
-  std::string data;  // the sealed chunks, each at index * kSealedChunk
+  std::string data;  // the sealed chunks, back to back (files::sealed_offset)
   transport::Core::TimerId timer = 0;
   transport::Time heard{};
 
@@ -127,7 +122,7 @@ void Depot::on_put(const proto::FilePut& r, const udp::endpoint& from) {
     u->at = from;
     u->size = r.size;
     u->keys = ack_keys(r.ack_key);
-    u->data.assign(sealed_size(u->size, u->count), '\0');
+    u->data.assign(files::sealed_size(u->size), '\0');
     u->heard = core_.now();
     uploads_.emplace(r.transfer, std::move(u));
     spdlog::info("upload of a file ({} bytes) from {} for {} started", r.size, r.from, r.to);
@@ -140,12 +135,12 @@ void Depot::on_chunk(Upload& u, std::string_view bytes) {
   auto c = files::decode_chunk(bytes);
   if (!c) return drop("a chunk that does not decode", u.at);
   if (c->index >= u.count) return drop("a chunk past the file's end", u.at);
-  const std::size_t n = files::chunk_size(u.size, c->index) + files::kTagBytes;
+  const std::size_t n = files::sealed_length(u.size, c->index);
   if (c->sealed.size() != n) return drop("a chunk of the wrong size", u.at);
   const auto now = core_.now();
   u.heard = now;
   // What the chunk holds is the recipient's to check (the server cannot open it).
-  if (u.receiver.wanted(c->index)) std::memcpy(u.data.data() + std::size_t{c->index} * kSealedChunk, c->sealed.data(), n);
+  if (u.receiver.wanted(c->index)) std::memcpy(u.data.data() + files::sealed_offset(c->index), c->sealed.data(), n);
   if (u.receiver.on_chunk(c->index, c->tx_seq, now) || u.receiver.complete())
     core_.send_bytes(files::encode(u.receiver.make_ack(), u.keys), u.at);
   arm_upload(u.transfer);
@@ -236,7 +231,7 @@ void Depot::on_get(const proto::FileGet& r, const udp::endpoint& from) {
     d->transfer = r.transfer;
     d->keys = ack_keys(r.ack_key);
     d->data = std::move(**data.value);
-    d->count = static_cast<std::uint32_t>((d->data.size() + kSealedChunk - 1) / kSealedChunk);
+    d->count = static_cast<std::uint32_t>((d->data.size() + files::kSealedChunk - 1) / files::kSealedChunk);
     d->size = d->data.size() - std::uint64_t{d->count} * files::kTagBytes;
     files::SenderOptions so;
     so.congestion.max_window = o_.max_window;
@@ -258,9 +253,9 @@ void Depot::pump(Download& d) {
   while (sent < kBurst) {
     auto tx = d.sender->next(now);
     if (!tx) break;
-    const std::size_t n = files::chunk_size(d.size, tx->index) + files::kTagBytes;
     core_.send_bytes(files::encode(files::Chunk{t, tx->index, tx->tx_seq,
-                                                d.data.substr(std::size_t{tx->index} * kSealedChunk, n)}),
+                                                d.data.substr(files::sealed_offset(tx->index),
+                                                              files::sealed_length(d.size, tx->index))}),
                      d.at);
     ++sent;
   }

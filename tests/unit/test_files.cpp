@@ -518,6 +518,13 @@ TEST_CASE("the chunk payload fills a datagram exactly") {
   CHECK(chunk_size(kChunkPayload + 10, 0) == kChunkPayload);
   CHECK(chunk_size(kChunkPayload + 10, 1) == 10);
   CHECK(chunk_size(kChunkPayload + 10, 2) == 0);
+  // A kept file's data: its chunks sealed back to back.
+  CHECK(sealed_size(0) == 0);
+  CHECK(sealed_size(kChunkPayload + 10) == kChunkPayload + 10 + 2 * kTagBytes);
+  CHECK(sealed_offset(1) == kSealedChunk);
+  CHECK(sealed_length(kChunkPayload + 10, 0) == kSealedChunk);
+  CHECK(sealed_length(kChunkPayload + 10, 1) == 10 + kTagBytes);
+  CHECK(sealed_offset(1) + sealed_length(kChunkPayload + 10, 1) == sealed_size(kChunkPayload + 10));
 
   const TransferKeys keys = derive_keys(new_file_key());
   const std::string full(kChunkPayload, 'x');
