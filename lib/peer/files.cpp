@@ -24,6 +24,12 @@ using namespace std::chrono_literals;
 constexpr int kBurst = 32;
 /// How long a sender waits for the receiver's Done once every chunk is acknowledged.
 constexpr auto kDoneWait = 60s;
+/// The acks the Receiver asks for while one read of the socket is handled go as one, at the end
+/// of the turn, or at once when this many chunks have arrived since the last ack went: so a
+/// long read still moves the sender's window. An ack costs a system call here and a read, a tag
+/// check and a pass of the Sender there (bench/files: at an ack per 2 chunks, one for 16 chunks
+/// in flight of 128, about a fifth of the receiver's time).
+constexpr std::uint32_t kAckRun = 16;
 
 template <class... F>
 struct Overloaded : F... {
@@ -124,6 +130,9 @@ struct Transfers::Incoming {
   std::uint64_t base = 0;
   int decile = 0;
   bool via_server = false;  // the server keeps the file: it comes from there, `at`
+  bool ack_owed = false;    // the Receiver asked for an ack that has not gone yet (ack_soon)
+  bool ack_deferred = false;  // ... and a task at the end of this turn sends it
+  std::uint32_t since_ack = 0;  // chunks that arrived since the last ack went
 };
 
 Transfers::Transfers(transport::Core& core, FileHost host, FileOptions options)
@@ -603,16 +612,33 @@ void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoi
     }
   }
   const bool ack = in.receiver->on_chunk(c->index, c->tx_seq, now);
+  ++in.since_ack;
   if (in.receiver->complete()) {
     send_ack(in);
     return finish(in);
   }
-  if (ack) send_ack(in);
+  if (ack) ack_soon(in);
   progressed(in.transfer);
   arm(in);
 }
 
+void Transfers::ack_soon(Incoming& in) {
+  in.ack_owed = true;
+  if (in.since_ack >= kAckRun) return send_ack(in);
+  if (in.ack_deferred) return;
+  in.ack_deferred = true;
+  const std::uint64_t t = in.transfer;
+  core_.defer([this, t] {
+    Incoming* cur = incoming(t);
+    if (cur == nullptr || cur->state != Incoming::State::receiving) return;
+    cur->ack_deferred = false;
+    if (cur->ack_owed) send_ack(*cur);
+  });
+}
+
 void Transfers::send_ack(Incoming& in) {
+  in.ack_owed = false;
+  in.since_ack = 0;
   core_.send_bytes(files::encode(in.receiver->make_ack(), in.keys), in.at);
 }
 
