@@ -27,8 +27,8 @@ constexpr auto kDoneWait = 60s;
 /// The acks the Receiver asks for while one read of the socket is handled go as one, at the end
 /// of the turn, or at once when this many chunks have arrived since the last ack went: so a
 /// long read still moves the sender's window. An ack costs a system call here and a read, a tag
-/// check and a pass of the Sender there (bench/files: at an ack per 2 chunks, one for 16 chunks
-/// in flight of 128, about a fifth of the receiver's time).
+/// check and a pass of the Sender there (an 8 MiB transfer on loopback: 2,923 acks sent at an
+/// ack per 2 chunks, 531 so).
 constexpr std::uint32_t kAckRun = 16;
 
 template <class... F>
