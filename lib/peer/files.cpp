@@ -161,6 +161,21 @@ void Transfers::tell(const std::string& to, const files::Control& c) {
   host_.send_control(to, c, [](bool) {});
 }
 
+void Transfers::tell_peer(const Outgoing& o, const files::Control& c) {
+  if (!o.via_server) tell(o.to, c);
+}
+
+void Transfers::tell_peer(const Incoming& in, const files::Control& c) {
+  if (!in.via_server) return tell(in.from, c);
+  std::optional<bool> saved;  // what a file_done says: the file was saved here (or is not wanted)
+  if (std::holds_alternative<files::ctl::Decline>(c)) saved = false;
+  if (const auto* d = std::get_if<files::ctl::Done>(&c); d != nullptr && d->result != files::ctl::Done::Result::failed)
+    saved = d->result == files::ctl::Done::Result::saved;
+  // After a failure here (a full disk) the server keeps the file, offered again later; a
+  // mismatch would fail again, so the file goes.
+  if (saved) host_.to_server(protocol::FileDone{core_.next_id(), host_.me, in.transfer, *saved}, [](auto) {});
+}
+
 // ---------------------------------------------------------------- offering
 
 void Transfers::sendfile(const std::string& to, const std::string& path) {
@@ -377,8 +392,7 @@ void Transfers::accept(const std::string& from, unsigned id) {
 void Transfers::decline(const std::string& from, unsigned id) {
   Incoming* in = offered_by(from, id, "decline");
   if (in == nullptr) return;
-  if (in->via_server) host_.to_server(protocol::FileDone{core_.next_id(), host_.me, in->transfer, false}, [](auto) {});
-  else tell(from, files::ctl::Decline{in->transfer});
+  tell_peer(*in, files::ctl::Decline{in->transfer});
   host_.say("[Declined " + in->name + " from " + from + ".]");
   end_incoming(in->transfer);
 }
@@ -386,14 +400,14 @@ void Transfers::decline(const std::string& from, unsigned id) {
 void Transfers::cancel(unsigned id) {
   for (const auto& [t, o] : out_) {
     if (o->id != id) continue;
-    if (!o->via_server) tell(o->to, files::ctl::Cancel{t});  // (the server drops a silent upload)
+    tell_peer(*o, files::ctl::Cancel{t});
     host_.say("[Cancelled " + o->name + " to " + o->to + ".]");
     return end_outgoing(t);
   }
   for (const auto& [t, in] : in_) {
     if (in->id != id) continue;
     if (in->state == Incoming::State::offered) return decline(in->from, id);
-    if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
+    tell_peer(*in, files::ctl::Cancel{t});
     host_.say("[Cancelled " + in->name + " from " + in->from + "; what arrived is kept, and an offer of it again resumes.]");
     return end_incoming(t);
   }
@@ -467,7 +481,7 @@ void Transfers::on_control(const std::string& from, const udp::endpoint& at, con
 void Transfers::on_accept(Outgoing& o, const udp::endpoint& at, const files::ctl::Accept& a) {
   if (o.state != Outgoing::State::offered) return;  // told again
   if ((o_.ciphers & static_cast<std::uint8_t>(a.cipher)) == 0) {
-    tell(o.to, files::ctl::Cancel{o.transfer});
+    tell_peer(o, files::ctl::Cancel{o.transfer});
     host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: " + o.to + " chose a cipher it was not offered.]");
     return end_outgoing(o.transfer);
   }
@@ -555,7 +569,7 @@ void Transfers::pump(Outgoing& o) {
     if (!plain) {
       core_.send_many(burst_, o.at);
       host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: " + plain.error().message + "]");
-      tell(o.to, files::ctl::Cancel{t});
+      tell_peer(o, files::ctl::Cancel{t});
       return end_outgoing(t);
     }
     burst_.push_back(files::seal_chunk_datagram(o.keys, t, tx->index, tx->tx_seq, plain.value()));
@@ -568,7 +582,7 @@ void Transfers::pump(Outgoing& o) {
       return end_outgoing(t);
     }
     host_.say("[The transfer of " + o.name + " to " + o.to + " stopped: no answer; offer it again to resume.]");
-    tell(o.to, files::ctl::Cancel{t});
+    tell_peer(o, files::ctl::Cancel{t});
     return end_outgoing(t);
   }
   if (o.sender->done() && o.via_server) {
@@ -607,7 +621,7 @@ void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoi
       host_.say("[The transfer of " + in.name + " from " + in.from + " stopped: " + st.error().message +
                 " The partial file was removed.]");
       in.partial->discard();
-      if (!in.via_server) tell(in.from, files::ctl::Cancel{in.transfer});
+      tell_peer(in, files::ctl::Cancel{in.transfer});
       return end_incoming(in.transfer);
     }
   }
@@ -664,7 +678,7 @@ void Transfers::on_incoming_timer(std::uint64_t t) {
   if (now >= in->heard + o_.stall) {
     host_.say("[The transfer of " + in->name + " from " + in->from +
               " stopped: nothing arrived for a while; what arrived is kept, and an offer of it again resumes.]");
-    if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
+    tell_peer(*in, files::ctl::Cancel{t});
     return end_incoming(t);
   }
   if (now >= in->flushed + o_.flush) {
@@ -673,7 +687,7 @@ void Transfers::on_incoming_timer(std::uint64_t t) {
       host_.say("[The transfer of " + in->name + " from " + in->from + " stopped: " + st.error().message +
                 " The partial file was removed.]");
       in->partial->discard();
-      if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
+      tell_peer(*in, files::ctl::Cancel{t});
       return end_incoming(t);
     }
   }
@@ -684,14 +698,7 @@ void Transfers::finish(Incoming& in) {
   const std::uint64_t t = in.transfer;
   progressed(t);
   auto saved = in.partial->finish();
-  // A kept file: the server deletes it once it is saved here, or failed its check (it would
-  // fail it again); after another failure (a full disk) it stays, offered again later.
-  auto done = [&](files::ctl::Done::Result result) {
-    if (!in.via_server) return tell(in.from, files::ctl::Done{t, result});
-    if (result != files::ctl::Done::Result::failed)
-      host_.to_server(protocol::FileDone{core_.next_id(), host_.me, t, result == files::ctl::Done::Result::saved},
-                      [](const protocol::Message*) {});
-  };
+  auto done = [&](files::ctl::Done::Result result) { tell_peer(in, files::ctl::Done{t, result}); };
   if (saved) {
     host_.say("[File " + in.name + " from " + in.from + " saved to " + saved.value().string() + ".]");
     done(files::ctl::Done::Result::saved);
@@ -814,11 +821,11 @@ void Transfers::end_incoming(std::uint64_t t) {
 void Transfers::stop_all() {
   for (const auto& [t, o] : out_) {
     core_.cancel(o->timer);
-    if (!o->via_server) tell(o->to, files::ctl::Cancel{t});
+    tell_peer(*o, files::ctl::Cancel{t});
   }
   for (const auto& [t, in] : in_) {
     core_.cancel(in->timer);
-    if (!in->via_server) tell(in->from, files::ctl::Cancel{t});
+    tell_peer(*in, files::ctl::Cancel{t});
   }
   out_.clear();
   in_.clear();

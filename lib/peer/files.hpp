@@ -149,6 +149,11 @@ class Transfers {
   void end_outgoing(std::uint64_t transfer);
   void end_incoming(std::uint64_t transfer);
   void tell(const std::string& to, const files::Control& c);
+  /// Tells the other end of a transfer `c` (sent once, reliably). When that end is the server
+  /// (a kept file), what it has a datagram for: a decline or a Done as `file_done`; a cancel
+  /// nothing, as the server drops a transfer that goes silent.
+  void tell_peer(const Outgoing& o, const files::Control& c);
+  void tell_peer(const Incoming& in, const files::Control& c);
 
   transport::Core& core_;
   FileHost host_;
