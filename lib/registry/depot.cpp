@@ -54,7 +54,8 @@ struct Depot::Upload {
   files::TransferKeys keys;  // the ack key the uploader chose (the chunk key is not the server's)
   files::Receiver receiver;
   std::string data;  // the sealed chunks, each at index * kSealedChunk
-  transport::Core::TimerId timer = 0;
+  transport::Core::TimerId timer = 0;  // the stall limit or the delayed ack, whichever is first
+  transport::Time armed{};              // when `timer` fires (0 timer: none armed)
   transport::Time heard{};
 
   Upload(std::uint64_t t, std::uint32_t n) : transfer(t), count(n), receiver(t, n, files::RangeSet{}) {}
@@ -155,9 +156,14 @@ void Depot::arm_upload(std::uint64_t transfer) {
   auto it = uploads_.find(transfer);
   if (it == uploads_.end()) return;
   Upload& u = *it->second;
-  core_.cancel(u.timer);
   transport::Time when = u.heard + o_.stall;
   if (auto ack = u.receiver.next_timer()) when = std::min(when, *ack);
+  // A timer already armed for no later than that stays: its handler checks what is due and
+  // arms again. So a chunk (which moves the stall limit later, and often the delayed ack) costs
+  // no cancel and re-add; only a deadline earlier than the armed one does.
+  if (u.timer != 0 && u.armed <= when) return;
+  core_.cancel(u.timer);
+  u.armed = when;
   u.timer = core_.at(when, [this, transfer] {
     auto found = uploads_.find(transfer);
     if (found == uploads_.end()) return;

@@ -219,3 +219,75 @@ TEST_CASE("§12 file requests from an address that is not the name's session are
   t.net.detach(mallory);
   CHECK(t.kept.files_for("bob").size() == 1);
 }
+
+TEST_CASE("§12 an upload whose chunks kept coming past its first stall limit is dropped one limit after the last") {
+  // The upload's timer stays armed for the earliest deadline it was armed for, not moved by each
+  // chunk (Depot::arm_upload): when it fires early it arms again. The upload must live on while
+  // chunks come (past the first chunk's limit) and be dropped one limit after the last chunk.
+  registry::ServerOptions so = small_limits();
+  so.files.stall = 2s;
+  Away t(8, so);
+  // At alice's address (her session at the server), a core the test drives chunk by chunk.
+  const udp::endpoint at = t.alice->at();
+  t.net.detach(at);
+  transport::Core raw(transport::CoreOptions{}, t.net.clock);
+  files::TransferKeys keys{};
+  keys.ack.fill(7);
+  protocol::Key ack_key{};
+  ack_key.fill(7);
+  std::size_t acks = 0;
+  raw.set_frame_handler([&](std::string_view bytes, const udp::endpoint&) {
+    if (files::decode_chunk_ack(bytes, keys)) ++acks;
+  });
+  t.net.attach(raw, at);
+  struct Off {  // off the network before `raw` is gone, whatever the outcome
+    Net& net;
+    udp::endpoint at;
+    ~Off() { net.detach(at); }
+  } off{t.net, at};
+  const std::uint64_t transfer = 4242;
+  const std::uint64_t size = 6 * files::kChunkPayload;
+  auto ask = [&](const protocol::Message& m) {
+    std::optional<protocol::Message> answer;
+    t.net.act(raw, [&] {
+      raw.request(m, kServerAt, [&](const protocol::Message* r) {
+        if (r != nullptr) answer = *r;
+      });
+    });
+    REQUIRE(t.net.run_until([&] { return answer.has_value(); }, 5s));
+    return *answer;
+  };
+  // Chunk `index`, sent `gap` after the one before (the server cannot open it: any bytes do).
+  auto chunk_after = [&](Duration gap, std::uint32_t index) {
+    t.net.run_for(gap);
+    t.net.act(raw, [&] {
+      raw.send_bytes(files::encode(files::Chunk{transfer, index, index + 1,
+                                                std::string(files::chunk_size(size, index) + files::kTagBytes, 'x')}),
+                     kServerAt);
+    });
+    t.net.run_for(100ms);  // there, and its ack back
+  };
+  REQUIRE(std::holds_alternative<protocol::Ack>(ask(protocol::FilePut{901, "alice", "bob", transfer, size, ack_key})));
+  // What the server says of a commit now (it leaves the upload's timer as it is).
+  std::uint64_t id = 902;
+  auto commit = [&](Duration after) {
+    t.net.run_for(after);
+    const auto answer = ask(protocol::FileCommit{id++, "alice", transfer, "offer"});
+    const auto* refused = std::get_if<protocol::Refused>(&answer);
+    return refused != nullptr ? refused->reason : std::string("(not refused)");
+  };
+  // From the last chunk down, so each is out of order and acknowledged at once: no delayed ack
+  // is waiting, and the timer stays armed for the limit of the FilePut's time. A chunk every
+  // 1.5 s: each is taken (acknowledged, nothing dropped), 2.5 s past that first limit.
+  chunk_after(0ms, 5);
+  for (std::uint32_t i = 4; i > 1; --i) chunk_after(1400ms, i);
+  CHECK(acks == 4);
+  CHECK(t.server->server.depot().dropped() == 0);
+  // Still there 1.9 s after the last chunk, gone 2.05 s after it.
+  CHECK(commit(1800ms) == "the upload is not complete");
+  CHECK(commit(150ms) == "no such upload");
+  chunk_after(0ms, 1);  // a chunk of no upload now: dropped, not acknowledged
+  CHECK(t.server->server.depot().dropped() == 1);
+  CHECK(acks == 4);
+  CHECK(t.kept.files_for("bob").empty());
+}
