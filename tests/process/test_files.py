@@ -182,6 +182,30 @@ class KeptFilesTest(Files, ChatTest):
         self.alice.expect_exact(
             ">>> [The server did not take two.bin for bob: the space the server keeps for bob is full (1 MiB).]")
 
+    def test_a_peer_online_but_not_answering_gets_the_file_through_the_server(self):
+        self.pair()
+        # bob is online in alice's table but answers nothing (a suspended laptop): the offer's
+        # Direct gets no receipt within the retry span (--ack-timeout 100 x 6 tries: 0.6 s).
+        self.bob.pause()
+        self.addCleanup(self.bob.resume)
+        path = os.path.join(self.dir, "memo.bin")
+        want = write_random(path, 300 * 1024)
+        self.alice.send(f"sendfile bob {path}")
+        self.alice.expect_exact(">>> [Offering memo.bin (300.0 KiB) to bob.]")
+        self.alice.expect_exact(">>> [bob did not answer; sending memo.bin to the server for bob.]")
+        self.alice.expect_exact(">>> [memo.bin saved by the server for bob.]", timeout=30)
+        self.bob.resume()
+        self.bob.expect_exact(">>> [alice offers memo.bin (300.0 KiB); type accept alice or decline alice]")
+        self.bob.send("accept alice")
+        self.bob.expect_exact(">>> [Receiving memo.bin (300.0 KiB) from alice.]")
+        saved_to = os.path.join(self.downloads, "memo.bin")
+        self.bob.expect_exact(f">>> [File memo.bin from alice saved to {saved_to}.]", timeout=30)
+        self.assertEqual(digest(saved_to), want)
+        # bob read alice's offer late, then the server's offer of the same file: one offer shown,
+        # and accepting it asked the server, not alice (who would have cancelled it).
+        self.assertEqual(self.bob.count(r"^>>> \[alice offers memo\.bin "), 1, self.bob.dump())
+        self.assertEqual(self.bob.count(r"cancelled memo\.bin"), 0, self.bob.dump())
+
 
 class LossyFilesTest(Files, NetnsChatTest):
     def test_a_20_mib_file_arrives_intact_at_20_percent_loss(self):

@@ -8,11 +8,14 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "file_bytes.hpp"
 #include "temp_dir.hpp"
 #include "files/wire.hpp"
 #include "offline/memory_store.hpp"
+#include "protocol/codec.hpp"
 #include "sim.hpp"
 
 using TempDir = chat::test::TempDir;
@@ -151,6 +154,40 @@ TEST_CASE("§12 a peer that does not answer the offer gets the file through the 
   const std::string at = (t.downloads() / "memo.txt").string();
   REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File memo.txt from alice saved to " + at + ".]"); }, 30s));
   CHECK(read_file(t.downloads() / "memo.txt") == bytes);
+}
+
+TEST_CASE("§12 a suspended peer that reads the direct offer late, then the server's, downloads it from the server") {
+  Away t;
+  t.bob->type("reg bob");
+  REQUIRE(t.net.run_until([&] { return t.alice->sees_online("bob"); }, 10s));
+  // bob is suspended: what is sent to him waits (in his socket's queue) until he runs again.
+  bool suspended = true;
+  std::vector<std::pair<udp::endpoint, std::string>> queued;
+  t.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const protocol::Message& m) {
+    if (!suspended || to != t.bob->at()) return false;
+    queued.emplace_back(from, protocol::encode(m));
+    return true;
+  };
+  const std::string bytes = random_bytes(50'000, 9);
+  write_file(t.dir.path() / "memo.txt", bytes);
+  t.alice->type("sendfile bob " + (t.dir.path() / "memo.txt").string());
+  REQUIRE(t.net.run_until([&] { return t.alice->saw(">>> [bob did not answer; sending memo.txt to the server for bob.]"); }, 30s));
+  REQUIRE(t.kept_line("memo.txt", 30s));
+  t.net.run_for(5s);  // the server's offer to bob goes unanswered too
+  // bob runs again and reads what waited: alice's offer, then the server's offer of the same file.
+  suspended = false;
+  t.net.min_delay = t.net.max_delay;  // in the order they were queued
+  for (const auto& [from, datagram] : queued) t.net.send(from, t.bob->at(), datagram);
+  REQUIRE(t.offered("memo.txt", "48.8 KiB", 1, 5s));
+  t.net.run_for(1s);
+  CHECK(t.bob->count(">>> [alice offers memo.txt (48.8 KiB); type accept alice or decline alice]") == 1);
+  // Accepted, it comes from the server: alice's client, which gave it to the server, is not asked.
+  t.bob->type("accept alice");
+  const std::string at = (t.downloads() / "memo.txt").string();
+  REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File memo.txt from alice saved to " + at + ".]"); }, 30s));
+  CHECK(read_file(t.downloads() / "memo.txt") == bytes);
+  CHECK_FALSE(t.bob->saw(">>> [alice cancelled memo.txt; what arrived is kept, and an offer of it again resumes.]"));
+  REQUIRE(t.net.run_until([&] { return t.kept.files_for("bob").empty(); }, 10s));
 }
 
 TEST_CASE("§12 a kept file from a blocked sender is never offered, and declined: the server deletes it") {
