@@ -21,6 +21,8 @@ using namespace std::chrono_literals;
 constexpr int kBurst = 32;
 /// How long a finished download waits for the client's FileDone before it is dropped.
 constexpr auto kDoneWait = 60s;
+/// How often kept files are checked for expiry: hourly, or every `keep` if that is shorter (a
+/// keep of seconds expires in seconds), at least every second.
 constexpr auto kExpiryEvery = 1h;
 /// One sealed chunk's place in a kept file's data: every chunk but the last is this long.
 constexpr std::size_t kSealedChunk = files::kChunkPayload + files::kTagBytes;
@@ -326,7 +328,7 @@ void Depot::expire() {
     if (!n.ok()) return host_.store_failed("deleting files kept too long", n.error);
     if (*n.value > 0) spdlog::info("deleted {} files nobody downloaded in time", *n.value);
   });
-  core_.after(kExpiryEvery, [this] { expire(); });
+  core_.after(std::clamp<std::chrono::seconds>(o_.keep, 1s, kExpiryEvery), [this] { expire(); });
 }
 
 }  // namespace chat::registry

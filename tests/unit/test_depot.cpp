@@ -232,6 +232,24 @@ TEST_CASE("§12 a kept file nobody downloads is deleted after its time") {
   CHECK(t.kept.files_for("bob").empty());
 }
 
+TEST_CASE("§12 a keep shorter than an hour is checked that often: a file kept for 10 s is gone within 20 s") {
+  registry::ServerOptions so = small_limits();
+  so.files.keep = 10s;
+  Away t(6, so);
+  t.send("brief.bin", random_bytes(3000, 6), "2.9 KiB");
+  REQUIRE(t.kept_line("brief.bin", 30s));
+  t.net.run_for(9s);
+  CHECK(t.kept.files_for("bob").size() == 1);
+  // Checked every 10 s: gone within 10 s past its time.
+  t.net.run_for(11s);
+  CHECK(t.kept.files_for("bob").empty());
+  // And offered no more: bob registers to nothing.
+  t.bob->type("reg bob");
+  REQUIRE(t.net.run_until([&] { return t.bob->count(">>> [Welcome, You are registered.]") == 2; }, 10s));
+  t.net.run_for(5s);
+  CHECK(t.bob->count(">>> [alice offers brief.bin (2.9 KiB); type accept alice or decline alice]") == 0);
+}
+
 TEST_CASE("§12 file requests from an address that is not the name's session are refused") {
   Away t;
   // A datagram forged as bob's FileGet from another address: refused, nothing sent there.
