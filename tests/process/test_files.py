@@ -7,7 +7,7 @@ import re
 import time
 import unittest
 
-from harness import ChatTest, NetnsChatTest
+from harness import DEADLINE, ChatTest, NetnsChatTest
 
 MiB = 1024 * 1024
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -124,10 +124,8 @@ class FilesTest(Files, ChatTest):
         self.bob.expect_exact(">>> [Error: alice offers no file]")
 
 
-class KeptFilesTest(Files, ChatTest):
-    """Files the server keeps for an offline recipient (SPEC §12), with small limits."""
-
-    server_args = ChatTest.server_args + ["--max-file-size", "1M", "--file-quota", "1M"]
+class Kept(Files):
+    """bob offline, alice sending him files through the server."""
 
     def bob_away(self):
         self.pair()
@@ -141,6 +139,12 @@ class KeptFilesTest(Files, ChatTest):
         self.alice.send(f"sendfile bob {path}")
         self.alice.expect_exact(f">>> [bob is offline; sending {name} ({line_size}) to the server for bob.]")
         return want
+
+
+class KeptFilesTest(Kept, ChatTest):
+    """Files the server keeps for an offline recipient (SPEC §12), with small limits."""
+
+    server_args = ChatTest.server_args + ["--max-file-size", "1M", "--file-quota", "1M"]
 
     def test_an_offline_recipient_gets_the_file_from_the_server_after_reg(self):
         self.bob_away()
@@ -206,6 +210,52 @@ class KeptFilesTest(Files, ChatTest):
         self.assertEqual(self.bob.count(r"^>>> \[alice offers memo\.bin "), 1, self.bob.dump())
         self.assertEqual(self.bob.count(r"cancelled memo\.bin"), 0, self.bob.dump())
 
+
+class KeptUploadStallTest(Kept, ChatTest):
+    # 100 datagrams a second from one address (a second's worth at once): a 1 MiB upload, 730
+    # chunks, takes several seconds, so the server can be stopped in the middle of it.
+    server_args = ChatTest.server_args + ["--rate-limit", "100"]
+
+    def test_an_upload_to_a_server_that_stops_answering_stops_with_the_line(self):
+        self.bob_away()
+        self.upload("slow.bin", MiB, "1.0 MiB")
+        self.alice.expect(PROGRESS.format(name=re.escape("slow.bin"), pct=20, total=re.escape("1.0 MiB")), timeout=30)
+        self.server.pause()
+        self.addCleanup(self.server.resume)
+        stopped = time.monotonic()
+        # No chunk acknowledged for the sender's stall limit (files::SenderOptions::stall_limit,
+        # 15 s): the upload ends, and the file is not kept.
+        self.alice.expect_exact(">>> [The transfer of slow.bin to the server stopped: no answer.]", timeout=45)
+        self.assertGreater(time.monotonic() - stopped, 10, self.alice.dump())
+        self.assertEqual(self.alice.seen(r"saved by the server"), [], self.alice.dump())
+        self.alice.send("transfers")
+        self.alice.expect_exact("[No file transfers.]")
+
+
+class KeptFileExpiryTest(Kept, ChatTest):
+    # Files kept for 0.0001 days (8.64 s, kept as 9 s), checked as often.
+    KEEP_S = 9
+    server_args = ChatTest.server_args + ["--file-days", "0.0001"]
+
+    def test_a_file_nobody_takes_within_file_days_is_deleted_and_never_offered(self):
+        self.bob_away()
+        self.upload("old.bin", 3000, "2.9 KiB")
+        self.alice.expect_exact(">>> [old.bin saved by the server for bob.]", timeout=30)
+        kept = time.monotonic()
+        after_kept = self.alice.mark()
+        # The server's check (every 9 s) deletes it once it is older than 9 s: within 18 s.
+        self.server.expect(r"deleted 1 files nobody downloaded in time$", timeout=2 * self.KEEP_S + DEADLINE)
+        self.assertGreater(time.monotonic() - kept, self.KEEP_S - 1, self.server.dump())
+        # A file kept after it is offered at bob's registration, the deleted one is not: the
+        # server offers what it keeps in one go, oldest first.
+        self.upload("new.bin", 3000, "2.9 KiB")
+        self.alice.expect_exact(">>> [new.bin saved by the server for bob.]", timeout=30)
+        self.bob.send("reg bob")
+        self.bob.expect_exact(WELCOME)
+        self.bob.expect_exact(">>> [alice offers new.bin (2.9 KiB); type accept alice or decline alice]")
+        self.assertEqual(self.bob.seen(r"old\.bin"), [], self.bob.dump())
+        # alice is not told of the deletion (SPEC §12 says nothing of it; README: she is not told).
+        self.assertEqual(self.alice.count(r"old\.bin", since=after_kept), 0, self.alice.dump())
 
 class LossyFilesTest(Files, NetnsChatTest):
     def test_a_20_mib_file_arrives_intact_at_20_percent_loss(self):
