@@ -140,6 +140,15 @@ class Kept(Files):
         self.alice.expect_exact(f">>> [bob is offline; sending {name} ({line_size}) to the server for bob.]")
         return want
 
+    def take(self, name, line_size, want):
+        """bob is offered `name`, kept by the server, accepts it, and it arrives byte-identical."""
+        self.bob.expect_exact(f">>> [alice offers {name} ({line_size}); type accept alice or decline alice]")
+        self.bob.send("accept alice")
+        self.bob.expect_exact(f">>> [Receiving {name} ({line_size}) from alice.]")
+        saved_to = os.path.join(self.downloads, name)
+        self.bob.expect_exact(f">>> [File {name} from alice saved to {saved_to}.]", timeout=30)
+        self.assertEqual(digest(saved_to), want)
+
 
 class KeptFilesTest(Kept, ChatTest):
     """Files the server keeps for an offline recipient (SPEC §12), with small limits."""
@@ -152,12 +161,7 @@ class KeptFilesTest(Kept, ChatTest):
         self.alice.expect_exact(">>> [kept.bin saved by the server for bob.]", timeout=30)
         self.bob.send("reg bob")
         self.bob.expect_exact(WELCOME)
-        self.bob.expect_exact(">>> [alice offers kept.bin (600.0 KiB); type accept alice or decline alice]")
-        self.bob.send("accept alice")
-        self.bob.expect_exact(">>> [Receiving kept.bin (600.0 KiB) from alice.]")
-        saved_to = os.path.join(self.downloads, "kept.bin")
-        self.bob.expect_exact(f">>> [File kept.bin from alice saved to {saved_to}.]", timeout=30)
-        self.assertEqual(digest(saved_to), want)
+        self.take("kept.bin", "600.0 KiB", want)
         # Downloaded and checked, it is deleted: the next registration offers nothing, and a
         # file as large fits the quota again.
         self.bob.send("dereg bob")
@@ -199,12 +203,7 @@ class KeptFilesTest(Kept, ChatTest):
         self.alice.expect_exact(">>> [bob did not answer; sending memo.bin to the server for bob.]")
         self.alice.expect_exact(">>> [memo.bin saved by the server for bob.]", timeout=30)
         self.bob.resume()
-        self.bob.expect_exact(">>> [alice offers memo.bin (300.0 KiB); type accept alice or decline alice]")
-        self.bob.send("accept alice")
-        self.bob.expect_exact(">>> [Receiving memo.bin (300.0 KiB) from alice.]")
-        saved_to = os.path.join(self.downloads, "memo.bin")
-        self.bob.expect_exact(f">>> [File memo.bin from alice saved to {saved_to}.]", timeout=30)
-        self.assertEqual(digest(saved_to), want)
+        self.take("memo.bin", "300.0 KiB", want)
         # bob read alice's offer late, then the server's offer of the same file: one offer shown,
         # and accepting it asked the server, not alice (who would have cancelled it).
         self.assertEqual(self.bob.count(r"^>>> \[alice offers memo\.bin "), 1, self.bob.dump())
