@@ -7,7 +7,7 @@ import re
 import time
 import unittest
 
-from harness import DEADLINE, ChatTest, NetnsChatTest
+from harness import DEADLINE, ChatTest, NetnsChatTest, udp_rx_queue
 
 MiB = 1024 * 1024
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -202,6 +202,14 @@ class KeptFilesTest(Kept, ChatTest):
         self.alice.expect_exact(">>> [Offering memo.bin (300.0 KiB) to bob.]")
         self.alice.expect_exact(">>> [bob did not answer; sending memo.bin to the server for bob.]")
         self.alice.expect_exact(">>> [memo.bin saved by the server for bob.]", timeout=30)
+        # The server offers it to bob now (he is online there), a little after its answer to
+        # alice: bob wakes once that offer waits in his socket, behind alice's (nothing else is
+        # sent to him meanwhile), as it would after a longer sleep.
+        queued = udp_rx_queue(self.bob.port)
+        end = time.monotonic() + DEADLINE
+        while udp_rx_queue(self.bob.port) <= queued:
+            self.assertLess(time.monotonic(), end, "the server's offer never reached bob's socket")
+            time.sleep(0.01)  # polling the socket's queue, not synchronising on output
         self.bob.resume()
         self.take("memo.bin", "300.0 KiB", want)
         # bob read alice's offer late, then the server's offer of the same file: one offer shown,
