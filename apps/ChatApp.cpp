@@ -155,7 +155,7 @@ po::options_description visible_options(Config& c, long& timeout_ms) {
       ("file-quota", po::value<std::string>(&c.file_quota)->default_value("64M")->value_name("size"),
        "server: bytes of files kept for one recipient at most")
       ("file-days", po::value<double>(&c.file_days)->default_value(7)->value_name("days"),
-       "server: how long a file nobody downloads is kept")
+       "server: how long a file nobody downloads is kept (fractions too; checked hourly, or every <days> if shorter)")
       ("metrics", po::value<std::string>()->value_name("port"),
        "server: serve Prometheus text metrics at http://<bind>:<port>/metrics (TCP)")
       ("download-dir", po::value<std::string>(&c.download_dir)->value_name("dir"),

@@ -290,7 +290,20 @@ void Transfers::on_kept_offer(const std::string& from, const files::ctl::Offer& 
 }
 
 void Transfers::on_offer(const std::string& from, const udp::endpoint& at, const files::ctl::Offer& offer, bool kept) {
-  if (incoming(offer.transfer) != nullptr) return;  // told again
+  if (Incoming* held = incoming(offer.transfer)) {
+    // The server's offer of a file whose direct offer is still waiting here: the sender heard
+    // no receipt for it in time (we were suspended, or its datagrams were late) and gave the
+    // file to the server; an accept sent to it now would be answered by a cancel. Accepting
+    // downloads it from the server instead (the same file: the same offer), and it no longer lapses.
+    if (kept && !held->via_server && held->from == from && held->state == Incoming::State::offered &&
+        held->offer == offer) {
+      core_.cancel(held->timer);
+      held->timer = 0;
+      held->via_server = true;
+      held->at = at;
+    }
+    return;  // told again
+  }
   const std::string name = files::safe_basename(offer.name);
   if (!files::chunk_count(offer.size)) {
     host_.say("[" + from + " offers " + name + " (" + format_size(offer.size) + "), too large to receive; declined.]");

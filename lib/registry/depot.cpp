@@ -21,6 +21,8 @@ using namespace std::chrono_literals;
 constexpr int kBurst = 32;
 /// How long a finished download waits for the client's FileDone before it is dropped.
 constexpr auto kDoneWait = 60s;
+/// How often kept files are checked for expiry: hourly, or every `keep` if that is shorter (a
+/// keep of seconds expires in seconds), at least every second.
 constexpr auto kExpiryEvery = 1h;
 
 std::string where(const udp::endpoint& e) { return e.address().to_string() + ":" + std::to_string(e.port()); }
@@ -49,7 +51,8 @@ struct Depot::Upload {
   files::TransferKeys keys;  // the ack key the uploader chose (the chunk key is not the server's)
   files::Receiver receiver;
   std::string data;  // the sealed chunks, back to back (files::sealed_offset)
-  transport::Core::TimerId timer = 0;
+  transport::Core::TimerId timer = 0;  // the stall limit or the delayed ack, whichever is first
+  transport::Time armed{};              // when `timer` fires (0 timer: none armed)
   transport::Time heard{};
 
   Upload(std::uint64_t t, std::uint32_t n) : transfer(t), count(n), receiver(t, n, files::RangeSet{}) {}
@@ -150,9 +153,14 @@ void Depot::arm_upload(std::uint64_t transfer) {
   auto it = uploads_.find(transfer);
   if (it == uploads_.end()) return;
   Upload& u = *it->second;
-  core_.cancel(u.timer);
   transport::Time when = u.heard + o_.stall;
   if (auto ack = u.receiver.next_timer()) when = std::min(when, *ack);
+  // A timer already armed for no later than that stays: its handler checks what is due and
+  // arms again. So a chunk (which moves the stall limit later, and often the delayed ack) costs
+  // no cancel and re-add; only a deadline earlier than the armed one does.
+  if (u.timer != 0 && u.armed <= when) return;
+  core_.cancel(u.timer);
+  u.armed = when;
   u.timer = core_.at(when, [this, transfer] {
     auto found = uploads_.find(transfer);
     if (found == uploads_.end()) return;
@@ -315,7 +323,7 @@ void Depot::expire() {
     if (!n.ok()) return host_.store_failed("deleting files kept too long", n.error);
     if (*n.value > 0) spdlog::info("deleted {} files nobody downloaded in time", *n.value);
   });
-  core_.after(kExpiryEvery, [this] { expire(); });
+  core_.after(std::clamp<std::chrono::seconds>(o_.keep, 1s, kExpiryEvery), [this] { expire(); });
 }
 
 }  // namespace chat::registry

@@ -55,7 +55,7 @@ class Depot {
   Depot(const Depot&) = delete;
   Depot& operator=(const Depot&) = delete;
 
-  /// Starts the expiry of old files (now, then every hour).
+  /// Starts the expiry of old files (now, then every hour, or every `keep` if that is shorter).
   void start();
 
   void on_put(const protocol::FilePut& r, const udp::endpoint& from);

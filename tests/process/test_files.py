@@ -7,7 +7,7 @@ import re
 import time
 import unittest
 
-from harness import ChatTest, NetnsChatTest
+from harness import DEADLINE, ChatTest, NetnsChatTest, udp_rx_queue
 
 MiB = 1024 * 1024
 WELCOME = ">>> [Welcome, You are registered.]"
@@ -124,10 +124,8 @@ class FilesTest(Files, ChatTest):
         self.bob.expect_exact(">>> [Error: alice offers no file]")
 
 
-class KeptFilesTest(Files, ChatTest):
-    """Files the server keeps for an offline recipient (SPEC §12), with small limits."""
-
-    server_args = ChatTest.server_args + ["--max-file-size", "1M", "--file-quota", "1M"]
+class Kept(Files):
+    """bob offline, alice sending him files through the server."""
 
     def bob_away(self):
         self.pair()
@@ -142,18 +140,28 @@ class KeptFilesTest(Files, ChatTest):
         self.alice.expect_exact(f">>> [bob is offline; sending {name} ({line_size}) to the server for bob.]")
         return want
 
+    def take(self, name, line_size, want):
+        """bob is offered `name`, kept by the server, accepts it, and it arrives byte-identical."""
+        self.bob.expect_exact(f">>> [alice offers {name} ({line_size}); type accept alice or decline alice]")
+        self.bob.send("accept alice")
+        self.bob.expect_exact(f">>> [Receiving {name} ({line_size}) from alice.]")
+        saved_to = os.path.join(self.downloads, name)
+        self.bob.expect_exact(f">>> [File {name} from alice saved to {saved_to}.]", timeout=30)
+        self.assertEqual(digest(saved_to), want)
+
+
+class KeptFilesTest(Kept, ChatTest):
+    """Files the server keeps for an offline recipient (SPEC §12), with small limits."""
+
+    server_args = ChatTest.server_args + ["--max-file-size", "1M", "--file-quota", "1M"]
+
     def test_an_offline_recipient_gets_the_file_from_the_server_after_reg(self):
         self.bob_away()
         want = self.upload("kept.bin", 600 * 1024, "600.0 KiB")
         self.alice.expect_exact(">>> [kept.bin saved by the server for bob.]", timeout=30)
         self.bob.send("reg bob")
         self.bob.expect_exact(WELCOME)
-        self.bob.expect_exact(">>> [alice offers kept.bin (600.0 KiB); type accept alice or decline alice]")
-        self.bob.send("accept alice")
-        self.bob.expect_exact(">>> [Receiving kept.bin (600.0 KiB) from alice.]")
-        saved_to = os.path.join(self.downloads, "kept.bin")
-        self.bob.expect_exact(f">>> [File kept.bin from alice saved to {saved_to}.]", timeout=30)
-        self.assertEqual(digest(saved_to), want)
+        self.take("kept.bin", "600.0 KiB", want)
         # Downloaded and checked, it is deleted: the next registration offers nothing, and a
         # file as large fits the quota again.
         self.bob.send("dereg bob")
@@ -182,6 +190,79 @@ class KeptFilesTest(Files, ChatTest):
         self.alice.expect_exact(
             ">>> [The server did not take two.bin for bob: the space the server keeps for bob is full (1 MiB).]")
 
+    def test_a_peer_online_but_not_answering_gets_the_file_through_the_server(self):
+        self.pair()
+        # bob is online in alice's table but answers nothing (a suspended laptop): the offer's
+        # Direct gets no receipt within the retry span (--ack-timeout 100 x 6 tries: 0.6 s).
+        self.bob.pause()
+        self.addCleanup(self.bob.resume)
+        path = os.path.join(self.dir, "memo.bin")
+        want = write_random(path, 300 * 1024)
+        self.alice.send(f"sendfile bob {path}")
+        self.alice.expect_exact(">>> [Offering memo.bin (300.0 KiB) to bob.]")
+        self.alice.expect_exact(">>> [bob did not answer; sending memo.bin to the server for bob.]")
+        self.alice.expect_exact(">>> [memo.bin saved by the server for bob.]", timeout=30)
+        # The server offers it to bob now (he is online there), a little after its answer to
+        # alice: bob wakes once that offer waits in his socket, behind alice's (nothing else is
+        # sent to him meanwhile), as it would after a longer sleep.
+        queued = udp_rx_queue(self.bob.port)
+        end = time.monotonic() + DEADLINE
+        while udp_rx_queue(self.bob.port) <= queued:
+            self.assertLess(time.monotonic(), end, "the server's offer never reached bob's socket")
+            time.sleep(0.01)  # polling the socket's queue, not synchronising on output
+        self.bob.resume()
+        self.take("memo.bin", "300.0 KiB", want)
+        # bob read alice's offer late, then the server's offer of the same file: one offer shown,
+        # and accepting it asked the server, not alice (who would have cancelled it).
+        self.assertEqual(self.bob.count(r"^>>> \[alice offers memo\.bin "), 1, self.bob.dump())
+        self.assertEqual(self.bob.count(r"cancelled memo\.bin"), 0, self.bob.dump())
+
+
+class KeptUploadStallTest(Kept, ChatTest):
+    # 100 datagrams a second from one address (a second's worth at once): a 1 MiB upload, 730
+    # chunks, takes several seconds, so the server can be stopped in the middle of it.
+    server_args = ChatTest.server_args + ["--rate-limit", "100"]
+
+    def test_an_upload_to_a_server_that_stops_answering_stops_with_the_line(self):
+        self.bob_away()
+        self.upload("slow.bin", MiB, "1.0 MiB")
+        self.alice.expect(PROGRESS.format(name=re.escape("slow.bin"), pct=20, total=re.escape("1.0 MiB")), timeout=30)
+        self.server.pause()
+        self.addCleanup(self.server.resume)
+        stopped = time.monotonic()
+        # No chunk acknowledged for the sender's stall limit (files::SenderOptions::stall_limit,
+        # 15 s): the upload ends, and the file is not kept.
+        self.alice.expect_exact(">>> [The transfer of slow.bin to the server stopped: no answer.]", timeout=45)
+        self.assertGreater(time.monotonic() - stopped, 10, self.alice.dump())
+        self.assertEqual(self.alice.seen(r"saved by the server"), [], self.alice.dump())
+        self.alice.send("transfers")
+        self.alice.expect_exact("[No file transfers.]")
+
+
+class KeptFileExpiryTest(Kept, ChatTest):
+    # Files kept for 0.0001 days (8.64 s, kept as 9 s), checked as often.
+    KEEP_S = 9
+    server_args = ChatTest.server_args + ["--file-days", "0.0001"]
+
+    def test_a_file_nobody_takes_within_file_days_is_deleted_and_never_offered(self):
+        self.bob_away()
+        self.upload("old.bin", 3000, "2.9 KiB")
+        self.alice.expect_exact(">>> [old.bin saved by the server for bob.]", timeout=30)
+        kept = time.monotonic()
+        after_kept = self.alice.mark()
+        # The server's check (every 9 s) deletes it once it is older than 9 s: within 18 s.
+        self.server.expect(r"deleted 1 files nobody downloaded in time$", timeout=2 * self.KEEP_S + DEADLINE)
+        self.assertGreater(time.monotonic() - kept, self.KEEP_S - 1, self.server.dump())
+        # A file kept after it is offered at bob's registration, the deleted one is not: the
+        # server offers what it keeps in one go, oldest first.
+        self.upload("new.bin", 3000, "2.9 KiB")
+        self.alice.expect_exact(">>> [new.bin saved by the server for bob.]", timeout=30)
+        self.bob.send("reg bob")
+        self.bob.expect_exact(WELCOME)
+        self.bob.expect_exact(">>> [alice offers new.bin (2.9 KiB); type accept alice or decline alice]")
+        self.assertEqual(self.bob.seen(r"old\.bin"), [], self.bob.dump())
+        # alice is not told of the deletion (SPEC §12 says nothing of it; README: she is not told).
+        self.assertEqual(self.alice.count(r"old\.bin", since=after_kept), 0, self.alice.dump())
 
 class LossyFilesTest(Files, NetnsChatTest):
     def test_a_20_mib_file_arrives_intact_at_20_percent_loss(self):

@@ -8,11 +8,14 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "file_bytes.hpp"
 #include "temp_dir.hpp"
 #include "files/wire.hpp"
 #include "offline/memory_store.hpp"
+#include "protocol/codec.hpp"
 #include "sim.hpp"
 
 using TempDir = chat::test::TempDir;
@@ -153,6 +156,40 @@ TEST_CASE("§12 a peer that does not answer the offer gets the file through the 
   CHECK(read_file(t.downloads() / "memo.txt") == bytes);
 }
 
+TEST_CASE("§12 a suspended peer that reads the direct offer late, then the server's, downloads it from the server") {
+  Away t;
+  t.bob->type("reg bob");
+  REQUIRE(t.net.run_until([&] { return t.alice->sees_online("bob"); }, 10s));
+  // bob is suspended: what is sent to him waits (in his socket's queue) until he runs again.
+  bool suspended = true;
+  std::vector<std::pair<udp::endpoint, std::string>> queued;
+  t.net.filter = [&](const udp::endpoint& from, const udp::endpoint& to, const protocol::Message& m) {
+    if (!suspended || to != t.bob->at()) return false;
+    queued.emplace_back(from, protocol::encode(m));
+    return true;
+  };
+  const std::string bytes = random_bytes(50'000, 9);
+  write_file(t.dir.path() / "memo.txt", bytes);
+  t.alice->type("sendfile bob " + (t.dir.path() / "memo.txt").string());
+  REQUIRE(t.net.run_until([&] { return t.alice->saw(">>> [bob did not answer; sending memo.txt to the server for bob.]"); }, 30s));
+  REQUIRE(t.kept_line("memo.txt", 30s));
+  t.net.run_for(5s);  // the server's offer to bob goes unanswered too
+  // bob runs again and reads what waited: alice's offer, then the server's offer of the same file.
+  suspended = false;
+  t.net.min_delay = t.net.max_delay;  // in the order they were queued
+  for (const auto& [from, datagram] : queued) t.net.send(from, t.bob->at(), datagram);
+  REQUIRE(t.offered("memo.txt", "48.8 KiB", 1, 5s));
+  t.net.run_for(1s);
+  CHECK(t.bob->count(">>> [alice offers memo.txt (48.8 KiB); type accept alice or decline alice]") == 1);
+  // Accepted, it comes from the server: alice's client, which gave it to the server, is not asked.
+  t.bob->type("accept alice");
+  const std::string at = (t.downloads() / "memo.txt").string();
+  REQUIRE(t.net.run_until([&] { return t.bob->saw(">>> [File memo.txt from alice saved to " + at + ".]"); }, 30s));
+  CHECK(read_file(t.downloads() / "memo.txt") == bytes);
+  CHECK_FALSE(t.bob->saw(">>> [alice cancelled memo.txt; what arrived is kept, and an offer of it again resumes.]"));
+  REQUIRE(t.net.run_until([&] { return t.kept.files_for("bob").empty(); }, 10s));
+}
+
 TEST_CASE("§12 a kept file from a blocked sender is never offered, and declined: the server deletes it") {
   Away t;
   t.bob->type("block alice");
@@ -195,6 +232,24 @@ TEST_CASE("§12 a kept file nobody downloads is deleted after its time") {
   CHECK(t.kept.files_for("bob").empty());
 }
 
+TEST_CASE("§12 a keep shorter than an hour is checked that often: a file kept for 10 s is gone within 20 s") {
+  registry::ServerOptions so = small_limits();
+  so.files.keep = 10s;
+  Away t(6, so);
+  t.send("brief.bin", random_bytes(3000, 6), "2.9 KiB");
+  REQUIRE(t.kept_line("brief.bin", 30s));
+  t.net.run_for(9s);
+  CHECK(t.kept.files_for("bob").size() == 1);
+  // Checked every 10 s: gone within 10 s past its time.
+  t.net.run_for(11s);
+  CHECK(t.kept.files_for("bob").empty());
+  // And offered no more: bob registers to nothing.
+  t.bob->type("reg bob");
+  REQUIRE(t.net.run_until([&] { return t.bob->count(">>> [Welcome, You are registered.]") == 2; }, 10s));
+  t.net.run_for(5s);
+  CHECK(t.bob->count(">>> [alice offers brief.bin (2.9 KiB); type accept alice or decline alice]") == 0);
+}
+
 TEST_CASE("§12 file requests from an address that is not the name's session are refused") {
   Away t;
   // A datagram forged as bob's FileGet from another address: refused, nothing sent there.
@@ -218,4 +273,76 @@ TEST_CASE("§12 file requests from an address that is not the name's session are
   CHECK(frames == 0);
   t.net.detach(mallory);
   CHECK(t.kept.files_for("bob").size() == 1);
+}
+
+TEST_CASE("§12 an upload whose chunks kept coming past its first stall limit is dropped one limit after the last") {
+  // The upload's timer stays armed for the earliest deadline it was armed for, not moved by each
+  // chunk (Depot::arm_upload): when it fires early it arms again. The upload must live on while
+  // chunks come (past the first chunk's limit) and be dropped one limit after the last chunk.
+  registry::ServerOptions so = small_limits();
+  so.files.stall = 2s;
+  Away t(8, so);
+  // At alice's address (her session at the server), a core the test drives chunk by chunk.
+  const udp::endpoint at = t.alice->at();
+  t.net.detach(at);
+  transport::Core raw(transport::CoreOptions{}, t.net.clock);
+  files::TransferKeys keys{};
+  keys.ack.fill(7);
+  protocol::Key ack_key{};
+  ack_key.fill(7);
+  std::size_t acks = 0;
+  raw.set_frame_handler([&](std::string_view bytes, const udp::endpoint&) {
+    if (files::decode_chunk_ack(bytes, keys)) ++acks;
+  });
+  t.net.attach(raw, at);
+  struct Off {  // off the network before `raw` is gone, whatever the outcome
+    Net& net;
+    udp::endpoint at;
+    ~Off() { net.detach(at); }
+  } off{t.net, at};
+  const std::uint64_t transfer = 4242;
+  const std::uint64_t size = 6 * files::kChunkPayload;
+  auto ask = [&](const protocol::Message& m) {
+    std::optional<protocol::Message> answer;
+    t.net.act(raw, [&] {
+      raw.request(m, kServerAt, [&](const protocol::Message* r) {
+        if (r != nullptr) answer = *r;
+      });
+    });
+    REQUIRE(t.net.run_until([&] { return answer.has_value(); }, 5s));
+    return *answer;
+  };
+  // Chunk `index`, sent `gap` after the one before (the server cannot open it: any bytes do).
+  auto chunk_after = [&](Duration gap, std::uint32_t index) {
+    t.net.run_for(gap);
+    t.net.act(raw, [&] {
+      raw.send_bytes(files::encode(files::Chunk{transfer, index, index + 1,
+                                                std::string(files::chunk_size(size, index) + files::kTagBytes, 'x')}),
+                     kServerAt);
+    });
+    t.net.run_for(100ms);  // there, and its ack back
+  };
+  REQUIRE(std::holds_alternative<protocol::Ack>(ask(protocol::FilePut{901, "alice", "bob", transfer, size, ack_key})));
+  // What the server says of a commit now (it leaves the upload's timer as it is).
+  std::uint64_t id = 902;
+  auto commit = [&](Duration after) {
+    t.net.run_for(after);
+    const auto answer = ask(protocol::FileCommit{id++, "alice", transfer, "offer"});
+    const auto* refused = std::get_if<protocol::Refused>(&answer);
+    return refused != nullptr ? refused->reason : std::string("(not refused)");
+  };
+  // From the last chunk down, so each is out of order and acknowledged at once: no delayed ack
+  // is waiting, and the timer stays armed for the limit of the FilePut's time. A chunk every
+  // 1.5 s: each is taken (acknowledged, nothing dropped), 2.5 s past that first limit.
+  chunk_after(0ms, 5);
+  for (std::uint32_t i = 4; i > 1; --i) chunk_after(1400ms, i);
+  CHECK(acks == 4);
+  CHECK(t.server->server.depot().dropped() == 0);
+  // Still there 1.9 s after the last chunk, gone 2.05 s after it.
+  CHECK(commit(1800ms) == "the upload is not complete");
+  CHECK(commit(150ms) == "no such upload");
+  chunk_after(0ms, 1);  // a chunk of no upload now: dropped, not acknowledged
+  CHECK(t.server->server.depot().dropped() == 1);
+  CHECK(acks == 4);
+  CHECK(t.kept.files_for("bob").empty());
 }

@@ -260,6 +260,38 @@ Source make_source(const fs::path& dir, std::uint32_t chunks, std::uint64_t seed
   return s;
 }
 
+/// A source file of `chunks` chunks (random bytes from `seed`) in a temporary directory, open
+/// for reading as the sender reads it.
+struct Sent {
+  Sent(std::uint32_t chunks, std::uint64_t seed) : src(make_source(tmp.path(), chunks, seed)), file(open(src.path)) {}
+  static SourceFile open(const fs::path& path) {
+    auto f = SourceFile::open(path);
+    REQUIRE(f.ok());
+    return std::move(f.value());
+  }
+  /// Chunk `i` of the source, read from the file (valid until the next read).
+  std::string_view chunk(std::uint32_t i) const { return file.read_chunk(i).value(); }
+
+  TempDir tmp;
+  Source src;
+  SourceFile file;
+};
+
+/// That, and an empty download directory `dl` beside it, where a Partial of the source opens.
+struct Download : Sent {
+  Download(std::uint32_t chunks, std::uint64_t seed) : Sent(chunks, seed), dl(tmp.path() / "dl") {
+    fs::create_directory(dl);
+  }
+  /// The partial download of the source, offered as `name`.
+  Partial partial(const std::string& name) const {
+    auto r = Partial::open(dl, name, src.hash, src.bytes.size());
+    REQUIRE(r.ok());
+    return std::move(r.value());
+  }
+
+  fs::path dl;
+};
+
 }  // namespace
 
 // ================================================================ safe names
@@ -1040,24 +1072,19 @@ TEST_CASE("Sender backs off on timeouts and fails after 15 s without progress") 
 // ================================================================ the partial file
 
 TEST_CASE("Partial writes chunks, resumes from its sidecar and publishes only a verified file") {
-  TempDir tmp;
-  const Source src = make_source(tmp.path(), 20, 1);
-  const fs::path dl = tmp.path() / "dl";
-  fs::create_directory(dl);
-  auto src_file = SourceFile::open(src.path);
-  REQUIRE(src_file.ok());
-  CHECK(src_file.value().chunk_count() == 20);
-  CHECK(src_file.value().size() == src.bytes.size());
+  const Download t(20, 1);
+  const Source& src = t.src;
+  const fs::path& dl = t.dl;
+  CHECK(t.file.chunk_count() == 20);
+  CHECK(t.file.size() == src.bytes.size());
 
   {
-    auto r = Partial::open(dl, "../report.pdf", src.hash, src.bytes.size());
-    REQUIRE(r.ok());
-    Partial& p = r.value();
+    Partial p = t.partial("../report.pdf");
     CHECK(p.name() == "report.pdf");
     CHECK(p.part_path() == dl / std::string(".report.pdf.").append(to_hex(src.hash.data(), 8)).append(".part"));
     CHECK(p.have_path() == dl / std::string(".report.pdf.").append(to_hex(src.hash.data(), 8)).append(".have"));
     CHECK(p.have().empty());
-    for (std::uint32_t i = 0; i < 20; i += 2) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
+    for (std::uint32_t i = 0; i < 20; i += 2) REQUIRE(p.write(i, t.chunk(i)).ok());
     const auto bad = p.write(1, "short");
     REQUIRE(!bad.ok());
     CHECK(bad.error().kind == ErrorKind::bad_input);
@@ -1070,13 +1097,11 @@ TEST_CASE("Partial writes chunks, resumes from its sidecar and publishes only a 
   }  // closed: flushed
 
   {
-    auto r = Partial::open(dl, "report.pdf", src.hash, src.bytes.size());
-    REQUIRE(r.ok());
-    Partial& p = r.value();
+    Partial p = t.partial("report.pdf");
     CHECK(p.have().count() == 10);
     CHECK(p.have().contains(18));
     CHECK(!p.have().contains(19));
-    for (std::uint32_t i = 1; i < 20; i += 2) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
+    for (std::uint32_t i = 1; i < 20; i += 2) REQUIRE(p.write(i, t.chunk(i)).ok());
     write_file(dl / "report.pdf", "someone else's report");
     const auto done = p.finish();
     REQUIRE(done.ok());
@@ -1145,69 +1170,55 @@ TEST_CASE("a download open in one Partial cannot be opened in a second") {
 }
 
 TEST_CASE("a flipped byte fails the hash check and leaves nothing behind") {
-  TempDir tmp;
-  const Source src = make_source(tmp.path(), 8, 2);
-  const fs::path dl = tmp.path() / "dl";
-  fs::create_directory(dl);
-  auto src_file = SourceFile::open(src.path);
-  REQUIRE(src_file.ok());
-  auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
-  REQUIRE(r.ok());
-  Partial& p = r.value();
+  const Download t(8, 2);
+  Partial p = t.partial("data.bin");
 
   SUBCASE("a chunk written with one byte changed") {
     for (std::uint32_t i = 0; i < 8; ++i) {
-      std::string chunk(src_file.value().read_chunk(i).value());
+      std::string chunk(t.chunk(i));
       if (i == 5) chunk[100] = static_cast<char>(chunk[100] ^ 0x01);
       REQUIRE(p.write(i, chunk).ok());
     }
   }
   SUBCASE("a chunk written out of order, changed on disk before the gap before it filled") {
     // Chunks past a gap are hashed when the gap fills, read back from the part file.
-    for (std::uint32_t i = 1; i < 8; ++i) REQUIRE(p.write(i, src_file.value().read_chunk(i).value()).ok());
+    for (std::uint32_t i = 1; i < 8; ++i) REQUIRE(p.write(i, t.chunk(i)).ok());
     REQUIRE(p.flush().ok());
     std::fstream f(p.part_path(), std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(3000);
-    f.put('\x55' ^ src.bytes[3000]);
+    f.put('\x55' ^ t.src.bytes[3000]);
     f.close();
-    REQUIRE(p.write(0, src_file.value().read_chunk(0).value()).ok());
+    REQUIRE(p.write(0, t.chunk(0)).ok());
   }
   const auto out = p.finish();
   REQUIRE(!out.ok());
   CHECK(out.error().kind == ErrorKind::hash_mismatch);
   CHECK(out.error().message ==
         "The file data.bin arrived damaged (its BLAKE2b-256 hash does not match the offer), so the partial download was deleted.");
-  CHECK(names_in(dl).empty());  // no part file, no sidecar, nothing published
-  CHECK(!p.write(0, src_file.value().read_chunk(0).value()).ok());  // closed
+  CHECK(names_in(t.dl).empty());  // no part file, no sidecar, nothing published
+  CHECK(!p.write(0, t.chunk(0)).ok());  // closed
 }
 
 TEST_CASE("a resumed download whose part file changed between two runs fails the hash check") {
-  TempDir tmp;
-  const Source src = make_source(tmp.path(), 8, 3);
-  const fs::path dl = tmp.path() / "dl";
-  fs::create_directory(dl);
-  auto src_file = SourceFile::open(src.path);
-  REQUIRE(src_file.ok());
+  const Download t(8, 3);
   fs::path part;
   {
-    auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
-    REQUIRE(r.ok());
-    for (std::uint32_t i = 0; i < 7; ++i) REQUIRE(r.value().write(i, src_file.value().read_chunk(i).value()).ok());
-    part = r.value().part_path();
+    Partial p = t.partial("data.bin");
+    for (std::uint32_t i = 0; i < 7; ++i) REQUIRE(p.write(i, t.chunk(i)).ok());
+    part = p.part_path();
   }  // closed: flushed
   {
     std::fstream f(part, std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(3000);
-    f.put('\x55' ^ src.bytes[3000]);
+    f.put('\x55' ^ t.src.bytes[3000]);
   }
-  auto r = Partial::open(dl, "data.bin", src.hash, src.bytes.size());
-  REQUIRE(r.ok());
-  CHECK(r.value().have().count() == 7);
-  REQUIRE(r.value().write(7, src_file.value().read_chunk(7).value()).ok());  // the resumed chunks are read back
-  const auto out = r.value().finish();
+  Partial p = t.partial("data.bin");
+  CHECK(p.have().count() == 7);
+  REQUIRE(p.write(7, t.chunk(7)).ok());  // the resumed chunks are read back
+  const auto out = p.finish();
   REQUIRE(!out.ok());
   CHECK(out.error().kind == ErrorKind::hash_mismatch);
-  CHECK(names_in(dl).empty());
+  CHECK(names_in(t.dl).empty());
 }
 
 TEST_CASE("hash_file and SourceFile read the sender's file") {
@@ -1262,11 +1273,9 @@ TEST_CASE("an empty file is complete at once and publishes an empty file") {
 // ================================================================ the whole transfer, simulated
 
 TEST_CASE("a file crosses a lossy, reordering link intact, and the window backs off under loss") {
-  TempDir tmp;
   constexpr std::uint32_t kChunks = 3000;
-  const Source src = make_source(tmp.path(), kChunks, 3);
-  auto src_file = SourceFile::open(src.path);
-  REQUIRE(src_file.ok());
+  const Sent t(kChunks, 3);
+  const Source& src = t.src;
 
   struct Case {
     double loss;
@@ -1275,11 +1284,11 @@ TEST_CASE("a file crosses a lossy, reordering link intact, and the window backs 
   std::vector<RunResult> runs;
   for (const Case c : {Case{0.0, 1s}, Case{0.05, 40s}, Case{0.20, 130s}}) {
     CAPTURE(c.loss);
-    const fs::path dl = tmp.path() / std::string("dl-").append(std::to_string(runs.size()));
+    const fs::path dl = t.tmp.path() / std::string("dl-").append(std::to_string(runs.size()));
     fs::create_directory(dl);
     auto p = Partial::open(dl, "big.bin", src.hash, src.bytes.size());
     REQUIRE(p.ok());
-    RunResult r = simulate(src_file.value(), p.value(), c.loss, 100 + runs.size());
+    RunResult r = simulate(t.file, p.value(), c.loss, 100 + runs.size());
     MESSAGE("loss " << c.loss << ": " << std::chrono::duration<double>(r.elapsed).count() << " s simulated, "
                     << r.stats.transmissions << " sent, " << r.stats.retransmissions << " resent, " << r.stats.timeouts
                     << " timeouts, " << r.stats.probes << " probes, " << r.stats.window_cuts << " cuts, max window " << r.stats.max_window
@@ -1311,11 +1320,9 @@ TEST_CASE("a file crosses a lossy, reordering link intact, and the window backs 
 TEST_CASE("a 20 MiB file crosses a lossy loopback link in seconds: the losses are found in round trips, not timeouts") {
   // The CI test's setting: loopback in a network namespace, netem random loss, no added delay.
   // 0.1 ms one way with up to 20 us of jitter; 14,600 chunks of 1438 bytes (20 MiB).
-  TempDir tmp;
   constexpr std::uint32_t kChunks = 14600;
-  const Source src = make_source(tmp.path(), kChunks, 9);
-  auto src_file = SourceFile::open(src.path);
-  REQUIRE(src_file.ok());
+  const Sent t(kChunks, 9);
+  const Source& src = t.src;
   const Path loopback{100us, 20us};
 
   struct Case {
@@ -1328,11 +1335,11 @@ TEST_CASE("a 20 MiB file crosses a lossy loopback link in seconds: the losses ar
     for (const std::uint64_t seed : {200, 201}) {
       CAPTURE(c.loss);
       CAPTURE(seed);
-      const fs::path dl = tmp.path() / std::string("dl-").append(std::to_string(n++));
+      const fs::path dl = t.tmp.path() / std::string("dl-").append(std::to_string(n++));
       fs::create_directory(dl);
       auto p = Partial::open(dl, "big.bin", src.hash, src.bytes.size());
       REQUIRE(p.ok());
-      const RunResult r = simulate(src_file.value(), p.value(), c.loss, seed, loopback);
+      const RunResult r = simulate(t.file, p.value(), c.loss, seed, loopback);
       const double secs = std::chrono::duration<double>(r.elapsed).count();
       MESSAGE("loopback, loss " << c.loss << ", seed " << seed << ": " << secs << " s simulated ("
                                 << static_cast<double>(src.bytes.size()) / secs / 1e6 << " MB/s), " << r.stats.transmissions
@@ -1363,33 +1370,27 @@ TEST_CASE("a 20 MiB file crosses a lossy loopback link in seconds: the losses ar
 }
 
 TEST_CASE("a resumed download fetches only the chunks it lacks and ends byte-identical") {
-  TempDir tmp;
   constexpr std::uint32_t kChunks = 2000;
-  const Source src = make_source(tmp.path(), kChunks, 4);
-  auto src_file = SourceFile::open(src.path);
-  REQUIRE(src_file.ok());
-  const fs::path dl = tmp.path() / "dl";
-  fs::create_directory(dl);
+  const Download t(kChunks, 4);
+  const Source& src = t.src;
 
   // The first session got every other block of 7 chunks (about half, in 143 ranges), then stopped.
   RangeSet first;
   {
-    auto p = Partial::open(dl, "movie.mkv", src.hash, src.bytes.size());
-    REQUIRE(p.ok());
+    Partial p = t.partial("movie.mkv");
     for (std::uint32_t i = 0; i < kChunks; ++i) {
       if ((i / 7) % 2 != 0) continue;
-      REQUIRE(p.value().write(i, src_file.value().read_chunk(i).value()).ok());
+      REQUIRE(p.write(i, t.chunk(i)).ok());
       first.insert(i);
     }
   }
   CHECK(first.count() == 1001);
 
   // After a restart: a new Partial reads the sidecar, both cores start from it.
-  auto p = Partial::open(dl, "movie.mkv", src.hash, src.bytes.size());
-  REQUIRE(p.ok());
-  CHECK(p.value().have() == first);
+  Partial p = t.partial("movie.mkv");
+  CHECK(p.have() == first);
   SUBCASE("on a clean link") {
-    const RunResult r = simulate(src_file.value(), p.value(), 0.0, 7);
+    const RunResult r = simulate(t.file, p, 0.0, 7);
     REQUIRE(r.finished);
     CHECK(r.stats.transmissions == kChunks - first.count());
     CHECK(r.sent.size() == kChunks - first.count());
@@ -1398,7 +1399,7 @@ TEST_CASE("a resumed download fetches only the chunks it lacks and ends byte-ide
     CHECK(read_file(*r.saved) == src.bytes);
   }
   SUBCASE("on a lossy link") {
-    const RunResult r = simulate(src_file.value(), p.value(), 0.05, 8);
+    const RunResult r = simulate(t.file, p, 0.05, 8);
     REQUIRE(r.finished);
     CHECK(std::none_of(r.sent.begin(), r.sent.end(), [&](std::uint32_t i) { return first.contains(i); }));
     REQUIRE(r.saved);
