@@ -295,12 +295,16 @@ void Transfers::on_offer(const std::string& from, const udp::endpoint& at, const
     // no receipt for it in time (we were suspended, or its datagrams were late) and gave the
     // file to the server; an accept sent to it now would be answered by a cancel. Accepting
     // downloads it from the server instead (the same file: the same offer), and it no longer lapses.
-    if (kept && !held->via_server && held->from == from && held->state == Incoming::State::offered &&
-        held->offer == offer) {
+    // (The kept offer lists XChaCha20-Poly1305 alone, the cipher its chunks were sealed with.)
+    const files::ctl::Offer& o = held->offer;
+    const bool same = o.size == offer.size && o.hash == offer.hash && o.key == offer.key && o.name == offer.name;
+    if (kept && !held->via_server && held->from == from && held->state == Incoming::State::offered && same) {
       core_.cancel(held->timer);
       held->timer = 0;
       held->via_server = true;
       held->at = at;
+      held->offer = offer;
+      held->keys = files::derive_keys(offer.key, files::Cipher::xchacha20poly1305);
     }
     return;  // told again
   }
