@@ -6,17 +6,22 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/socket.h>
 
 namespace chat::transport {
 namespace {
 
-// Datagrams read synchronously after one asynchronous completion, before the turn ends. The
+// Datagrams read synchronously after the socket turns readable, before the turn ends. The
 // turn's saves share one commit: at 64 a commit took ~53 saves and durable saves ran at ~18,000/s,
 // at 1,024 at ~40,000/s (bench store, 800 in flight; issue 13).
 constexpr int kReadBurst = 1024;
-// Datagrams one recvmmsg reads at most: a system call per 32 datagrams instead of one each.
+// Datagrams one recvmmsg or sendmmsg carries at most: a system call per 32 instead of one each.
 constexpr unsigned kBatch = 32;
+// A receive buffer: the largest UDP payload, so neither a buffer the kernel coalesced (UDP GRO)
+// nor an oversized datagram is ever truncated (the core refuses one > kMaxDatagram by its size).
+constexpr std::size_t kReceiveBuffer = 65536;
 // Socket buffer asked for, so bursts (fan-out, table snapshots) are not dropped by the kernel.
 constexpr int kSocketBuffer = 4 << 20;
 
@@ -30,12 +35,24 @@ void grow_buffers(udp::socket& s) {
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
 }
 
+// Asks for UDP_GRO, which may be refused: then every datagram arrives alone, as without it.
+void enable_gro(udp::socket& s) {
+  int on = 1;
+  setsockopt(s.native_handle(), SOL_UDP, UDP_GRO, &on, sizeof on);
+}
+
+// Room for one int-sized control message (UDP_GRO's).
+struct Control {
+  alignas(cmsghdr) char bytes[CMSG_SPACE(sizeof(int))];
+};
+
 }  // namespace
 
 struct Endpoint::Batch {
-  std::array<std::array<char, 2048>, kBatch> buffers;  // each larger than kMaxDatagram, as buffer_
+  std::array<std::array<char, kReceiveBuffer>, kBatch> buffers;  // 2 MiB, touched only as filled
   std::array<sockaddr_storage, kBatch> from;
   std::array<iovec, kBatch> iov;
+  std::array<Control, kBatch> control;
   std::array<mmsghdr, kBatch> msgs;
 };
 
@@ -45,11 +62,12 @@ const TimeSource& system_clock() {
 }
 
 Endpoint::Endpoint(net::io_context& io, Core& core, const udp::endpoint& bind)
-    : io_(io), core_(core), socket_(io), timer_(io), batch_(std::make_unique<Batch>()) {
+    : io_(io), core_(core), socket_(io), timer_(io), batch_(std::make_unique_for_overwrite<Batch>()) {
   socket_.open(bind.protocol());
   socket_.bind(bind);
   socket_.non_blocking(true);
   grow_buffers(socket_);
+  enable_gro(socket_);
   core_.set_output([this](const std::string& bytes, const udp::endpoint& to) { return send(bytes, to); });
   core_.set_batch_output(
       [this](std::span<const std::string> datagrams, const udp::endpoint& to) { return send_many(datagrams, to); });
@@ -130,17 +148,15 @@ std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const ud
 }
 
 void Endpoint::receive() {
-  socket_.async_receive_from(net::buffer(buffer_), sender_, [this](error_code ec, std::size_t n) {
+  // Readiness only, the reading is drain()'s: a read here, without its control messages, could
+  // not tell a coalesced buffer from one datagram. (Asio re-arms the edge-triggered epoll
+  // registration for a wait, so datagrams left queued still complete it.)
+  socket_.async_wait(udp::socket::wait_read, [this](error_code ec) {
     if (ec == net::error::operation_aborted || closed_) return;
     in_turn_ = true;
     try {
-      if (ec) {
-        // An ICMP error or a transient failure must not end the loop.
-        spdlog::debug("receive error: {}", ec.message());
-      } else {
-        core_.on_datagram(std::string_view(buffer_.data(), n), sender_);
-        drain();
-      }
+      if (ec) spdlog::debug("receive error: {}", ec.message());
+      else drain();
     } catch (const std::exception& e) {
       // The core guards its handlers; this is what escaped anyway (out of memory): the loop
       // must go on receiving.
@@ -152,8 +168,9 @@ void Endpoint::receive() {
 }
 
 void Endpoint::drain() {
-  // What is already queued, read kBatch at a time without another trip through the reactor
-  // (the socket is non-blocking), in the order it arrived.
+  // What is already queued, read kBatch buffers at a time without another trip through the
+  // reactor (the socket is non-blocking), in the order it arrived. A buffer with a UDP_GRO
+  // control message holds datagrams of that size back to back (the last may be shorter).
   Batch& b = *batch_;
   for (int done = 0; done < kReadBurst && !closed_;) {
     for (unsigned i = 0; i < kBatch; ++i) {
@@ -163,18 +180,37 @@ void Endpoint::drain() {
       b.msgs[i].msg_hdr.msg_namelen = sizeof b.from[i];
       b.msgs[i].msg_hdr.msg_iov = &b.iov[i];
       b.msgs[i].msg_hdr.msg_iovlen = 1;
+      b.msgs[i].msg_hdr.msg_control = b.control[i].bytes;
+      b.msgs[i].msg_hdr.msg_controllen = sizeof b.control[i].bytes;
     }
     const int got = ::recvmmsg(socket_.native_handle(), b.msgs.data(), kBatch, MSG_DONTWAIT, nullptr);
     if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) break;  // nothing more queued (EAGAIN), or an error the next async receive sees
+    if (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)  // an ICMP error, a transient failure
+      spdlog::debug("receive error: {}", std::strerror(errno));
+    if (got <= 0) break;  // nothing more queued, or the error: the next wait sees what is left
     for (int i = 0; i < got && !closed_; ++i) {
-      const socklen_t len = b.msgs[i].msg_hdr.msg_namelen;
+      msghdr& h = b.msgs[i].msg_hdr;
+      const socklen_t len = h.msg_namelen;
       if (len > sender_.capacity()) continue;
       std::memcpy(sender_.data(), &b.from[i], len);
       sender_.resize(len);
-      core_.on_datagram(std::string_view(b.buffers[i].data(), b.msgs[i].msg_len), sender_);
+      std::size_t segment = 0;
+      for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
+        if (c->cmsg_level != SOL_UDP || c->cmsg_type != UDP_GRO) continue;
+        int size = 0;
+        std::memcpy(&size, CMSG_DATA(c), sizeof size);
+        if (size > 0) segment = static_cast<std::size_t>(size);
+      }
+      const char* data = b.buffers[i].data();
+      const std::size_t n = b.msgs[i].msg_len;
+      if (segment == 0 || segment >= n) {
+        core_.on_datagram(std::string_view(data, n), sender_);
+        ++done;
+        continue;
+      }
+      for (std::size_t at = 0; at < n && !closed_; at += segment, ++done)
+        core_.on_datagram(std::string_view(data + at, std::min(segment, n - at)), sender_);
     }
-    done += got;
     if (static_cast<unsigned>(got) < kBatch) break;  // the queue is empty
   }
 }

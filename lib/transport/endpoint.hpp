@@ -1,7 +1,6 @@
 // The Asio side of the transport: one UDP socket and one timer that carry out what a Core decides.
 #pragma once
 
-#include <array>
 #include <memory>
 #include <optional>
 #include <span>
@@ -36,8 +35,10 @@ class Endpoint {
   udp::endpoint local_endpoint() const { return socket_.local_endpoint(); }
 
  private:
+  /// Waits for the socket to be readable, then drains it: all reading is drain()'s.
   void receive();
-  /// Hands the core every datagram already queued (up to kReadBurst), recvmmsg by recvmmsg.
+  /// Hands the core every datagram already queued (up to kReadBurst), recvmmsg by recvmmsg; a
+  /// buffer the kernel coalesced (UDP GRO) goes to the core as the datagrams it was made of.
   void drain();
   void finish_turn();
   void arm();
@@ -53,8 +54,7 @@ class Endpoint {
   bool in_turn_ = false;
   bool closed_ = false;
   udp::endpoint sender_;
-  std::array<char, 2048> buffer_{};  // larger than kMaxDatagram, so an oversized datagram shows
-  struct Batch;                      // the buffers of one recvmmsg
+  struct Batch;  // the buffers of one recvmmsg
   std::unique_ptr<Batch> batch_;
 };
 

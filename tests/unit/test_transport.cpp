@@ -398,7 +398,7 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
     std::uniform_int_distribution<int> byte(0, 255);
     std::string big(60000, '\0');
     for (char& c : big) c = static_cast<char>(byte(rng));
-    client.send_bytes(big, to);  // larger than the receive buffer: truncated, still too large
+    client.send_bytes(big, to);  // far too large
   }
   client.send_bytes("", to);                                              // empty
   client.send_bytes(probe.substr(0, 9), to);                              // truncated
