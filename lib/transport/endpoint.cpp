@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <netinet/in.h>
 #include <netinet/udp.h>
@@ -17,11 +18,17 @@ namespace {
 // turn's saves share one commit: at 64 a commit took ~53 saves and durable saves ran at ~18,000/s,
 // at 1,024 at ~40,000/s (bench store, 800 in flight; issue 13).
 constexpr int kReadBurst = 1024;
-// Datagrams one recvmmsg or sendmmsg carries at most: a system call per 32 instead of one each.
+// Messages one recvmmsg or sendmmsg carries at most: a system call per 32 instead of one each.
 constexpr unsigned kBatch = 32;
 // A receive buffer: the largest UDP payload, so neither a buffer the kernel coalesced (UDP GRO)
 // nor an oversized datagram is ever truncated (the core refuses one > kMaxDatagram by its size).
 constexpr std::size_t kReceiveBuffer = 65536;
+// One GSO send: at most 64 datagrams (UDP_MAX_SEGMENTS; later kernels allow more) and an IPv4
+// datagram's payload (65535 - 20 - 8): 44 file chunks of 1472 bytes.
+constexpr std::size_t kGsoSegments = 64;
+constexpr std::size_t kGsoBytes = 65507;
+// Datagrams one GSO sendmmsg carries at most (an iovec each).
+constexpr std::size_t kSendIov = 256;
 // Socket buffer asked for, so bursts (fan-out, table snapshots) are not dropped by the kernel.
 constexpr int kSocketBuffer = 4 << 20;
 
@@ -35,13 +42,22 @@ void grow_buffers(udp::socket& s) {
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
 }
 
-// Asks for UDP_GRO, which may be refused: then every datagram arrives alone, as without it.
-void enable_gro(udp::socket& s) {
+// Whether the kernel knows UDP_SEGMENT (reading it sets nothing); asks for UDP_GRO, which may
+// be refused: then every datagram arrives alone, as without it.
+bool offload(udp::socket& s) {
+  int fd = s.native_handle();
   int on = 1;
-  setsockopt(s.native_handle(), SOL_UDP, UDP_GRO, &on, sizeof on);
+  setsockopt(fd, SOL_UDP, UDP_GRO, &on, sizeof on);
+  int size = 0;
+  socklen_t len = sizeof size;
+  return getsockopt(fd, SOL_UDP, UDP_SEGMENT, &size, &len) == 0;
 }
 
-// Room for one int-sized control message (UDP_GRO's).
+// The errors with which a kernel or a route refuses a GSO send (no checksum offload, an MTU
+// below the segment, no support).
+bool refuses_gso(int err) { return err == EINVAL || err == EIO || err == ENOPROTOOPT || err == EOPNOTSUPP; }
+
+// Room for one int-sized control message (UDP_SEGMENT's uint16_t, UDP_GRO's int).
 struct Control {
   alignas(cmsghdr) char bytes[CMSG_SPACE(sizeof(int))];
 };
@@ -67,7 +83,7 @@ Endpoint::Endpoint(net::io_context& io, Core& core, const udp::endpoint& bind)
   socket_.bind(bind);
   socket_.non_blocking(true);
   grow_buffers(socket_);
-  enable_gro(socket_);
+  gso_ = offload(socket_);
   core_.set_output([this](const std::string& bytes, const udp::endpoint& to) { return send(bytes, to); });
   core_.set_batch_output(
       [this](std::span<const std::string> datagrams, const udp::endpoint& to) { return send_many(datagrams, to); });
@@ -112,6 +128,86 @@ bool Endpoint::send(const std::string& bytes, const udp::endpoint& to) {
 }
 
 std::size_t Endpoint::send_many(std::span<const std::string> datagrams, const udp::endpoint& to) {
+  // Consecutive datagrams of one size (the last of a run may be shorter and ends it) go as one
+  // GSO message: an iovec each and UDP_SEGMENT = that size; the kernel cuts it into the same
+  // datagrams. A lone datagram goes as a plain message. Up to kBatch messages per sendmmsg. As
+  // in send_each(): a message that fails is skipped (its datagrams not sent) and the rest go on;
+  // a full buffer ends the batch. A refused GSO message turns GSO off for good and is sent again
+  // one datagram at a time.
+  struct Group {
+    std::size_t first;
+    std::size_t count;
+  };
+  std::array<iovec, kSendIov> iov;
+  std::array<mmsghdr, kBatch> msgs;
+  std::array<Control, kBatch> control;
+  std::array<Group, kBatch> groups;
+  std::size_t sent = 0;
+  std::size_t next = 0;
+  while (next < datagrams.size() && !closed_) {
+    if (!gso_) return sent + send_each(datagrams.subspan(next), to);
+    unsigned m = 0;
+    std::size_t at = next;
+    std::size_t used = 0;
+    while (m < kBatch && at < datagrams.size() && used < kSendIov) {
+      const std::size_t size = datagrams[at].size();
+      std::size_t count = 1;
+      std::size_t bytes = size;
+      while (size > 0 && at + count < datagrams.size() && count < kGsoSegments && used + count < kSendIov) {
+        const std::size_t s = datagrams[at + count].size();
+        if (s == 0 || s > size || bytes + s > kGsoBytes) break;
+        bytes += s;
+        ++count;
+        if (s < size) break;
+      }
+      msgs[m] = mmsghdr{};
+      msghdr& h = msgs[m].msg_hdr;
+      h.msg_name = const_cast<void*>(static_cast<const void*>(to.data()));
+      h.msg_namelen = static_cast<socklen_t>(to.size());
+      h.msg_iov = &iov[used];
+      h.msg_iovlen = count;
+      for (std::size_t i = 0; i < count; ++i) {
+        const std::string& d = datagrams[at + i];
+        iov[used + i] = iovec{const_cast<char*>(d.data()), d.size()};
+      }
+      if (count > 1) {
+        h.msg_control = control[m].bytes;
+        h.msg_controllen = CMSG_SPACE(sizeof(std::uint16_t));
+        cmsghdr* c = CMSG_FIRSTHDR(&h);
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof(std::uint16_t));
+        const auto segment = static_cast<std::uint16_t>(size);
+        std::memcpy(CMSG_DATA(c), &segment, sizeof segment);
+      }
+      groups[m++] = Group{at, count};
+      at += count;
+      used += count;
+    }
+    const int r = ::sendmmsg(socket_.native_handle(), msgs.data(), m, MSG_DONTWAIT);
+    if (r < 0 && errno == EINTR) continue;
+    if (r > 0) {
+      for (int i = 0; i < r; ++i) sent += groups[i].count;
+      next = groups[r - 1].first + groups[r - 1].count;
+      // Message r failed (its error is lost): dropped, not sent again, as in send_each(). A
+      // GSO refusal shows when a GSO message is the first of a call.
+      if (static_cast<unsigned>(r) < m) next += groups[r].count;
+      continue;
+    }
+    const int err = r < 0 ? errno : EIO;
+    if (groups[0].count > 1 && refuses_gso(err)) {
+      spdlog::debug("UDP GSO refused ({}): sending one datagram at a time", std::strerror(err));
+      gso_ = false;
+      continue;
+    }
+    spdlog::debug("send to {}:{} failed: {}", to.address().to_string(), to.port(), std::strerror(err));
+    if (err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS) break;
+    next += groups[0].count;  // that message fails alone
+  }
+  return sent;
+}
+
+std::size_t Endpoint::send_each(std::span<const std::string> datagrams, const udp::endpoint& to) {
   // kBatch datagrams per sendmmsg, all to `to`. sendmmsg stops at the first datagram that fails
   // (a short count; its error is lost): that one is skipped, not sent again, and the rest go
   // on, as each would with a send of its own (a firewall's DROP fails just the one, with

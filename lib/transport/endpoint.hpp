@@ -43,7 +43,10 @@ class Endpoint {
   void finish_turn();
   void arm();
   bool send(const std::string& bytes, const udp::endpoint& to);
+  /// Runs of equal-sized datagrams as one UDP GSO send each while the kernel takes them, else
+  /// one sendmmsg entry per datagram.
   std::size_t send_many(std::span<const std::string> datagrams, const udp::endpoint& to);
+  std::size_t send_each(std::span<const std::string> datagrams, const udp::endpoint& to);
 
   net::io_context& io_;
   Core& core_;
@@ -53,6 +56,7 @@ class Endpoint {
   bool turn_posted_ = false;
   bool in_turn_ = false;
   bool closed_ = false;
+  bool gso_ = false;  // the kernel takes UDP_SEGMENT on this socket (until it refuses one)
   udp::endpoint sender_;
   struct Batch;  // the buffers of one recvmmsg
   std::unique_ptr<Batch> batch_;
