@@ -65,7 +65,7 @@ struct Control {
 }  // namespace
 
 struct Endpoint::Batch {
-  std::array<std::array<char, kReceiveBuffer>, kBatch> buffers;  // 2 MiB, touched only as filled
+  std::array<std::array<char, kReceiveBuffer>, kBatch> buffers;  // 2 MiB, not zeroed (make_unique_for_overwrite)
   std::array<sockaddr_storage, kBatch> from;
   std::array<iovec, kBatch> iov;
   std::array<Control, kBatch> control;
