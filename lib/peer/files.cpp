@@ -106,6 +106,7 @@ struct Transfers::Outgoing {
   bool saved = false;      // the receiver said it saved the file (its last acks may still be on their way)
   bool via_server = false;  // sent to the server, which keeps it for `to`
   std::string sealed;      // then: every chunk, sealed once (files::kKeptTxSeq), back to back
+  bool pump_deferred = false;  // a pump() waits for the end of the turn (the acks that came together)
 
   explicit Outgoing(files::SourceFile s) : source(std::move(s)) {}
 };
@@ -558,7 +559,16 @@ void Transfers::on_frame(std::string_view bytes, const udp::endpoint& from) {
   if (!ack) return dropped("an ack that does not decode or authenticate", from);
   if (!o->sender->on_ack(*ack, core_.now())) return dropped("an ack naming chunks never sent", from);
   const std::uint64_t t = o->transfer;
-  pump(*o);
+  // One burst for the acks read together, not one per ack: longer runs for one GSO send each.
+  if (!o->pump_deferred) {
+    o->pump_deferred = true;
+    core_.defer([this, t] {
+      Outgoing* cur = outgoing(t);
+      if (cur == nullptr) return;
+      cur->pump_deferred = false;
+      pump(*cur);
+    });
+  }
   progressed(t);
 }
 

@@ -1,7 +1,6 @@
 // The Asio side of the transport: one UDP socket and one timer that carry out what a Core decides.
 #pragma once
 
-#include <array>
 #include <memory>
 #include <optional>
 #include <span>
@@ -36,13 +35,18 @@ class Endpoint {
   udp::endpoint local_endpoint() const { return socket_.local_endpoint(); }
 
  private:
+  /// Waits for the socket to be readable, then drains it: all reading is drain()'s.
   void receive();
-  /// Hands the core every datagram already queued (up to kReadBurst), recvmmsg by recvmmsg.
+  /// Hands the core every datagram already queued (up to kReadBurst), recvmmsg by recvmmsg; a
+  /// buffer the kernel coalesced (UDP GRO) goes to the core as the datagrams it was made of.
   void drain();
   void finish_turn();
   void arm();
   bool send(const std::string& bytes, const udp::endpoint& to);
+  /// Runs of equal-sized datagrams as one UDP GSO send each while the kernel takes them, else
+  /// one sendmmsg entry per datagram.
   std::size_t send_many(std::span<const std::string> datagrams, const udp::endpoint& to);
+  std::size_t send_each(std::span<const std::string> datagrams, const udp::endpoint& to);
 
   net::io_context& io_;
   Core& core_;
@@ -52,9 +56,9 @@ class Endpoint {
   bool turn_posted_ = false;
   bool in_turn_ = false;
   bool closed_ = false;
+  bool gso_ = false;  // the kernel takes UDP_SEGMENT on this socket (until it refuses one)
   udp::endpoint sender_;
-  std::array<char, 2048> buffer_{};  // larger than kMaxDatagram, so an oversized datagram shows
-  struct Batch;                      // the buffers of one recvmmsg
+  struct Batch;  // the buffers of one recvmmsg
   std::unique_ptr<Batch> batch_;
 };
 

@@ -10,6 +10,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <string_view>
 #include <unordered_set>
 #include <vector>
 
@@ -119,6 +120,31 @@ struct Outcome {
 std::size_t refused(const Endpoint& e, proto::DecodeError why) {
   return e.counters().refused[static_cast<std::size_t>(why)];
 }
+
+// `size` bytes (at least 6) that a core hands to its frame handler undecoded (a file chunk's
+// two leading bytes), numbered `n`, the rest a pattern of both: any mix-up shows.
+std::string frame(std::size_t size, std::uint32_t n) {
+  std::string d(size, '\0');
+  d[0] = static_cast<char>(proto::kVersion);
+  d[1] = static_cast<char>(proto::kFrameChunk);
+  for (int i = 0; i < 4; ++i) d[2 + i] = static_cast<char>(n >> (8 * i));
+  for (std::size_t i = 6; i < size; ++i) d[i] = static_cast<char>(n * 31 + i * 7);
+  return d;
+}
+
+// An endpoint that records every frame its core hands up, with the sender.
+struct FrameSink {
+  explicit FrameSink(net::io_context& io) : socket(io, kAnyLoopbackPort, kFast) {
+    socket.set_frame_handler([this](std::string_view bytes, const udp::endpoint& from) {
+      frames.emplace_back(bytes);
+      senders.push_back(from);
+    });
+    socket.start(nullptr);
+  }
+  Endpoint socket;
+  std::vector<std::string> frames;
+  std::vector<udp::endpoint> senders;
+};
 
 }  // namespace
 
@@ -398,7 +424,7 @@ TEST_CASE("garbage datagrams are counted by reason and the endpoint keeps servin
     std::uniform_int_distribution<int> byte(0, 255);
     std::string big(60000, '\0');
     for (char& c : big) c = static_cast<char>(byte(rng));
-    client.send_bytes(big, to);  // larger than the receive buffer: truncated, still too large
+    client.send_bytes(big, to);  // far too large
   }
   client.send_bytes("", to);                                              // empty
   client.send_bytes(probe.substr(0, 9), to);                              // truncated
@@ -481,6 +507,96 @@ TEST_CASE("a burst queued at an endpoint is read in batches and handed up whole 
   REQUIRE(run_until(io, [&] { return client.count() == 70; }));
   for (std::size_t i = 0; i < 70; ++i) CHECK(client.bytes(i) == burst[i]);
   CHECK(server.counters().sent == 70);
+}
+
+TEST_CASE("send_many(): a run of equal-sized datagrams and a shorter last one arrive as the same datagrams, in order") {
+  // On Linux the run goes as one UDP GSO send and may arrive as one coalesced buffer (UDP GRO):
+  // the core still sees each datagram alone.
+  net::io_context io;
+  FrameSink rx(io);
+  Endpoint tx(io, kAnyLoopbackPort, kFast);
+  std::vector<std::string> burst;
+  for (std::uint32_t n = 0; n < 31; ++n) burst.push_back(frame(proto::kMaxDatagram, n));
+  burst.push_back(frame(300, 31));
+  CHECK(tx.send_many(burst, rx.socket.local_endpoint()) == burst.size());
+  REQUIRE(run_until(io, [&] { return rx.frames.size() >= burst.size(); }));
+  settle(io, 20ms);
+  REQUIRE(rx.frames.size() == burst.size());
+  for (std::size_t i = 0; i < burst.size(); ++i) {
+    CHECK(rx.frames[i] == burst[i]);
+    CHECK(rx.senders[i] == tx.local_endpoint());
+  }
+  CHECK(rx.socket.counters().received == burst.size());
+  CHECK(tx.counters().sent == burst.size());
+}
+
+TEST_CASE("send_many(): datagrams of mixed sizes, longer runs than one GSO send, arrive whole and in order") {
+  net::io_context io;
+  FrameSink rx(io);
+  Endpoint tx(io, kAnyLoopbackPort, kFast);
+  std::vector<std::string> burst;
+  std::uint32_t n = 0;
+  auto add = [&](std::size_t size, int times) {
+    for (int i = 0; i < times; ++i) burst.push_back(frame(size, n++));
+  };
+  add(proto::kMaxDatagram, 100);  // more than fit one GSO send (44)
+  add(100, 2);
+  add(1000, 1);
+  add(proto::kMaxDatagram, 2);
+  add(1471, 1);                   // shorter: ends the run
+  add(proto::kMaxDatagram, 1);
+  add(20, 70);                    // more than UDP_MAX_SEGMENTS (64)
+  add(21, 1);                     // longer than the run before it: a run of its own
+  for (std::uint32_t i = 0; i < 40; ++i) add(6 + i % 2, 1);  // alternating: more lone datagrams than one sendmmsg
+  add(proto::kMaxDatagram, 3);
+  CHECK(tx.send_many(burst, rx.socket.local_endpoint()) == burst.size());
+  REQUIRE(run_until(io, [&] { return rx.frames.size() >= burst.size(); }));
+  settle(io, 20ms);
+  REQUIRE(rx.frames.size() == burst.size());
+  for (std::size_t i = 0; i < burst.size(); ++i) {
+    INFO("datagram ", i, " of ", burst[i].size(), " bytes");
+    CHECK(rx.frames[i] == burst[i]);
+    CHECK(rx.senders[i] == tx.local_endpoint());
+  }
+  CHECK(rx.socket.counters().received == burst.size());
+}
+
+TEST_CASE("a burst larger than one turn's reading, queued at once, is all handed up with nothing arriving after it") {
+  // More than kReadBurst (1,024) datagrams, queued before the loop runs: the turn that stops at
+  // the limit must not wait for a next arrival to read the rest.
+  net::io_context io;
+  Endpoint tx(io, kAnyLoopbackPort, kFast);
+  std::vector<std::string> burst;
+  for (std::uint32_t n = 0; n < 2560; ++n) burst.push_back(frame(20, n));
+  FrameSink rx(io);
+  CHECK(tx.send_many(burst, rx.socket.local_endpoint()) == burst.size());
+  REQUIRE(run_until(io, [&] { return rx.frames.size() >= burst.size(); }));
+  REQUIRE(rx.frames.size() == burst.size());
+  for (std::size_t i = 0; i < burst.size(); ++i) CHECK(rx.frames[i] == burst[i]);
+}
+
+TEST_CASE("a datagram larger than kMaxDatagram reaches the core with its real length, alone or in a run") {
+  net::io_context io;
+  FrameSink rx(io);
+  Endpoint tx(io, kAnyLoopbackPort, kFast);
+  RawPeer raw(io);
+  const udp::endpoint to = rx.socket.local_endpoint();
+  // A run of 2000-byte datagrams (one GSO send of that size on loopback), then a fitting one.
+  const std::vector<std::string> run{frame(2000, 1), frame(2000, 2), frame(proto::kMaxDatagram, 3)};
+  CHECK(tx.send_many(run, to) == 3);
+  raw.send_bytes(frame(2000, 4), to);
+  raw.send_bytes(frame(60000, 5), to);
+  raw.send_bytes(frame(proto::kMaxDatagram + 1, 6), to);
+  raw.send_bytes(frame(100, 7), to);
+  REQUIRE(run_until(io, [&] { return rx.socket.counters().received >= 7; }));
+  settle(io, 20ms);
+  CHECK(rx.socket.counters().received == 7);
+  CHECK(rx.socket.counters().bytes_received == 2000 + 2000 + proto::kMaxDatagram + 2000 + 60000 +
+                                                   (proto::kMaxDatagram + 1) + 100);
+  CHECK(refused(rx.socket, proto::DecodeError::too_large) == 5);
+  REQUIRE(rx.frames.size() == 2);
+  CHECK(rx.frames[0] == run[2]);
+  CHECK(rx.frames[1] == frame(100, 7));
 }
 
 TEST_CASE("close() abandons pending requests without calling Done") {
