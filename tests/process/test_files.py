@@ -4,6 +4,7 @@ check and the saved file, decline, cancel and resume, chat during a transfer, an
 import hashlib
 import os
 import re
+import subprocess
 import time
 import unittest
 
@@ -267,8 +268,11 @@ class KeptFileExpiryTest(Kept, ChatTest):
 class LossyFilesTest(Files, NetnsChatTest):
     def test_a_20_mib_file_arrives_intact_at_20_percent_loss(self):
         self.pair(timeout=30)
-        # From now on one datagram in five is dropped on the namespace's loopback, both ways.
-        self.iptables("-A", "OUTPUT", "-p", "udp", "-m", "statistic", "--mode", "random",
+        # From now on one datagram in five is dropped on the namespace's loopback, both ways. Each
+        # datagram alone: the sender's UDP GSO runs are cut up before loopback (gso_max_segs 1) and
+        # the rule is on INPUT, which sees the pieces (OUTPUT would drop a whole run at a time).
+        subprocess.run(self.prefix() + ["ip", "link", "set", "lo", "gso_max_segs", "1"], check=True)
+        self.iptables("-A", "INPUT", "-p", "udp", "-m", "statistic", "--mode", "random",
                       "--probability", "0.2", "-j", "DROP")
         _, want = self.offer("lossy.bin", 20 * MiB, "20.0 MiB")
         self.bob.send("accept alice")
