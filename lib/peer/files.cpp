@@ -658,7 +658,10 @@ void Transfers::on_chunk(Incoming& in, std::string_view bytes, const udp::endpoi
     send_ack(in);
     return finish(in);
   }
-  if (ack) ack_soon(in);
+  // With a hole, each ack names the range the newest chunk joined (its SACK ranges are the one
+  // of that chunk and the highest): merged, the sender would learn less of what arrived.
+  if (ack && in.receiver->have().size() > 1) send_ack(in);
+  else if (ack) ack_soon(in);
   progressed(in.transfer);
   arm(in);
 }
