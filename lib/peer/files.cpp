@@ -24,8 +24,9 @@ using namespace std::chrono_literals;
 constexpr int kBurst = 32;
 /// How long a sender waits for the receiver's Done once every chunk is acknowledged.
 constexpr auto kDoneWait = 60s;
-/// The acks the Receiver asks for while one read of the socket is handled go as one, at the end
-/// of the turn, or at once when this many chunks have arrived since the last ack went: so a
+/// The acks the Receiver asks for while one read of the socket is handled, while nothing is
+/// missing below the newest chunk, go as one, at the end of the turn, or at once when this many
+/// chunks have arrived since the last ack went (with a hole, every ack goes at once): so a
 /// long read still moves the sender's window. An ack costs a system call here and a read, a tag
 /// check and a pass of the Sender there (an 8 MiB transfer on loopback: 2,923 acks sent at an
 /// ack per 2 chunks, 531 so).

@@ -131,8 +131,8 @@ class Transfers {
   void pump(Outgoing& o);
   void on_chunk(Incoming& in, std::string_view bytes, const udp::endpoint& from);
   void dropped(const char* why, const udp::endpoint& from);
-  /// The Receiver asked for an ack: it goes at the end of this turn, with whatever else
-  /// arrived in it (or at once after files' kAckRun chunks).
+  /// The Receiver asked for an ack of chunks held in order: it goes at the end of this turn,
+  /// with whatever else arrived in it (or at once after kAckRun chunks).
   void ack_soon(Incoming& in);
   void send_ack(Incoming& in);
   /// The whole file arrived: the check, the rename, the line, the Done.
