@@ -99,9 +99,11 @@ std::optional<Control> decode(std::string_view payload) {
       if (!r.take(o.size, 8) || !r.take(o.hash) || !r.take(o.key) || !r.take(n, 2) || n == 0 ||
           n > kMaxOfferedName || !r.take(o.name, static_cast<std::size_t>(n)))
         return std::nullopt;
-      std::uint64_t ciphers = 0;
-      if (!r.take(ciphers, 1) || (ciphers & static_cast<std::uint8_t>(Cipher::xchacha20poly1305)) == 0)
-        return std::nullopt;
+      // An offer of a build before the field (a kept file's, perhaps, saved days ago) ends at
+      // the name: XChaCha20-Poly1305, the one cipher there was.
+      std::uint64_t ciphers = static_cast<std::uint8_t>(Cipher::xchacha20poly1305);
+      if (!r.done() && !r.take(ciphers, 1)) return std::nullopt;
+      if ((ciphers & static_cast<std::uint8_t>(Cipher::xchacha20poly1305)) == 0) return std::nullopt;
       o.ciphers = static_cast<std::uint8_t>(ciphers);
       out = std::move(o);
       break;
@@ -121,8 +123,8 @@ std::optional<Control> decode(std::string_view payload) {
         a.have.push_back({static_cast<std::uint32_t>(first), static_cast<std::uint32_t>(last)});
         end = static_cast<std::uint32_t>(last);
       }
-      std::uint64_t cipher = 0;
-      if (!r.take(cipher, 1)) return std::nullopt;
+      std::uint64_t cipher = static_cast<std::uint8_t>(Cipher::xchacha20poly1305);  // or an older build's accept
+      if (!r.done() && !r.take(cipher, 1)) return std::nullopt;
       if (cipher != static_cast<std::uint8_t>(Cipher::xchacha20poly1305) &&
           cipher != static_cast<std::uint8_t>(Cipher::aes256gcm))
         return std::nullopt;

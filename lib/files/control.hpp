@@ -69,7 +69,9 @@ std::string encode(const Control& c);
 /// The control message in `payload`, or nullopt if it is not exactly one well-formed message
 /// (unknown op, truncated, trailing bytes, a transfer id 0, a range empty or out of order, an
 /// empty name, an offer without XChaCha20-Poly1305, an accept of an unknown cipher). Bits of
-/// ciphers this build does not know are kept in Offer::ciphers, never chosen. Never throws.
+/// ciphers this build does not know are kept in Offer::ciphers, never chosen. An offer or an
+/// accept of an earlier build, which ends before its cipher byte, is taken as XChaCha20-Poly1305.
+/// Never throws.
 std::optional<Control> decode(std::string_view payload);
 
 /// The transfer id a control message names.

@@ -167,7 +167,9 @@ TransferKeys derive_keys(const FileKey& key, Cipher cipher) {
   init_sodium();
   TransferKeys t;
   t.cipher = cipher;
-  crypto_kdf_derive_from_key(t.chunk.data(), t.chunk.size(), 1, kKdfContext, key.data());
+  // A subkey of its own per cipher: one key never serves two algorithms.
+  crypto_kdf_derive_from_key(t.chunk.data(), t.chunk.size(), cipher == Cipher::aes256gcm ? 3 : 1, kKdfContext,
+                             key.data());
   crypto_kdf_derive_from_key(t.ack.data(), t.ack.size(), 2, kKdfContext, key.data());
   if (cipher == Cipher::aes256gcm) {
     if ((local_ciphers() & static_cast<std::uint8_t>(Cipher::aes256gcm)) == 0)

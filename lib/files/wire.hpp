@@ -123,8 +123,9 @@ struct TransferKeys {
 
 /// A new random FileKey (libsodium's randombytes). Throws std::runtime_error if libsodium fails to start.
 FileKey new_file_key();
-/// The chunk and ack keys of `key` (crypto_kdf_derive_from_key, context "chatfile", ids 1 and 2)
-/// for chunks sealed with `cipher`. Throws std::invalid_argument for AES-256-GCM on a machine
+/// The chunk and ack keys of `key` (crypto_kdf_derive_from_key, context "chatfile": the chunk
+/// key subkey 1 for XChaCha20-Poly1305, 3 for AES-256-GCM; the ack key subkey 2) for chunks
+/// sealed with `cipher`. Throws std::invalid_argument for AES-256-GCM on a machine
 /// that cannot use it (local_ciphers() says which can).
 TransferKeys derive_keys(const FileKey& key, Cipher cipher = Cipher::xchacha20poly1305);
 

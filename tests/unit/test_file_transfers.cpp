@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "file_bytes.hpp"
@@ -282,12 +283,27 @@ TEST_CASE("file control messages: each round-trips, anything else is refused") {
       files::ctl::Cancel{10},
       files::ctl::Done{11, files::ctl::Done::Result::mismatch},
   };
+  // An offer or accept of a build before the cipher byte ends without it: XChaCha20-Poly1305.
+  auto earlier = [](files::Control c) {
+    if (auto* o = std::get_if<files::ctl::Offer>(&c)) o->ciphers = 1;
+    if (auto* a = std::get_if<files::ctl::Accept>(&c)) a->cipher = files::Cipher::xchacha20poly1305;
+    return c;
+  };
   for (const auto& c : all) {
     const std::string bytes = files::encode(c);
     auto back = files::decode(bytes);
     REQUIRE(back.has_value());
     CHECK(*back == c);
-    for (std::size_t n = 0; n < bytes.size(); ++n) CHECK_FALSE(files::decode(bytes.substr(0, n)).has_value());
+    const bool has_cipher = std::holds_alternative<files::ctl::Offer>(c) || std::holds_alternative<files::ctl::Accept>(c);
+    for (std::size_t n = 0; n < bytes.size(); ++n) {
+      auto cut = files::decode(bytes.substr(0, n));
+      if (has_cipher && n + 1 == bytes.size()) {
+        REQUIRE(cut.has_value());
+        CHECK(*cut == earlier(c));
+      } else {
+        CHECK_FALSE(cut.has_value());
+      }
+    }
     CHECK_FALSE(files::decode(bytes + "x").has_value());
   }
   // Ranges out of order, touching, empty; a transfer id 0; an unknown op; an empty name.
@@ -313,6 +329,61 @@ TEST_CASE("file control messages: each round-trips, anything else is refused") {
     accept.back() = c;
     CHECK_FALSE(files::decode(accept).has_value());
   }
+}
+
+/// One side's Transfers on a core of its own, with a host that records what it says and sends.
+struct Side {
+  explicit Side(std::uint8_t ciphers, const fs::path& downloads) : core(transport::CoreOptions{}, clock) {
+    peer::FileOptions o;
+    o.download_dir = downloads;
+    o.ciphers = ciphers;
+    peer::FileHost h;
+    h.say = [this](const std::string& line) { lines.push_back(line); };
+    h.send_control = [this](const std::string&, const files::Control& c, std::function<void(bool)>) { sent.push_back(c); };
+    h.reachable = [](const std::string&) { return std::optional<udp::endpoint>(addr(11, 6000)); };
+    transfers = std::make_unique<peer::Transfers>(core, h, o);
+  }
+  transport::ManualClock clock;
+  transport::Core core;
+  std::unique_ptr<peer::Transfers> transfers;
+  std::vector<std::string> lines;
+  std::vector<files::Control> sent;
+};
+
+TEST_CASE("§12 the receiver chooses AES-256-GCM only if both can use it; a sender refuses a cipher it did not offer") {
+  const auto x = static_cast<std::uint8_t>(files::Cipher::xchacha20poly1305);
+  const std::uint8_t mine = files::local_ciphers();
+  const bool aes = (mine & static_cast<std::uint8_t>(files::Cipher::aes256gcm)) != 0;
+  TempDir dir;
+  // The accept bob sends names the cipher chosen from alice's offer and his own.
+  for (const auto& [offered, his, want] : std::vector<std::tuple<std::uint8_t, std::uint8_t, files::Cipher>>{
+           {mine, mine, aes ? files::Cipher::aes256gcm : files::Cipher::xchacha20poly1305},
+           {x, mine, files::Cipher::xchacha20poly1305},
+           {mine, x, files::Cipher::xchacha20poly1305}}) {
+    CAPTURE(int{offered});
+    CAPTURE(int{his});
+    Side bob(his, dir.path() / ("bob-" + std::to_string(offered) + "-" + std::to_string(his)));
+    files::ctl::Offer offer{21, 5000, {}, files::new_file_key(), "n.bin", offered};
+    bob.transfers->on_control("alice", addr(10, 6000), offer);
+    bob.transfers->accept("alice", 0);
+    REQUIRE(bob.sent.size() == 1);
+    const auto* a = std::get_if<files::ctl::Accept>(&bob.sent[0]);
+    REQUIRE(a != nullptr);
+    CHECK(a->cipher == want);
+  }
+  // alice offered XChaCha20-Poly1305 alone; an accept of AES-256-GCM stops the transfer.
+  Side alice(x, dir.path() / "alice");
+  write_file(dir.path() / "n.bin", random_bytes(5000, 4));
+  alice.transfers->sendfile("bob", (dir.path() / "n.bin").string());
+  REQUIRE(alice.sent.size() == 1);
+  const auto* o = std::get_if<files::ctl::Offer>(&alice.sent[0]);
+  REQUIRE(o != nullptr);
+  CHECK(o->ciphers == x);
+  alice.transfers->on_control("bob", addr(11, 6000), files::ctl::Accept{o->transfer, {}, files::Cipher::aes256gcm});
+  CHECK(alice.lines.back() == "[The transfer of n.bin to bob stopped: bob chose a cipher it was not offered.]");
+  REQUIRE(alice.sent.size() == 2);
+  CHECK(std::holds_alternative<files::ctl::Cancel>(alice.sent[1]));
+  CHECK(alice.transfers->list() == "[No file transfers.]");
 }
 
 TEST_CASE("§12 the chunks are sealed with the cipher both can use; a file arrives intact whichever it is") {

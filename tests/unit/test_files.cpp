@@ -587,6 +587,11 @@ TEST_CASE("the chunk cipher: AES-256-GCM when both peers can use it, else XChaCh
   CHECK(choose_cipher(x | a, x) == Cipher::xchacha20poly1305);
   CHECK(choose_cipher(x | a | 0x80, x | a) == Cipher::aes256gcm);  // a bit this build does not know: never chosen
   if ((local_ciphers() & a) == 0) CHECK_THROWS_AS(derive_keys(new_file_key(), Cipher::aes256gcm), std::invalid_argument);
+  if ((local_ciphers() & a) != 0) {  // one FileKey, a chunk key of its own per cipher; the ack key the same
+    const FileKey k = new_file_key();
+    CHECK(derive_keys(k, Cipher::aes256gcm).chunk != derive_keys(k, Cipher::xchacha20poly1305).chunk);
+    CHECK(derive_keys(k, Cipher::aes256gcm).ack == derive_keys(k, Cipher::xchacha20poly1305).ack);
+  }
 }
 
 TEST_CASE("a chunk opens only with its key, cipher, transfer id, index and tx seq, and unaltered") {
